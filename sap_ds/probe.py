@@ -1,0 +1,93 @@
+"""The SAP probe: one vector per probe layer, added to that decoder block's output.
+
+The probe is a plain fp32 tensor owned by this object, not a model parameter, so ZeRO-3
+never partitions it: every rank holds the same full copy (kept identical by averaging its
+gradient across ranks). Hooks add it to the residual stream; the authors add it as a bias
+on ``mlp.down_proj`` of the same layers, which is the same thing.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Where the decoder blocks live, per architecture family (first match wins).
+DECODER_LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi-3, SmolLM
+    "model.model.layers",  # same, under a peft wrapper's base_model
+    "transformer.h",  # GPT-2, GPT-J, Falcon
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+    "transformer.layers",
+)
+
+
+class ProbeError(ValueError):
+    """A probe that cannot be placed: unknown architecture or layer out of range."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip DeepSpeed and peft wrappers down to the transformers model."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = _unwrap(model)
+    for path in DECODER_LAYER_PATHS:
+        node = base
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, nn.ModuleList) and len(node) > 0:
+            return node
+    raise ProbeError(
+        f"cannot find the decoder layers of {type(base).__name__}: looked for {', '.join(DECODER_LAYER_PATHS)}; "
+        "sap-ds supports Llama, Mistral, Qwen2, Gemma, GPT-NeoX and GPT-2 style models"
+    )
+
+
+class Probe:
+    """Per-layer additive vectors ``V``, shape ``[len(layers), hidden]``, fp32, replicated."""
+
+    def __init__(self, model: nn.Module, layers: list[int], hidden_size: int, device: torch.device):
+        blocks = find_decoder_layers(model)
+        bad = [i for i in layers if not -len(blocks) <= i < len(blocks)]
+        if bad:
+            raise ProbeError(
+                f"sap.probe_layers: {bad} out of range; the model has {len(blocks)} decoder layers "
+                f"(valid indices 0..{len(blocks) - 1})"
+            )
+        self.layers = sorted(i % len(blocks) for i in layers)
+        self.vectors = torch.zeros(len(self.layers), hidden_size, dtype=torch.float32, device=device, requires_grad=True)
+        self.enabled = True
+        self.cut_below = False  # probe pass: detach the residual stream under the lowest probe layer
+        self._handles = [blocks[layer].register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+
+    def _hook(self, index: int):
+        def add_probe(module, inputs, output):
+            if not self.enabled:
+                return output
+            hidden = output[0] if isinstance(output, tuple) else output
+            if self.cut_below and index == 0:
+                # Nothing below the lowest probe layer can influence grad_V: cut the graph
+                # so the probe pass keeps no activations and runs no backward there.
+                hidden = hidden.detach()
+            hidden = hidden + self.vectors[index].to(hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return add_probe
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.vectors.zero_()

@@ -1,0 +1,223 @@
+"""One Safety-Aware Probing step on ZeRO-3 shards (DESIGN.md sections 1-2).
+
+Each phase is one function; ``sap_step`` runs them in order:
+
+1. ``safety_direction``: g = grad_W L_safe(W), averaged over ranks; drop the gradients.
+2. ``perturb``:          W' = W + rho * ||W|| / ||g|| * g, written into the working shards.
+3. ``probe_gradient``:   gV = -grad_V L(W', V), probe only, no weight gradients.
+4. ``restore``:          W from the fp32 master, bit for bit (no weight copy).
+5. the main pass (the trainer's, shared with SFT) at W with the probe active;
+   ``update_probe``:    gV += grad_V L(W, V); all-reduce-mean; V <- 0 (paper mode); AdamW.
+
+Everything rank-dependent (norms, direction scale, V) is identical to a single-process
+run of the same global batch, up to floating-point reduction order.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels
+from sap_ds.config import SapConfig
+from sap_ds.losses import forward_logits, safety_loss, task_loss
+from sap_ds.probe import Probe
+from sap_ds.zero3 import Zero3Shards, all_reduce_mean, all_reduce_sum
+
+PHASES = ("safety", "perturb", "probe", "restore", "main")
+
+
+class PhaseTimer:
+    """Wall time per phase, synchronising the device so GPU work is counted where it runs."""
+
+    def __init__(self):
+        self.totals = {name: 0.0 for name in PHASES}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.totals[name] += time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        out, self.totals = self.totals, {name: 0.0 for name in PHASES}
+        return out
+
+
+@dataclass
+class SapState:
+    """Everything SAP keeps between steps (all of it goes into checkpoints)."""
+
+    probe: Probe
+    probe_optimizer: torch.optim.Optimizer
+    direction: list  # per-group fp32 buffers, pre-scaled per tensor in per_tensor mode
+    scale: torch.Tensor  # 0-dim fp32: rho * ||W|| / ||g|| (1 in per_tensor mode, 0 if no direction)
+    backup: list | None = None  # fp32 runs only: the master is the working shard, so keep W
+    have_direction: bool = False
+    stats: dict = field(default_factory=dict)
+
+
+def make_state(engine, shards: Zero3Shards, cfg: SapConfig, hidden_size: int) -> SapState:
+    device = shards.groups[0].master.device if shards.groups else torch.device("cpu")
+    probe_device = next(engine.module.parameters()).device
+    probe = Probe(engine.module, cfg.probe_layers, hidden_size, probe_device)
+    probe.enabled = cfg.probe_enabled
+    optimizer = torch.optim.AdamW([probe.vectors], lr=cfg.probe_lr, weight_decay=0.0)
+    backup = None
+    if any(g.master_aliases_lp for g in shards.groups):
+        backup = shards.new_flat_buffers()
+    return SapState(probe, optimizer, shards.new_flat_buffers(), torch.zeros((), device=device), backup)
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def safety_direction(engine, shards: Zero3Shards, state: SapState, batch: dict, cfg: SapConfig) -> None:
+    """Phase 1: the safety gradient's direction and scale, from the local gradient shards.
+
+    The engine's own backward reduce-scatters the gradient (averaged over ranks); the
+    boundary flag makes an offloaded optimizer copy it where ``safe_get_local_grad``
+    reads it. The gradients are then dropped: SAP never steps on the safety loss.
+    """
+    engine.set_gradient_accumulation_boundary(True)
+    state.probe.enabled = False  # L_safe(W): the probe is not part of the safety signal
+    try:
+        loss = safety_loss(forward_logits(engine, batch), batch["labels"], cfg.safety_loss, cfg.temperature)
+    finally:
+        state.probe.enabled = cfg.probe_enabled
+    engine.backward(loss, scale_wrt_gas=False)
+    shards.copy_local_grads(state.direction)
+    shards.drop_grads()
+    engine.set_gradient_accumulation_boundary(None)
+
+    if cfg.perturb_norm == "global":
+        sums = torch.stack([kernels.sumsq(d, g.master, backend=cfg.kernels) for d, g in zip(state.direction, shards.groups)]).sum(0)
+        g2, w2 = all_reduce_sum(sums.to(torch.float64)).unbind()
+        ok = torch.isfinite(g2) & torch.isfinite(w2) & (g2 > 0)
+        scale = torch.where(ok, cfg.rho * w2.sqrt() / g2.clamp_min(1e-300).sqrt(), torch.zeros_like(g2))
+        state.scale.copy_(scale)
+    else:
+        g2, w2, ok = _scale_per_tensor(shards, state, cfg)
+        state.scale.fill_(1.0)
+    state.have_direction = True
+    state.stats = {
+        "safety_loss": loss.detach().float().item(),
+        "safety_grad_norm": math.sqrt(max(g2.item(), 0.0)) if torch.isfinite(g2) else float("nan"),
+        "weight_norm": math.sqrt(max(w2.item(), 0.0)) if torch.isfinite(w2) else float("nan"),
+        "direction_ok": bool(ok.all().item()) if ok.dim() else bool(ok.item()),
+    }
+    if not state.stats["direction_ok"]:
+        state.scale.zero_()
+
+
+def _scale_per_tensor(shards: Zero3Shards, state: SapState, cfg: SapConfig):
+    """Scale each tensor's direction by rho * ||W_t|| / ||g_t|| (norms over all ranks)."""
+    slices = list(shards.param_slices())
+    sums = torch.zeros(len(slices), 2, dtype=torch.float64, device=state.scale.device)
+    for i, (gi, p, offset, valid) in enumerate(slices):
+        if valid:
+            d = state.direction[gi].narrow(0, offset, valid)
+            w = shards.groups[gi].master.narrow(0, offset, valid)
+            sums[i] = kernels.sumsq(d, w, backend="torch").to(torch.float64)
+    all_reduce_sum(sums)
+    g2, w2 = sums[:, 0], sums[:, 1]
+    ok = torch.isfinite(g2) & torch.isfinite(w2)
+    factors = torch.where(ok & (g2 > 0), cfg.rho * w2.sqrt() / g2.clamp_min(1e-300).sqrt(), torch.zeros_like(g2))
+    for (gi, p, offset, valid), factor in zip(slices, factors.float()):
+        if valid:
+            state.direction[gi].narrow(0, offset, valid).mul_(factor)
+    return g2.sum(), w2.sum(), ok
+
+
+@torch.no_grad()
+def perturb(shards: Zero3Shards, state: SapState, backend: str) -> None:
+    """Phase 2: working shards <- cast(master + scale * direction), one launch per group."""
+    for i, g in enumerate(shards.groups):
+        source = g.master
+        if g.master_aliases_lp:  # fp32 run: the working shard *is* the master; keep W
+            state.backup[i].copy_(g.master)
+            source = state.backup[i]
+        kernels.perturb_from_master(source, state.direction[i], state.scale, g.lp, backend=backend)
+    shards.refresh_gathered()
+
+
+@torch.no_grad()
+def restore(shards: Zero3Shards, state: SapState, backend: str) -> None:
+    """Phase 4: working shards <- cast(master): bit-exact, since after every optimizer
+    step DeepSpeed sets the working shard to exactly that cast."""
+    for i, g in enumerate(shards.groups):
+        source = state.backup[i] if g.master_aliases_lp else g.master
+        kernels.restore_from_master(source, g.lp, backend=backend)
+    shards.refresh_gathered()
+
+
+def probe_gradient(engine, state: SapState, micro_batches: list[dict]) -> torch.Tensor:
+    """Phase 3: -grad_V of the task loss at W', summed over micro-batches (each weighted
+    1/n like the engine's gradient accumulation). ``autograd.grad`` w.r.t. the probe
+    only: no parameter receives a gradient, and with the graph cut under the lowest probe
+    layer no backward runs there."""
+    probe = state.probe
+    total = torch.zeros_like(probe.vectors)
+    probe.cut_below = True
+    try:
+        for batch in micro_batches:
+            loss = task_loss(forward_logits(engine, batch), batch["labels"]) / len(micro_batches)
+            (grad,) = torch.autograd.grad(-loss, [probe.vectors])
+            total += grad
+    finally:
+        probe.cut_below = False
+    return total
+
+
+def update_probe(state: SapState, probe_grad: torch.Tensor, cfg: SapConfig) -> None:
+    """Phase 5b: average gV over ranks, reset V (paper mode), one AdamW step on V."""
+    vectors = state.probe.vectors
+    grad = probe_grad + (vectors.grad if vectors.grad is not None else 0)
+    grad = all_reduce_mean(grad.detach().clone())
+    if cfg.probe_reset:
+        state.probe.reset()
+    vectors.grad = grad
+    state.probe_optimizer.step()
+    state.probe_optimizer.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def runs_probe(step: int, fraction: float) -> bool:
+    """Whether step ``step`` runs the probe pass: evenly spaced, deterministic."""
+    return math.floor((step + 1) * fraction) > math.floor(step * fraction)
+
+
+def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step: int,
+             micro_batches: list[dict], safety_batch: dict | None, main_pass, timer: PhaseTimer) -> list[float]:
+    """One optimizer step of SAP. ``main_pass(micro_batches)`` is the trainer's SFT pass
+    (forward/backward per micro-batch, then ``engine.step()``); it returns the losses."""
+    probing = cfg.probe_enabled and runs_probe(step, cfg.probe_fraction)
+    probe_grad = None
+    if probing:
+        if safety_batch is not None:
+            with timer("safety"):
+                safety_direction(engine, shards, state, safety_batch, cfg)
+        with timer("perturb"):
+            perturb(shards, state, cfg.kernels)
+        with timer("probe"):
+            probe_grad = probe_gradient(engine, state, micro_batches)
+        with timer("restore"):
+            restore(shards, state, cfg.kernels)
+    state.probe.vectors.grad = None
+    with timer("main"):
+        losses = main_pass(micro_batches)
+    if probing:
+        update_probe(state, probe_grad, cfg)
+    else:
+        state.probe.vectors.grad = None
+    return losses

@@ -1,0 +1,73 @@
+"""Entry point: ``deepspeed sap_ds/train.py --config X [key=value ...]``.
+
+Also runs under ``torchrun`` and as a single ``python sap_ds/train.py`` process. Exit
+codes: 0 done (or stopped cleanly for requeue), 2 bad configuration or input, 1 other
+errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="sap-ds train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="run config (YAML or JSON), e.g. configs/demo.yaml")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4 method=sap")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from sap_ds.errors import USER_ERRORS, report_user_error
+
+    logging.basicConfig(level=logging.INFO, format="[sap-ds] %(message)s")
+    try:
+        from sap_ds.config import load_config
+
+        cfg = load_config(args.config, args.overrides)  # validate before any process group exists
+        from sap_ds.distributed import init_distributed, is_main
+
+        rank, _, world = init_distributed()
+        from sap_ds.trainer import Trainer
+
+        trainer = Trainer(cfg, rank, world)
+        summary = trainer.train()
+    except USER_ERRORS as exc:
+        return report_user_error(exc)
+    if is_main():
+        print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    if summary.get("preempted"):
+        print(f"\nsap-ds: stopped at step {summary['step']} for requeue; checkpoint {summary['checkpoint']}", flush=True)
+        return
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [
+        ("method", summary["method"]),
+        ("steps", summary["final_step"]),
+        ("final train loss", fmt(summary["final_train_loss"])),
+        ("final eval loss", fmt(summary["final_eval_loss"])),
+        ("tokens/s", f"{summary['tokens_per_s']:.1f}" if summary["tokens_per_s"] else "n/a"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("model written to", summary["export_dir"]),
+        ("checkpoints", summary["checkpoint_dir"]),
+    ]
+    width = max(len(k) for k, _ in lines)
+    print("\n== sap-ds summary ==", flush=True)
+    for key, value in lines:
+        print(f"{key:<{width}}  {value}", flush=True)
+    print(json.dumps({"summary": summary}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

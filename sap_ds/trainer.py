@@ -1,0 +1,354 @@
+"""The training loop: one DeepSpeed ZeRO-3 engine, SFT or SAP, same data and logging.
+
+Read top to bottom: ``Trainer.__init__`` builds data, model and engine;
+``Trainer.train`` runs the steps (``_sft_step`` or ``sap.sap_step``), evaluates, logs,
+checkpoints and exports; a signal or stop file ends it cleanly with a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sap_ds import checkpoint, sap
+from sap_ds.config import RunConfig, config_to_dict
+from sap_ds.data import RunData, build_run_data, collate, collate_pairs, global_batch_indices
+from sap_ds.distributed import barrier, device, is_main
+from sap_ds.ds_config import load_ds_config
+from sap_ds.losses import forward_logits, task_loss
+from sap_ds.metrics import MetricsLogger
+from sap_ds.modeling import apply_lora, load_model, load_tokenizer, resolve_model_path
+
+log = logging.getLogger("sap_ds")
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite steps in a row: the run stops with a checkpoint."""
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    """Linear warm-up, then cosine/linear decay to ``min_lr_ratio`` (or constant)."""
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int):
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.device = device()
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+
+        model_path = resolve_model_path(cfg.model)
+        self.model_path = model_path
+        self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+        self.data: RunData = build_run_data(cfg.data, self.tokenizer, cfg.seed, need_safety=cfg.method == "sap")
+        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+        if cfg.train.max_steps:
+            self.total_steps = cfg.train.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.train.epochs * len(self.data.train) / self.global_batch))
+
+        ds_config = load_ds_config(cfg, world_size, on_gpu=torch.cuda.is_available())
+        self._hf_ds = HfDeepSpeedConfig(ds_config)  # keeps zero.Init active while the model loads
+        model = load_model(cfg.model, model_path)
+        if cfg.lora.enabled:
+            torch.manual_seed(cfg.seed)  # LoRA init depends only on the seed, not on loading
+            model = apply_lora(model, cfg.lora)
+        self.hidden_size = model.config.hidden_size
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.total_steps))  # noqa: E731
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=ds_config, lr_scheduler=scheduler
+        )
+        self.shards = sap.Zero3Shards(self.engine)
+        self.sap_state = None
+        if cfg.method == "sap":
+            self.sap_state = sap.make_state(self.engine, self.shards, cfg.sap, self.hidden_size)
+        self.timer = sap.PhaseTimer()
+        self.step = 0
+        self.tokens_seen = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.stop_requested = False
+        self.metrics = MetricsLogger(self.out, enabled=is_main())
+
+    # ------------------------------------------------------------------ batches
+
+    def task_micro_batches(self, step: int) -> list[dict]:
+        t = self.cfg.train
+        idx = global_batch_indices(len(self.data.train), self.global_batch, step, self.cfg.seed, self.cfg.data.shuffle)
+        per_rank = t.micro_batch_size * t.grad_accum
+        mine = idx[self.rank * per_rank : (self.rank + 1) * per_rank]
+        pad = self.tokenizer.pad_token_id
+        return [
+            self._to_device(collate([self.data.train[i] for i in mine[m * t.micro_batch_size : (m + 1) * t.micro_batch_size]], pad))
+            for m in range(t.grad_accum)
+        ]
+
+    def safety_batch(self, step: int) -> dict:
+        size = self.cfg.sap.safety_batch_size
+        n = len(self.data.safety)
+        idx = global_batch_indices(n, size * self.world, step // self.cfg.sap.safety_every, self.cfg.seed + 7)
+        mine = idx[self.rank * size : (self.rank + 1) * size]
+        return self._to_device(collate_pairs([self.data.safety[i] for i in mine], self.tokenizer.pad_token_id))
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ steps
+
+    def main_pass(self, micro_batches: list[dict]) -> list[float]:
+        """Forward/backward of the task loss per micro-batch, then one optimizer step."""
+        losses = []
+        for m, batch in enumerate(micro_batches):
+            self.engine.set_gradient_accumulation_boundary(m == len(micro_batches) - 1)
+            loss = task_loss(forward_logits(self.engine, batch), batch["labels"])
+            self.engine.backward(loss)
+            losses.append(loss.detach().float())
+        finite = self._all_finite(torch.stack(losses))
+        if finite:
+            self.engine.step()
+        else:
+            self.shards.drop_grads()
+        self.engine.set_gradient_accumulation_boundary(None)
+        self._last_step_finite = finite
+        return [x.item() for x in losses]
+
+    def _all_finite(self, values: torch.Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(values).all() else 1.0], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag)
+        return flag.item() == 0
+
+    def train_step(self, step: int) -> list[float]:
+        micro_batches = self.task_micro_batches(step)
+        if self.sap_state is None:
+            with self.timer("main"):
+                return self.main_pass(micro_batches)
+        safety = self.safety_batch(step) if step % self.cfg.sap.safety_every == 0 or not self.sap_state.have_direction else None
+        return sap.sap_step(self.engine, self.shards, self.sap_state, self.cfg.sap, step, micro_batches, safety,
+                            self.main_pass, self.timer)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-weighted mean task loss on the held-out set, over all ranks."""
+        if not self.data.eval:
+            return None
+        mine = self.data.eval[self.rank :: self.world]
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        mb = self.cfg.train.micro_batch_size
+        # Every rank runs the same number of forwards: ZeRO-3 gathers are collective.
+        n_batches = math.ceil(math.ceil(len(self.data.eval) / self.world) / mb)
+        for b in range(n_batches):
+            items = mine[b * mb : (b + 1) * mb] or self.data.eval[:1]
+            batch = self._to_device(collate(items, self.tokenizer.pad_token_id))
+            logits = forward_logits(self.engine, batch)
+            n_tokens = (batch["labels"][:, 1:] != -100).sum()
+            if mine[b * mb : (b + 1) * mb]:
+                total += torch.stack([task_loss(logits, batch["labels"]).double() * n_tokens, n_tokens.double()])
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    # ------------------------------------------------------------------ state
+
+    def _sap_tensors(self) -> dict[str, torch.Tensor]:
+        if self.sap_state is None:
+            return {}
+        s = self.sap_state
+        out = {"sap.probe": s.probe.vectors.detach(), "sap.scale": s.scale.reshape(1)}
+        out.update({f"sap.direction.{i}": d for i, d in enumerate(s.direction)})
+        opt_state = s.probe_optimizer.state.get(s.probe.vectors, {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in opt_state:
+                out[f"sap.opt.{key}"] = torch.as_tensor(opt_state[key]).reshape(-1).float() if key == "step" else opt_state[key]
+        return out
+
+    def _restore_sap(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if self.sap_state is None:
+            return
+        s = self.sap_state
+        with torch.no_grad():
+            s.probe.vectors.copy_(tensors["sap.probe"])
+            s.scale.copy_(tensors["sap.scale"].reshape(()))
+            for i, d in enumerate(s.direction):
+                d.copy_(tensors[f"sap.direction.{i}"])
+        if "sap.opt.exp_avg" in tensors:
+            s.probe_optimizer.state[s.probe.vectors] = {
+                "exp_avg": tensors["sap.opt.exp_avg"].to(s.probe.vectors.device),
+                "exp_avg_sq": tensors["sap.opt.exp_avg_sq"].to(s.probe.vectors.device),
+                "step": tensors["sap.opt.step"].reshape(()).clone(),
+            }
+        s.have_direction = meta.get("have_direction", False)
+
+    def checkpoint_identity(self) -> dict:
+        trainable = sum(p.ds_numel for p in self.engine.module.parameters() if p.requires_grad)
+        return {"method": self.cfg.method, "model_path": str(self.cfg.model.path), "trainable_params": trainable,
+                "lora": self.cfg.lora.enabled, "world_size": self.world}
+
+    def save_checkpoint(self) -> Path:
+        meta = {**self.checkpoint_identity(), "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                "have_direction": bool(self.sap_state and self.sap_state.have_direction)}
+        return checkpoint.save(self.engine, self.ckpt_root, self.step, meta, self._sap_tensors(), self.cfg.train.save_total_limit)
+
+    def maybe_resume(self) -> None:
+        if self.cfg.train.resume == "never":
+            return
+        loaded = checkpoint.load(self.engine, self.ckpt_root, self.checkpoint_identity())
+        if loaded is None:
+            return
+        meta, tensors = loaded
+        self.step = meta["step"]
+        self.tokens_seen = meta.get("tokens_seen", 0)
+        self.skipped_steps = meta.get("skipped_steps", 0)
+        self._restore_sap(tensors, meta)
+        self.shards.zero_padding()
+        self.shards.refresh_gathered()
+        if is_main():
+            log.info("resumed from %s at step %d", checkpoint.latest_tag(self.ckpt_root), self.step)
+
+    # ------------------------------------------------------------------ stopping
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, request_stop)
+
+    def _stop_file(self) -> Path:
+        return Path(os.environ.get("SAP_DS_STOP_FILE", self.out / "STOP"))
+
+    def should_stop(self) -> bool:
+        """All ranks agree: one rank's signal stops every rank at the same step."""
+        local = self.stop_requested or self._stop_file().exists()
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag)
+        return flag.item() > 0
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self._install_signal_handlers()
+        if is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write_text(self.out / "config.json", json.dumps(config_to_dict(cfg), indent=1))
+        self.maybe_resume()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not is_main(), desc=f"{cfg.method}", dynamic_ncols=True)
+        last_loss, eval_loss, preempted = float("nan"), None, False
+        run_start, run_tokens, start_step = time.perf_counter(), 0, self.step
+        while self.step < self.total_steps:
+            step_start = time.perf_counter()
+            losses = self.train_step(self.step)
+            tokens = self._global_tokens(self.step)
+            self.tokens_seen += tokens
+            run_tokens += tokens
+            elapsed = time.perf_counter() - step_start
+            if self._last_step_finite:
+                self.bad_steps = 0
+                last_loss = sum(losses) / len(losses)
+            else:
+                self.bad_steps += 1
+                self.skipped_steps += 1
+                log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_steps)
+            self.step += 1
+            record = {"step": self.step, "loss": last_loss, "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / elapsed,
+                      "step_time_s": elapsed, "skipped_steps": self.skipped_steps}
+            grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            phases = self.timer.pop()
+            record.update({f"time/{k}": v for k, v in phases.items() if v})
+            if self.sap_state is not None:
+                record.update({f"sap/{k}": float(v) for k, v in self.sap_state.stats.items()})
+                record["sap/probe_norm"] = self.sap_state.probe.vectors.detach().norm().item()
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                eval_loss = record["eval_loss"] = self.evaluate()
+            if self.step % cfg.train.log_every == 0 or "eval_loss" in record:
+                self.metrics.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", **({"eval": f"{eval_loss:.4f}"} if eval_loss is not None else {}))
+            if self.bad_steps >= cfg.train.max_bad_steps:
+                self.save_checkpoint()
+                raise TrainingStopped(
+                    f"{self.bad_steps} non-finite steps in a row (train.max_bad_steps={cfg.train.max_bad_steps}); "
+                    f"checkpoint saved at step {self.step} in {self.ckpt_root}. Lower train.lr or check the data."
+                )
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+            if self.step < self.total_steps and self.should_stop():
+                preempted = True
+                break
+        bar.close()
+        wall = time.perf_counter() - run_start
+        if preempted:
+            folder = self.save_checkpoint()
+            if is_main():
+                checkpoint.atomic_write_text(self.out / "REQUEUE", f"{folder.name}\n")
+                log.warning("stop requested: checkpoint %s written; exiting for requeue", folder)
+            return {"preempted": True, "step": self.step, "checkpoint": str(folder)}
+        final_eval = self.evaluate()
+        self.save_checkpoint()
+        export_dir = None
+        if cfg.export.enabled:
+            from sap_ds.export import export_model
+
+            export_dir = export_model(self)
+        summary = {
+            "method": cfg.method,
+            "final_step": self.step,
+            "steps_this_run": self.step - start_step,
+            "final_train_loss": last_loss,
+            "final_eval_loss": final_eval,
+            "tokens_per_s": run_tokens / wall if wall > 0 else None,
+            "wall_time_s": wall,
+            "skipped_steps": self.skipped_steps,
+            "train_examples": len(self.data.train),
+            "harmful_examples": self.data.n_harmful,
+            "export_dir": str(export_dir) if export_dir else None,
+            "checkpoint_dir": str(self.ckpt_root),
+        }
+        if is_main():
+            checkpoint.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
+            stale = self.out / "REQUEUE"
+            if stale.exists():
+                stale.unlink()
+        self.metrics.close()
+        barrier()
+        return summary
+
+    def _global_tokens(self, step: int) -> int:
+        """Real (non-padding) tokens in this step's global task batch."""
+        idx = global_batch_indices(len(self.data.train), self.global_batch, step, self.cfg.seed, self.cfg.data.shuffle)
+        return sum(len(self.data.train[i].input_ids) for i in idx)

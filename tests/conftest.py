@@ -1,0 +1,53 @@
+"""Shared test helpers: launching real multi-rank runs on CPU, and the tiny model."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``deepspeed --num_gpus nproc <args>`` from the repo root (the real launcher)."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        print(proc.stdout[-6000:], proc.stderr[-6000:], sep="\n")
+    return proc
+
+
+def run_single(args: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python sap_ds/train.py <args>`` as one process."""
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **(env or {})}
+    return subprocess.run([sys.executable, "sap_ds/train.py", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    from sap_ds.embedded import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_path):
+    from sap_ds.modeling import load_tokenizer
+
+    return load_tokenizer(tiny_model_path)

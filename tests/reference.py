@@ -1,0 +1,164 @@
+"""Plain-PyTorch, single-process SFT and SAP: the independent reference.
+
+Written from DESIGN.md section 1, with no DeepSpeed and none of sap-ds's training code
+(only its data pipeline, which has tests of its own, and the LR schedule). It sees the
+whole global batch of every step and reproduces what data parallelism means: rank r's
+micro-batch m is the same slice the trainer gives that rank, each micro-batch loss is a
+token mean, and gradients are averaged over ranks and micro-batches.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sap_ds.config import RunConfig
+from sap_ds.data import build_run_data, collate, collate_pairs, global_batch_indices
+from sap_ds.modeling import apply_lora, load_model, load_tokenizer, resolve_model_path
+from sap_ds.trainer import lr_lambda
+
+
+def _ce(logits, labels):
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def _seq_logp(logits, labels):
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != -100
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (lp * mask).sum(-1)
+
+
+def _safety(model, batch, form, temperature):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    half = logits.shape[0] // 2
+    if form == "contrastive":
+        lp = _seq_logp(logits, batch["labels"])
+        return -F.logsigmoid((lp[:half] - lp[half:]) / temperature).mean()
+    return _ce(logits[:half], batch["labels"][:half]) - _ce(logits[half:], batch["labels"][half:])
+
+
+class _RefProbe:
+    """V added to the output of decoder blocks, by forward hooks on the plain model."""
+
+    def __init__(self, model, layers, hidden):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        blocks = base.model.layers
+        self.v = torch.zeros(len(layers), hidden, requires_grad=True)
+        self.on = True
+        for i, layer in enumerate(sorted(layers)):
+            blocks[layer].register_forward_hook(self._hook(i))
+
+    def _hook(self, i):
+        def hook(module, inputs, output):
+            if not self.on:
+                return output
+            if isinstance(output, tuple):
+                return (output[0] + self.v[i], *output[1:])
+            return output + self.v[i]
+
+        return hook
+
+
+def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
+    torch.manual_seed(cfg.seed)
+    path = resolve_model_path(cfg.model)
+    tok = load_tokenizer(path)
+    data = build_run_data(cfg.data, tok, cfg.seed, need_safety=cfg.method == "sap")
+    model = load_model(cfg.model, path)
+    if cfg.lora.enabled:
+        torch.manual_seed(cfg.seed)
+        model = apply_lora(model, cfg.lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = cfg.train
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
+    s = cfg.sap
+    sap = cfg.method == "sap"
+    probe = _RefProbe(model, s.probe_layers, model.config.hidden_size) if sap else None
+    if probe is not None:
+        probe.on = s.probe_enabled
+        probe_opt = torch.optim.AdamW([probe.v], lr=s.probe_lr, weight_decay=0.0)
+    mb, gas = t.micro_batch_size, t.grad_accum
+    gb = mb * gas * world
+    pad = tok.pad_token_id
+    losses = []
+    direction = None
+    for step in range(steps):
+        idx = global_batch_indices(len(data.train), gb, step, cfg.seed, cfg.data.shuffle)
+        micro = [
+            [collate([data.train[i] for i in idx[r * mb * gas + m * mb : r * mb * gas + (m + 1) * mb]], pad) for m in range(gas)]
+            for r in range(world)
+        ]
+        gv = None
+        probing = sap and s.probe_enabled
+        if probing:
+            if step % s.safety_every == 0 or direction is None:
+                # 1. safety gradient, averaged over ranks (each rank: mean over its pairs)
+                sidx = global_batch_indices(len(data.safety), s.safety_batch_size * world, step // s.safety_every, cfg.seed + 7)
+                probe.on = False
+                opt.zero_grad(set_to_none=True)
+                for r in range(world):
+                    batch = collate_pairs([data.safety[i] for i in sidx[r * s.safety_batch_size : (r + 1) * s.safety_batch_size]], pad)
+                    (_safety(model, batch, s.safety_loss, s.temperature) / world).backward()
+                probe.on = True
+                g = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+                opt.zero_grad(set_to_none=True)
+                if s.perturb_norm == "global":
+                    gn = torch.sqrt(sum((x.double() ** 2).sum() for x in g))
+                    wn = torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))
+                    scale = (s.rho * wn / gn).float() if gn > 0 else torch.tensor(0.0)
+                    direction = [scale * x for x in g]
+                else:
+                    direction = []
+                    for p, x in zip(params, g):
+                        gn, wn = x.double().norm(), p.detach().double().norm()
+                        direction.append(((s.rho * wn / gn).float() if gn > 0 else torch.tensor(0.0)) * x)
+            # 2. perturb, 3. probe gradient at W', 4. restore
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, d in zip(params, direction):
+                    p.add_(d)
+            gv = torch.zeros_like(probe.v)
+            for r in range(world):
+                gr = torch.zeros_like(probe.v)
+                for batch in micro[r]:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    (grad,) = torch.autograd.grad(-_ce(logits, batch["labels"]) / gas, [probe.v])
+                    gr += grad
+                gv += gr / world
+            with torch.no_grad():
+                for p, w in zip(params, saved):
+                    p.copy_(w)
+        # 5. main pass at W (probe active for SAP)
+        opt.zero_grad(set_to_none=True)
+        if probe is not None:
+            probe.v.grad = None
+        step_losses = []
+        for r in range(world):
+            for batch in micro[r]:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = _ce(logits, batch["labels"])
+                (loss / (world * gas)).backward()
+                step_losses.append(loss.item())
+        losses.append(step_losses)
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        opt.step()
+        sched.step()
+        if probing:
+            total = gv + probe.v.grad
+            if s.probe_reset:
+                with torch.no_grad():
+                    probe.v.zero_()
+            probe.v.grad = total
+            probe_opt.step()
+        if probe is not None:
+            probe.v.grad = None
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {
+        "params": {n: p.detach().clone() for n, p in zip(names, params)},
+        "probe": probe.v.detach().clone() if probe is not None else None,
+        "losses": losses,
+    }
