@@ -214,6 +214,8 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
         with timer("restore"):
             restore(shards, state, cfg.kernels)
     state.probe.vectors.grad = None
+    if probing:
+        shards.drop_grads()  # the probe pass's backward epilogue must not make the main pass accumulate
     with timer("main"):
         losses = main_pass(micro_batches)
     if probing:

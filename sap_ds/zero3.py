@@ -116,9 +116,23 @@ class Zero3Shards:
                 valid = max(0, min(n, p.ds_numel - self.rank * n))
                 yield gi, p, offset, valid
 
+    @torch.no_grad()
     def drop_grads(self) -> None:
-        """Forget accumulated gradients without stepping (the next backward overwrites)."""
+        """Forget accumulated gradients without stepping.
+
+        ``zero_grad`` resets ZeRO-3's micro-step so the next backward *copies* into the
+        gradient partitions instead of adding; but a later ``autograd.grad`` pass (the
+        probe pass) runs the backward epilogue and the next forward then counts as a
+        second micro-step, which *adds* to what is there. So the partitions are zeroed
+        too: stale safety gradients can never leak into the weight update.
+        """
         self.optimizer.zero_grad()
+        flat = getattr(self.optimizer, "grad_partitions_flat_buffer", None)
+        if flat is not None:
+            flat.zero_()
+        for master in self.optimizer.fp32_partitioned_groups_flat:  # offloaded optimizer
+            if master.grad is not None:
+                master.grad.zero_()
 
     @torch.no_grad()
     def refresh_gathered(self) -> None:
