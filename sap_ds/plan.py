@@ -1,0 +1,651 @@
+"""``sap-ds plan``: size a ZeRO-3 (SFT or SAP) job before spending a GPU hour.
+
+Given a model (a Hugging Face ``config.json`` or a named size), a cluster shape and the
+training settings, it prints the per-GPU memory (model states, ZeRO-3 working set,
+activations, logits, SAP buffers), the CPU memory per node under offload, and an
+estimated step time and throughput for vanilla SFT and for SAP, with every assumption.
+
+Everything is closed-form arithmetic; nothing here imports torch or DeepSpeed, so it runs
+anywhere in milliseconds. ``plan(...)`` is the pure function, ``main(argv)`` the CLI.
+
+Conventions: bytes are exact integers where the inputs divide evenly (floats otherwise);
+GiB = 2**30 bytes; GPU capacities are the usable memory nvidia-smi reports.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+GIB = 2**30
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture numbers of a Llama-style decoder (Llama, Mistral, Qwen2, SmolLM2)."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    head_dim: Optional[int] = None
+    attention_bias: bool = False  # q/k/v biases (Qwen2); o_proj never has one here
+    mlp_bias: bool = False
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.hd
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.hd
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Per-layer linear modules: name -> (in_features, out_features)."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def layer_tensors(self) -> list[int]:
+        """Element counts of every parameter tensor in one decoder layer."""
+        sizes = []
+        for name, (d_in, d_out) in self.linear_shapes().items():
+            sizes.append(d_in * d_out)
+            if (self.attention_bias and name in ("q_proj", "k_proj", "v_proj")) or (
+                self.mlp_bias and name in ("gate_proj", "up_proj", "down_proj")
+            ):
+                sizes.append(d_out)
+        sizes += [self.hidden_size, self.hidden_size]  # input_layernorm, post_attention_layernorm (RMSNorm weights)
+        return sizes
+
+    def all_tensors(self) -> list[int]:
+        """Element counts of every parameter tensor of the model (tied lm_head counted once)."""
+        emb = self.vocab_size * self.hidden_size
+        tensors = [emb]
+        for _ in range(self.num_hidden_layers):
+            tensors += self.layer_tensors()
+        tensors.append(self.hidden_size)  # final norm
+        if not self.tie_word_embeddings:
+            tensors.append(emb)  # lm_head
+        return tensors
+
+    def param_count(self) -> int:
+        return sum(self.all_tensors())
+
+    def largest_layer_params(self) -> int:
+        """The biggest single module gathered at once by ZeRO-3 (embedding/lm_head or an MLP matrix)."""
+        return max(self.all_tensors())
+
+    def matmul_params(self) -> int:
+        """Weights that take part in a matmul per token: all linears + lm_head (tied or not)."""
+        per_layer = sum(a * b for a, b in self.linear_shapes().values())
+        return self.num_hidden_layers * per_layer + self.vocab_size * self.hidden_size
+
+    def lora_params(self, r: int, targets: Sequence[str]) -> int:
+        """Exact LoRA adapter size: r*(d_in + d_out) per targeted linear per layer."""
+        shapes = self.linear_shapes()
+        unknown = [t for t in targets if t not in shapes]
+        if unknown:
+            raise PlanError(f"unknown LoRA target module(s) {unknown}; valid: {', '.join(shapes)}")
+        return self.num_hidden_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+    def lora_tensors(self, r: int, targets: Sequence[str]) -> list[int]:
+        shapes = self.linear_shapes()
+        out = []
+        for _ in range(self.num_hidden_layers):
+            for t in targets:
+                out += [r * shapes[t][0], r * shapes[t][1]]  # lora_A, lora_B
+        return out
+
+
+# Numbers from the public Hugging Face config.json of each model.
+NAMED_MODELS: dict[str, ModelSpec] = {
+    "llama2-7b": ModelSpec("llama2-7b", 4096, 11008, 32, 32, 32, 32000),
+    "llama2-13b": ModelSpec("llama2-13b", 5120, 13824, 40, 40, 40, 32000),
+    "llama2-70b": ModelSpec("llama2-70b", 8192, 28672, 80, 64, 8, 32000),
+    "llama3-8b": ModelSpec("llama3-8b", 4096, 14336, 32, 32, 8, 128256),
+    "llama3-70b": ModelSpec("llama3-70b", 8192, 28672, 80, 64, 8, 128256),
+    "qwen2.5-0.5b": ModelSpec("qwen2.5-0.5b", 896, 4864, 24, 14, 2, 151936, tie_word_embeddings=True, attention_bias=True),
+    "qwen2.5-7b": ModelSpec("qwen2.5-7b", 3584, 18944, 28, 28, 4, 152064, attention_bias=True),
+    "qwen2.5-72b": ModelSpec("qwen2.5-72b", 8192, 29568, 80, 64, 8, 152064, attention_bias=True),
+    "mistral-7b": ModelSpec("mistral-7b", 4096, 14336, 32, 32, 8, 32000),
+    "smollm2-135m": ModelSpec("smollm2-135m", 576, 1536, 30, 9, 3, 49152, tie_word_embeddings=True),
+}
+
+_REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+class PlanError(ValueError):
+    """A usage error: the message says what was wrong and what would be valid."""
+
+
+def model_from_config(path: str | Path) -> ModelSpec:
+    """Read the architecture of a Llama-style model from a HF config.json (or its folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise PlanError(f"model config not found: {path} (give a config.json path or one of: {', '.join(NAMED_MODELS)})")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{path}: not valid JSON: {exc}") from exc
+    if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
+        cfg = cfg["text_config"]
+    missing = [k for k in _REQUIRED_KEYS if k not in cfg]
+    if missing:
+        raise PlanError(f"{path}: missing key(s) {missing}; a Llama-style config.json needs {list(_REQUIRED_KEYS)}")
+    model_type = str(cfg.get("model_type", ""))
+    return ModelSpec(
+        name=str(path),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=int(cfg["num_attention_heads"]),
+        num_key_value_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        vocab_size=int(cfg["vocab_size"]),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        head_dim=int(cfg["head_dim"]) if cfg.get("head_dim") else None,
+        attention_bias=bool(cfg.get("attention_bias", model_type.startswith("qwen2"))),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+    )
+
+
+def resolve_model(spec: str) -> ModelSpec:
+    if spec in NAMED_MODELS:
+        return NAMED_MODELS[spec]
+    if spec.endswith(".json") or "/" in spec or Path(spec).exists():
+        return model_from_config(spec)
+    raise PlanError(f"unknown model '{spec}': give a config.json path or one of: {', '.join(NAMED_MODELS)}")
+
+
+# --------------------------------------------------------------------------- GPUs
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    memory_bytes: int  # usable, as nvidia-smi reports it
+    bf16_tflops: float  # dense peak
+    hbm_tbps: float
+    intra_node_gbps: float  # GB/s per GPU, bidirectional as vendors quote it (NVLink, else PCIe)
+    note: str = ""
+
+
+MIB = 2**20
+GPUS: dict[str, GpuSpec] = {
+    "h100-80gb": GpuSpec("h100-80gb", 81559 * MIB, 989.0, 3.35, 900.0, "H100 SXM5, NVLink 4"),
+    "h100-pcie": GpuSpec("h100-pcie", 81559 * MIB, 756.0, 2.0, 128.0, "H100 PCIe, PCIe Gen5 x16 (NVLink bridge pairs not modelled)"),
+    "h200": GpuSpec("h200", 143771 * MIB, 989.0, 4.8, 900.0, "H200 SXM, NVLink 4"),
+    "a100-80gb": GpuSpec("a100-80gb", 81920 * MIB, 312.0, 2.039, 600.0, "A100 SXM4 80GB, NVLink 3"),
+    "a100-40gb": GpuSpec("a100-40gb", 40960 * MIB, 312.0, 1.555, 600.0, "A100 SXM4 40GB, NVLink 3"),
+    "l40s": GpuSpec("l40s", 46068 * MIB, 362.0, 0.864, 64.0, "L40S, PCIe Gen4 x16, no NVLink"),
+}
+
+# DeepSpeed ZeRO-3 defaults (elements), overridable from the CLI to match a ds_config.
+DS_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size
+DS_PARAM_PERSISTENCE = 100_000  # stage3_param_persistence_threshold
+DS_REDUCE_BUCKET = 500_000_000  # reduce_bucket_size
+DS_SUB_GROUP = 1_000_000_000  # sub_group_size
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class PlanInputs:
+    model: str
+    nodes: int
+    gpus_per_node: int
+    gpu: str = "h100-80gb"
+    offload: str = "none"  # none | optimizer | all
+    method: str = "sap"  # which method's memory is the headline
+    lora: bool = False
+    lora_r: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_dropout: float = 0.1
+    seq_len: int = 2048
+    micro_batch: int = 1
+    grad_accum: int = 1
+    safety_seq_len: int = 256  # data.safety_max_length default in sap_ds/config.py
+    safety_batch: int = 8  # safety *pairs* per GPU per pass (sap.safety_batch_size default)
+    probe_layers: tuple[int, ...] = (3, 9)
+    safety_every: int = 1
+    probe_fraction: float = 1.0
+    activation_checkpointing: bool = True
+    mfu: float = 0.4
+    internode_gbps: float = 400.0  # Gb/s per GPU
+    overlap: float = 0.0  # fraction of communication hidden behind compute
+    reserve_gib: float = 3.0  # CUDA context, NCCL buffers, allocator fragmentation
+    prefetch_bucket_size: int = DS_PREFETCH_BUCKET
+    param_persistence_threshold: int = DS_PARAM_PERSISTENCE
+    reduce_bucket_size: int = DS_REDUCE_BUCKET
+    sub_group_size: int = DS_SUB_GROUP
+
+
+@dataclass
+class StepEstimate:
+    compute_s: float
+    comm_s: float
+    step_s: float  # compute + (1 - overlap) * comm
+    step_s_full_overlap: float  # max(compute, comm)
+    tokens_per_step: int  # global task tokens per optimizer step
+    tokens_per_s: float
+    flops_per_step_per_gpu: float
+    comm_bytes_per_step_per_gpu: float
+
+
+@dataclass
+class PlanResult:
+    inputs: PlanInputs
+    model: ModelSpec
+    gpu: GpuSpec
+    world_size: int
+    total_params: int
+    trainable_params: int
+    lora_params: int
+    largest_layer_params: int
+    gpu_memory_sft: dict[str, float]  # item -> bytes per GPU
+    gpu_memory_sap: dict[str, float]
+    gpu_total_sft: float
+    gpu_total_sap: float
+    cpu_memory_per_node_sft: float
+    cpu_memory_per_node_sap: float
+    gpu_capacity: int
+    fits_sft: bool
+    fits_sap: bool
+    sft: StepEstimate
+    sap: StepEstimate
+    sap_over_sft_throughput: float
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _div(a: int, b: int) -> float | int:
+    """Exact integer when it divides, float otherwise."""
+    return a // b if a % b == 0 else a / b
+
+
+def layer_activation_bytes(m: ModelSpec, tokens: int, lora_targets: Sequence[str] = (), lora_r: int = 0,
+                           lora_dropout: float = 0.0) -> int:
+    """bf16 activations one decoder layer keeps for backward, for ``tokens`` = batch*seq tokens.
+
+    Korthikanti et al. (2022) count 34*s*b*h + 5*a*s^2*b bytes per GPT layer. With SDPA /
+    flash attention the s^2 score matrix is never stored (no s^2 term); without dropout
+    and with a SwiGLU MLP and GQA the same bookkeeping gives, per token:
+      attention: 2h (norm input) + 2h (q/k/v input) + 2q_dim (Q) + 4kv_dim (K, V) + 2q_dim (attn out = o_proj input)
+      MLP:       2h (norm input) + 2h (gate/up input) + 2I (gate) + 2I (up) + 2I (silu(gate)) + 2I (down input)
+    = 8h + 4q_dim + 4kv_dim + 8I bytes (= 12h + 4kv + 8I when q_dim = h).
+    LoRA adds per targeted linear: 2*r (A output) and, with dropout, 2*d_in + 1*d_in (dropped input + mask).
+    """
+    h, i = m.hidden_size, m.intermediate_size
+    per_token = 8 * h + 4 * m.q_dim + 4 * m.kv_dim + 8 * i
+    shapes = m.linear_shapes()
+    for t in lora_targets:
+        per_token += 2 * lora_r + (3 * shapes[t][0] if lora_dropout > 0 else 0)
+    return tokens * per_token
+
+
+def activation_bytes(m: ModelSpec, batch: int, seq: int, checkpointing: bool, **lora) -> int:
+    """Activations of the whole model for one micro-batch.
+
+    No checkpointing: layers * per-layer activations.
+    Checkpointing (per decoder layer): layers * seq*batch*hidden*2 (the saved layer inputs)
+    + one layer's full activations (recomputed during its backward).
+    """
+    tokens = batch * seq
+    per_layer = layer_activation_bytes(m, tokens, **lora)
+    if checkpointing:
+        return m.num_hidden_layers * tokens * m.hidden_size * 2 + per_layer
+    return m.num_hidden_layers * per_layer
+
+
+def logits_bytes(m: ModelSpec, batch: int, seq: int) -> int:
+    """fp32 logits for the loss: batch * seq * vocab * 4."""
+    return batch * seq * m.vocab_size * 4
+
+
+def forward_flops_per_token(m: ModelSpec, seq: int, extra_matmul_params: int = 0) -> int:
+    """2 * (matmul weights) + attention scores 4 * layers * seq * q_dim (QK^T and AV, non-causal count)."""
+    return 2 * (m.matmul_params() + extra_matmul_params) + 4 * m.num_hidden_layers * seq * m.q_dim
+
+
+def plan(inp: PlanInputs) -> PlanResult:
+    """The whole estimate. Raises PlanError on bad input."""
+    if inp.nodes <= 0:
+        raise PlanError(f"--nodes must be a positive integer (got {inp.nodes})")
+    if inp.gpus_per_node <= 0:
+        raise PlanError(f"--gpus-per-node must be a positive integer (got {inp.gpus_per_node})")
+    for name in ("seq_len", "micro_batch", "grad_accum", "lora_r", "safety_every", "safety_seq_len", "safety_batch"):
+        if getattr(inp, name) <= 0:
+            raise PlanError(f"--{name.replace('_', '-')} must be positive (got {getattr(inp, name)})")
+    if inp.gpu not in GPUS:
+        raise PlanError(f"unknown GPU '{inp.gpu}'; valid: {', '.join(GPUS)}")
+    if inp.offload not in ("none", "optimizer", "all"):
+        raise PlanError(f"unknown offload '{inp.offload}'; valid: none, optimizer, all")
+    if inp.method not in ("sap", "sft"):
+        raise PlanError(f"unknown method '{inp.method}'; valid: sap, sft")
+    if not 0 < inp.mfu <= 1:
+        raise PlanError(f"--mfu must be in (0, 1] (got {inp.mfu})")
+    if not 0 <= inp.overlap <= 1:
+        raise PlanError(f"--overlap must be in [0, 1] (got {inp.overlap})")
+    if not 0 < inp.probe_fraction <= 1:
+        raise PlanError(f"--probe-fraction must be in (0, 1] (got {inp.probe_fraction})")
+    m = resolve_model(inp.model)
+    gpu = GPUS[inp.gpu]
+    if not inp.probe_layers or any(not 0 <= l < m.num_hidden_layers for l in inp.probe_layers):
+        raise PlanError(f"--probe-layers {list(inp.probe_layers)}: each must be in [0, {m.num_hidden_layers - 1}]")
+
+    world = inp.nodes * inp.gpus_per_node
+    G = inp.gpus_per_node
+    base = m.param_count()
+    n_lora = m.lora_params(inp.lora_r, inp.lora_targets) if inp.lora else 0
+    total = base + n_lora
+    trainable = n_lora if inp.lora else base
+    largest = m.largest_layer_params()
+    ssl = inp.safety_seq_len
+    sb = inp.safety_batch
+    lora_kw = dict(lora_targets=inp.lora_targets if inp.lora else (), lora_r=inp.lora_r if inp.lora else 0,
+                   lora_dropout=inp.lora_dropout if inp.lora else 0.0)
+
+    # ---- model states (partitioned over all `world` ranks)
+    params_b = _div(2 * total, world)
+    grads_b = _div(2 * trainable, world)
+    optim_b = _div(12 * trainable, world)
+    cpu_rank = 0.0
+    mem: dict[str, float] = {}
+    mem["params (bf16, 2 B/param / world)"] = params_b if inp.offload != "all" else 0
+    if inp.offload == "none":
+        mem["grads (bf16, 2 B/trainable / world)"] = grads_b
+        mem["optimizer (fp32 master+m+v, 12 B/trainable / world)"] = optim_b
+    else:
+        # ZeRO-Offload: grad partitions go to CPU and are held in fp32 for the CPU Adam step.
+        cpu_rank += _div(16 * trainable, world)
+        mem["grads (offloaded to CPU)"] = 0
+        mem["optimizer (offloaded to CPU)"] = 0
+    if inp.offload == "all":
+        cpu_rank += params_b
+
+    # ---- ZeRO-3 working set
+    persistent = sum(t for t in m.all_tensors() if t <= inp.param_persistence_threshold)
+    if inp.lora:
+        persistent += sum(t for t in m.lora_tensors(inp.lora_r, inp.lora_targets) if t <= inp.param_persistence_threshold)
+    mem["largest layer gathered (2 B) + its full grad (2 B, full FT only)"] = largest * (2 if inp.lora else 4)
+    mem["prefetch bucket (2 B * stage3_prefetch_bucket_size)"] = 2 * inp.prefetch_bucket_size
+    mem["persistent small params kept whole (2 B * numel <= threshold)"] = 2 * persistent
+    mem["reduce-scatter bucket (2 B * min(reduce_bucket_size, trainable))"] = 2 * min(inp.reduce_bucket_size, trainable)
+
+    # ---- activations + logits (task micro-batch)
+    act_task = activation_bytes(m, inp.micro_batch, inp.seq_len, inp.activation_checkpointing, **lora_kw)
+    logit_task = logits_bytes(m, inp.micro_batch, inp.seq_len)
+    mem["activations (task micro-batch)"] = act_task
+    mem["logits fp32 (micro_batch*seq*vocab*4)"] = logit_task
+    # The optimizer step runs after activations are freed: its transient (the fp32 copy of
+    # one sub-group's gradient) only matters if it exceeds the forward/backward transient.
+    step_transient = 4 * min(inp.sub_group_size, trainable / world) if inp.offload == "none" else 0
+    fwd_bwd_transient = act_task + logit_task
+    mem["optimizer-step fp32 grad copy beyond fwd/bwd peak (4 B * min(sub_group, shard))"] = max(
+        0, step_transient - fwd_bwd_transient)
+
+    sft_mem = dict(mem)
+    sap_mem = dict(mem)
+    # SAP: the safety pass sees 2*sb sequences (safe + harmful response per pair) of ssl tokens.
+    act_safe = activation_bytes(m, 2 * sb, ssl, inp.activation_checkpointing, **lora_kw)
+    logit_safe = logits_bytes(m, 2 * sb, ssl)
+    extra_act = max(0, act_safe + logit_safe - fwd_bwd_transient)
+    sap_mem["safety pass activations+logits beyond the task pass"] = extra_act
+    sap_mem["optimizer-step fp32 grad copy beyond fwd/bwd peak (4 B * min(sub_group, shard))"] = max(
+        0, step_transient - fwd_bwd_transient - extra_act)
+    direction = _div(4 * trainable, world)
+    probe = len(inp.probe_layers) * m.hidden_size * 4 * 3
+    if inp.offload == "none":
+        sap_mem["SAP direction buffer (fp32, 4 B/trainable / world)"] = direction
+        cpu_rank_sap = cpu_rank
+    else:
+        sap_mem["SAP direction buffer (on CPU with the master)"] = 0
+        cpu_rank_sap = cpu_rank + direction
+    sap_mem["SAP probe (layers*hidden*4 B * 3: value, Adam m, v)"] = probe
+
+    total_sft = float(sum(sft_mem.values()))
+    total_sap = float(sum(sap_mem.values()))
+    usable = gpu.memory_bytes - inp.reserve_gib * GIB
+
+    # ---- step time
+    peak = gpu.bf16_tflops * 1e12 * inp.mfu
+    ckpt = 1 if inp.activation_checkpointing else 0
+    bwd = 1 if inp.lora else 2  # backward cost in forwards: LoRA computes no weight grads for frozen weights
+    lora_matmul = n_lora
+    tok_gpu = inp.micro_batch * inp.seq_len * inp.grad_accum  # task tokens per GPU per step
+    f_task = forward_flops_per_token(m, inp.seq_len, lora_matmul)
+    f_safe = forward_flops_per_token(m, ssl, lora_matmul)
+    sft_flops = tok_gpu * f_task * (1 + bwd + ckpt)
+    lowest = min(inp.probe_layers)
+    frac_above = (m.num_hidden_layers - lowest) / m.num_hidden_layers
+    safety_flops = (2 * sb * ssl) * f_safe * (1 + bwd + ckpt) / inp.safety_every
+    probe_flops = tok_gpu * f_task * (1 + frac_above * (1 + ckpt)) * inp.probe_fraction
+    sap_flops = sft_flops + safety_flops + probe_flops
+
+    if world == 1:
+        bw = float("inf")
+        bw_note = "world size 1: no communication"
+    elif inp.nodes == 1:
+        bw = gpu.intra_node_gbps / 2 * 1e9
+        bw_note = f"intra-node: {gpu.intra_node_gbps:g} GB/s bidirectional -> {gpu.intra_node_gbps / 2:g} GB/s per direction per GPU"
+    else:
+        bw = inp.internode_gbps / 8 * 1e9
+        bw_note = f"inter-node: {inp.internode_gbps:g} Gb/s per GPU = {inp.internode_gbps / 8:g} GB/s per direction (the bottleneck when nodes > 1)"
+    ring = (world - 1) / world
+    gather = 2 * total * ring
+    rs = 2 * trainable * ring
+    sft_comm_b = inp.grad_accum * (2 * gather + rs)
+    sap_comm_b = sft_comm_b + (2 * gather + rs) / inp.safety_every + \
+        inp.grad_accum * inp.probe_fraction * gather * (1 + frac_above)
+
+    def estimate(flops: float, comm_bytes: float) -> StepEstimate:
+        compute = flops / peak
+        comm = comm_bytes / bw if world > 1 else 0.0
+        step = compute + (1 - inp.overlap) * comm
+        tokens = tok_gpu * world
+        return StepEstimate(compute, comm, step, max(compute, comm), tokens, tokens / step, flops, comm_bytes)
+
+    sft = estimate(sft_flops, sft_comm_b)
+    sap = estimate(sap_flops, sap_comm_b)
+
+    assumptions = [
+        f"model: {m.name}: hidden {m.hidden_size}, intermediate {m.intermediate_size}, layers {m.num_hidden_layers}, "
+        f"heads {m.num_attention_heads}/{m.num_key_value_heads} kv, vocab {m.vocab_size}, tied {m.tie_word_embeddings}"
+        + (", q/k/v bias" if m.attention_bias else ""),
+        "params: embeddings + per layer (q,k,v,o with GQA + SwiGLU gate,up,down + 2 RMSNorm) + final norm + lm_head unless tied",
+        f"world size {world} = {inp.nodes} node(s) x {G} GPU(s); everything partitioned over all {world} ranks (ZeRO-3)",
+        "mixed precision: bf16 params 2 B + bf16 grads 2 B + fp32 master/m/v 12 B per trainable param; frozen params 2 B",
+        f"LoRA r={inp.lora_r} on {','.join(inp.lora_targets)}: r*(d_in+d_out) per module per layer" if inp.lora else "full fine-tuning: every param trainable",
+        {"none": "no offload",
+         "optimizer": "offload optimizer: fp32 master/m/v + fp32 grad partition (16 B/trainable/world) in CPU RAM",
+         "all": "offload all: optimizer (16 B/trainable/world) and bf16 params (2 B/param/world) in CPU RAM"}[inp.offload]
+        + ("" if inp.offload == "none" else "; the CPU Adam step and the PCIe copies are NOT in the step time"),
+        f"ZeRO-3 working set: largest module ({largest:,} params) gathered in bf16 plus, full FT, its bf16 grad; "
+        f"prefetch bucket {inp.prefetch_bucket_size:,}; persistence threshold {inp.param_persistence_threshold:,} "
+        f"({persistent:,} params kept whole); reduce bucket {inp.reduce_bucket_size:,} (DeepSpeed defaults unless overridden)",
+        "activations per layer per token (bf16, SDPA/flash so no s^2 term; Korthikanti et al. 2022 bookkeeping adapted to "
+        "SwiGLU+GQA): 8h + 4*q_dim + 4*kv_dim + 8*I bytes"
+        + (" + LoRA: 2r + 3*d_in per target (dropout input+mask)" if inp.lora and inp.lora_dropout > 0 else ""),
+        "activation checkpointing: layers*seq*batch*hidden*2 bytes (saved layer inputs) + one full layer recomputed"
+        if inp.activation_checkpointing else "no activation checkpointing: all layers' activations kept",
+        "logits: micro_batch*seq*vocab*4 bytes (fp32 copy for the loss; bf16 logits and the softmax grad not counted)",
+        f"SAP: safety pass on {sb} pair(s) = {2 * sb} sequences x {ssl} tokens (peak is the max of task and safety pass, "
+        "not the sum); direction buffer fp32 4 B/trainable/world; probe len(layers)*hidden*4 B*3",
+        f"usable GPU memory: {gpu.memory_bytes / GIB:.1f} GiB ({gpu.name}) - {inp.reserve_gib:g} GiB reserve "
+        "(CUDA context, NCCL, fragmentation)",
+        f"FLOPs: forward = 2*(matmul weights incl. lm_head) + 4*layers*seq*q_dim per token (attention, non-causal count); "
+        f"backward = {bwd}x forward ({'LoRA: activation grads only' if inp.lora else 'full FT: activation + weight grads'})"
+        + ("; checkpointing recomputes 1 forward" if inp.activation_checkpointing else ""),
+        f"SAP FLOPs per step: + safety pass (fwd+bwd on {2 * sb}x{ssl} tokens per GPU, every {inp.safety_every} step(s)) "
+        f"+ probe pass on every task micro-batch x {inp.probe_fraction:g} (forward + backward without weight grads "
+        f"down to layer {lowest}: {frac_above:.3f} of the layers)",
+        f"compute time = FLOPs / ({gpu.bf16_tflops:g} TFLOP/s bf16 dense * MFU {inp.mfu:g})",
+        "ZeRO-3 comm per micro-batch: 2 all-gathers of all params (forward, backward) + 1 reduce-scatter of the trainable "
+        "grads, each 2 B * N * (world-1)/world per GPU; SAP adds 2 gathers + 1 reduce-scatter (safety pass) and "
+        "1 + (fraction above the lowest probe layer) gathers (probe pass)",
+        f"bandwidth: {bw_note}",
+        f"step time = compute + {1 - inp.overlap:g} * comm (overlap {inp.overlap:g}); the fully-overlapped bound max(compute, comm) is shown too",
+    ]
+
+    return PlanResult(
+        inputs=inp, model=m, gpu=gpu, world_size=world, total_params=total, trainable_params=trainable,
+        lora_params=n_lora, largest_layer_params=largest,
+        gpu_memory_sft=sft_mem, gpu_memory_sap=sap_mem, gpu_total_sft=total_sft, gpu_total_sap=total_sap,
+        cpu_memory_per_node_sft=cpu_rank * G, cpu_memory_per_node_sap=cpu_rank_sap * G,
+        gpu_capacity=gpu.memory_bytes, fits_sft=total_sft <= usable, fits_sap=total_sap <= usable,
+        sft=sft, sap=sap, sap_over_sft_throughput=sap.tokens_per_s / sft.tokens_per_s,
+        assumptions=assumptions,
+    )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:9.2f} GiB"
+
+
+def format_table(r: PlanResult) -> str:
+    i = r.inputs
+    lines = [
+        f"sap-ds plan: {r.model.name} on {i.nodes} node(s) x {i.gpus_per_node} {r.gpu.name} "
+        f"(world {r.world_size}), {'LoRA r=' + str(i.lora_r) if i.lora else 'full FT'}, offload {i.offload}, "
+        f"seq {i.seq_len}, micro-batch {i.micro_batch}, grad-accum {i.grad_accum}, "
+        f"checkpointing {'on' if i.activation_checkpointing else 'off'}",
+        f"params: total {r.total_params:,}  trainable {r.trainable_params:,}"
+        + (f"  (LoRA {r.lora_params:,})" if i.lora else "") + f"  largest module {r.largest_layer_params:,}",
+        "",
+        f"{'per-GPU memory':<82} {'SFT':>13} {'SAP':>13}",
+    ]
+    for key in r.gpu_memory_sap:
+        sft = r.gpu_memory_sft.get(key)
+        lines.append(f"  {key:<80} {(_gib(sft) if sft is not None else '-'):>13} {_gib(r.gpu_memory_sap[key]):>13}")
+    cap = f"{r.gpu_capacity / GIB:.1f} GiB - {i.reserve_gib:g} reserve"
+    lines.append(f"  {'TOTAL per GPU (capacity ' + cap + ')':<80} {_gib(r.gpu_total_sft):>13} {_gib(r.gpu_total_sap):>13}")
+    lines.append(f"  {'fits':<80} {('yes' if r.fits_sft else 'NO'):>13} {('yes' if r.fits_sap else 'NO'):>13}")
+    lines.append(f"  {'CPU memory per node (offloaded states)':<80} {_gib(r.cpu_memory_per_node_sft):>13} "
+                 f"{_gib(r.cpu_memory_per_node_sap):>13}")
+    lines += ["", f"{'step estimate':<40} {'SFT':>14} {'SAP':>14}"]
+    rows = [
+        ("compute per step (s)", lambda s: f"{s.compute_s:14.3f}"),
+        ("ZeRO-3 comm per step (s)", lambda s: f"{s.comm_s:14.3f}"),
+        ("step time (s)", lambda s: f"{s.step_s:14.3f}"),
+        ("step time, comm fully overlapped (s)", lambda s: f"{s.step_s_full_overlap:14.3f}"),
+        ("task tokens per step (global)", lambda s: f"{s.tokens_per_step:14,}"),
+        ("task tokens/s (global)", lambda s: f"{s.tokens_per_s:14,.0f}"),
+        ("TFLOP per step per GPU", lambda s: f"{s.flops_per_step_per_gpu / 1e12:14.1f}"),
+        ("comm GB per step per GPU", lambda s: f"{s.comm_bytes_per_step_per_gpu / 1e9:14.1f}"),
+    ]
+    for name, fmt in rows:
+        lines.append(f"  {name:<38} {fmt(r.sft)} {fmt(r.sap)}")
+    lines.append(f"  {'SAP/SFT throughput':<38} {'':>14} {r.sap_over_sft_throughput:14.3f}")
+    lines += ["", "assumptions:"] + [f"  - {a}" for a in r.assumptions]
+    headline = r.gpu_total_sap if i.method == "sap" else r.gpu_total_sft
+    lines += ["", f"=> {i.method.upper()} needs {headline / GIB:.1f} GiB per GPU "
+              f"({'fits' if headline <= r.gpu_capacity - i.reserve_gib * GIB else 'does NOT fit'} on {r.gpu.name})"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sap-ds plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help=f"HF config.json (or its folder) or one of: {', '.join(NAMED_MODELS)}")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="h100-80gb", help=f"one of: {', '.join(GPUS)}")
+    p.add_argument("--offload", default="none", help="none | optimizer | all")
+    p.add_argument("--method", default="sap", help="sap | sft (the headline; both are always shown)")
+    p.add_argument("--lora", action="store_true")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-targets", default="q_proj,v_proj")
+    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--safety-seq-len", type=int, default=256, help="tokens per safety sequence (data.safety_max_length)")
+    p.add_argument("--safety-batch", type=int, default=8,
+                   help="safety pairs per GPU per safety pass, 2 sequences each (sap.safety_batch_size)")
+    p.add_argument("--probe-layers", default="3,9")
+    p.add_argument("--safety-every", type=int, default=1)
+    p.add_argument("--probe-fraction", type=float, default=1.0)
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--mfu", type=float, default=0.4, help="achieved fraction of the bf16 dense peak")
+    p.add_argument("--internode-gbps", type=float, default=400.0, help="network Gb/s per GPU (400 = InfiniBand NDR)")
+    p.add_argument("--overlap", type=float, default=0.0, help="fraction of ZeRO-3 communication hidden behind compute")
+    p.add_argument("--reserve-gib", type=float, default=3.0, help="per-GPU memory kept for CUDA context/NCCL/fragmentation")
+    p.add_argument("--prefetch-bucket-size", type=int, default=DS_PREFETCH_BUCKET)
+    p.add_argument("--param-persistence-threshold", type=int, default=DS_PARAM_PERSISTENCE)
+    p.add_argument("--reduce-bucket-size", type=int, default=DS_REDUCE_BUCKET)
+    p.add_argument("--sub-group-size", type=int, default=DS_SUB_GROUP)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PlanError(f"{flag}: expected comma-separated integers, got '{text}'") from None
+
+
+def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
+    return PlanInputs(
+        model=args.model, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu, offload=args.offload,
+        method=args.method, lora=args.lora, lora_r=args.lora_r,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        lora_dropout=args.lora_dropout, seq_len=args.seq_len, micro_batch=args.micro_batch,
+        grad_accum=args.grad_accum, safety_seq_len=args.safety_seq_len, safety_batch=args.safety_batch,
+        probe_layers=_int_list(args.probe_layers, "--probe-layers"), safety_every=args.safety_every,
+        probe_fraction=args.probe_fraction, activation_checkpointing=args.activation_checkpointing, mfu=args.mfu,
+        internode_gbps=args.internode_gbps, overlap=args.overlap, reserve_gib=args.reserve_gib,
+        prefetch_bucket_size=args.prefetch_bucket_size, param_persistence_threshold=args.param_persistence_threshold,
+        reduce_bucket_size=args.reduce_bucket_size, sub_group_size=args.sub_group_size,
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the usage error (exit 2) or --help (exit 0)
+        return int(exc.code or 0)
+    try:
+        result = plan(inputs_from_args(args))
+    except PlanError as exc:
+        print(f"sap-ds plan: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        print(result.to_json() if args.json else format_table(result))
+    except BrokenPipeError:  # `sap-ds plan ... | head`
+        sys.stderr.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

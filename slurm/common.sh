@@ -1,0 +1,218 @@
+# shellcheck shell=bash
+# Shared launcher logic for the sap-ds sbatch templates. Sourced, never executed:
+#
+#     source "${SAP_DS_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
+#     sapds_setup
+#     sapds_run_trainer            # or: sapds_run_single <command...>
+#
+# What it does:
+#   * rendezvous: MASTER_ADDR = first host of the allocation, MASTER_PORT derived from the
+#     job id (both overridable), one torchrun per node through srun;
+#   * network: NCCL settings for InfiniBand or AWS EFA (SAP_DS_NET), left alone otherwise;
+#   * logs: logs/<job name>-<job id>/ with the batch log and one log per node and restart;
+#   * preemption: the batch shell traps SIGUSR1 (sent by `#SBATCH --signal=B:USR1@<s>`),
+#     asks the trainer to checkpoint and stop through the stop file, waits for it, and
+#     requeues the job when the trainer left <output_dir>/REQUEUE behind. The requeued job
+#     runs this script again and the trainer resumes from <output_dir>/checkpoints/latest.
+#
+# Every variable below can be set with `sbatch --export=ALL,VAR=value,... <template>`.
+
+sapds_log() { echo "[sap-ds $(date '+%F %T')] $*"; }
+
+# --------------------------------------------------------------------------- setup
+sapds_setup() {
+    : "${SLURM_JOB_ID:?these templates must run under sbatch (SLURM_JOB_ID is not set)}"
+    SAP_DS_ROOT="${SAP_DS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
+    cd "$SAP_DS_ROOT" || { echo "cannot cd to SAP_DS_ROOT=$SAP_DS_ROOT" >&2; exit 1; }
+
+    # Python environment: a venv (SAP_DS_VENV) or a conda env (SAP_DS_CONDA_ENV), else PATH as is.
+    if [ -n "${SAP_DS_VENV:-}" ]; then
+        # shellcheck disable=SC1091
+        source "$SAP_DS_VENV/bin/activate"
+    elif [ -n "${SAP_DS_CONDA_ENV:-}" ]; then
+        eval "$(conda shell.bash hook)" && conda activate "$SAP_DS_CONDA_ENV"
+    fi
+    PYTHON="${PYTHON:-python}"
+
+    # Per-job log folder (same folder across requeues: the job id does not change).
+    JOB_NAME="${SLURM_JOB_NAME:-sap-ds}"
+    RESTART="${SLURM_RESTART_COUNT:-0}"
+    LOG_DIR="${LOG_DIR:-${LOG_ROOT:-$SAP_DS_ROOT/logs}/${JOB_NAME}-${SLURM_JOB_ID}}"
+    mkdir -p "$LOG_DIR"
+    echo "sap-ds: batch log -> $LOG_DIR/batch.log"
+    exec >>"$LOG_DIR/batch.log" 2>&1
+    sapds_log "job $SLURM_JOB_ID ($JOB_NAME) restart $RESTART on ${SLURM_JOB_NODELIST:-?} (${SLURM_NNODES:-1} node(s))"
+
+    # Rendezvous. Fake or unresolvable node names (tests): set MASTER_ADDR=127.0.0.1.
+    if [ -z "${MASTER_ADDR:-}" ]; then
+        MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+    fi
+    MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+    NNODES="${SLURM_NNODES:-1}"
+    export MASTER_ADDR MASTER_PORT
+
+    # Trainer output + the preemption stop file (the trainer checks it every step).
+    export OUTPUT_DIR
+    mkdir -p "$OUTPUT_DIR"
+    export SAP_DS_STOP_FILE="${SAP_DS_STOP_FILE:-$OUTPUT_DIR/STOP}"
+    rm -f "$SAP_DS_STOP_FILE"  # a stale stop file from an earlier preemption must not stop this run
+
+    if [ "${SAP_DS_CPU:-0}" = "1" ]; then
+        # CPU test runs (the SLURM integration tests): DeepSpeed's CPU accelerator, gloo
+        # (chosen by the run config's deepspeed_config), one thread per rank.
+        export DS_ACCELERATOR=cpu
+        export OMP_NUM_THREADS=1
+        export CUDA_VISIBLE_DEVICES=""
+    else
+        # On GPUs DS_ACCELERATOR is left alone: DeepSpeed detects CUDA itself.
+        export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+        sapds_network
+    fi
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+    export PYTHONUNBUFFERED=1
+    export PYTHONFAULTHANDLER=1
+
+    sapds_log "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT NNODES=$NNODES GPUS_PER_NODE=${GPUS_PER_NODE:-?}"
+    sapds_log "CONFIG=${CONFIG:-} OUTPUT_DIR=$OUTPUT_DIR EXTRA_ARGS=${EXTRA_ARGS:-} SAP_DS_NET=${SAP_DS_NET:-auto} SAP_DS_CPU=${SAP_DS_CPU:-0}"
+    trap sapds_on_usr1 USR1
+    trap sapds_on_term TERM
+}
+
+# --------------------------------------------------------------------------- network
+# SAP_DS_NET picks the interconnect settings. Everything uses ${VAR:=default}, so a value
+# exported by the user (or the site's module system) always wins.
+#   auto    (default) leave NCCL to its own detection; right on most IB clusters.
+#   ib      InfiniBand / RoCE clusters (H100 SXM nodes with ConnectX-7, 8x NDR 400 Gb/s).
+#   efa     AWS p4d/p5 (Elastic Fabric Adapter through the aws-ofi-nccl plugin).
+#   socket  no RDMA at all (TCP only; slow, for debugging).
+sapds_network() {
+    export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"          # INFO to see the chosen transport/rings
+    case "${SAP_DS_NET:-auto}" in
+        ib)
+            # HCAs NCCL may use: every mlx5 port (exclude a storage/bond port with ^mlx5_bond_0).
+            : "${NCCL_IB_HCA:=mlx5}"
+            # Interface for NCCL's TCP bootstrap (not the data path): anything but loopback/docker.
+            : "${NCCL_SOCKET_IFNAME:=^lo,docker0}"
+            # RoCE v2 needs the GID index of the RoCE v2 address (usually 3); pure IB ignores it.
+            # Set it only on RoCE: export NCCL_IB_GID_INDEX=3
+            : "${NCCL_IB_TIMEOUT:=22}"                 # longer IB retry timeout for big jobs
+            : "${NCCL_NET_GDR_LEVEL:=PHB}"             # GPUDirect RDMA when GPU and NIC share a PCIe host bridge
+            export NCCL_IB_HCA NCCL_SOCKET_IFNAME NCCL_IB_TIMEOUT NCCL_NET_GDR_LEVEL
+            ;;
+        efa)
+            # AWS EFA: libfabric's efa provider under the aws-ofi-nccl plugin.
+            : "${FI_PROVIDER:=efa}"
+            : "${FI_EFA_USE_DEVICE_RDMA:=1}"           # p4d/p5: GPUDirect RDMA over EFA
+            : "${FI_EFA_FORK_SAFE:=1}"                 # dataloader workers fork
+            # Older aws-ofi-nccl (< 1.7) needs the Simple protocol; newer plugins pick it themselves.
+            : "${NCCL_PROTO:=simple}"
+            : "${NCCL_SOCKET_IFNAME:=^lo,docker0,veth}"
+            export FI_PROVIDER FI_EFA_USE_DEVICE_RDMA FI_EFA_FORK_SAFE NCCL_PROTO NCCL_SOCKET_IFNAME
+            ;;
+        socket)
+            : "${NCCL_IB_DISABLE:=1}"
+            : "${NCCL_SOCKET_IFNAME:=^lo,docker0}"
+            export NCCL_IB_DISABLE NCCL_SOCKET_IFNAME
+            ;;
+        auto) ;;
+        *) sapds_log "unknown SAP_DS_NET='${SAP_DS_NET}' (auto|ib|efa|socket); leaving NCCL defaults" ;;
+    esac
+}
+
+# --------------------------------------------------------------------------- signals
+# Why the batch shell does this itself:
+#  * `#SBATCH --signal=B:USR1@600` delivers USR1 to the batch shell only, 600 s before the
+#    time limit (or when the site's preemption sends it). Without "B:" Slurm would signal
+#    the job steps instead, and torchrun does not forward USR1 to its workers: Python's
+#    default action for USR1 is to die, so the torchrun agent would exit without a
+#    checkpoint. Hence USR1 is NOT forwarded to srun; the trainer is told through the
+#    stop file, which every rank sees on the shared file system and checks each step.
+#  * bash runs a trap only between commands: while a foreground `srun` runs, the trap
+#    waits until srun ends. So srun runs in the background and the shell sits in `wait`,
+#    which a trapped signal interrupts (status > 128); the loop then waits again.
+SAPDS_STOP_REQUESTED=0
+sapds_on_usr1() {
+    SAPDS_STOP_REQUESTED=1
+    sapds_log "got SIGUSR1 (time limit / preemption warning): touching $SAP_DS_STOP_FILE"
+    touch "$SAP_DS_STOP_FILE"
+}
+sapds_on_term() {
+    # scancel or a preemption with GraceTime: Slurm also sends SIGTERM to the job steps
+    # (srun forwards it to torchrun, torchrun to the workers, the trainer checkpoints on
+    # SIGTERM). The stop file makes the trainer stop even if the signal got lost.
+    SAPDS_STOP_REQUESTED=1
+    sapds_log "got SIGTERM: touching $SAP_DS_STOP_FILE"
+    touch "$SAP_DS_STOP_FILE"
+}
+
+# Run "$@" in the background and wait for it, letting traps fire. Sets SAPDS_RC.
+sapds_wait_bg() {
+    "$@" &
+    local pid=$!
+    while true; do
+        wait "$pid"
+        SAPDS_RC=$?
+        # > 128: `wait` was interrupted by a trapped signal; the child is still running.
+        if [ "$SAPDS_RC" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then
+            continue
+        fi
+        break
+    done
+}
+
+# After the trainer exits: requeue when it checkpointed because it was asked to stop.
+sapds_finish() {
+    local rc=$1
+    if [ -f "$OUTPUT_DIR/REQUEUE" ]; then
+        rm -f "$OUTPUT_DIR/REQUEUE" "$SAP_DS_STOP_FILE"
+        sapds_log "trainer checkpointed and asked for a requeue (exit $rc): scontrol requeue $SLURM_JOB_ID"
+        # The job goes back to PENDING with the same id; on restart this script runs again
+        # (SLURM_RESTART_COUNT+1) and the trainer resumes from checkpoints/latest.
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    rm -f "$SAP_DS_STOP_FILE"
+    if [ "$SAPDS_STOP_REQUESTED" = "1" ] && [ "$rc" -eq 0 ]; then
+        sapds_log "stop was requested but the trainer finished the run (no REQUEUE marker)"
+    fi
+    if [ -f "$OUTPUT_DIR/summary.json" ] && [ "$rc" -eq 0 ]; then
+        sapds_log "done: $OUTPUT_DIR/summary.json: $(cat "$OUTPUT_DIR/summary.json" | tr -d '\n' | cut -c1-400)"
+    else
+        sapds_log "trainer exited with status $rc (logs: $LOG_DIR)"
+    fi
+    exit "$rc"
+}
+
+# --------------------------------------------------------------------------- launchers
+# One srun task per node; each runs torchrun with GPUS_PER_NODE workers. The trainer reads
+# RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from torchrun.
+# Variables: CONFIG, OUTPUT_DIR, GPUS_PER_NODE, EXTRA_ARGS (key=value overrides, spaces
+# between them), TRAIN_SCRIPT (default sap_ds/train.py), TORCHRUN (default "$PYTHON -m
+# torch.distributed.run").
+sapds_run_trainer() {
+    export CONFIG GPUS_PER_NODE EXTRA_ARGS NNODES
+    export TRAIN_SCRIPT="${TRAIN_SCRIPT:-sap_ds/train.py}"
+    export TORCHRUN="${TORCHRUN:-$PYTHON -m torch.distributed.run}"
+    # Single quotes: SLURM_NODEID is per task, so it is expanded on each node.
+    # shellcheck disable=SC2016
+    local per_node='exec $TORCHRUN --nnodes "$NNODES" --node_rank "$SLURM_NODEID" \
+        --nproc_per_node "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+        "$TRAIN_SCRIPT" --config "$CONFIG" output_dir="$OUTPUT_DIR" $EXTRA_ARGS'
+    sapds_log "launch: srun -N $NNODES --ntasks-per-node=1 torchrun --nproc_per_node $GPUS_PER_NODE $TRAIN_SCRIPT --config $CONFIG output_dir=$OUTPUT_DIR $EXTRA_ARGS"
+    # --cpus-per-task: since Slurm 22.05 srun no longer inherits it from sbatch; without it
+    # each node's torchrun and all its workers would be confined to one CPU.
+    sapds_wait_bg srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        --cpus-per-task="${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}" \
+        --output="$LOG_DIR/node%n-%N-restart${RESTART}.log" \
+        bash -c "$per_node"
+    sapds_finish "$SAPDS_RC"
+}
+
+# One task on the first node running "$@" (benchmarks, evaluation).
+sapds_run_single() {
+    sapds_log "launch: srun -N 1 -n 1 $*"
+    sapds_wait_bg srun --nodes=1 --ntasks=1 --kill-on-bad-exit=1 \
+        --cpus-per-task="${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}" \
+        --output="$LOG_DIR/node%n-%N-restart${RESTART}.log" "$@"
+    sapds_finish "$SAPDS_RC"
+}

@@ -1,0 +1,300 @@
+"""The sbatch templates on a real SLURM cluster (two fake nodes on this machine).
+
+The cluster (tests/slurm_cluster.py) is started once per session; every test is skipped
+with the reason when it cannot start (no slurm-wlm/munge: run scripts/install_slurm.sh;
+not root). Jobs are submitted through the REAL templates (slurm/sap_multinode.sbatch +
+slurm/common.sh), 2 nodes x 1 rank, on CPU (SAP_DS_CPU=1), with MASTER_ADDR=127.0.0.1
+because the fake node names do not resolve.
+
+Two families:
+* stand-in trainer: a 40-line torch.distributed (gloo) program that follows the trainer
+  contract (env rendezvous, resume from checkpoints/latest, stop on SIGUSR1/SIGTERM or
+  the stop file with a checkpoint + REQUEUE marker, summary.json at the end). It checks
+  the templates' own machinery (srun/torchrun per node, traps, requeue, logs) without
+  depending on sap_ds/train.py;
+* the real trainer (sap_ds/train.py with configs/tiny.yaml): the same two scenarios,
+  skipped while the trainer or the config does not exist.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from slurm_cluster import ClusterUnavailable, SlurmCluster  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO / "slurm" / "sap_multinode.sbatch"
+TRAINER = REPO / "sap_ds" / "train.py"
+TINY = REPO / "configs" / "tiny.yaml"
+
+STAND_IN = r'''
+"""Stand-in trainer following the sap_ds/train.py contract (tests only)."""
+import json, os, signal, sys, time
+from pathlib import Path
+import torch
+import torch.distributed as dist
+
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+out = Path(args["output_dir"])
+max_steps, save_every = int(args.get("train.max_steps", 20)), int(args.get("train.save_every", 0))
+step_time = float(args.get("step_time", 0.2))
+stop = {"flag": False}
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda *_: stop.update(flag=True))
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+stop_file = Path(os.environ.get("SAP_DS_STOP_FILE", out / "STOP"))
+latest = out / "checkpoints" / "latest"
+step, loss = 0, 1.0
+if (latest / "state.json").exists():
+    st = json.loads((latest / "state.json").read_text())
+    step, loss = st["step"], st["loss"]
+    print(f"rank {rank}: resumed at step {step}", flush=True)
+
+def save():
+    if rank == 0:
+        tmp = out / "checkpoints" / f"step{step}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss}))
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(tmp.name)
+    dist.barrier()
+
+while step < max_steps:
+    x = torch.tensor([float(step + 1) * (rank + 1)])
+    dist.all_reduce(x)
+    loss = 0.9 * loss + 1e-3 * x.item() / world
+    step += 1
+    time.sleep(step_time)
+    if rank == 0:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "loss": loss, "world": world}) + "\n")
+    if save_every and step % save_every == 0:
+        save()
+    flag = torch.tensor([1.0 if (stop["flag"] or stop_file.exists()) else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and step < max_steps:
+        save()
+        if rank == 0:
+            (out / "REQUEUE").touch()
+            print(f"stopping at step {step} for a requeue", flush=True)
+        dist.destroy_process_group()
+        sys.exit(0)
+if rank == 0:
+    (out / "summary.json").write_text(json.dumps({"final_step": step, "final_train_loss": loss,
+        "final_eval_loss": None, "tokens_per_s": 0.0, "export_dir": None, "world_size": world}))
+dist.destroy_process_group()
+'''
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    c = SlurmCluster(nodes=2)
+    try:
+        c.start()
+    except ClusterUnavailable as exc:
+        print(f"\nSLURM cluster unavailable: {exc}", file=sys.stderr)
+        pytest.skip(f"cannot start a local SLURM cluster: {exc}")
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _submit(cluster: SlurmCluster, tmp: Path, name: str, extra_args: str, stand_in: Path | None = None,
+            **env) -> tuple[int, Path]:
+    run = tmp / name
+    run.mkdir(parents=True, exist_ok=True)
+    job_env = {
+        "SAP_DS_CPU": "1",
+        "SAP_DS_ROOT": str(REPO),
+        "LOG_ROOT": str(tmp / "logs"),
+        "PYTHON": sys.executable,
+        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+        "PYTHONPATH": str(REPO),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")),
+        "EXTRA_ARGS": extra_args,
+        **env,
+    }
+    if stand_in is not None:
+        job_env["TRAIN_SCRIPT"] = str(stand_in)
+    # Part of the environment goes through --export=ALL,K=V (the documented way), the rest
+    # through sbatch's own environment, which --export=ALL propagates as well.
+    export = {"MASTER_ADDR": "127.0.0.1", "GPUS_PER_NODE": "1", "OUTPUT_DIR": str(run / "out"),
+              "CONFIG": str(TINY)}
+    # --time well above the templates' `--signal=B:USR1@900`: with a shorter limit Slurm
+    # sends the warning right at the start (and again after every requeue).
+    job = cluster.sbatch(TEMPLATE, "--nodes=2", "--time=60", f"--job-name={name}",
+                         f"--output={run}/slurm-%j.out", cwd=REPO, export=export, env=job_env)
+    return job, run / "out"
+
+
+def _diagnostics(cluster: SlurmCluster, tmp: Path, run_dir: Path) -> str:
+    parts = [cluster.logs()]
+    for f in sorted(list(tmp.rglob("*.log")) + list(tmp.rglob("slurm-*.out"))):
+        parts.append(f"==> {f} <==\n{f.read_text(errors='replace')[-3000:]}")
+    return "\n".join(parts)
+
+
+def _run_to_completion(cluster, tmp, name, extra_args, stand_in=None, timeout=240.0):
+    job, out = _submit(cluster, tmp, name, extra_args, stand_in)
+    info = cluster.wait(job, timeout)
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", \
+        f"{info.get('JobState')} {info.get('ExitCode')}\n{_diagnostics(cluster, tmp, out)}"
+    return job, out, info
+
+
+def _check_completed_run(tmp: Path, name: str, job: int, out: Path, steps: int) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_step"] == steps
+    assert (out / "checkpoints" / "latest").exists(), "no checkpoint written"
+    assert not (out / "REQUEUE").exists() and not (out / "STOP").exists()
+    log_dir = tmp / "logs" / f"{name}-{job}"
+    assert (log_dir / "batch.log").exists(), f"no per-job log folder {log_dir}"
+    # one log per node (node<index>-<host>-restart<n>.log; both fake nodes share the host name)
+    node_logs = sorted(p.name.split("-")[0] + "-" + p.name.rsplit("-", 1)[1] for p in log_dir.glob("node*.log"))
+    assert node_logs == ["node0-restart0.log", "node1-restart0.log"], node_logs
+    return summary
+
+
+def _preempt_and_compare(cluster, tmp, name, extra_args, reference: dict, stand_in=None, timeout=300.0):
+    job, out = _submit(cluster, tmp, name, extra_args, stand_in)
+    latest = out / "checkpoints" / "latest"
+    # wait for the first checkpoint, then send the time-limit warning the way Slurm does
+    # with `--signal=B:USR1@...`: to the batch shell only
+    cluster.wait(job, timeout, poll=0.2, until=lambda info: latest.exists() or info.get("JobState") in cluster.FINAL)
+    assert latest.exists(), f"no checkpoint before the job ended\n{_diagnostics(cluster, tmp, out)}"
+    assert not (out / "summary.json").exists(), "run finished before it could be preempted: raise max_steps"
+    res = cluster.scancel("--batch", "--signal=USR1", str(job))
+    assert res.returncode == 0, res.stderr
+    # Slurm holds a requeued batch job for ~2 minutes (BeginTime = requeue + 120 s); release
+    # it earlier to keep the test short. Not at once: the nodes must first finish tearing
+    # down the old instance, or the restart dies with "Job credential revoked" (that is
+    # what the hold is for). Production jobs just wait.
+    states, released, pending_since = [], False, None
+
+    def requeued_and_done(i: dict) -> bool:
+        nonlocal released, pending_since
+        state, restarts = i.get("JobState"), int(i.get("Restarts", 0) or 0)
+        if not states or states[-1] != (state, restarts, i.get("Reason")):
+            states.append((state, restarts, i.get("Reason")))
+        if restarts >= 1 and state == "PENDING" and not released:
+            pending_since = pending_since or time.time()
+            if time.time() - pending_since > 8:
+                released = cluster._run(["scontrol", "update", f"JobId={job}", "StartTime=now"]).returncode == 0
+        return state in cluster.FINAL and (restarts >= 1 or state != "COMPLETED")
+
+    info = cluster.wait(job, timeout, poll=0.2, until=requeued_and_done)
+    diag = lambda: _diagnostics(cluster, tmp, out)  # noqa: E731
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", f"{states}\n{info}\n{diag()}"
+    assert int(info.get("Restarts", 0)) == 1, f"job was not requeued exactly once: {states}\n{info}\n{diag()}"
+    batch_log = (tmp / "logs" / f"{name}-{job}" / "batch.log").read_text()
+    assert "got SIGUSR1" in batch_log and "scontrol requeue" in batch_log, batch_log
+    assert "restart 1" in batch_log, batch_log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_step"] == reference["final_step"]
+    assert summary["final_train_loss"] == pytest.approx(reference["final_train_loss"], rel=1e-5, abs=1e-7)
+    assert not (out / "REQUEUE").exists() and not (out / "STOP").exists()
+    log_dir = tmp / "logs" / f"{name}-{job}"
+    assert list(log_dir.glob("node0-*-restart1.log")), sorted(p.name for p in log_dir.iterdir())
+    return summary
+
+
+# --------------------------------------------------------------------------- stand-in trainer
+
+STAND_IN_STEPS = 30
+
+
+@pytest.fixture(scope="session")
+def stand_in(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("stand_in") / "fake_train.py"
+    path.write_text(STAND_IN)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stand_in_reference(cluster, stand_in, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("slurm_ref")
+    args = f"train.max_steps={STAND_IN_STEPS} train.save_every=5 step_time=0.1"
+    job, out, _ = _run_to_completion(cluster, tmp, "standin-ref", args, stand_in)
+    return tmp, job, out
+
+
+def test_template_two_nodes_stand_in(stand_in_reference):
+    tmp, job, out = stand_in_reference
+    summary = _check_completed_run(tmp, "standin-ref", job, out, STAND_IN_STEPS)
+    assert summary["world_size"] == 2  # one rank on each fake node, rendezvous through 127.0.0.1
+    batch_log = (tmp / "logs" / f"standin-ref-{job}" / "batch.log").read_text()
+    assert "MASTER_ADDR=127.0.0.1" in batch_log and f"MASTER_PORT={20000 + job % 20000}" in batch_log
+
+
+def test_template_preemption_requeue_stand_in(cluster, stand_in, stand_in_reference, tmp_path):
+    _, _, ref_out = stand_in_reference
+    reference = json.loads((ref_out / "summary.json").read_text())
+    args = f"train.max_steps={STAND_IN_STEPS} train.save_every=5 step_time=0.1"
+    _preempt_and_compare(cluster, tmp_path, "standin-preempt", args, reference, stand_in)
+
+
+# --------------------------------------------------------------------------- the real trainer
+
+needs_trainer = pytest.mark.skipif(not (TRAINER.exists() and TINY.exists()),
+                                   reason="sap_ds/train.py or configs/tiny.yaml does not exist yet")
+REAL_STEPS = 12
+REAL_ARGS = f"train.max_steps={REAL_STEPS} train.save_every=2 train.log_every=1"
+
+
+@pytest.fixture(scope="session")
+def real_reference(cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("slurm_real_ref")
+    job, out, _ = _run_to_completion(cluster, tmp, "tiny-ref", REAL_ARGS, timeout=300)
+    return tmp, job, out
+
+
+@needs_trainer
+def test_multinode_template_real_trainer(real_reference):
+    tmp, job, out = real_reference
+    summary = _check_completed_run(tmp, "tiny-ref", job, out, REAL_STEPS)
+    for key in ("final_step", "final_train_loss", "final_eval_loss", "tokens_per_s", "export_dir"):
+        assert key in summary, f"summary.json lacks {key}: {summary}"
+
+
+@needs_trainer
+def test_multinode_preemption_requeue_real_trainer(cluster, real_reference, tmp_path):
+    _, _, ref_out = real_reference
+    reference = json.loads((ref_out / "summary.json").read_text())
+    _preempt_and_compare(cluster, tmp_path, "tiny-preempt", REAL_ARGS, reference, timeout=400)
+
+
+# --------------------------------------------------------------------------- static checks (no cluster)
+
+
+def test_templates_parse_and_declare_requeue():
+    import subprocess
+    for path in sorted((REPO / "slurm").glob("*.sbatch")) + [REPO / "slurm" / "common.sh"]:
+        res = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert res.returncode == 0, f"{path}: {res.stderr}"
+    for name in ("sap_single_node", "sap_multinode", "sft_baseline"):
+        text = (REPO / "slurm" / f"{name}.sbatch").read_text()
+        assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text, name
+        for var in ("CONFIG", "MODEL_PATH", "OUTPUT_DIR", "GPUS_PER_NODE", "EXTRA_ARGS"):
+            assert f'{var}="${{{var}:-' in text, f"{name}: {var} is not overridable"
+    assert 'BENCH_CMD="${BENCH_CMD:-' in (REPO / "slurm" / "bench.sbatch").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "70b").glob("*.yaml")), ids=lambda p: p.name)
+def test_70b_configs_validate(path):
+    from sap_ds.config import load_config
+    cfg = load_config(path)
+    assert cfg.method == "sap" and cfg.model.dtype == "bf16" and cfg.model.gradient_checkpointing
+    assert (REPO / cfg.deepspeed_config).exists(), cfg.deepspeed_config
+    assert cfg.train.save_every > 0  # preemption-safe
+    for src in [*cfg.data.train, *cfg.data.eval, *cfg.data.safety, cfg.data.harmful]:
+        assert (REPO / src.path).exists(), src.path
+    assert cfg.lora.enabled == path.name.endswith("_lora.yaml")
