@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: overrides are parsed as YAML, so ``run_name=123`` arrives as an int.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class ModelConfig(_Section):
@@ -110,7 +111,6 @@ class SapConfig(_Section):
     safety_every: int = Field(1, gt=0, description="Recompute the safety direction every k steps, reuse it between.")
     perturb_norm: Literal["global", "per_tensor"] = "global"
     probe_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of steps that run the probe pass.")
-    keep_probe_in_export: bool = False
     kernels: Literal["auto", "triton", "torch"] = "auto"
 
 
@@ -240,7 +240,10 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     try:
         tree = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:

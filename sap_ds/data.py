@@ -215,7 +215,10 @@ def load_examples(source: DataSource) -> list[Example]:
         if not response:
             raise DataError(f"{path}: row {number}: empty response; drop the row or fill the response column")
         examples.append(Example((("user", prompt),), response, f"{path}:{number}"))
-    return _rows_window(examples, source)
+    window = _rows_window(examples, source)
+    if not window:
+        raise DataError(f"{path}: offset={source.offset} skips all {len(examples)} rows of the file; lower the offset")
+    return window
 
 
 def load_safety_pairs(source: DataSource) -> list[SafetyPair]:
@@ -400,6 +403,11 @@ def build_run_data(cfg: DataConfig, tokenizer, seed: int, need_safety: bool) -> 
         shuffled = rng.sample(train_examples, len(train_examples))
         n_eval = max(1, int(len(shuffled) * cfg.eval_fraction))
         eval_examples, train_examples = shuffled[:n_eval], shuffled[n_eval:]
+        if not train_examples:
+            raise DataError(
+                f"data.eval_fraction={cfg.eval_fraction} of {len(shuffled)} examples leaves none to train on; "
+                "add training rows, lower data.eval_fraction or give data.eval"
+            )
     eval_examples = eval_examples[: cfg.eval_max_examples]
     n_harmful = 0
     if cfg.harmful_ratio > 0:

@@ -21,6 +21,13 @@ def load_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
         ds = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 text (byte {exc.start})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object of DeepSpeed keys, got {type(ds).__name__}")
+    for section in ("zero_optimization", "fp16", "bf16"):
+        if section in ds and not isinstance(ds[section], dict):
+            raise ConfigError(f"{path}: '{section}' must be a JSON object, got {ds[section]!r}")
     ds = {k: v for k, v in ds.items() if not k.startswith("_")}
     for owned in ("optimizer", "scheduler"):
         if owned in ds:
@@ -52,6 +59,11 @@ def load_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
     }
     for key, value in wanted.items():
         given = ds.get(key, "auto")
+        if given != "auto":
+            try:
+                float(given)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{path}: '{key}' must be a number or \"auto\", got {given!r}") from None
         if given != "auto" and float(given) != float(value):
             raise ConfigError(
                 f"{path}: '{key}' is {given} but the run config gives {value} ({run_keys[key]}); "

@@ -14,6 +14,7 @@ import torch
 from sap_ds.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+WEIGHT_FILES = ("*.safetensors", "*.bin")
 
 
 class ModelError(ValueError):
@@ -35,6 +36,11 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
         )
     if not (path / "config.json").is_file():
         raise ModelError(f"model.path: '{path}' has no config.json; it is not a Hugging Face model folder")
+    if not cfg.from_config and not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise ModelError(
+            f"model.path: '{path}' has config.json but no weights ({' or '.join(WEIGHT_FILES)}); give a complete "
+            "model folder, or set model.from_config=true for random weights"
+        )
     return path
 
 
@@ -49,7 +55,14 @@ def check_attention(attn: str) -> None:
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"model.path: no usable tokenizer in '{path}' ({reason}); the folder needs the model's tokenizer files "
+            "(tokenizer.json and tokenizer_config.json)"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -192,6 +192,18 @@ def update_probe(state: SapState, probe_grad: torch.Tensor, cfg: SapConfig) -> N
 # --------------------------------------------------------------------------- the step
 
 
+def _rng_state():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
+
 def runs_probe(step: int, fraction: float) -> bool:
     """Whether step ``step`` runs the probe pass: evenly spaced, deterministic."""
     return math.floor((step + 1) * fraction) > math.floor(step * fraction)
@@ -200,7 +212,11 @@ def runs_probe(step: int, fraction: float) -> bool:
 def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step: int,
              micro_batches: list[dict], safety_batch: dict | None, main_pass, timer: PhaseTimer) -> list[float]:
     """One optimizer step of SAP. ``main_pass(micro_batches)`` is the trainer's SFT pass
-    (forward/backward per micro-batch, then ``engine.step()``); it returns the losses."""
+    (forward/backward per micro-batch, then ``engine.step()``); it returns the losses.
+
+    The main pass starts from the RNG state the probe pass started from, so with dropout
+    both passes see the same masks and ``L(W, V) - L(W', V)`` measures the perturbation,
+    not dropout noise (the authors' script draws fresh masks for each pass)."""
     probing = cfg.probe_enabled and runs_probe(step, cfg.probe_fraction)
     probe_grad = None
     if probing:
@@ -209,6 +225,7 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
                 safety_direction(engine, shards, state, safety_batch, cfg)
         with timer("perturb"):
             perturb(shards, state, cfg.kernels)
+        rng = _rng_state()  # the main pass replays the probe pass's dropout masks
         with timer("probe"):
             probe_grad = probe_gradient(engine, state, micro_batches)
         with timer("restore"):
@@ -216,6 +233,7 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
     state.probe.vectors.grad = None
     if probing:
         shards.drop_grads()  # the probe pass's backward epilogue must not make the main pass accumulate
+        _set_rng_state(rng)
     with timer("main"):
         losses = main_pass(micro_batches)
     if probing:

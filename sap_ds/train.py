@@ -33,6 +33,7 @@ def main(argv=None) -> int:
         from sap_ds.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # validate before any process group exists
+        fail_fast(cfg)
         from sap_ds.distributed import init_distributed, is_main
 
         rank, _, world = init_distributed()
@@ -45,6 +46,21 @@ def main(argv=None) -> int:
     if is_main():
         print_summary(summary)
     return 0
+
+
+def fail_fast(cfg) -> None:
+    """Checks that need no process group: a bad model path, attention backend or DeepSpeed
+    file should fail in seconds, before ranks start and data loads."""
+    import torch
+
+    from sap_ds.distributed import prepare_environment
+    from sap_ds.ds_config import load_ds_config
+    from sap_ds.modeling import check_attention, resolve_model_path
+
+    prepare_environment()
+    resolve_model_path(cfg.model)
+    check_attention(cfg.model.attn_implementation)
+    load_ds_config(cfg, int(os.environ["WORLD_SIZE"]), on_gpu=torch.cuda.is_available())
 
 
 def print_summary(summary: dict) -> None:

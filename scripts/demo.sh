@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 NPROC=${NPROC:-2}
 export PATH="$VENV/bin:$PATH" DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-launch() { deepspeed --num_gpus "$NPROC" sap_ds/train.py "$@"; }
+free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+launch() { deepspeed --num_gpus "$NPROC" --master_port "$(free_port)" sap_ds/train.py "$@"; }
 
 start=$(date +%s)
 if [ -f runs/align/export/model/model.safetensors ]; then

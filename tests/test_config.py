@@ -1,0 +1,348 @@
+"""The run config (sap_ds/config.py): YAML + dotted overrides, and error messages that name
+the key, the file and what would be valid. Pure Python, no model, no process group."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sap_ds.config import ConfigError, RunConfig, build_config, load_config, parse_overrides, read_config_file
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+SHIPPED = sorted({*REPO.glob("configs/*.yaml"), *REPO.glob("configs/*.yml"), *REPO.glob("configs/*.json"),
+                  *REPO.glob("configs/*/*.yaml"), *REPO.glob("configs/*/*.yml"), *REPO.glob("configs/*/*.json")})
+
+SAFETY = [{"path": "data/advbench/harmful_behaviors.csv", "format": "safety_pairs"}]
+TRAIN = [{"path": "data/gsm8k/train.jsonl", "format": "gsm8k"}]
+
+
+def _error(overrides=(), tree=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        if tree is None:
+            load_config(TINY, list(overrides))
+        else:
+            build_config(tree, list(overrides), source="cfg.yaml")
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- shipped configs
+
+
+def test_there_are_shipped_configs():
+    assert len(SHIPPED) >= 3, SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_config_loads(path):
+    tree = read_config_file(path)
+    if path.parent.name == "eval":  # evaluation configs (sap-ds eval) have their own schema
+        eval_config = pytest.importorskip("sap_ds.evaluation.config")
+        assert eval_config.load_eval_config(path) is not None
+        return
+    if "train_config" in tree:  # comparison configs (sap-ds compare) name a run config and an eval config
+        compare = pytest.importorskip("sap_ds.compare")
+        eval_config = pytest.importorskip("sap_ds.evaluation.config")
+        cfg = eval_config.validate_tree(compare.CompareConfig, tree, [], str(path))
+        load_config(REPO / cfg.train_config)
+        eval_config.load_eval_config(REPO / cfg.eval_config)
+        return
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.data.train, "a shipped config must name its training data"
+    # the data files a shipped config names are shipped too (absolute paths are the user's placeholders)
+    for source in [*cfg.data.train, *cfg.data.eval, *cfg.data.safety, *([cfg.data.harmful] if cfg.data.harmful else [])]:
+        assert Path(source.path).is_absolute() or (REPO / source.path).is_file(), source.path
+    assert (REPO / cfg.deepspeed_config).is_file(), cfg.deepspeed_config
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_yaml_file_values_and_defaults():
+    cfg = load_config(TINY)
+    assert cfg.model.path == "tiny-random" and cfg.model.dtype == "fp32"
+    assert cfg.train.micro_batch_size == 2 and cfg.train.lr == pytest.approx(3e-3)
+    assert cfg.sap.probe_layers == [1, 2]
+    assert cfg.train.resume == "auto"  # not in the file: the default
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(TINY, [
+        "train.lr=1e-4", "train.grad_accum=3", "lora.enabled=true", "data.shuffle=false",
+        "sap.probe_layers=[0, 3]", "lora.target_modules=[q_proj, k_proj]", "sap.rho=0.5",
+        "method=sap", "train.adam_betas=[0.8, 0.95]",
+    ])
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.grad_accum == 3 and isinstance(cfg.train.grad_accum, int)
+    assert cfg.lora.enabled is True and cfg.data.shuffle is False
+    assert cfg.sap.probe_layers == [0, 3]
+    assert cfg.lora.target_modules == ["q_proj", "k_proj"]
+    assert cfg.sap.rho == 0.5 and cfg.method == "sap"
+    assert cfg.train.adam_betas == (0.8, 0.95)
+
+
+def test_parse_overrides_types():
+    pairs = dict(parse_overrides(["a=1", "b=1.5", "c=true", "d=[1, 2]", "e=text", "f=", "g=x=y", "h={k: 1}"]))
+    assert pairs == {"a": 1, "b": 1.5, "c": True, "d": [1, 2], "e": "text", "f": "", "g": "x=y", "h": {"k": 1}}
+
+
+def test_numeric_override_of_a_text_key():
+    cfg = load_config(TINY, ["run_name=123", "output_dir=2024"])
+    assert cfg.run_name == "123" and cfg.output_dir == "2024"
+
+
+def test_list_index_override():
+    cfg = load_config(TINY, ["data.train.0.limit=5", "data.safety.0.offset=3"])
+    assert cfg.data.train[0].limit == 5 and cfg.data.train[0].path == "data/gsm8k/train.jsonl"
+    assert cfg.data.safety[0].offset == 3 and cfg.data.safety[0].limit == 16
+
+
+def test_list_index_out_of_range():
+    msg = _error(["data.train.3.limit=5"])
+    assert "data.train.3.limit" in msg and "'3' is not an index" in msg and "1 items" in msg
+
+
+def test_override_creates_missing_section():
+    cfg = load_config(TINY, ["data.harmful.path=data/advbench/harmful_behaviors.csv", "data.harmful.format=advbench",
+                             "data.harmful_ratio=0.25"])
+    assert cfg.data.harmful.path == "data/advbench/harmful_behaviors.csv" and cfg.data.harmful_ratio == 0.25
+
+
+def test_override_into_a_value():
+    msg = _error(["train.lr.x=1"])
+    assert "'train.lr' is a value, not a section" in msg
+
+
+@pytest.mark.parametrize("bad", ["foo", "=5", "train.lr"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, [bad])
+    assert f"'{bad}'" in str(info.value) and "key=value" in str(info.value)
+
+
+# --------------------------------------------------------------------------- unknown keys
+
+
+@pytest.mark.parametrize("override,key,hint,valid", [
+    ("trian.lr=1", "trian", "train", ["data", "method", "sap", "train"]),
+    ("train.learning_rate=1", "train.learning_rate", None, ["lr", "micro_batch_size", "warmup_steps"]),
+    ("train.lrr=1", "train.lrr", "train.lr", ["lr", "micro_batch_size"]),
+    ("sap.probe_layer=[1]", "sap.probe_layer", "sap.probe_layers", ["probe_layers", "rho"]),
+    ("data.train.0.limt=5", "data.train.0.limt", "data.train.0.limit", ["format", "limit", "offset", "path"]),
+    ("model.dtyp=fp32", "model.dtyp", "model.dtype", ["dtype", "path"]),
+])
+def test_unknown_key_names_full_key_suggests_and_lists(override, key, hint, valid):
+    msg = _error([override])
+    assert f"unknown key '{key}'" in msg
+    if hint:
+        assert f"did you mean '{hint}'" in msg
+    listed = msg.split("valid keys here:")[1]
+    for name in valid:
+        assert name in listed
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("method: sft\ndata:\n  train: [{path: x.jsonl}]\n  max_lenght: 64\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert str(path) in msg and "unknown key 'data.max_lenght'" in msg and "did you mean 'data.max_length'" in msg
+
+
+# --------------------------------------------------------------------------- wrong types and values
+
+
+@pytest.mark.parametrize("override,key,valid", [
+    ("sap.rho=-1", "sap.rho", "greater than or equal to 0"),
+    ("data.harmful_ratio=1.5", "data.harmful_ratio", "less than or equal to 1"),
+    ("data.harmful_ratio=-0.1", "data.harmful_ratio", "greater than or equal to 0"),
+    ("model.dtype=fp16", "model.dtype", "'bf16' or 'fp32'"),
+    ("method=foo", "method", "'sft' or 'sap'"),
+    ("train.micro_batch_size=0", "train.micro_batch_size", "greater than 0"),
+    ("train.micro_batch_size=abc", "train.micro_batch_size", "valid integer"),
+    ("lora.enabled=maybe", "lora.enabled", "valid boolean"),
+    ("sap.safety_loss=kl", "sap.safety_loss", "'contrastive' or 'difference'"),
+    ("model.attn_implementation=flash", "model.attn_implementation", "'sdpa', 'eager' or 'flash_attention_2'"),
+    ("train.lr_schedule=step", "train.lr_schedule", "'cosine', 'constant' or 'linear'"),
+    ("data.train.0.format=parquet", "data.train.0.format", "'gsm8k'"),
+    ("sap.probe_layers=3", "sap.probe_layers", "valid list"),
+])
+def test_wrong_value_names_key_and_valid_values(override, key, valid):
+    msg = _error([override])
+    assert str(TINY) in msg
+    assert f"key '{key}'" in msg
+    assert valid in msg
+    assert repr(override.split("=", 1)[1]) in msg or override.split("=", 1)[1] in msg  # what was given
+
+
+def test_all_problems_are_reported_together():
+    msg = _error(["sap.rho=-1", "model.dtype=fp16", "trian.lr=1"])
+    assert "sap.rho" in msg and "model.dtype" in msg and "trian" in msg
+
+
+def test_sap_without_safety_data():
+    msg = _error(tree={"method": "sap", "data": {"train": TRAIN}})
+    assert "method 'sap' needs safety pairs" in msg and "data.safety" in msg
+    msg = _error(["method=sap", "data.safety=[]"])
+    assert "data.safety" in msg
+    assert build_config({"method": "sap", "data": {"train": TRAIN, "safety": SAFETY}}).method == "sap"
+    assert build_config({"method": "sft", "data": {"train": TRAIN}}).method == "sft"
+
+
+def test_harmful_ratio_without_harmful_file():
+    msg = _error(["data.harmful_ratio=0.1"])
+    assert "data.harmful_ratio" in msg and "data.harmful" in msg
+
+
+def test_duplicate_probe_layers():
+    assert "duplicates" in _error(["sap.probe_layers=[1, 1]"])
+
+
+def test_empty_output_dir():
+    assert "output_dir" in _error(["output_dir=' '"])
+
+
+# --------------------------------------------------------------------------- the file itself
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "not found" in str(info.value)
+
+
+@pytest.mark.parametrize("text,what", [
+    ("- a\n- b\n", "list"),
+    ("just a string\n", "str"),
+    ("42\n", "int"),
+])
+def test_file_not_a_mapping(tmp_path, text, what):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "mapping" in str(info.value) and what in str(info.value)
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("method: sft\ntrain: {lr: 1\n  micro_batch_size: [2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "not valid YAML" in str(info.value)
+
+
+def test_invalid_json(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text('{"method": "sft",}')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "not valid JSON" in str(info.value)
+
+
+def test_json_config(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text('{"method": "sft", "data": {"train": [{"path": "x.jsonl", "format": "gsm8k"}]}}')
+    assert load_config(path, ["train.lr=0.5"]).train.lr == 0.5
+
+
+def test_non_utf8_config(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(b"run_name: caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "UTF-8" in str(info.value)
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("# nothing\n")
+    assert read_config_file(path) == {}
+    cfg = load_config(path)
+    assert cfg.method == "sft" and cfg.model.path == "embedded"
+
+
+# --------------------------------------------------------------------------- the DeepSpeed JSON (sap_ds/ds_config.py)
+
+
+def _ds(tmp_path, ds: dict | str, overrides=(), world_size=2) -> dict:
+    from sap_ds.ds_config import load_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(ds if isinstance(ds, str) else json.dumps(ds))
+    cfg = load_config(TINY, [f"deepspeed_config={path}", *overrides])
+    return load_ds_config(cfg, world_size=world_size, on_gpu=False)
+
+
+def _ds_error(tmp_path, ds, overrides=(), world_size=2) -> str:
+    with pytest.raises(ConfigError) as info:
+        _ds(tmp_path, ds, overrides, world_size)
+    assert str(tmp_path / "ds.json") in str(info.value)
+    return str(info.value)
+
+
+def _zero3(**extra) -> dict:
+    return {"zero_optimization": {"stage": 3}, **extra}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "ds_configs").glob("*.json")))
+def test_shipped_ds_configs_are_completed(name):
+    from sap_ds.ds_config import load_ds_config
+
+    cfg = load_config(TINY, [f"deepspeed_config=ds_configs/{name}", "train.grad_accum=3", "train.grad_clip=0.5"])
+    ds = load_ds_config(cfg, world_size=4, on_gpu=True)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 2 * 3 * 4 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False  # tiny.yaml is fp32
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == pytest.approx(3e-3)
+    assert not any(key.startswith("_") for key in ds)
+
+
+def test_ds_values_that_agree_are_accepted(tmp_path):
+    ds = _ds(tmp_path, _zero3(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1, train_batch_size=4,
+                              gradient_clipping=1.0, bf16={"enabled": False}))
+    assert ds["train_batch_size"] == 4
+
+
+@pytest.mark.parametrize("key,value,run_key", [
+    ("train_micro_batch_size_per_gpu", 3, "train.micro_batch_size"),
+    ("gradient_accumulation_steps", 4, "train.grad_accum"),
+    ("train_batch_size", 8, "world size"),
+    ("gradient_clipping", 0.0, "train.grad_clip"),
+])
+def test_ds_values_that_disagree(tmp_path, key, value, run_key):
+    msg = _ds_error(tmp_path, _zero3(**{key: value}))
+    assert f"'{key}' is {value}" in msg and run_key in msg and '"auto"' in msg
+
+
+def test_ds_zero_stage_must_be_3(tmp_path):
+    assert "'zero_optimization.stage' must be 3 (got 2)" in _ds_error(tmp_path, {"zero_optimization": {"stage": 2}})
+    assert "must be 3 (got None)" in _ds_error(tmp_path, {})
+
+
+@pytest.mark.parametrize("ds,expected", [
+    (_zero3(optimizer={"type": "Adam"}), "'optimizer' is set by sap-ds"),
+    (_zero3(scheduler={"type": "WarmupLR"}), "'scheduler' is set by sap-ds"),
+    (_zero3(fp16={"enabled": True}), "'fp16.enabled' is not supported"),
+    (_zero3(bf16={"enabled": True}), "'bf16.enabled' is True but model.dtype is fp32"),
+    (_zero3(train_micro_batch_size_per_gpu="two"), "'train_micro_batch_size_per_gpu' must be a number or \"auto\""),
+    ([1, 2], "top level must be a JSON object"),
+    ({"zero_optimization": 3}, "'zero_optimization' must be a JSON object"),
+    ('{"zero_optimization": {"stage": 3},\n}', ":2: not valid JSON"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}, "nvme needs a GPU"),
+])
+def test_ds_config_errors(tmp_path, ds, expected):
+    assert expected in _ds_error(tmp_path, ds)
+
+
+def test_ds_config_missing(tmp_path):
+    from sap_ds.ds_config import load_ds_config
+
+    cfg = load_config(TINY, [f"deepspeed_config={tmp_path / 'nope.json'}"])
+    with pytest.raises(ConfigError, match="deepspeed_config: file not found"):
+        load_ds_config(cfg, world_size=1, on_gpu=False)
