@@ -182,6 +182,10 @@ def update_probe(state: SapState, probe_grad: torch.Tensor, cfg: SapConfig) -> N
     vectors = state.probe.vectors
     grad = probe_grad + (vectors.grad if vectors.grad is not None else 0)
     grad = all_reduce_mean(grad.detach().clone())
+    state.stats["probe_update_skipped"] = not bool(torch.isfinite(grad).all())
+    if state.stats["probe_update_skipped"]:  # same verdict on every rank: grad is all-reduced
+        state.probe_optimizer.zero_grad(set_to_none=True)
+        return
     if cfg.probe_reset:
         state.probe.reset()
     vectors.grad = grad

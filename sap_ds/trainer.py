@@ -234,6 +234,28 @@ class Trainer:
         if is_main():
             log.info("resumed from %s at step %d", checkpoint.latest_tag(self.ckpt_root), self.step)
 
+    # ------------------------------------------------------------------ rank consistency
+
+    def check_rank_consistency(self) -> None:
+        """Fail loudly if ranks disagree on what must be replicated: the probe, the
+        direction scale and the step (a silent divergence would train a different model
+        on every rank)."""
+        if not dist.is_initialized() or self.world == 1:
+            return
+        parts = [torch.tensor([float(self.step)], device=self.device)]
+        if self.sap_state is not None:
+            parts += [self.sap_state.probe.vectors.detach().flatten().to(self.device), self.sap_state.scale.reshape(1).float()]
+        local = torch.cat(parts).double()
+        high, low = local.clone(), local.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        if not torch.equal(high, low):
+            bad = (high != low).nonzero().flatten().tolist()
+            raise RuntimeError(
+                f"rank {self.rank}: ranks disagree at step {self.step} on {len(bad)} replicated values "
+                f"(step counter, probe or direction scale; first index {bad[0]}): a rank diverged"
+            )
+
     # ------------------------------------------------------------------ stopping
 
     def _install_signal_handlers(self) -> None:
@@ -305,6 +327,8 @@ class Trainer:
                     f"{self.bad_steps} non-finite steps in a row (train.max_bad_steps={cfg.train.max_bad_steps}); "
                     f"checkpoint saved at step {self.step} in {self.ckpt_root}. Lower train.lr or check the data."
                 )
+            if cfg.train.check_ranks_every and self.step % cfg.train.check_ranks_every == 0:
+                self.check_rank_consistency()
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
             if self.step < self.total_steps and self.should_stop():

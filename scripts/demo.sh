@@ -16,10 +16,9 @@ else
     echo "== alignment stage: teach the embedded model to refuse harmful requests (configs/align.yaml)"
     launch --config configs/align.yaml
 fi
-rm -rf runs/demo/sft runs/demo/sap  # the demo's own previous output
-echo "== fine-tuning with SFT (configs/demo.yaml)"
-launch --config configs/demo.yaml output_dir=runs/demo/sft
-echo "== fine-tuning with SAP (configs/demo.yaml method=sap)"
-launch --config configs/demo.yaml method=sap output_dir=runs/demo/sap
-python -m sap_ds.report runs/demo/sft runs/demo/sap
+rm -rf runs/demo  # the demo's own previous output
+echo "== SFT vs SAP: fine-tune both from the aligned model, evaluate all three (configs/compare_demo.yaml)"
+python -m sap_ds.compare --config configs/compare_demo.yaml nproc="$NPROC"
+echo "== training cost per phase"
+python -m sap_ds.report runs/demo/poisoned/sft/seed42 runs/demo/poisoned/sap/seed42
 echo "demo wall time: $(( $(date +%s) - start )) s"

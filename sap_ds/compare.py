@@ -1,0 +1,291 @@
+"""Entry point: ``sap-ds compare --config COMPARE_YAML [key=value ...]``.
+
+The experiment of the paper in one command: fine-tune the same (aligned) starting model
+with each method (SFT, SAP) on the same data, seed and budget, for every attack setting
+and seed; evaluate the starting model and every exported model with one eval config;
+write ``comparison.json``, ``comparison.md`` and ``comparison.png`` to ``out_dir``.
+
+Training runs go through the DeepSpeed launcher (``deepspeed --num_gpus N
+sap_ds/train.py``) exactly as a user would start them, in
+``<out_dir>/<setting>/<method>/seed<seed>``. It is resumable: a run folder with a
+``summary.json`` is not trained again (an interrupted run resumes from its checkpoint,
+the trainer's ``train.resume: auto``), and an ``eval.json`` made from the same model and
+eval config is not recomputed. See docs/evaluation.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pydantic import Field, model_validator
+
+from sap_ds.evaluation.config import _Section
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class CompareConfig(_Section):
+    train_config: str = Field(description="Base run config, e.g. configs/demo.yaml.")
+    eval_config: str = Field(description="Eval config, e.g. configs/eval/demo.yaml.")
+    start_model: Optional[str] = Field(None, description="Model every run starts from (default: the train config's model.path).")
+    methods: list[Literal["sft", "sap"]] = Field(default_factory=lambda: ["sft", "sap"])
+    seeds: Optional[list[int]] = Field(None, description="Default: the train config's seed.")
+    settings: dict[str, list[str]] = Field(default_factory=lambda: {"default": []},
+                                           description="Attack setting name -> train overrides.")
+    nproc: int = Field(2, gt=0, description="Ranks per training run (deepspeed --num_gpus).")
+    eval_nproc: Optional[int] = Field(None, gt=0, description="Ranks per evaluation (default: nproc); 1 runs it in-process.")
+    out_dir: str = "runs/compare"
+    overrides: list[str] = Field(default_factory=list, description="Train overrides for every run.")
+    eval_overrides: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "CompareConfig":
+        if not self.methods or not self.settings or self.seeds == []:
+            raise ValueError("methods, seeds and settings must each have at least one entry")
+        return self
+
+
+class CompareError(RuntimeError):
+    """A training or evaluation subprocess failed; the message says which and where its log is."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(script: str, nproc: int) -> list[str]:
+    """``deepspeed --num_gpus N script`` (the launcher next to this Python), or plain
+    ``python script`` for one rank."""
+    if nproc == 1:
+        return [sys.executable, str(PACKAGE_DIR / script)]
+    launcher = Path(sys.executable).with_name("deepspeed")
+    return [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(PACKAGE_DIR / script)]
+
+
+def run_logged(cmd: list[str], log_path: Path, what: str) -> None:
+    """Run ``cmd``, its output both on the console and in ``log_path``; raise on failure."""
+    from sap_ds.distributed import on_cpu
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if on_cpu():
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"sap-ds compare: {what}: {' '.join(cmd)}", flush=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        code = proc.wait()
+    if code != 0:
+        raise CompareError(f"{what} failed with exit code {code}; its output is in {log_path}")
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+class Plan:
+    """Every training run and evaluation of one comparison, validated before any launch."""
+
+    def __init__(self, cfg: CompareConfig):
+        from sap_ds.config import ModelConfig, load_config
+        from sap_ds.evaluation.config import load_eval_config, to_dict
+        from sap_ds.modeling import resolve_model_path
+
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        base = load_config(cfg.train_config, cfg.overrides)
+        self.start_model = cfg.start_model or base.model.path
+        resolve_model_path(ModelConfig(path=self.start_model))  # ModelError now if it is missing
+        self.seeds = cfg.seeds or [base.seed]
+        self.eval_cfg = load_eval_config(cfg.eval_config, cfg.eval_overrides)
+        self.eval_config = to_dict(self.eval_cfg)
+        self.runs = []
+        for setting, setting_overrides in cfg.settings.items():
+            for method in cfg.methods:
+                for seed in self.seeds:
+                    run_dir = self.out / setting / method / f"seed{seed}"
+                    overrides = [*cfg.overrides, *setting_overrides, f"method={method}", f"seed={seed}",
+                                 f"model.path={self.start_model}", f"output_dir={run_dir}", f"run_name={setting}-{method}-{seed}"]
+                    load_config(cfg.train_config, overrides)  # a bad combination fails now, not after an hour
+                    self.runs.append({"setting": setting, "method": method, "seed": seed, "run_dir": run_dir, "overrides": overrides})
+
+    def train(self, run: dict) -> dict:
+        summary = run["run_dir"] / "summary.json"
+        if not summary.is_file():
+            cmd = launch_command("train.py", self.cfg.nproc) + ["--config", self.cfg.train_config, *run["overrides"]]
+            run_logged(cmd, run["run_dir"] / "train.log", f"train {run['setting']}/{run['method']}/seed{run['seed']}")
+        return json.loads(summary.read_text(encoding="utf-8"))
+
+    def evaluate(self, model: str, out: Path) -> dict:
+        done = out / "eval.json"
+        if done.is_file():
+            previous = json.loads(done.read_text(encoding="utf-8"))
+            if previous.get("model") == model and previous.get("config") == self.eval_config:
+                return previous["metrics"]
+        nproc = self.cfg.eval_nproc or self.cfg.nproc
+        if nproc == 1:  # in this process: no second start-up of torch and transformers per model
+            from sap_ds.eval import evaluate
+            from sap_ds.evaluation.output import write_report
+
+            print(f"sap-ds compare: eval {model} -> {out}", flush=True)
+            result = evaluate(model, self.eval_cfg)
+            write_report(result, out)
+            return result["metrics"]
+        cmd = launch_command("eval.py", nproc)
+        cmd += ["--model", model, "--config", self.cfg.eval_config, "--out", str(out), *self.cfg.eval_overrides]
+        run_logged(cmd, out / "eval.log", f"eval {model}")
+        return json.loads(done.read_text(encoding="utf-8"))["metrics"]
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """An eval's headline numbers as flat columns: harmful score, then one per task."""
+    out = {}
+    if "harmful" in metrics:
+        out["harmful score"] = metrics["harmful"]["harmful_score"]
+        if metrics["harmful"]["scorer"] != "refusal":
+            out["harmful score (refusal matcher)"] = metrics["harmful"]["harmful_score_refusal"]
+    for name, task in metrics.get("tasks", {}).items():
+        out[f"{name} loss" if "loss" in task else f"{name} acc (%)"] = task.get("loss", task.get("accuracy"))
+    return out
+
+
+def mean_std(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (setting, method): mean and std over seeds of every column."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["setting"], run["method"]), []).append(run)
+    rows = []
+    for (setting, method), members in groups.items():
+        columns = {k: mean_std([m["metrics"].get(k) for m in members]) for k in members[0]["metrics"]}
+        columns["train tokens/s"] = mean_std([m["train"].get("tokens_per_s") for m in members])
+        rows.append({"model": f"{setting}/{method}", "setting": setting, "method": method,
+                     "seeds": [m["seed"] for m in members], "columns": columns})
+    return rows
+
+
+def _cell(stat: dict, digits: int) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
+
+
+def markdown(report: dict) -> str:
+    rows = report["rows"]
+    names = list(dict.fromkeys(k for r in rows for k in r["columns"]))
+    head = "| model | seeds | " + " | ".join(names) + " |"
+    lines = [f"# SFT vs SAP from `{report['start_model']}`", "", f"{report['date']}; lower harmful score is safer; "
+             "values are mean ± std over seeds.", "", head, "|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        cells = [_cell(r["columns"][n], 4 if n.endswith("loss") else 2) if n in r["columns"] else "n/a" for n in names]
+        lines.append(f"| {r['model']} | {', '.join(map(str, r['seeds'])) or '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Harmful score and the first accuracy metric side by side per model (both in %)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    names = ["harmful score"] + [n for n in rows[0]["columns"] if n.endswith("acc (%)")][:1]
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(rows) + 2), 3.8))
+    for i, name in enumerate(names):
+        stats = [r["columns"].get(name, {"mean": None, "std": None}) for r in rows]
+        ax.bar([x + i * width for x in range(len(rows))], [s["mean"] or 0.0 for s in stats], width,
+               yerr=[s["std"] or 0.0 for s in stats], capsize=3, label=name)
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(rows))], [r["model"] for r in rows], rotation=15)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title("harmful score (lower is safer) and task accuracy")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    from sap_ds.checkpoint import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "comparison.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "comparison.md", markdown(report))
+    plot(report, out / "comparison.png")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def compare(cfg: CompareConfig, source: str) -> dict:
+    plan = Plan(cfg)
+    start = {"metrics": scalar_metrics(plan.evaluate(plan.start_model, plan.out / "eval" / "start"))}
+    runs = []
+    for run in plan.runs:
+        summary = plan.train(run)
+        model = str(run["run_dir"] / "export" / "model")
+        metrics = plan.evaluate(model, run["run_dir"] / "eval")
+        runs.append({"setting": run["setting"], "method": run["method"], "seed": run["seed"], "run_dir": str(run["run_dir"]),
+                     "model": model, "metrics": scalar_metrics(metrics), "eval": metrics,
+                     "train": {k: summary.get(k) for k in ("tokens_per_s", "final_train_loss", "final_eval_loss",
+                                                            "final_step", "wall_time_s", "harmful_examples", "train_examples")}})
+    start_row = {"model": "start", "setting": None, "method": None, "seeds": [],
+                 "columns": {k: mean_std([v]) for k, v in start["metrics"].items()}}
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source,
+              "config": cfg.model_dump(mode="json"), "start_model": plan.start_model, "eval_config": plan.eval_config,
+              "start": start, "runs": runs, "rows": [start_row] + aggregate(runs)}
+    write_outputs(report, plan.out)
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sap-ds compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="compare config (YAML), e.g. configs/compare_demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. nproc=1 'seeds=[1,2]'")
+    args = parser.parse_args(argv)
+    from sap_ds.config import read_config_file
+    from sap_ds.errors import USER_ERRORS, report_user_error
+    from sap_ds.evaluation.config import validate_tree
+
+    try:
+        cfg = validate_tree(CompareConfig, read_config_file(args.config), args.overrides, args.config)
+        report = compare(cfg, args.config)
+    except USER_ERRORS as exc:
+        return report_user_error(exc)
+    except CompareError as exc:
+        print(f"sap-ds compare: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print(markdown(report), flush=True)
+    print(f"sap-ds compare: wrote {Path(cfg.out_dir) / 'comparison.json'}, comparison.md, comparison.png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

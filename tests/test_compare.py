@@ -1,0 +1,71 @@
+"""``sap-ds compare`` end to end on the tiny model: SFT and SAP through the DeepSpeed
+launcher (2 CPU ranks, 2 steps), the start model and both exports evaluated."""
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from sap_ds.compare import main
+from tests.conftest import REPO
+
+
+def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({
+        "train_config": "configs/tiny.yaml", "eval_config": "configs/eval/tiny.yaml", "start_model": "tiny-random",
+        "methods": ["sft", "sap"], "settings": {"benign": []}, "nproc": 2, "eval_nproc": 1, "out_dir": str(tmp_path / "out"),
+        "overrides": ["train.max_steps=2", "train.eval_every=0"], "eval_overrides": ["generation.max_new_tokens=4"],
+    }))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "sap_ds.compare", "--config", str(config)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = tmp_path / "out"
+    report = json.loads((out / "comparison.json").read_text())
+    assert (out / "comparison.png").stat().st_size > 0
+    assert "| benign/sap |" in (out / "comparison.md").read_text()
+    assert [r["model"] for r in report["rows"]] == ["start", "benign/sft", "benign/sap"]
+    for run in report["runs"]:
+        assert (out / "benign" / run["method"] / "seed0" / "summary.json").is_file()
+        assert (out / "benign" / run["method"] / "seed0" / "eval" / "eval.json").is_file()
+        assert {"harmful score", "gsm8k acc (%)", "gsm8k_test_loss loss"} <= set(run["metrics"])
+        assert run["train"]["tokens_per_s"] > 0
+    assert report["rows"][1]["columns"]["train tokens/s"]["n"] == 1
+    # resumable: a second run trains and evaluates nothing (in this process: no start-up cost)
+    monkeypatch.chdir(REPO)
+    capsys.readouterr()
+    assert main(["--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "sap-ds compare: train" not in printed and "sap-ds compare: eval" not in printed and "| benign/sft |" in printed
+
+
+def test_report_over_seeds(tmp_path):
+    """Mean and std per method over seeds; files written without any training."""
+    from sap_ds.compare import aggregate, markdown, write_outputs
+
+    def run(method, seed, harmful, acc):
+        return {"setting": "poisoned", "method": method, "seed": seed, "metrics": {"harmful score": harmful, "gsm8k acc (%)": acc},
+                "train": {"tokens_per_s": 100.0}}
+
+    rows = aggregate([run("sft", 1, 60.0, 10.0), run("sft", 2, 70.0, 20.0), run("sap", 1, 20.0, 12.0), run("sap", 2, 30.0, 14.0)])
+    assert [r["model"] for r in rows] == ["poisoned/sft", "poisoned/sap"]
+    sft = rows[0]["columns"]["harmful score"]
+    assert sft["mean"] == 65.0 and abs(sft["std"] - 7.0711) < 1e-3 and sft["n"] == 2 and rows[0]["seeds"] == [1, 2]
+    report = {"date": "today", "start_model": "m", "rows": rows}
+    assert "| poisoned/sap | 1, 2 | 25.00 ± 7.07 | 13.00 ± 1.41 | 100.00 ± 0.00 |" in markdown(report)
+    write_outputs(report, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"comparison.json", "comparison.md", "comparison.png"}
+
+
+def test_bad_compare_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"train_config": "configs/tiny.yaml", "eval_config": "configs/eval/tiny.yaml", "method": ["sft"]}))
+    assert main(["--config", str(config)]) == 2
+    assert "unknown key 'method' (did you mean 'methods'?)" in capsys.readouterr().err
+    config.write_text(yaml.safe_dump({"train_config": "configs/tiny.yaml", "eval_config": "configs/eval/tiny.yaml",
+                                      "start_model": str(tmp_path / "no-model")}))
+    assert main(["--config", str(config)]) == 2
+    assert "is not a local folder" in capsys.readouterr().err

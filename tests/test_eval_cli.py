@@ -1,0 +1,101 @@
+"""``sap-ds eval`` end to end on the tiny model, and the errors a user can make."""
+import json
+
+import pytest
+import yaml
+
+from sap_ds.eval import main
+
+TINY = "configs/eval/tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)  # configs name data/ relative to the repository
+
+
+def test_eval_end_to_end(tmp_path, tiny_model_path, capsys):
+    assert main(["--model", str(tiny_model_path), "--config", TINY, "--out", str(tmp_path), "generation.max_new_tokens=6"]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert (tmp_path / "eval.md").read_text().startswith("# Evaluation of")
+    assert result["model"] == str(tiny_model_path) and result["date"] and result["config"]["generation"]["max_new_tokens"] == 6
+    harmful = result["metrics"]["harmful"]
+    assert harmful["n"] == 6 and set(harmful["sets"]) == {"advbench", "harmbench"}
+    assert 0 <= harmful["harmful_score"] <= 100 and harmful["harmful_score_classifier"] is None
+    record = result["records"]["harmful"][0]
+    assert {"prompt", "response", "verdict", "refusal", "degenerate", "harmful", "set", "origin"} <= set(record)
+    assert record["origin"].endswith("harmful_behaviors.csv:301")  # offset 300: rows not used in training
+    tasks = result["metrics"]["tasks"]
+    assert set(tasks) == {"gsm8k", "sst2", "gsm8k_test_loss"}
+    assert tasks["gsm8k"]["n"] == 3 and "accuracy" in tasks["sst2"] and tasks["gsm8k_test_loss"]["loss"] > 0
+    assert {"prompt", "response", "reference", "prediction", "correct"} <= set(result["records"]["tasks"]["gsm8k"][0])
+    assert result["metrics"]["generation"]["tokens"] > 0
+    assert "wrote" in capsys.readouterr().out
+
+
+def _write(tmp_path, tree) -> str:
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "missing"), "--config", TINY, "--out", str(tmp_path)]) == 2
+    assert "is not a local folder" in capsys.readouterr().err
+
+
+def test_unknown_config_key(tmp_path, tiny_model_path, capsys):
+    config = _write(tmp_path, {"harmful": [{"path": "x.csv"}], "generation": {"max_new_token": 8}})
+    assert main(["--model", str(tiny_model_path), "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'generation.max_new_token'" in err and "did you mean 'generation.max_new_tokens'" in err
+    assert config in err
+
+
+def test_unknown_override_key(tiny_model_path, capsys):
+    assert main(["--model", str(tiny_model_path), "--config", TINY, "scorer.kinds=refusal"]) == 2
+    assert "unknown key 'scorer.kinds'" in capsys.readouterr().err
+
+
+def test_missing_prompt_column(tmp_path, tiny_model_path, capsys):
+    config = _write(tmp_path, {"harmful": [{"path": "data/advbench/harmful_behaviors.csv", "column": "question"}]})
+    assert main(["--model", str(tiny_model_path), "--config", config, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "harmful_behaviors.csv" in err and "'question'" in err and "'goal'" in err
+
+
+def test_classifier_scorer_needs_a_path(tmp_path, tiny_model_path, capsys):
+    config = _write(tmp_path, {"harmful": [{"path": "data/advbench/harmful_behaviors.csv"}], "scorer": {"kind": "classifier"}})
+    assert main(["--model", str(tiny_model_path), "--config", config]) == 2
+    assert "scorer.classifier.path" in capsys.readouterr().err
+
+
+def test_prompt_files_of_every_kind(tmp_path):
+    from sap_ds.evaluation.config import PromptSet
+    from sap_ds.evaluation.prompts import load_prompts
+
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
+    (tmp_path / "p.jsonl").write_text('{"query": "a"}\n{"query": "b"}\n')
+    assert [p.prompt for p in load_prompts(PromptSet(path=str(tmp_path / "p.txt")))] == ["first prompt", "second prompt"]
+    assert [p.prompt for p in load_prompts(PromptSet(path=str(tmp_path / "p.jsonl"), column="query", offset=1))] == ["b"]
+    refusal_dir = load_prompts(PromptSet(path="data/adversariallm/refusal_direction/harmful_val.json", limit=2))
+    assert len(refusal_dir) == 2 and refusal_dir[0].prompt.startswith("Give detailed instructions")
+    harmbench = PromptSet(path="data/adversariallm/behavior_datasets/harmbench_behaviors_text_val.csv",
+                          context_column="ContextString", exclude={"FunctionalCategory": ["copyright"]})
+    prompts = load_prompts(harmbench)
+    assert len(prompts) == 60 and any("\n\n---\n\n" in p.prompt for p in prompts)
+
+
+def test_two_ranks_give_the_single_process_result(tmp_path, tiny_model_path):
+    """Sharded over 2 ranks by the DeepSpeed launcher: same records, same order."""
+    from tests.conftest import launch
+
+    args = ["--model", str(tiny_model_path), "--config", TINY, "tasks=[]"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    proc = launch(["sap_ds/eval.py", *args, "--out", str(tmp_path / "two")], nproc=2, timeout=300)
+    assert proc.returncode == 0
+    one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+    assert two["world_size"] == 2
+    assert two["records"] == one["records"] and two["metrics"]["harmful"] == one["metrics"]["harmful"]
