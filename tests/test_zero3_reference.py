@@ -14,6 +14,7 @@ is 3e-6 of the tensor scale, and the 1e-5 bound is meaningful again.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -24,17 +25,24 @@ from tests.conftest import REPO, launch
 from tests.reference import run_reference
 
 STEPS = 3
+# SAP compares at 5e-5: the direction g/||g|| carries reduction-order noise into W', the
+# probe gradient is taken there, and the probe's Adam (eps 1e-8) and LoRA B (which starts
+# at zero, so its scale after 3 steps is ~3 lr) magnify it. Measured: 99.9th percentiles
+# of 1.5e-5 (LoRA B) to 3.3e-5 (the probe, full fine-tuning); everything else under 1e-5.
+RTOL_SAP = 5e-5
 COMMON = ["train.adam_eps=1e-4"]
 RTOL = 1e-5
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj,down_proj]"]
 
 
 def _run_zero3(tmp_path, overrides, steps=STEPS, inspect=False):
+    # Triton runs on CPU only under its interpreter, which must be chosen before import.
+    env = {"TRITON_INTERPRET": "1"} if "sap.kernels=triton" in overrides else None
     out = tmp_path / "zero3"
     out.mkdir(parents=True)
     args = ["tests/zero3_runner.py", "--config", "configs/tiny.yaml", "--steps", str(steps), "--out", str(out)]
     args += ["--inspect"] if inspect else []
-    proc = launch(args + [f"output_dir={tmp_path / 'run'}", *COMMON, *overrides])
+    proc = launch(args + [f"output_dir={tmp_path / 'run'}", *COMMON, *overrides], env=env)
     assert proc.returncode == 0, "2-rank run failed (output above)"
     result = json.loads((out / "result.json").read_text())
     params = load_file(str(out / "params.safetensors")) if (out / "params.safetensors").exists() else None
@@ -42,7 +50,7 @@ def _run_zero3(tmp_path, overrides, steps=STEPS, inspect=False):
     return result, params, probes
 
 
-def _assert_close(name, got, ref):
+def _assert_close(name, got, ref, rtol=RTOL):
     """Every element within 10 x RTOL of the tensor's scale, and 99.9 % within RTOL.
 
     Adam divides by sqrt(v) + eps, so an element whose gradient is near zero can turn
@@ -54,39 +62,49 @@ def _assert_close(name, got, ref):
     scale = ref.abs().max().item() + 1e-12
     worst = err.max().item() / scale
     q999 = torch.quantile(err[: 2**24].double(), 0.999).item() / scale if err.numel() > 1 else worst
-    assert worst <= 10 * RTOL, f"{name}: max |zero3 - reference| = {worst:.2e} of scale > {10 * RTOL:.0e}"
-    assert q999 <= RTOL, f"{name}: 99.9th percentile error {q999:.2e} of scale > {RTOL:.0e}"
+    assert worst <= 10 * rtol, f"{name}: max |zero3 - reference| = {worst:.2e} of scale > {10 * rtol:.0e}"
+    assert q999 <= rtol, f"{name}: 99.9th percentile error {q999:.2e} of scale > {rtol:.0e}"
 
 
-def _compare(tmp_path, overrides):
-    result, params, probes = _run_zero3(tmp_path, overrides)
+def _compare(tmp_path, overrides, run=None, rtol=RTOL):
+    result, params, probes = run or _run_zero3(tmp_path, overrides)
     cfg = load_config(REPO / "configs/tiny.yaml", COMMON + overrides + [f"train.max_steps={STEPS}"])
     ref = run_reference(cfg, world=2, steps=STEPS)
     assert set(params) == set(ref["params"]), "different trainable parameter sets"
     for name, tensor in ref["params"].items():
-        _assert_close(name, params[name], tensor)
+        _assert_close(name, params[name], tensor, rtol)
     for step, (got, want) in enumerate(zip(result["losses"], ref["losses"])):
         assert got == pytest.approx(want, rel=1e-5), f"step {step} losses differ"
     return result, params, probes, ref
 
 
-def test_zero3_sft_matches_reference_after_3_steps(tmp_path):
-    _compare(tmp_path, ["method=sft"])
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """One 2-rank SFT run, shared by the tests that compare against SFT."""
+    return _run_zero3(tmp_path_factory.mktemp("sft"), ["method=sft"])
+
+
+def test_zero3_sft_matches_reference_after_3_steps(sft_run):
+    _compare(None, ["method=sft"], run=sft_run)
 
 
 @pytest.mark.parametrize(
     "variant",
-    [["safety_loss=contrastive"], ["safety_loss=difference"], ["safety_loss=contrastive", "lora"], ["safety_loss=difference", "lora"]],
-    ids=["full-contrastive", "full-difference", "lora-contrastive", "lora-difference"],
+    [
+        ["sap.safety_loss=contrastive", "sap.kernels=triton"],
+        ["sap.safety_loss=difference", "sap.perturb_norm=per_tensor"],
+        ["sap.safety_loss=contrastive", *LORA],
+        ["sap.safety_loss=difference", *LORA],
+    ],
+    ids=["full-contrastive-triton", "full-difference-per_tensor", "lora-contrastive", "lora-difference"],
 )
 def test_zero3_sap_matches_reference_after_3_steps(tmp_path, variant):
-    overrides = ["method=sap", f"sap.{variant[0]}", "sap.probe_lr=0.1", "sap.rho=0.05"]
-    if "lora" in variant:
-        overrides += LORA
-    result, params, probes, ref = _compare(tmp_path, overrides)
+    """Also: the Triton kernels (interpreted) follow the reference like the PyTorch twins."""
+    overrides = ["method=sap", "sap.probe_lr=0.1", "sap.rho=0.05", *variant]
+    result, params, probes, ref = _compare(tmp_path, overrides, rtol=RTOL_SAP)
     assert len(probes) == 2
     assert ref["probe"].abs().max() > 0, "the probe never moved: the test would not see a probe bug"
-    _assert_close("probe", probes[0], ref["probe"])
+    _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
 
 
 def test_probe_is_bitwise_identical_on_all_ranks(tmp_path):
@@ -95,21 +113,28 @@ def test_probe_is_bitwise_identical_on_all_ranks(tmp_path):
     assert torch.equal(probes[0], probes[1])
 
 
-def test_rho_zero_and_disabled_probe_reduce_to_sft(tmp_path):
+def test_rho_zero_and_disabled_probe_reduce_to_sft(tmp_path, sft_run):
     """rho = 0: W' = W, so the probe's two gradients cancel and V stays 0: SAP's weights
     follow SFT. With the probe disabled SAP is SFT outright."""
-    _, sft, _ = _run_zero3(tmp_path / "sft", ["method=sft"])
+    sft = sft_run[1]
     _, rho0, probes = _run_zero3(tmp_path / "rho0", ["method=sap", "sap.rho=0.0", "sap.probe_lr=0.1"])
     _, off, _ = _run_zero3(tmp_path / "off", ["method=sap", "sap.probe_enabled=false"])
     assert probes[0].abs().max() == 0
     for name in sft:
         assert torch.equal(off[name], sft[name]), f"{name}: probe disabled differs from SFT"
-        _assert_close(f"{name} (rho=0)", rho0[name], sft[name])
+        _assert_close(f"{name} (rho=0)", rho0[name], sft[name])  # same run up to the safety pass: SFT's bound
 
 
-def test_perturb_changes_loss_and_restore_is_bit_exact_bf16(tmp_path):
-    result, _, _ = _run_zero3(tmp_path, ["method=sap", "model.dtype=bf16", "sap.rho=0.05"], steps=1, inspect=True)
+# bf16 matmuls are ~100x slower than fp32 on CPUs without AMX: keep the bf16 runs short.
+BF16 = ["model.dtype=bf16", "data.max_length=64", "data.safety_max_length=48", "data.eval=[]",
+        "data.train=[{path: data/alpaca/seed_tasks.jsonl, format: alpaca_seed, limit: 8}]"]
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_perturb_changes_loss_and_restore_is_bit_exact_bf16(tmp_path, kernels):
+    result, _, _ = _run_zero3(tmp_path, ["method=sap", "sap.rho=0.05", f"sap.kernels={kernels}", *BF16], steps=1, inspect=True)
     r = result["inspect"]
+    assert r["perturb_equals_twin"], "perturbed shards differ from the PyTorch twin's"
     assert r["stats"]["direction_ok"] and r["scale"] > 0
     assert r["lp_perturbed_differs"], "perturb did not change the bf16 shards"
     assert r["loss_perturbed"] != r["loss_w"], "loss at W' equals loss at W: stale gathered weights?"
@@ -118,3 +143,14 @@ def test_perturb_changes_loss_and_restore_is_bit_exact_bf16(tmp_path):
     assert r["grads_untouched_by_probe"] and r["grads_zero_after_drop"]
     assert r["params_with_grad_attr"] == 0, "the probe pass produced parameter gradients"
     assert r["probe_grad_norm"] > 0
+
+
+def test_bf16_sap_loss_is_finite_and_falls(tmp_path):
+    """Four bf16 SAP steps on the same 4 examples (one global batch): the loss must fall."""
+    result, _, probes = _run_zero3(
+        tmp_path, ["method=sap", "sap.rho=0.05", *BF16, "data.train.0.limit=4", "data.shuffle=false", "train.lr=1e-2"], steps=4
+    )
+    means = [sum(step) / len(step) for step in result["losses"]]
+    assert all(map(math.isfinite, means)), means
+    assert means[-1] < means[0] - 0.05, f"bf16 SAP loss did not fall: {means}"
+    assert torch.equal(probes[0], probes[1])

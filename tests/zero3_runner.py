@@ -22,6 +22,7 @@ def inspect_first_step(trainer) -> dict:
     the engine's gradients untouched."""
     import torch
 
+    import kernels
     from sap_ds import sap
     from sap_ds.losses import forward_logits, task_loss
 
@@ -37,6 +38,13 @@ def inspect_first_step(trainer) -> dict:
     sap.safety_direction(trainer.engine, shards, st, trainer.safety_batch(0), cfg)
     grads_after_safety = [b.clone() for b in _grad_shards(shards)]
     sap.perturb(shards, st, cfg.kernels)
+    twin = []
+    for i, g in enumerate(shards.groups):  # what the PyTorch twin writes for the same inputs
+        out = torch.empty_like(g.lp)
+        source = st.backup[i] if g.master_aliases_lp else g.master
+        kernels.perturb_from_master(source, st.direction[i], st.scale, out, backend="torch")
+        twin.append(out)
+    perturb_equals_twin = all(torch.equal(_bits(t), _bits(g.lp)) for t, g in zip(twin, shards.groups))
     loss_perturbed = loss_now()
     lp_perturbed_differs = any(not torch.equal(a, g.lp) for a, g in zip(original_lp, shards.groups))
     probe_grad = sap.probe_gradient(trainer.engine, st, batches)
@@ -49,9 +57,8 @@ def inspect_first_step(trainer) -> dict:
         "loss_perturbed": loss_perturbed,
         "loss_restored": loss_restored,
         "lp_perturbed_differs": lp_perturbed_differs,
-        "restore_bit_exact": all(torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a,
-                                             g.lp.view(torch.int16) if g.lp.dtype == torch.bfloat16 else g.lp)
-                                 for a, g in zip(original_lp, shards.groups)),
+        "perturb_equals_twin": perturb_equals_twin,
+        "restore_bit_exact": all(torch.equal(_bits(a), _bits(g.lp)) for a, g in zip(original_lp, shards.groups)),
         "grads_untouched_by_probe": all(torch.equal(a, b) for a, b in zip(grads_after_safety, grads_after_probe)),
         "grads_zero_after_drop": all(float(b.abs().max()) == 0.0 for b in grads_after_probe if b.numel()),
         "params_with_grad_attr": len(param_grads),
@@ -59,6 +66,29 @@ def inspect_first_step(trainer) -> dict:
         "scale": float(st.scale),
         "stats": st.stats,
     }
+
+
+def model_state_bytes(trainer):
+    """Bytes this rank holds for parameters (working shards of every parameter, frozen
+    included), gradients (the engine's gradient partitions) and optimizer state (fp32
+    master + Adam moments), read from the live engine."""
+    import torch
+
+    opt = trainer.engine.optimizer
+    params = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in trainer.engine.module.parameters())
+    grads = opt.grad_partitions_flat_buffer.numel() * opt.grad_partitions_flat_buffer.element_size()
+    masters = opt.fp32_partitioned_groups_flat
+    optimizer = sum(m.numel() * m.element_size() for m in masters)
+    for state in opt.optimizer.state.values():
+        optimizer += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return [params, grads, optimizer]
+
+
+def _bits(t):
+    """The raw bit pattern: bitwise comparison that also treats identical NaNs as equal."""
+    import torch
+
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
 
 
 def _grad_shards(shards):
@@ -75,6 +105,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--inspect", action="store_true")
+    parser.add_argument("--memory", action="store_true", help="report this rank's model-state bytes and exit")
     parser.add_argument("--local_rank", type=int, default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -93,7 +124,13 @@ def main() -> int:
 
     trainer = Trainer(cfg, rank, world)
     result = {}
-    if args.inspect:
+    if args.memory:
+        trainer.train_step(0)  # Adam states exist after the first step
+        measured = torch.tensor(model_state_bytes(trainer), dtype=torch.float64)
+        every = [torch.zeros_like(measured) for _ in range(world)]
+        dist.all_gather(every, measured)
+        result["memory"] = [dict(zip(("params", "grads", "optimizer"), t.tolist())) for t in every]
+    elif args.inspect:
         result["inspect"] = inspect_first_step(trainer)
         trainer.shards.drop_grads()
     else:
