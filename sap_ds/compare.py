@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from sap_ds.config import read_config_file
     from sap_ds.errors import USER_ERRORS, report_user_error
-    from sap_ds.evaluation.config import validate_tree
+    from sap_ds.config import validate_tree
 
     try:
         cfg = validate_tree(CompareConfig, read_config_file(args.config), args.overrides, args.config)

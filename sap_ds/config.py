@@ -168,9 +168,9 @@ def _submodel(annotation: Any) -> Optional[type[BaseModel]]:
     return None
 
 
-def _section_model(loc: tuple) -> Optional[type[BaseModel]]:
+def _section_model(root: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
     """The pydantic class that owns the key at ``loc`` (to list its valid keys)."""
-    model: Optional[type[BaseModel]] = RunConfig
+    model: Optional[type[BaseModel]] = root
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -179,11 +179,12 @@ def _section_model(loc: tuple) -> Optional[type[BaseModel]]:
     return model
 
 
-def _explain(error: dict) -> str:
+def explain(root: type[BaseModel], error: dict) -> str:
+    """One line per pydantic error, naming the dotted key and what would be valid."""
     loc = error["loc"]
     key = _format_location(loc)
     if error["type"] == "extra_forbidden":
-        owner = _section_model(loc)
+        owner = _section_model(root, loc)
         valid = sorted(owner.model_fields) if owner else []
         hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         msg = f"unknown key '{key}'"
@@ -192,11 +193,11 @@ def _explain(error: dict) -> str:
         if valid:
             msg += f"; valid keys here: {', '.join(valid)}"
         return msg
-    got = error.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    text = error["msg"].removeprefix("Value error, ")
     if not loc:
-        return error["msg"].removeprefix("Value error, ")
-    return f"key '{key}': {error['msg'].removeprefix('Value error, ')}{got_text}"
+        return text
+    got = error.get("input")
+    return f"key '{key}': {text}" + ("" if isinstance(got, dict) else f" (got {got!r})")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
@@ -255,15 +256,20 @@ def read_config_file(path: str | Path) -> dict:
     return tree
 
 
-def build_config(tree: dict, overrides: list[str] = (), source: str = "<config>") -> RunConfig:
+def validate_tree(root: type[BaseModel], tree: dict, overrides: list[str] = (), source: str = "<config>"):
+    """``root`` validated from ``tree`` with dotted overrides applied; ConfigError on failure."""
     tree = json.loads(json.dumps(tree))  # deep copy, plain types
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value, "command line")
     try:
-        return RunConfig.model_validate(tree)
+        return root.model_validate(tree)
     except ValidationError as exc:
-        problems = "\n  ".join(_explain(err) for err in exc.errors())
+        problems = "\n  ".join(explain(root, err) for err in exc.errors())
         raise ConfigError(f"{source}: invalid configuration:\n  {problems}") from None
+
+
+def build_config(tree: dict, overrides: list[str] = (), source: str = "<config>") -> RunConfig:
+    return validate_tree(RunConfig, tree, overrides, source)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

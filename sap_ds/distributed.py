@@ -3,6 +3,10 @@ plain ``python`` (one process), on GPUs (NCCL) and on CPUs (gloo)."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def on_cpu() -> bool:

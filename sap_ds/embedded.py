@@ -36,8 +36,6 @@ def gguf_package_dir() -> Path:
 def embedded_model_dir() -> Path:
     """Path of the converted plain Hugging Face folder, converting on first use.
 
-    The conversion writes into a temporary folder and renames it into place, so two
-    ranks (or an interrupted run) never leave a half-written model behind.
     """
     target = cache_root() / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
@@ -55,14 +53,18 @@ def embedded_model_dir() -> Path:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     plain.tie_weights()
+    return _save_folder_atomically(plain, tokenizer, target)
+
+
+def _save_folder_atomically(model, tokenizer, target: Path) -> Path:
+    """Write model + tokenizer to a temporary folder and rename it into place, so two
+    ranks (or an interrupted run) never leave a half-written model behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        plain.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
+        if not target.exists():  # else another process won the race
             os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -90,17 +92,4 @@ def tiny_model_dir() -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _save_folder_atomically(LlamaForCausalLM(config), tokenizer, target)

@@ -40,7 +40,6 @@ def export_model(trainer) -> Path:
 
 
 def _write_export(trainer, state: dict, target: Path) -> None:
-    cfg = trainer.cfg
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=trainer.out))
     try:
         _save_models(trainer, state, tmp)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sap_ds.config import ConfigError, RunConfig, build_config, load_config, parse_overrides, read_config_file
+from sap_ds.config import ConfigError, RunConfig, build_config, load_config, parse_overrides, read_config_file, validate_tree
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -44,7 +44,7 @@ def test_every_shipped_config_loads(path):
     if "train_config" in tree:  # comparison configs (sap-ds compare) name a run config and an eval config
         compare = pytest.importorskip("sap_ds.compare")
         eval_config = pytest.importorskip("sap_ds.evaluation.config")
-        cfg = eval_config.validate_tree(compare.CompareConfig, tree, [], str(path))
+        cfg = validate_tree(compare.CompareConfig, tree, [], str(path))
         load_config(REPO / cfg.train_config)
         eval_config.load_eval_config(REPO / cfg.eval_config)
         return

@@ -92,8 +92,6 @@ def _bits(t):
 
 
 def _grad_shards(shards):
-    import torch
-
     out = shards.new_flat_buffers()
     shards.copy_local_grads(out)
     return [t.clone() for t in out]

@@ -6,14 +6,12 @@ model has generated for ten minutes.
 """
 from __future__ import annotations
 
-import difflib
-import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sap_ds.config import ConfigError, DataFormat, _format_location, _set_dotted, _submodel, parse_overrides, read_config_file
+from sap_ds.config import DataFormat, read_config_file, validate_tree
 
 # BeaverDam-7B's input format (PKU-Alignment/beavertails, QAModeration).
 BEAVERDAM_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
@@ -110,49 +108,6 @@ class EvalConfig(_Section):
         if len(set(labels)) != len(labels):
             raise ValueError(f"tasks: two tasks share a name {labels}; set 'name' on each")
         return self
-
-
-def _section_model(root: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
-    model: Optional[type[BaseModel]] = root
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if model else None
-        model = _submodel(field.annotation) if field else None
-    return model
-
-
-def explain(root: type[BaseModel], error: dict) -> str:
-    """One line per pydantic error, naming the key (as sap_ds.config does for RunConfig)."""
-    loc = error["loc"]
-    key = _format_location(loc)
-    if error["type"] == "extra_forbidden":
-        owner = _section_model(root, loc)
-        valid = sorted(owner.model_fields) if owner else []
-        msg = f"unknown key '{key}'"
-        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        if hint:
-            msg += f" (did you mean '{_format_location(loc[:-1] + (hint[0],))}'?)"
-        if valid:
-            msg += f"; valid keys here: {', '.join(valid)}"
-        return msg
-    text = error["msg"].removeprefix("Value error, ")
-    if not loc:
-        return text
-    got = error.get("input")
-    return f"key '{key}': {text}" + ("" if isinstance(got, dict) else f" (got {got!r})")
-
-
-def validate_tree(root: type[BaseModel], tree: dict, overrides: list[str], source: str):
-    """``root`` validated from ``tree`` with dotted overrides applied; ConfigError on failure."""
-    tree = json.loads(json.dumps(tree))
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value, "command line")
-    try:
-        return root.model_validate(tree)
-    except ValidationError as exc:
-        problems = "\n  ".join(explain(root, err) for err in exc.errors())
-        raise ConfigError(f"{source}: invalid configuration:\n  {problems}") from None
 
 
 def load_eval_config(path: str | Path, overrides: list[str] = ()) -> EvalConfig:
