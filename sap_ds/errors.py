@@ -11,6 +11,11 @@ from sap_ds.probe import ProbeError
 
 USER_ERRORS = (ConfigError, DataError, ModelError, ProbeError, CheckpointError)
 EXIT_USER_ERROR = 2
+EXIT_TRAINING_STOPPED = 3
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite steps in a row: the run stopped, with a checkpoint."""
 
 
 def report_user_error(exc: Exception) -> int:

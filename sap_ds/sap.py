@@ -101,8 +101,7 @@ def safety_direction(engine, shards: Zero3Shards, state: SapState, batch: dict, 
     if cfg.perturb_norm == "global":
         sums = torch.stack([kernels.sumsq(d, g.master, backend=cfg.kernels) for d, g in zip(state.direction, shards.groups)]).sum(0)
         g2, w2 = all_reduce_sum(sums.to(torch.float64)).unbind()
-        ok = torch.isfinite(g2) & torch.isfinite(w2) & (g2 > 0)
-        scale = torch.where(ok, cfg.rho * w2.sqrt() / g2.clamp_min(1e-300).sqrt(), torch.zeros_like(g2))
+        scale, ok = direction_scale(g2, w2, cfg.rho)
         state.scale.copy_(scale)
     else:
         g2, w2, ok = _scale_per_tensor(shards, state, cfg)
@@ -118,6 +117,14 @@ def safety_direction(engine, shards: Zero3Shards, state: SapState, batch: dict, 
         state.scale.zero_()
 
 
+def direction_scale(g2: torch.Tensor, w2: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rho * ||W|| / ||g||`` from squared norms, and whether it is usable. A zero or
+    non-finite gradient norm (or weight norm) gives scale 0: no perturbation, never a
+    division by zero or a NaN written into the weights."""
+    ok = torch.isfinite(g2) & torch.isfinite(w2) & (g2 > 0)
+    return torch.where(ok, rho * w2.sqrt() / g2.clamp_min(1e-300).sqrt(), torch.zeros_like(g2)), ok
+
+
 def _scale_per_tensor(shards: Zero3Shards, state: SapState, cfg: SapConfig):
     """Scale each tensor's direction by rho * ||W_t|| / ||g_t|| (norms over all ranks)."""
     slices = list(shards.param_slices())
@@ -129,8 +136,8 @@ def _scale_per_tensor(shards: Zero3Shards, state: SapState, cfg: SapConfig):
             sums[i] = kernels.sumsq(d, w, backend="torch").to(torch.float64)
     all_reduce_sum(sums)
     g2, w2 = sums[:, 0], sums[:, 1]
-    ok = torch.isfinite(g2) & torch.isfinite(w2)
-    factors = torch.where(ok & (g2 > 0), cfg.rho * w2.sqrt() / g2.clamp_min(1e-300).sqrt(), torch.zeros_like(g2))
+    factors, _ = direction_scale(g2, w2, cfg.rho)
+    ok = torch.isfinite(g2) & torch.isfinite(w2)  # a zero-gradient tensor is fine, just not perturbed
     for (gi, p, offset, valid), factor in zip(slices, factors.float()):
         if valid:
             state.direction[gi].narrow(0, offset, valid).mul_(factor)

@@ -1,8 +1,8 @@
 """Entry point: ``deepspeed sap_ds/train.py --config X [key=value ...]``.
 
 Also runs under ``torchrun`` and as a single ``python sap_ds/train.py`` process. Exit
-codes: 0 done (or stopped cleanly for requeue), 2 bad configuration or input, 1 other
-errors.
+codes: 0 done (or stopped cleanly for requeue), 2 bad configuration or input, 3 stopped
+by the numerical guard (with a checkpoint), 1 other errors.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sap_ds.errors import USER_ERRORS, report_user_error
+    from sap_ds.errors import EXIT_TRAINING_STOPPED, USER_ERRORS, TrainingStopped, report_user_error
 
     logging.basicConfig(level=logging.INFO, format="[sap-ds] %(message)s")
     try:
@@ -43,6 +43,9 @@ def main(argv=None) -> int:
         summary = trainer.train()
     except USER_ERRORS as exc:
         return report_user_error(exc)
+    except TrainingStopped as exc:
+        print(f"sap-ds: stopped: {exc}", file=sys.stderr, flush=True)
+        return EXIT_TRAINING_STOPPED
     if is_main():
         print_summary(summary)
     return 0

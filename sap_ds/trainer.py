@@ -22,6 +22,7 @@ from sap_ds import checkpoint, sap
 from sap_ds.config import RunConfig, config_to_dict
 from sap_ds.data import RunData, build_run_data, collate, collate_pairs, global_batch_indices
 from sap_ds.distributed import barrier, device, is_main
+from sap_ds.errors import TrainingStopped
 from sap_ds.ds_config import load_ds_config
 from sap_ds.losses import forward_logits, task_loss
 from sap_ds.metrics import MetricsLogger
@@ -30,10 +31,6 @@ from sap_ds.modeling import apply_lora, load_model, load_tokenizer, resolve_mode
 log = logging.getLogger("sap_ds")
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-class TrainingStopped(RuntimeError):
-    """Too many non-finite steps in a row: the run stops with a checkpoint."""
 
 
 def lr_lambda(cfg: RunConfig, total_steps: int):
