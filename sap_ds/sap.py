@@ -61,7 +61,7 @@ class SapState:
     direction: list  # per-group fp32 buffers, pre-scaled per tensor in per_tensor mode
     scale: torch.Tensor  # 0-dim fp32: rho * ||W|| / ||g|| (1 in per_tensor mode, 0 if no direction)
     backup: list | None = None  # fp32 runs only: the master is the working shard, so keep W
-    have_direction: bool = False
+    direction_step: int | None = None  # the step whose safety batch gave the current direction
     stats: dict = field(default_factory=dict)
 
 
@@ -80,7 +80,13 @@ def make_state(engine, shards: Zero3Shards, cfg: SapConfig, hidden_size: int) ->
 # --------------------------------------------------------------------------- phases
 
 
-def safety_direction(engine, shards: Zero3Shards, state: SapState, batch: dict, cfg: SapConfig) -> None:
+def direction_due(state: SapState, step: int, every: int) -> bool:
+    """A new safety direction is due every ``every`` steps, counted from the last one
+    computed (a step that skips the probe pass leaves it due for the next one)."""
+    return state.direction_step is None or step - state.direction_step >= every
+
+
+def safety_direction(engine, shards: Zero3Shards, state: SapState, batch: dict, cfg: SapConfig, step: int = 0) -> None:
     """Phase 1: the safety gradient's direction and scale, from the local gradient shards.
 
     The engine's own backward reduce-scatters the gradient (averaged over ranks); the
@@ -106,7 +112,7 @@ def safety_direction(engine, shards: Zero3Shards, state: SapState, batch: dict, 
     else:
         g2, w2, ok = _scale_per_tensor(shards, state, cfg)
         state.scale.fill_(1.0)
-    state.have_direction = True
+    state.direction_step = step
     state.stats = {
         "safety_loss": loss.detach().float().item(),
         "safety_grad_norm": math.sqrt(max(g2.item(), 0.0)) if torch.isfinite(g2) else float("nan"),
@@ -233,7 +239,7 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
     if probing:
         if safety_batch is not None:
             with timer("safety"):
-                safety_direction(engine, shards, state, safety_batch, cfg)
+                safety_direction(engine, shards, state, safety_batch, cfg, step)
         with timer("perturb"):
             perturb(shards, state, cfg.kernels)
         rng = _rng_state()  # the main pass replays the probe pass's dropout masks

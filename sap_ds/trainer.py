@@ -149,7 +149,8 @@ class Trainer:
         if self.sap_state is None:
             with self.timer("main"):
                 return self.main_pass(micro_batches)
-        safety = self.safety_batch(step) if step % self.cfg.sap.safety_every == 0 or not self.sap_state.have_direction else None
+        due = sap.direction_due(self.sap_state, step, self.cfg.sap.safety_every)
+        safety = self.safety_batch(step) if due else None
         return sap.sap_step(self.engine, self.shards, self.sap_state, self.cfg.sap, step, micro_batches, safety,
                             self.main_pass, self.timer)
 
@@ -203,7 +204,7 @@ class Trainer:
                 "exp_avg_sq": tensors["sap.opt.exp_avg_sq"].to(s.probe.vectors.device),
                 "step": tensors["sap.opt.step"].reshape(()).clone(),
             }
-        s.have_direction = meta.get("have_direction", False)
+        s.direction_step = meta.get("direction_step")
 
     def checkpoint_identity(self) -> dict:
         trainable = sum(p.ds_numel for p in self.engine.module.parameters() if p.requires_grad)
@@ -212,7 +213,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         meta = {**self.checkpoint_identity(), "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
-                "have_direction": bool(self.sap_state and self.sap_state.have_direction)}
+                "direction_step": self.sap_state.direction_step if self.sap_state else None}
         return checkpoint.save(self.engine, self.ckpt_root, self.step, meta, self._sap_tensors(), self.cfg.train.save_total_limit)
 
     def maybe_resume(self) -> None:
