@@ -94,6 +94,15 @@ def _micro_batch_mismatch(folder: Path):
         str(ds), "'train_micro_batch_size_per_gpu' is 3", "gives 2", "train.micro_batch_size", '"auto"']
 
 
+def _gpu_only_ds_config(folder: Path):
+    """NVMe offload needs a GPU machine (async I/O into device memory)."""
+    ds = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    ds["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": "/local_nvme"}
+    path = folder / "ds_nvme.json"
+    path.write_text(json.dumps(ds, indent=1))
+    return TINY, [f"deepspeed_config={path}"], [str(path), "offload_param.device", "nvme needs a GPU machine"]
+
+
 def _zero_stage_2(folder: Path):
     ds = _ds_config(folder, stage=2)
     return TINY, [f"deepspeed_config={ds}"], [str(ds), "'zero_optimization.stage' must be 3", "got 2"]
@@ -127,6 +136,7 @@ CASES = [
     Case("missing_data_file", _missing_data),
     Case("micro_batch_disagrees_with_ds_config", _micro_batch_mismatch),
     Case("ds_config_zero_stage_2", _zero_stage_2),
+    Case("gpu_only_ds_config_on_cpu", _gpu_only_ds_config),
     # ---- after the engine is built
     Case("probe_layer_out_of_range", _overrides(["method=sap", "sap.probe_layers=[0,99]"], "sap.probe_layers", "[99]",
                                                 "4 decoder layers", "0..3")),
