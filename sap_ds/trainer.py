@@ -129,7 +129,7 @@ class Trainer:
             loss = task_loss(forward_logits(self.engine, batch), batch["labels"])
             self.engine.backward(loss)
             losses.append(loss.detach().float())
-        finite = self._all_finite(torch.stack(losses))
+        finite = self._all_finite(torch.stack(losses), self.shards.local_grads_finite())
         if finite:
             self.engine.step()
         else:
@@ -138,8 +138,9 @@ class Trainer:
         self._last_step_finite = finite
         return [x.item() for x in losses]
 
-    def _all_finite(self, values: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if torch.isfinite(values).all() else 1.0], device=self.device)
+    def _all_finite(self, values: torch.Tensor, grads_ok: torch.Tensor) -> bool:
+        """Losses and gradients finite on every rank (one verdict for all ranks)."""
+        flag = torch.tensor([0.0 if torch.isfinite(values).all() and grads_ok else 1.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag)
         return flag.item() == 0
@@ -301,7 +302,7 @@ class Trainer:
             else:
                 self.bad_steps += 1
                 self.skipped_steps += 1
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_steps)
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.bad_steps)
             self.step += 1
             record = {"step": self.step, "loss": last_loss, "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / elapsed,
                       "step_time_s": elapsed, "skipped_steps": self.skipped_steps}

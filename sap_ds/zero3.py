@@ -135,6 +135,17 @@ class Zero3Shards:
                 master.grad.zero_()
 
     @torch.no_grad()
+    def local_grads_finite(self) -> torch.Tensor:
+        """Whether this rank's gradient shards hold only finite values (a 0-dim bool)."""
+        flat = getattr(self.optimizer, "grad_partitions_flat_buffer", None)
+        buffers = [flat] if flat is not None else []
+        buffers += [m.grad for m in self.optimizer.fp32_partitioned_groups_flat if m.grad is not None]
+        ok = torch.ones((), dtype=torch.bool)
+        for b in buffers:
+            ok &= torch.isfinite(b).all().cpu()
+        return ok
+
+    @torch.no_grad()
     def refresh_gathered(self) -> None:
         """Make the next forward read the edited shards (see the module docstring)."""
         offload = self.optimizer.parameter_offload

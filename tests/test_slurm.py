@@ -6,14 +6,9 @@ not root). Jobs are submitted through the REAL templates (slurm/sap_multinode.sb
 slurm/common.sh), 2 nodes x 1 rank, on CPU (SAP_DS_CPU=1), with MASTER_ADDR=127.0.0.1
 because the fake node names do not resolve.
 
-Two families:
-* stand-in trainer: a 40-line torch.distributed (gloo) program that follows the trainer
-  contract (env rendezvous, resume from checkpoints/latest, stop on SIGUSR1/SIGTERM or
-  the stop file with a checkpoint + REQUEUE marker, summary.json at the end). It checks
-  the templates' own machinery (srun/torchrun per node, traps, requeue, logs) without
-  depending on sap_ds/train.py;
-* the real trainer (sap_ds/train.py with configs/tiny.yaml): the same two scenarios,
-  skipped while the trainer or the config does not exist.
+The real trainer (sap_ds/train.py with configs/tiny.yaml) runs a 2-node job to the end,
+and a second job is preempted (USR1 to the batch shell), checkpoints, requeues, resumes
+and must end at the same step with the same loss.
 """
 from __future__ import annotations
 
@@ -33,67 +28,6 @@ TEMPLATE = REPO / "slurm" / "sap_multinode.sbatch"
 TRAINER = REPO / "sap_ds" / "train.py"
 TINY = REPO / "configs" / "tiny.yaml"
 
-STAND_IN = r'''
-"""Stand-in trainer following the sap_ds/train.py contract (tests only)."""
-import json, os, signal, sys, time
-from pathlib import Path
-import torch
-import torch.distributed as dist
-
-args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
-out = Path(args["output_dir"])
-max_steps, save_every = int(args.get("train.max_steps", 20)), int(args.get("train.save_every", 0))
-step_time = float(args.get("step_time", 0.2))
-stop = {"flag": False}
-for sig in (signal.SIGUSR1, signal.SIGTERM):
-    signal.signal(sig, lambda *_: stop.update(flag=True))
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-stop_file = Path(os.environ.get("SAP_DS_STOP_FILE", out / "STOP"))
-latest = out / "checkpoints" / "latest"
-step, loss = 0, 1.0
-if (latest / "state.json").exists():
-    st = json.loads((latest / "state.json").read_text())
-    step, loss = st["step"], st["loss"]
-    print(f"rank {rank}: resumed at step {step}", flush=True)
-
-def save():
-    if rank == 0:
-        tmp = out / "checkpoints" / f"step{step}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss}))
-        if latest.is_symlink() or latest.exists():
-            latest.unlink()
-        latest.symlink_to(tmp.name)
-    dist.barrier()
-
-while step < max_steps:
-    x = torch.tensor([float(step + 1) * (rank + 1)])
-    dist.all_reduce(x)
-    loss = 0.9 * loss + 1e-3 * x.item() / world
-    step += 1
-    time.sleep(step_time)
-    if rank == 0:
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "loss": loss, "world": world}) + "\n")
-    if save_every and step % save_every == 0:
-        save()
-    flag = torch.tensor([1.0 if (stop["flag"] or stop_file.exists()) else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and step < max_steps:
-        save()
-        if rank == 0:
-            (out / "REQUEUE").touch()
-            print(f"stopping at step {step} for a requeue", flush=True)
-        dist.destroy_process_group()
-        sys.exit(0)
-if rank == 0:
-    (out / "summary.json").write_text(json.dumps({"final_step": step, "final_train_loss": loss,
-        "final_eval_loss": None, "tokens_per_s": 0.0, "export_dir": None, "world_size": world}))
-dist.destroy_process_group()
-'''
-
-
 @pytest.fixture(scope="session")
 def cluster():
     c = SlurmCluster(nodes=2)
@@ -108,7 +42,7 @@ def cluster():
         c.stop()
 
 
-def _submit(cluster: SlurmCluster, tmp: Path, name: str, extra_args: str, stand_in: Path | None = None,
+def _submit(cluster: SlurmCluster, tmp: Path, name: str, extra_args: str,
             **env) -> tuple[int, Path]:
     run = tmp / name
     run.mkdir(parents=True, exist_ok=True)
@@ -123,8 +57,6 @@ def _submit(cluster: SlurmCluster, tmp: Path, name: str, extra_args: str, stand_
         "EXTRA_ARGS": extra_args,
         **env,
     }
-    if stand_in is not None:
-        job_env["TRAIN_SCRIPT"] = str(stand_in)
     # Part of the environment goes through --export=ALL,K=V (the documented way), the rest
     # through sbatch's own environment, which --export=ALL propagates as well.
     export = {"MASTER_ADDR": "127.0.0.1", "GPUS_PER_NODE": "1", "OUTPUT_DIR": str(run / "out"),
@@ -143,8 +75,8 @@ def _diagnostics(cluster: SlurmCluster, tmp: Path, run_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def _run_to_completion(cluster, tmp, name, extra_args, stand_in=None, timeout=240.0):
-    job, out = _submit(cluster, tmp, name, extra_args, stand_in)
+def _run_to_completion(cluster, tmp, name, extra_args, timeout=240.0):
+    job, out = _submit(cluster, tmp, name, extra_args)
     info = cluster.wait(job, timeout)
     assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", \
         f"{info.get('JobState')} {info.get('ExitCode')}\n{_diagnostics(cluster, tmp, out)}"
@@ -164,8 +96,8 @@ def _check_completed_run(tmp: Path, name: str, job: int, out: Path, steps: int) 
     return summary
 
 
-def _preempt_and_compare(cluster, tmp, name, extra_args, reference: dict, stand_in=None, timeout=300.0):
-    job, out = _submit(cluster, tmp, name, extra_args, stand_in)
+def _preempt_and_compare(cluster, tmp, name, extra_args, reference: dict, timeout=300.0):
+    job, out = _submit(cluster, tmp, name, extra_args)
     latest = out / "checkpoints" / "latest"
     # wait for the first checkpoint, then send the time-limit warning the way Slurm does
     # with `--signal=B:USR1@...`: to the batch shell only
@@ -207,41 +139,6 @@ def _preempt_and_compare(cluster, tmp, name, extra_args, reference: dict, stand_
     return summary
 
 
-# --------------------------------------------------------------------------- stand-in trainer
-
-STAND_IN_STEPS = 30
-
-
-@pytest.fixture(scope="session")
-def stand_in(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("stand_in") / "fake_train.py"
-    path.write_text(STAND_IN)
-    return path
-
-
-@pytest.fixture(scope="session")
-def stand_in_reference(cluster, stand_in, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("slurm_ref")
-    args = f"train.max_steps={STAND_IN_STEPS} train.save_every=5 step_time=0.1"
-    job, out, _ = _run_to_completion(cluster, tmp, "standin-ref", args, stand_in)
-    return tmp, job, out
-
-
-def test_template_two_nodes_stand_in(stand_in_reference):
-    tmp, job, out = stand_in_reference
-    summary = _check_completed_run(tmp, "standin-ref", job, out, STAND_IN_STEPS)
-    assert summary["world_size"] == 2  # one rank on each fake node, rendezvous through 127.0.0.1
-    batch_log = (tmp / "logs" / f"standin-ref-{job}" / "batch.log").read_text()
-    assert "MASTER_ADDR=127.0.0.1" in batch_log and f"MASTER_PORT={20000 + job % 20000}" in batch_log
-
-
-def test_template_preemption_requeue_stand_in(cluster, stand_in, stand_in_reference, tmp_path):
-    _, _, ref_out = stand_in_reference
-    reference = json.loads((ref_out / "summary.json").read_text())
-    args = f"train.max_steps={STAND_IN_STEPS} train.save_every=5 step_time=0.1"
-    _preempt_and_compare(cluster, tmp_path, "standin-preempt", args, reference, stand_in)
-
-
 # --------------------------------------------------------------------------- the real trainer
 
 needs_trainer = pytest.mark.skipif(not (TRAINER.exists() and TINY.exists()),
@@ -263,6 +160,8 @@ def test_multinode_template_real_trainer(real_reference):
     summary = _check_completed_run(tmp, "tiny-ref", job, out, REAL_STEPS)
     for key in ("final_step", "final_train_loss", "final_eval_loss", "tokens_per_s", "export_dir"):
         assert key in summary, f"summary.json lacks {key}: {summary}"
+    batch_log = (tmp / "logs" / f"tiny-ref-{job}" / "batch.log").read_text()  # one rank per fake node, via 127.0.0.1
+    assert "MASTER_ADDR=127.0.0.1" in batch_log and f"MASTER_PORT={20000 + job % 20000}" in batch_log
 
 
 @needs_trainer
