@@ -103,6 +103,7 @@ class SapConfig(_Section):
     rho: float = Field(2e-5, ge=0.0, description="Perturbation radius relative to ||W|| (authors' grad_rate).")
     probe_layers: list[int] = Field(default_factory=lambda: [3, 9])
     probe_lr: float = Field(0.05, ge=0.0)
+    probe_adam_eps: float = Field(1e-8, gt=0.0, description="eps of the probe's AdamW.")
     probe_reset: bool = Field(True, description="Zero the probe before each probe step (authors' behaviour).")
     probe_enabled: bool = True
     safety_loss: Literal["contrastive", "difference"] = "contrastive"

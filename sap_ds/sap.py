@@ -70,7 +70,7 @@ def make_state(engine, shards: Zero3Shards, cfg: SapConfig, hidden_size: int) ->
     probe_device = next(engine.module.parameters()).device
     probe = Probe(engine.module, cfg.probe_layers, hidden_size, probe_device)
     probe.enabled = cfg.probe_enabled
-    optimizer = torch.optim.AdamW([probe.vectors], lr=cfg.probe_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([probe.vectors], lr=cfg.probe_lr, eps=cfg.probe_adam_eps, weight_decay=0.0)
     backup = None
     if any(g.master_aliases_lp for g in shards.groups):
         backup = shards.new_flat_buffers()

@@ -79,7 +79,7 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
     probe = _RefProbe(model, s.probe_layers, model.config.hidden_size) if sap else None
     if probe is not None:
         probe.on = s.probe_enabled
-        probe_opt = torch.optim.AdamW([probe.v], lr=s.probe_lr, weight_decay=0.0)
+        probe_opt = torch.optim.AdamW([probe.v], lr=s.probe_lr, eps=s.probe_adam_eps, weight_decay=0.0)
     mb, gas = t.micro_batch_size, t.grad_accum
     gb = mb * gas * world
     pad = tok.pad_token_id

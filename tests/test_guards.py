@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,27 +69,22 @@ def test_zero_or_non_finite_safety_gradient_means_no_perturbation(g2):
     assert scale.item() == pytest.approx(0.1 * 2.0 / 4.0) and ok.item()
 
 
-SAVER = textwrap.dedent(
-    """
-    import sys, time
-    from pathlib import Path
-    import torch
+class _SlowEngine:
+    """Writes its shards the way DeepSpeed does: several files, one by one."""
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            (folder / f"shard_{i}.pt").write_bytes(b"x" * 200_000)
+            time.sleep(0.01)
+
+
+def _save_forever(root: Path, start: int) -> None:
     from sap_ds import checkpoint
 
-    class SlowEngine:  # writes its shards the way DeepSpeed does: several files, one by one
-        def save_checkpoint(self, save_dir, tag, save_latest):
-            folder = Path(save_dir) / tag
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(4):
-                (folder / f"shard_{i}.pt").write_bytes(b"x" * 200_000)
-                time.sleep(0.01)
-
-    root, start = Path(sys.argv[1]), int(sys.argv[2])
-    print("ready", flush=True)
     for step in range(start, start + 1000):
-        checkpoint.save(SlowEngine(), root, step, {"method": "sft"}, {"w": torch.full((1000,), float(step))}, keep=2)
-    """
-)
+        checkpoint.save(_SlowEngine(), root, step, {"method": "sft"}, {"w": torch.full((1000,), float(step))}, keep=2)
 
 
 def _complete(folder):
@@ -98,19 +94,23 @@ def _complete(folder):
 
 
 def test_sigkill_at_20_moments_during_saving_never_loses_a_checkpoint(tmp_path):
+    """A forked child saves checkpoints in a loop (staging, rename, pointer, pruning) and is
+    SIGKILLed at 20 different moments; each time ``latest`` must name a complete
+    checkpoint no older than the last one seen."""
     from sap_ds.checkpoint import latest_tag
 
-    script = tmp_path / "saver.py"
-    script.write_text(SAVER)
     root = tmp_path / "ckpt"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     last_step, start = -1, 0
     for kill in range(20):
-        proc = subprocess.Popen([sys.executable, str(script), str(root), str(start)], stdout=subprocess.PIPE, env=env)
-        assert proc.stdout.readline().strip() == b"ready"
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest machinery, just the save loop
+            try:
+                _save_forever(root, start)
+            finally:
+                os._exit(0)
         time.sleep(0.02 + 0.013 * kill)  # 20 different moments inside the save loop
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
         tag = latest_tag(root)
         if tag is None:  # killed before the first checkpoint completed
             assert last_step == -1
@@ -123,7 +123,7 @@ def test_sigkill_at_20_moments_during_saving_never_loses_a_checkpoint(tmp_path):
     assert last_step >= 0, "no checkpoint ever completed"
 
 
-def test_corrupt_checkpoint_and_checkpoint_of_another_model_are_refused(tmp_path):
+def test_corrupt_checkpoint_and_checkpoints_of_another_model_or_method_are_refused(tmp_path):
     out = tmp_path / "run"
     assert run_single([*BASE, f"output_dir={out}", "train.max_steps=1", "export.enabled=false"]).returncode == 0
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
@@ -131,6 +131,8 @@ def test_corrupt_checkpoint_and_checkpoint_of_another_model_are_refused(tmp_path
 
     other = run_single([*BASE, f"output_dir={out}", "train.max_steps=2", "lora.enabled=true"])
     assert other.returncode == 2 and "trainable_params" in other.stderr and "train.resume=never" in other.stderr
+    other_method = run_single([*BASE, f"output_dir={out}", "train.max_steps=2", "method=sap"])
+    assert other_method.returncode == 2 and "method='sft'" in other_method.stderr
 
     (latest / "sap_ds_rank00000.safetensors").write_bytes(b"not a safetensors file")
     corrupt = run_single([*BASE, f"output_dir={out}", "train.max_steps=2"])

@@ -54,11 +54,3 @@ def test_resume_after_stop_is_bitwise_identical(tmp_path, method):
         pa = load_file(str(straight / "export" / "probe.safetensors"))["probe"]
         pb = load_file(str(resumed / "export" / "probe.safetensors"))["probe"]
         assert pa.abs().max() > 0 and torch.equal(pa, pb)
-
-
-def test_checkpoint_from_another_method_is_refused(tmp_path):
-    out = tmp_path / "run"
-    _run(out, "sft", ["train.max_steps=1"])
-    proc = run_single(["--config", "configs/tiny.yaml", f"output_dir={out}", "method=sap", "train.max_steps=2"])
-    assert proc.returncode == 2
-    assert "method='sft'" in proc.stderr and "train.resume=never" in proc.stderr

