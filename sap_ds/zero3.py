@@ -65,7 +65,7 @@ class Zero3Shards:
                 if p.ds_tensor.data_ptr() != lp.data_ptr() + offset * lp.element_size():
                     raise ShardLayoutError(f"parameter {getattr(p, 'ds_id', '?')} is not at its expected place in the flat shard")
                 offsets.append(offset)
-                valid = max(0, min(n, p.ds_numel - self.rank * n))
+                valid = self._valid_numel(p)
                 if valid < n:
                     padding.append((offset + valid, n - valid))
                 offset += n
@@ -73,6 +73,11 @@ class Zero3Shards:
                 raise ShardLayoutError(f"flat shard of {lp.numel()} elements does not match its parameters ({offset})")
             self.groups.append(GroupShard(list(params), offsets, lp, master, padding))
         self.zero_padding()
+
+    def _valid_numel(self, p) -> int:
+        """Elements of ``p``'s local shard that are real weights (the rest is padding)."""
+        n = p.partition_numel()
+        return max(0, min(n, p.ds_numel - self.rank * n))
 
     @torch.no_grad()
     def zero_padding(self) -> None:
@@ -112,9 +117,7 @@ class Zero3Shards:
         """(group index, parameter, offset, valid length) for every local parameter shard."""
         for gi, g in enumerate(self.groups):
             for p, offset in zip(g.params, g.offsets):
-                n = p.partition_numel()
-                valid = max(0, min(n, p.ds_numel - self.rank * n))
-                yield gi, p, offset, valid
+                yield gi, p, offset, self._valid_numel(p)
 
     @torch.no_grad()
     def drop_grads(self) -> None:
