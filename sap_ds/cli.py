@@ -7,6 +7,7 @@ COMMANDS = {
     "train": ("sap_ds.train", "fine-tune (SFT or SAP); also: deepspeed sap_ds/train.py --config ..."),
     "eval": ("sap_ds.eval", "harmful score and task metrics of one model (docs/evaluation.md)"),
     "compare": ("sap_ds.compare", "SFT vs SAP from one model: train both, evaluate, table + plot"),
+    "sweep": ("sap_ds.sweep", "train + evaluate a grid/random search over config keys and seeds; Pareto front"),
     "bench": ("sap_ds.bench", "throughput of SFT vs SAP variants (tokens/s, phase split, MFU, memory)"),
     "plan": ("sap_ds.plan", "per-GPU memory and step time for a model size and cluster"),
 }

@@ -75,7 +75,7 @@ def launch_command(script: str, nproc: int) -> list[str]:
     return [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(PACKAGE_DIR / script)]
 
 
-def run_logged(cmd: list[str], log_path: Path, what: str) -> None:
+def run_logged(cmd: list[str], log_path: Path, what: str, tag: str = "sap-ds compare") -> None:
     """Run ``cmd``, its output both on the console and in ``log_path``; raise on failure."""
     from sap_ds.distributed import on_cpu
 
@@ -83,7 +83,7 @@ def run_logged(cmd: list[str], log_path: Path, what: str) -> None:
     if on_cpu():
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"sap-ds compare: {what}: {' '.join(cmd)}", flush=True)
+    print(f"{tag}: {what}: {' '.join(cmd)}", flush=True)
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
@@ -131,24 +131,33 @@ class Plan:
         return json.loads(summary.read_text(encoding="utf-8"))
 
     def evaluate(self, model: str, out: Path) -> dict:
-        done = out / "eval.json"
-        if done.is_file():
-            previous = json.loads(done.read_text(encoding="utf-8"))
-            if previous.get("model") == model and previous.get("config") == self.eval_config:
-                return previous["metrics"]
-        nproc = self.cfg.eval_nproc or self.cfg.nproc
-        if nproc == 1:  # in this process: no second start-up of torch and transformers per model
-            from sap_ds.eval import evaluate
-            from sap_ds.evaluation.output import write_report
+        return evaluate_model(model, out, self.cfg.eval_config, self.eval_cfg, self.cfg.eval_overrides,
+                              self.cfg.eval_nproc or self.cfg.nproc)
 
-            print(f"sap-ds compare: eval {model} -> {out}", flush=True)
-            result = evaluate(model, self.eval_cfg)
-            write_report(result, out)
-            return result["metrics"]
-        cmd = launch_command("eval.py", nproc)
-        cmd += ["--model", model, "--config", self.cfg.eval_config, "--out", str(out), *self.cfg.eval_overrides]
-        run_logged(cmd, out / "eval.log", f"eval {model}")
-        return json.loads(done.read_text(encoding="utf-8"))["metrics"]
+
+def evaluate_model(model: str, out: Path, config_path: str, eval_cfg, eval_overrides: list[str], nproc: int,
+                   tag: str = "sap-ds compare") -> dict:
+    """Evaluate ``model`` into ``out/eval.json`` and return its metrics; an ``eval.json``
+    made from the same model and eval config is reused. One rank runs in this process (no
+    second start-up of torch and transformers per model), more through the launcher."""
+    from sap_ds.evaluation.config import to_dict
+
+    done = out / "eval.json"
+    if done.is_file():
+        previous = json.loads(done.read_text(encoding="utf-8"))
+        if previous.get("model") == model and previous.get("config") == to_dict(eval_cfg):
+            return previous["metrics"]
+    if nproc == 1:
+        from sap_ds.eval import evaluate
+        from sap_ds.evaluation.output import write_report
+
+        print(f"{tag}: eval {model} -> {out}", flush=True)
+        result = evaluate(model, eval_cfg)
+        write_report(result, out)
+        return result["metrics"]
+    cmd = launch_command("eval.py", nproc) + ["--model", model, "--config", config_path, "--out", str(out), *eval_overrides]
+    run_logged(cmd, out / "eval.log", f"eval {model}", tag)
+    return json.loads(done.read_text(encoding="utf-8"))["metrics"]
 
 
 # --------------------------------------------------------------------------- the report

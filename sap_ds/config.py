@@ -113,11 +113,24 @@ class SapConfig(_Section):
     perturb_norm: Literal["global", "per_tensor"] = "global"
     probe_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of steps that run the probe pass.")
     kernels: Literal["auto", "triton", "torch"] = "auto"
+    # Variants and ablations (docs/algorithm.md, "Variants"): the authors' method is the default.
+    probe_scale: Optional[float] = Field(None, gt=0.0, description="Rescale each probe vector after every update to this "
+                                         "fraction of the mean hidden-state norm at its layer; null: as the optimizer leaves it.")
+    probe_lr_schedule: Literal["constant", "follow"] = Field("constant", description="'follow': the probe lr takes the "
+                                                             "task lr's warm-up and decay factor.")
+    direction: Literal["safety", "random"] = Field("safety", description="Ablation 'random': a Gaussian direction "
+                                                   "instead of the safety gradient, same norm rho*||W||.")
+    probe_train: bool = Field(True, description="Ablation false: the probe keeps its initial value (probe_init: "
+                                                "random); no safety, perturbation or probe pass.")
+    probe_init: Literal["zeros", "random"] = "zeros"
+    probe_init_norm: float = Field(1.0, gt=0.0, description="L2 norm of each layer's vector with probe_init: random.")
 
 
 class ExportConfig(_Section):
     enabled: bool = True
     merge_lora: bool = True
+    keep_probe: bool = Field(False, description="SAP: write the probe into the exported model as mlp.down_proj.bias of "
+                             "the probe layers (the authors' code leaves it there); false: the model without it.")
 
 
 class RunConfig(_Section):
@@ -142,8 +155,14 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _sap_needs_safety_data(self) -> "RunConfig":
-        if self.method == "sap" and not self.data.safety:
+        needs_safety = self.sap.direction == "safety" and self.sap.probe_train and self.sap.probe_enabled
+        if self.method == "sap" and needs_safety and not self.data.safety:
             raise ValueError("method 'sap' needs safety pairs: set data.safety to a list of sources")
+        if not self.sap.probe_train and self.sap.probe_init == "zeros":
+            raise ValueError("sap.probe_train false keeps the probe at its initial value, which is zero: "
+                             "set sap.probe_init: random (the fixed-random-probe ablation)")
+        if self.export.keep_probe and self.lora.enabled and not self.export.merge_lora:
+            raise ValueError("export.keep_probe writes the probe into the merged model: it needs export.merge_lora true")
         if self.data.harmful_ratio > 0 and self.data.harmful is None:
             raise ValueError("data.harmful_ratio > 0 needs data.harmful (a harmful instruction file)")
         if len(set(self.sap.probe_layers)) != len(self.sap.probe_layers):

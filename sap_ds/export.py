@@ -6,7 +6,8 @@ and saved. LoRA runs write the adapter (``adapter/``) and, by default, the merge
 (``model/``); full fine-tuning writes ``model/``. Both load with
 ``AutoModelForCausalLM.from_pretrained`` and no sap-ds code. The SAP probe is a
 training-time device and is not part of the exported model; it is saved beside it as
-``probe.safetensors`` for analysis.
+``probe.safetensors`` for analysis. ``export.keep_probe`` writes it into the model as
+the authors' code leaves it: ``mlp.down_proj.bias`` of the probe layers (other biases 0).
 """
 from __future__ import annotations
 
@@ -71,8 +72,40 @@ def _save_models(trainer, state: dict, tmp: Path) -> None:
         if cfg.export.merge_lora:
             model = model.merge_and_unload()
     if not cfg.lora.enabled or cfg.export.merge_lora:
+        if cfg.export.keep_probe and trainer.sap_state is not None:
+            model = with_probe_as_bias(model, trainer.sap_state.probe)
         model.save_pretrained(tmp / "model", safe_serialization=True)
         trainer.tokenizer.save_pretrained(tmp / "model")
     if trainer.sap_state is not None:
         save_file({"probe": trainer.sap_state.probe.vectors.detach().cpu().contiguous(),
                    "layers": torch.tensor(trainer.sap_state.probe.layers)}, str(tmp / "probe.safetensors"))
+
+
+def with_probe_as_bias(model, probe):
+    """The same model with ``config.mlp_bias`` on: zero MLP biases except ``down_proj`` of
+    the probe layers, which holds the probe vector. A block's output is ``h + mlp(...)``,
+    so a bias on its last projection adds the vector to the block's output, as the hook
+    does in training. Only architectures whose config has ``mlp_bias`` (Llama family)."""
+    from transformers import AutoModelForCausalLM
+
+    from sap_ds.probe import find_decoder_layers
+
+    config = model.config
+    if not hasattr(config, "mlp_bias"):
+        raise ValueError(f"export.keep_probe: {type(model).__name__} has no mlp_bias option to hold the probe; "
+                         "set export.keep_probe false (the probe is saved as probe.safetensors either way)")
+    config = config.__class__.from_dict(config.to_dict())
+    config.mlp_bias = True
+    biased = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    missing, unexpected = biased.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.endswith(".bias") and not k.endswith("lm_head.weight") for k in missing):
+        raise RuntimeError(f"export.keep_probe: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    biased.tie_weights()
+    blocks = find_decoder_layers(biased)
+    with torch.no_grad():
+        for name, param in biased.named_parameters():
+            if name.endswith(".bias") and ".mlp." in name:
+                param.zero_()
+        for index, layer in enumerate(probe.layers):
+            blocks[layer].mlp.down_proj.bias.copy_(probe.vectors[index].detach().to(blocks[layer].mlp.down_proj.bias))
+    return biased

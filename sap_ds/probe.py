@@ -67,6 +67,10 @@ class Probe:
         self.vectors = torch.zeros(len(self.layers), hidden_size, dtype=torch.float32, device=device, requires_grad=True)
         self.enabled = True
         self.cut_below = False  # probe pass: detach the residual stream under the lowest probe layer
+        # Mean per-token hidden-state norm at each probe layer (before the probe is added),
+        # from the last forward with measure on: what sap.probe_scale is relative to.
+        self.measure = False
+        self.hidden_norms = torch.zeros(len(self.layers), dtype=torch.float32, device=device)
         self._handles = [blocks[layer].register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
 
     def _hook(self, index: int):
@@ -74,6 +78,8 @@ class Probe:
             if not self.enabled:
                 return output
             hidden = output[0] if isinstance(output, tuple) else output
+            if self.measure:
+                self.hidden_norms[index] = hidden.detach().float().norm(dim=-1).mean()
             if self.cut_below and index == 0:
                 # Nothing below the lowest probe layer can influence grad_V: cut the graph
                 # so the probe pass keeps no activations and runs no backward there.
@@ -91,3 +97,16 @@ class Probe:
     @torch.no_grad()
     def reset(self) -> None:
         self.vectors.zero_()
+
+    @torch.no_grad()
+    def init_random(self, norm: float, seed: int) -> None:
+        """Gaussian vectors of L2 norm ``norm`` per layer, the same on every rank (same seed)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        values = torch.randn(self.vectors.shape, generator=gen, dtype=torch.float32)
+        self.vectors.copy_(values / values.norm(dim=-1, keepdim=True) * norm)
+
+    @torch.no_grad()
+    def rescale(self, targets: torch.Tensor) -> None:
+        """Each layer's vector to L2 norm ``targets[i]``, direction kept (zero stays zero)."""
+        norms = self.vectors.norm(dim=-1, keepdim=True)
+        self.vectors.mul_(torch.where(norms > 0, targets.to(norms).unsqueeze(-1) / norms.clamp_min(1e-30), torch.zeros_like(norms)))

@@ -62,19 +62,22 @@ class SapState:
     scale: torch.Tensor  # 0-dim fp32: rho * ||W|| / ||g|| (1 in per_tensor mode, 0 if no direction)
     backup: list | None = None  # fp32 runs only: the master is the working shard, so keep W
     direction_step: int | None = None  # the step whose safety batch gave the current direction
+    seed: int = 0  # run seed: the random-direction ablation draws from (seed, step, rank)
     stats: dict = field(default_factory=dict)
 
 
-def make_state(engine, shards: Zero3Shards, cfg: SapConfig, hidden_size: int) -> SapState:
+def make_state(engine, shards: Zero3Shards, cfg: SapConfig, hidden_size: int, seed: int = 0) -> SapState:
     device = shards.groups[0].master.device if shards.groups else torch.device("cpu")
     probe_device = next(engine.module.parameters()).device
     probe = Probe(engine.module, cfg.probe_layers, hidden_size, probe_device)
     probe.enabled = cfg.probe_enabled
+    if cfg.probe_init == "random":
+        probe.init_random(cfg.probe_init_norm, seed)
     optimizer = torch.optim.AdamW([probe.vectors], lr=cfg.probe_lr, eps=cfg.probe_adam_eps, weight_decay=0.0)
     backup = None
     if any(g.master_aliases_lp for g in shards.groups):
         backup = shards.new_flat_buffers()
-    return SapState(probe, optimizer, shards.new_flat_buffers(), torch.zeros((), device=device), backup)
+    return SapState(probe, optimizer, shards.new_flat_buffers(), torch.zeros((), device=device), backup, seed=seed)
 
 
 # --------------------------------------------------------------------------- phases
@@ -93,16 +96,19 @@ def safety_direction(engine, shards: Zero3Shards, state: SapState, batch: dict, 
     boundary flag makes an offloaded optimizer copy it where ``safe_get_local_grad``
     reads it. The gradients are then dropped: SAP never steps on the safety loss.
     """
-    engine.set_gradient_accumulation_boundary(True)
-    state.probe.enabled = False  # L_safe(W): the probe is not part of the safety signal
-    try:
-        loss = safety_loss(forward_logits(engine, batch), batch["labels"], cfg.safety_loss, cfg.temperature)
-    finally:
-        state.probe.enabled = cfg.probe_enabled
-    engine.backward(loss, scale_wrt_gas=False)
-    shards.copy_local_grads(state.direction)
-    shards.drop_grads()
-    engine.set_gradient_accumulation_boundary(None)
+    if cfg.direction == "random":
+        loss = _random_direction(shards, state, step)
+    else:
+        engine.set_gradient_accumulation_boundary(True)
+        state.probe.enabled = False  # L_safe(W): the probe is not part of the safety signal
+        try:
+            loss = safety_loss(forward_logits(engine, batch), batch["labels"], cfg.safety_loss, cfg.temperature)
+        finally:
+            state.probe.enabled = cfg.probe_enabled
+        engine.backward(loss, scale_wrt_gas=False)
+        shards.copy_local_grads(state.direction)
+        shards.drop_grads()
+        engine.set_gradient_accumulation_boundary(None)
 
     if cfg.perturb_norm == "global":
         sums = torch.stack([kernels.sumsq(d, g.master, backend=cfg.kernels) for d, g in zip(state.direction, shards.groups)]).sum(0)
@@ -121,6 +127,23 @@ def safety_direction(engine, shards: Zero3Shards, state: SapState, batch: dict, 
     }
     if not state.stats["direction_ok"]:
         state.scale.zero_()
+
+
+@torch.no_grad()
+def _random_direction(shards: Zero3Shards, state: SapState, step: int) -> torch.Tensor:
+    """Ablation ``direction: random``: a standard Gaussian in place of the safety gradient
+    (the scale that follows gives it the same norm, rho * ||W||). Padding stays zero."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    gen = torch.Generator(device="cpu").manual_seed(state.seed * 1_000_003 + step * 1009 + rank)
+    for d in state.direction:
+        d.zero_()
+    for gi, _, offset, valid in shards.param_slices():
+        if valid:
+            noise = torch.randn(valid, generator=gen, dtype=torch.float32)
+            state.direction[gi].narrow(0, offset, valid).copy_(noise)
+    return torch.tensor(float("nan"))
 
 
 def direction_scale(g2: torch.Tensor, w2: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,8 +213,9 @@ def probe_gradient(engine, state: SapState, micro_batches: list[dict]) -> torch.
     return total
 
 
-def update_probe(state: SapState, probe_grad: torch.Tensor, cfg: SapConfig) -> None:
-    """Phase 5b: average gV over ranks, reset V (paper mode), one AdamW step on V."""
+def update_probe(state: SapState, probe_grad: torch.Tensor, cfg: SapConfig, lr_factor: float = 1.0) -> None:
+    """Phase 5b: average gV over ranks, reset V (paper mode), one AdamW step on V (at
+    ``probe_lr * lr_factor`` with ``probe_lr_schedule: follow``), then ``probe_scale``."""
     vectors = state.probe.vectors
     grad = probe_grad + (vectors.grad if vectors.grad is not None else 0)
     grad = all_reduce_mean(grad.detach().clone())
@@ -201,9 +225,22 @@ def update_probe(state: SapState, probe_grad: torch.Tensor, cfg: SapConfig) -> N
         return
     if cfg.probe_reset:
         state.probe.reset()
+    if cfg.probe_lr_schedule == "follow":
+        for group in state.probe_optimizer.param_groups:
+            group["lr"] = cfg.probe_lr * lr_factor
     vectors.grad = grad
     state.probe_optimizer.step()
     state.probe_optimizer.zero_grad(set_to_none=True)
+    rescale_probe(state, cfg)
+
+
+def rescale_probe(state: SapState, cfg: SapConfig) -> None:
+    """``probe_scale``: each layer's vector to that fraction of the mean hidden-state norm
+    the last main pass measured there (averaged over ranks, so V stays identical)."""
+    norms = all_reduce_mean(state.probe.hidden_norms.clone())
+    state.stats["hidden_norm"] = norms.mean().item()
+    if cfg.probe_scale is not None:
+        state.probe.rescale(cfg.probe_scale * norms)
 
 
 # --------------------------------------------------------------------------- the step
@@ -227,14 +264,15 @@ def runs_probe(step: int, fraction: float) -> bool:
 
 
 def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step: int,
-             micro_batches: list[dict], safety_batch: dict | None, main_pass, timer: PhaseTimer) -> list[float]:
+             micro_batches: list[dict], safety_batch: dict | None, main_pass, timer: PhaseTimer,
+             lr_factor: float = 1.0) -> list[float]:
     """One optimizer step of SAP. ``main_pass(micro_batches)`` is the trainer's SFT pass
     (forward/backward per micro-batch, then ``engine.step()``); it returns the losses.
 
     The main pass starts from the RNG state the probe pass started from, so with dropout
     both passes see the same masks and ``L(W, V) - L(W', V)`` measures the perturbation,
     not dropout noise (the authors' script draws fresh masks for each pass)."""
-    probing = cfg.probe_enabled and runs_probe(step, cfg.probe_fraction)
+    probing = cfg.probe_enabled and cfg.probe_train and runs_probe(step, cfg.probe_fraction)
     probe_grad = None
     if probing:
         if safety_batch is not None:
@@ -251,10 +289,16 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
     if probing:
         shards.drop_grads()  # the probe pass's backward epilogue must not make the main pass accumulate
         _set_rng_state(rng)
-    with timer("main"):
-        losses = main_pass(micro_batches)
+    state.probe.measure = True  # the hidden-state norms probe_scale is relative to
+    try:
+        with timer("main"):
+            losses = main_pass(micro_batches)
+    finally:
+        state.probe.measure = False
     if probing:
-        update_probe(state, probe_grad, cfg)
+        update_probe(state, probe_grad, cfg, lr_factor)
     else:
         state.probe.vectors.grad = None
+        if cfg.probe_enabled and not cfg.probe_train:
+            rescale_probe(state, cfg)  # the fixed probe, kept at its size relative to h
     return losses

@@ -80,14 +80,15 @@ class Trainer:
             model = apply_lora(model, cfg.lora)
         self.hidden_size = model.config.hidden_size
         trainable = [p for p in model.parameters() if p.requires_grad]
-        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.total_steps))  # noqa: E731
+        self.lr_factor = lr_lambda(cfg, self.total_steps)
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)  # noqa: E731
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=trainable, config=ds_config, lr_scheduler=scheduler
         )
         self.shards = sap.Zero3Shards(self.engine)
         self.sap_state = None
         if cfg.method == "sap":
-            self.sap_state = sap.make_state(self.engine, self.shards, cfg.sap, self.hidden_size)
+            self.sap_state = sap.make_state(self.engine, self.shards, cfg.sap, self.hidden_size, seed=cfg.seed)
         self.timer = sap.PhaseTimer()
         self.step = 0
         self.tokens_seen = 0
@@ -151,9 +152,11 @@ class Trainer:
             with self.timer("main"):
                 return self.main_pass(micro_batches)
         due = sap.direction_due(self.sap_state, step, self.cfg.sap.safety_every)
-        safety = self.safety_batch(step) if due else None
+        # The random-direction ablation needs no safety batch, only the signal that a new
+        # direction is due (an empty batch).
+        safety = (self.safety_batch(step) if self.cfg.sap.direction == "safety" else {}) if due else None
         return sap.sap_step(self.engine, self.shards, self.sap_state, self.cfg.sap, step, micro_batches, safety,
-                            self.main_pass, self.timer)
+                            self.main_pass, self.timer, lr_factor=self.lr_factor(step))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

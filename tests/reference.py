@@ -46,6 +46,7 @@ class _RefProbe:
         blocks = base.model.layers
         self.v = torch.zeros(len(layers), hidden, requires_grad=True)
         self.on = True
+        self.norms = torch.zeros(len(layers))  # mean per-token ||h|| before V, last forward
         for i, layer in enumerate(sorted(layers)):
             blocks[layer].register_forward_hook(self._hook(i))
 
@@ -53,6 +54,8 @@ class _RefProbe:
         def hook(module, inputs, output):
             if not self.on:
                 return output
+            hidden = output[0] if isinstance(output, tuple) else output
+            self.norms[i] = hidden.detach().float().norm(dim=-1).mean()
             if isinstance(output, tuple):
                 return (output[0] + self.v[i], *output[1:])
             return output + self.v[i]
@@ -79,6 +82,10 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
     probe = _RefProbe(model, s.probe_layers, model.config.hidden_size) if sap else None
     if probe is not None:
         probe.on = s.probe_enabled
+        if s.probe_init == "random":  # same draw as sap_ds.probe.Probe.init_random
+            values = torch.randn(probe.v.shape, generator=torch.Generator().manual_seed(cfg.seed))
+            with torch.no_grad():
+                probe.v.copy_(values / values.norm(dim=-1, keepdim=True) * s.probe_init_norm)
         probe_opt = torch.optim.AdamW([probe.v], lr=s.probe_lr, eps=s.probe_adam_eps, weight_decay=0.0)
     mb, gas = t.micro_batch_size, t.grad_accum
     gb = mb * gas * world
@@ -92,7 +99,7 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
             for r in range(world)
         ]
         gv = None
-        probing = sap and s.probe_enabled
+        probing = sap and s.probe_enabled and s.probe_train
         if probing:
             if step % s.safety_every == 0 or direction is None:
                 # 1. safety gradient, averaged over ranks (each rank: mean over its pairs)
@@ -136,12 +143,15 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
         if probe is not None:
             probe.v.grad = None
         step_losses = []
+        rank_norms = []  # per rank: the hidden-state norms of its last micro-batch
         for r in range(world):
             for batch in micro[r]:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss = _ce(logits, batch["labels"])
                 (loss / (world * gas)).backward()
                 step_losses.append(loss.item())
+            if probe is not None:
+                rank_norms.append(probe.norms.clone())
         losses.append(step_losses)
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
@@ -153,9 +163,16 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
                 with torch.no_grad():
                     probe.v.zero_()
             probe.v.grad = total
+            if s.probe_lr_schedule == "follow":
+                probe_opt.param_groups[0]["lr"] = s.probe_lr * lr_lambda(cfg, steps)(step)
             probe_opt.step()
         if probe is not None:
             probe.v.grad = None
+            if s.probe_scale is not None and s.probe_enabled:  # V_i to probe_scale * mean ||h|| at layer i
+                target = s.probe_scale * torch.stack(rank_norms).mean(0)
+                with torch.no_grad():
+                    n = probe.v.norm(dim=-1)
+                    probe.v.mul_(torch.where(n > 0, target / n.clamp_min(1e-30), torch.zeros_like(n)).unsqueeze(-1))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     return {
         "params": {n: p.detach().clone() for n, p in zip(names, params)},

@@ -111,10 +111,14 @@ def test_zero3_sft_matches_reference_after_3_steps(sft_run):
     [
         ["sap.safety_loss=contrastive", "sap.kernels=triton"],
         ["sap.safety_loss=difference", "sap.perturb_norm=per_tensor"],
-        ["sap.safety_loss=contrastive", *LORA],
+        # variants: a probe kept across steps at a size relative to ||h||, lr following the schedule
+        ["sap.safety_loss=contrastive", "sap.probe_reset=false", "sap.probe_scale=0.05", "sap.probe_lr_schedule=follow", *LORA],
         ["sap.safety_loss=difference", *LORA],
+        # ablation: a fixed random probe scaled to ||h||, no SAP pass at all
+        ["sap.probe_train=false", "sap.probe_init=random", "sap.probe_scale=0.1", *LORA],
     ],
-    ids=["full-contrastive-triton", "full-difference-per_tensor", "lora-contrastive", "lora-difference"],
+    ids=["full-contrastive-triton", "full-difference-per_tensor", "lora-contrastive-kept-scaled-follow", "lora-difference",
+         "lora-fixed-random-probe"],
 )
 def test_zero3_sap_matches_reference_after_3_steps(tmp_path, variant):
     """Also: the Triton kernels (interpreted) follow the reference like the PyTorch twins,

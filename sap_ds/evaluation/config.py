@@ -31,6 +31,8 @@ class PromptSet(_Section):
     exclude: dict[str, list[str]] = Field(default_factory=dict, description="Drop rows whose column value is listed.")
     limit: Optional[int] = Field(None, gt=0)
     offset: int = Field(0, ge=0)
+    drop_if_in: list[str] = Field(default_factory=list, description="Files (e.g. training sets) whose prompts are "
+                                  "dropped from this set, after offset and limit: keeps training prompts out of the score.")
 
 
 class ClassifierConfig(_Section):

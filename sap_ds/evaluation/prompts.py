@@ -30,6 +30,11 @@ def _cell(row: dict, column: str) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+def _prompts_in(path: Path) -> set[str]:
+    """Every prompt-column cell of a file (any of ``PROMPT_COLUMNS``), for ``drop_if_in``."""
+    return {_cell(row, c) for row in read_rows(path) for c in PROMPT_COLUMNS if _cell(row, c)}
+
+
 def load_prompts(source: PromptSet) -> list[HarmfulPrompt]:
     path = Path(source.path)
     rows = read_rows(path)
@@ -56,6 +61,9 @@ def load_prompts(source: PromptSet) -> list[HarmfulPrompt]:
         prompts.append(HarmfulPrompt(set_name(source), prompt, f"{path}:{number}"))
     end = None if source.limit is None else source.offset + source.limit
     prompts = prompts[source.offset : end]
+    if source.drop_if_in:
+        seen = set().union(*(_prompts_in(Path(f)) for f in source.drop_if_in))
+        prompts = [p for p in prompts if p.prompt not in seen]
     if not prompts:
         raise DataError(f"{path}: no prompts left after offset={source.offset}, limit={source.limit} and exclude")
     return prompts

@@ -1,0 +1,120 @@
+"""``sap-ds sweep``: a tiny sweep end to end (named point + grid, one rank, 2 steps), its
+resumption, the SLURM-array entry points, and the point expansion and Pareto logic."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sap_ds.sweep import Range, SweepConfig, expand_points, main, pareto_front, point_name
+from tests.conftest import REPO
+
+
+def tiny_sweep(tmp_path, **extra) -> dict:
+    return {"train_config": "configs/tiny.yaml", "eval_config": "configs/eval/tiny.yaml", "start_model": "tiny-random",
+            "out_dir": str(tmp_path / "out"), "nproc": 1, "eval_nproc": 1, "seeds": [0],
+            "overrides": ["train.max_steps=2", "train.eval_every=0"],
+            "eval_overrides": ["generation.max_new_tokens=4", "tasks=[{kind: test_loss, name: gsm8k_test, "
+                               "path: data/gsm8k/test.jsonl, format: gsm8k, limit: 4, max_length: 96}]"],
+            "points": {"sft": ["method=sft"]}, "grid": {"sap.rho": [0.01]}, "search_overrides": ["method=sap"],
+            "reference": "sft", **extra}
+
+
+def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path), sort_keys=False))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "sap_ds.sweep", "--config", str(config)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = tmp_path / "out"
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["point"] for r in records] == ["sft", "sap.rho=0.01"]
+    assert all(r["status"] == "done" and r["seed"] == 0 for r in records)
+    for r in records:
+        assert {"harmful score", "gsm8k_test loss"} <= set(r["metrics"]) and r["train"]["final_step"] == 2
+        assert (out / r["point"] / "seed0" / "eval" / "eval.json").is_file()
+    # each point really ran with its overrides
+    sap_config = json.loads((out / "sap.rho=0.01" / "seed0" / "config.json").read_text())
+    assert sap_config["method"] == "sap" and sap_config["sap"]["rho"] == 0.01
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["task_metric"] == "gsm8k_test loss" and summary["start"]["harmful score"] is not None
+    assert {r["point"] for r in summary["rows"]} == {"sft", "sap.rho=0.01"}
+    assert any(r["pareto"] for r in summary["rows"])
+    assert next(r for r in summary["rows"] if r["point"] == "sft")["vs_reference"]["task_loss_change"] == 0.0
+    assert (out / "sweep.png").stat().st_size > 0 and "| sft | 0 |" in (out / "sweep.md").read_text()
+
+    # resumable: a second run (one more seed) trains only the new seed's runs
+    monkeypatch.chdir(REPO)
+    capsys.readouterr()
+    assert main(["--config", str(config), "seeds=[0,1]", "grid={}"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("sap-ds sweep: train") == 1 and "train sft/seed1" in printed
+    # SLURM array entry points: --list numbers the runs, --report trains nothing
+    assert main(["--config", str(config), "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[:3] for line in listed] == [["0", "sft", "seed 0"], ["1", "sap.rho=0.01", "seed 0"]]
+    assert main(["--config", str(config), "--report", "seeds=[0,1,2]"]) == 0
+    printed = capsys.readouterr().out
+    assert "sap-ds sweep: train" not in printed and "| sft | 0, 1 |" in printed
+
+
+def test_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "sweep.yaml"
+    # lr 1e6 makes the loss non-finite: the trainer stops after train.max_bad_steps (exit 3)
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, grid={}, reference=None, points={"diverges": [
+        "method=sft", "train.lr=1.0e+30", "train.max_bad_steps=1", "train.max_steps=3"], "sft": ["method=sft"]}),
+        sort_keys=False))
+    assert main(["--config", str(config)]) == 1
+    captured = capsys.readouterr()
+    assert "failed: diverges seed 0" in captured.err and "train.log" in captured.err
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["point"], r["status"]) for r in records] == [("diverges", "failed"), ("sft", "done")]
+
+
+def test_expand_points_grid_and_random():
+    cfg = SweepConfig(train_config="x", eval_config="y", points={"sft": ["method=sft"]},
+                      grid={"sap.rho": [0.01, 0.1], "sap.probe_layers": [[3, 9], [6]]}, search_overrides=["method=sap"],
+                      random={"sap.probe_lr": Range(min=0.01, max=1.0, log=True), "sap.probe_reset": [True, False]}, samples=3)
+    points = expand_points(cfg)
+    names = list(points)
+    assert names[:5] == ["sft", "sap.rho=0.01,sap.probe_layers=3-9", "sap.rho=0.01,sap.probe_layers=6",
+                         "sap.rho=0.1,sap.probe_layers=3-9", "sap.rho=0.1,sap.probe_layers=6"]
+    assert points[names[2]] == ["method=sap", "sap.rho=0.01", "sap.probe_layers=[6]"]
+    random_points = names[5:]
+    assert 1 <= len(random_points) <= 3 and random_points == list(expand_points(cfg))[5:]  # same seed, same draws
+    for name in random_points:
+        lr = float(name.split("sap.probe_lr=")[1].split(",")[0])
+        assert 0.01 <= lr <= 1.0
+
+
+def test_point_name_and_pareto():
+    assert point_name({"data.harmful_ratio": 0.2, "sap.kernels": "torch"}) == "data.harmful_ratio=0.2,sap.kernels=torch"
+    front = pareto_front([("a", 10.0, 1.0), ("b", 5.0, 1.2), ("c", 12.0, 1.1), ("d", 5.0, 1.3), ("e", 1.0, 2.0)])
+    assert front == {"a", "b", "e"}  # c is beaten by a on both, d by b on loss
+
+
+def test_bad_sweep_configs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, points={"bad": ["sap.rhoo=0.1"]}, grid={}, reference=None)))
+    assert main(["--config", str(config)]) == 2
+    assert "sweep point 'bad'" in capsys.readouterr().err
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, points={}, grid={}, reference=None)))
+    assert main(["--config", str(config)]) == 2
+    assert "a sweep needs points, a grid, or random ranges" in capsys.readouterr().err
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, reference="nope")))
+    assert main(["--config", str(config)]) == 2
+    assert "reference 'nope' is not one of the named points" in capsys.readouterr().err
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path), sort_keys=False))
+    assert main(["--config", str(config), "--only", "7"]) == 2
+    assert "the sweep has runs 0..1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", [{"min": 2.0, "max": 1.0}, {"min": 0.0, "max": 1.0, "log": True}])
+def test_bad_ranges(spec):
+    with pytest.raises(ValueError):
+        Range(**spec)
