@@ -266,3 +266,71 @@ def test_cut_below_detaches_under_the_lowest_probe_layer():
     probe.cut_below = False
     _, again = _loss_and_grads(model, probe, ids, cut=False)
     assert again["layer0"] is not None  # the flag, not the hook, decides
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def test_hidden_norms_are_measured_before_the_probe_is_added():
+    model = _model("llama", layers=3)
+    probe = Probe(model, [0, 2], HIDDEN, CPU)
+    with torch.no_grad():
+        probe.vectors.fill_(5.0)
+    seen = _layer_inputs(model)  # block i+1 receives block i's output (+ V)
+    probe.measure = True
+    with torch.no_grad():
+        model(_ids())
+    want0 = (seen[1] - 5.0).norm(dim=-1).mean()
+    assert torch.allclose(probe.hidden_norms[0], want0, rtol=1e-5)
+    probe.measure = False
+    probe.hidden_norms.zero_()
+    with torch.no_grad():
+        model(_ids())
+    assert probe.hidden_norms.abs().max() == 0
+
+
+def test_rescale_and_random_init():
+    model = _model("llama", layers=3)
+    probe = Probe(model, [0, 2], HIDDEN, CPU)
+    probe.init_random(2.5, seed=3)
+    assert torch.allclose(probe.vectors.norm(dim=-1), torch.full((2,), 2.5))
+    other = Probe(_model("llama", layers=3), [0, 2], HIDDEN, CPU)
+    other.init_random(2.5, seed=3)
+    assert torch.equal(probe.vectors, other.vectors)  # same seed on every rank: the same probe
+    direction = probe.vectors.detach().clone()
+    probe.rescale(torch.tensor([1.0, 7.0]))
+    assert torch.allclose(probe.vectors.norm(dim=-1), torch.tensor([1.0, 7.0]))
+    assert torch.allclose(probe.vectors[1] / 7.0, direction[1] / 2.5, atol=1e-6)
+    probe.reset()
+    probe.rescale(torch.tensor([1.0, 7.0]))
+    assert probe.vectors.abs().max() == 0  # zero stays zero, no NaN
+
+
+def test_probe_written_as_down_proj_bias_gives_the_hooked_logits():
+    """export.keep_probe: the plain model with the probe as mlp.down_proj.bias computes what
+    the model with the probe hooks computes, and loads back in plain transformers."""
+    from sap_ds.export import with_probe_as_bias
+
+    model = _model("llama", layers=3)
+    probe = Probe(model, [0, 2], HIDDEN, CPU)
+    probe.init_random(3.0, seed=0)
+    with torch.no_grad():
+        hooked = model(_ids()).logits
+    probe.remove()
+    with torch.no_grad():
+        plain = model(_ids()).logits
+    biased = with_probe_as_bias(model, probe).eval()
+    with torch.no_grad():
+        baked = biased(_ids()).logits
+    assert not torch.allclose(plain, hooked, atol=1e-3), "the probe must change the logits for this test to mean anything"
+    assert torch.allclose(baked, hooked, atol=1e-5), (baked - hooked).abs().max()
+    assert biased.config.mlp_bias and biased.model.layers[1].mlp.down_proj.bias.abs().max() == 0
+
+
+def test_keep_probe_needs_an_mlp_bias_option():
+    from sap_ds.export import with_probe_as_bias
+
+    model = _model("gpt2", layers=2)
+    probe = Probe(model, [0], HIDDEN, CPU)
+    with pytest.raises(ValueError, match="has no mlp_bias option"):
+        with_probe_as_bias(model, probe)

@@ -22,18 +22,22 @@ def tiny_sweep(tmp_path, **extra) -> dict:
             "reference": "sft", **extra}
 
 
-def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
+    """A named point, a grid point and a point that diverges (lr 1e30: non-finite loss, the
+    trainer stops with exit 3): the failure is recorded and the sweep goes on."""
+    diverges = ["method=sft", "train.lr=1.0e+30", "train.max_bad_steps=1", "train.max_steps=4"]
     config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path), sort_keys=False))
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, points={"sft": ["method=sft"], "diverges": diverges}),
+                                     sort_keys=False))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "sap_ds.sweep", "--config", str(config)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "failed: diverges seed 0" in proc.stderr and "train.log" in proc.stderr
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["point"] for r in records] == ["sft", "sap.rho=0.01"]
-    assert all(r["status"] == "done" and r["seed"] == 0 for r in records)
-    for r in records:
+    assert [(r["point"], r["status"]) for r in records] == [("sft", "done"), ("diverges", "failed"), ("sap.rho=0.01", "done")]
+    for r in (records[0], records[2]):
         assert {"harmful score", "gsm8k_test loss"} <= set(r["metrics"]) and r["train"]["final_step"] == 2
         assert (out / r["point"] / "seed0" / "eval" / "eval.json").is_file()
     # each point really ran with its overrides
@@ -41,38 +45,25 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert sap_config["method"] == "sap" and sap_config["sap"]["rho"] == 0.01
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["task_metric"] == "gsm8k_test loss" and summary["start"]["harmful score"] is not None
-    assert {r["point"] for r in summary["rows"]} == {"sft", "sap.rho=0.01"}
+    assert {r["point"] for r in summary["rows"]} == {"sft", "sap.rho=0.01"} and summary["failed"][0]["point"] == "diverges"
     assert any(r["pareto"] for r in summary["rows"])
     assert next(r for r in summary["rows"] if r["point"] == "sft")["vs_reference"]["task_loss_change"] == 0.0
     assert (out / "sweep.png").stat().st_size > 0 and "| sft | 0 |" in (out / "sweep.md").read_text()
 
-    # resumable: a second run (one more seed) trains only the new seed's runs
+    # resumable: a second call trains only what did not finish (the failed point), in this process
     monkeypatch.chdir(REPO)
     capsys.readouterr()
-    assert main(["--config", str(config), "seeds=[0,1]", "grid={}"]) == 0
+    assert main(["--config", str(config)]) == 1
     printed = capsys.readouterr().out
-    assert printed.count("sap-ds sweep: train") == 1 and "train sft/seed1" in printed
+    assert printed.count("sap-ds sweep: train") == 1 and "train diverges/seed0" in printed
     # SLURM array entry points: --list numbers the runs, --report trains nothing
     assert main(["--config", str(config), "--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert [line.split("\t")[:3] for line in listed] == [["0", "sft", "seed 0"], ["1", "sap.rho=0.01", "seed 0"]]
-    assert main(["--config", str(config), "--report", "seeds=[0,1,2]"]) == 0
+    assert [line.split("\t")[:3] for line in listed] == [["0", "sft", "seed 0"], ["1", "diverges", "seed 0"],
+                                                         ["2", "sap.rho=0.01", "seed 0"]]
+    assert main(["--config", str(config), "--report", "seeds=[0,1]"]) == 0
     printed = capsys.readouterr().out
-    assert "sap-ds sweep: train" not in printed and "| sft | 0, 1 |" in printed
-
-
-def test_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(REPO)
-    config = tmp_path / "sweep.yaml"
-    # lr 1e6 makes the loss non-finite: the trainer stops after train.max_bad_steps (exit 3)
-    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, grid={}, reference=None, points={"diverges": [
-        "method=sft", "train.lr=1.0e+30", "train.max_bad_steps=1", "train.max_steps=3"], "sft": ["method=sft"]}),
-        sort_keys=False))
-    assert main(["--config", str(config)]) == 1
-    captured = capsys.readouterr()
-    assert "failed: diverges seed 0" in captured.err and "train.log" in captured.err
-    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert [(r["point"], r["status"]) for r in records] == [("diverges", "failed"), ("sft", "done")]
+    assert "sap-ds sweep: train" not in printed and "| sft | 0 |" in printed
 
 
 def test_expand_points_grid_and_random():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import math
 
 import pytest
 import torch
@@ -176,3 +177,17 @@ def test_bf16_sap_loss_is_finite_and_falls(tmp_path):
     assert all(map(math.isfinite, means)), means
     assert means[-1] < means[0] - 0.05, f"bf16 SAP loss did not fall: {means}"
     assert torch.equal(probes[0], probes[1])
+
+
+def test_random_direction_ablation(tmp_path):
+    """sap.direction=random: a standard Gaussian over exactly the trainable elements of all
+    ranks' shards (||d||^2 = N within 1 %, where sqrt(2N) is the spread), no safety pass,
+    and the probe still trains and stays identical on the ranks."""
+    result, params, probes = _run_zero3(tmp_path, ["method=sap", "sap.direction=random", "sap.rho=0.05", "sap.probe_lr=0.1",
+                                                   "data.safety=[]"], steps=2)
+    n = sum(t.numel() for t in params.values())
+    assert len(result["sap_stats"]) == 2
+    for stats in result["sap_stats"]:
+        assert stats["safety_grad_norm"] ** 2 == pytest.approx(n, rel=0.01)
+        assert math.isnan(stats["safety_loss"]) and stats["direction_ok"]  # no safety forward ran
+    assert torch.equal(probes[0], probes[1]) and probes[0].abs().max() > 0

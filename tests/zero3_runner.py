@@ -155,9 +155,11 @@ def main() -> int:
         result["inspect"] = inspect_first_step(trainer)
         trainer.shards.drop_grads()
     else:
-        losses = []
+        losses, result["sap_stats"] = [], []
         for step in range(args.steps):
             losses.append(trainer.train_step(step))
+            if trainer.sap_state is not None:
+                result["sap_stats"].append(dict(trainer.sap_state.stats))
         gathered = [None] * world
         dist.all_gather_object(gathered, losses)
         result["losses"] = [[x for r in range(world) for x in gathered[r][s]] for s in range(args.steps)]
