@@ -13,7 +13,9 @@ atomically after every run: ``results.jsonl`` (one record per run), ``sweep.md``
 spread per point, the Pareto front marked) and ``sweep.png`` (harmful score against task
 loss). On a cluster, ``--list`` numbers the runs, ``--only I`` runs one of them (a SLURM
 array task, slurm/sweep_array.sbatch) and ``--report`` writes the outputs from what
-finished. See docs/results.md for the sweeps behind the recommended preset.
+finished. ``--eval-only eval_config=... eval_dir=...`` evaluates the trained runs on another
+set (a held-out one) without training. See docs/results.md for the sweeps behind the
+recommended preset.
 """
 from __future__ import annotations
 
@@ -67,6 +69,9 @@ class SweepConfig(_Section):
     eval_nproc: Optional[int] = Field(None, gt=0, description="Ranks per evaluation (default: nproc); 1 runs it in-process.")
     overrides: list[str] = Field(default_factory=list, description="Train overrides for every run.")
     eval_overrides: list[str] = Field(default_factory=list)
+    eval_dir: str = Field("eval", description="Run subfolder of the evaluation. Another name (with another "
+                          "eval_config) evaluates the same trained runs on another set, e.g. a held-out one; its "
+                          "outputs then go to <out_dir>/<eval_dir>/.")
     points: dict[str, list[str]] = Field(default_factory=dict, description="Named points: name -> train overrides.")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Config key -> values; every combination is a point.")
     random: dict[str, Union[Range, list[Any]]] = Field(default_factory=dict,
@@ -146,6 +151,7 @@ class Sweep:
 
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
+        self.report_dir = self.out if cfg.eval_dir == "eval" else self.out / cfg.eval_dir
         base = load_config(cfg.train_config, cfg.overrides)
         self.start_model = cfg.start_model or base.model.path
         resolve_model_path(ModelConfig(path=self.start_model))  # ModelError now if it is missing
@@ -184,7 +190,7 @@ class Sweep:
                         f"is in {run_dir / 'checkpoints'} and the next sweep call resumes it"}
             train = json.loads(summary.read_text(encoding="utf-8"))
             model = str(run_dir / "export" / "model")
-            metrics = self.evaluate(model, run_dir / "eval")
+            metrics = self.evaluate(model, run_dir / self.cfg.eval_dir)
         except CompareError as exc:
             return {**record, "status": "failed", "error": str(exc)}
         return {**record, "status": "done", "model": model, "metrics": scalar_metrics(metrics),
@@ -193,7 +199,7 @@ class Sweep:
 
     def finished(self, run: dict) -> Optional[dict]:
         """The record of a run whose training and evaluation are both on disk, else None."""
-        eval_json = run["run_dir"] / "eval" / "eval.json"
+        eval_json = run["run_dir"] / self.cfg.eval_dir / "eval.json"
         if not (run["run_dir"] / "summary.json").is_file() or not eval_json.is_file():
             return None
         previous = json.loads(eval_json.read_text(encoding="utf-8"))
@@ -313,33 +319,37 @@ def plot(summary: dict, path: Path) -> None:
 def write_outputs(sweep: Sweep, records: list[dict], start_metrics: Optional[dict]) -> dict:
     from sap_ds.checkpoint import atomic_write_text
 
-    sweep.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(sweep.out / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in records))
+    out = sweep.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in records))
     summary = summarise(sweep.cfg, records, start_metrics)
-    atomic_write_text(sweep.out / "sweep.json", json.dumps(summary, indent=1))
-    atomic_write_text(sweep.out / "sweep.md", markdown(summary))
+    atomic_write_text(out / "sweep.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "sweep.md", markdown(summary))
     if summary["rows"]:
-        plot(summary, sweep.out / "sweep.png")
+        plot(summary, out / "sweep.png")
     return summary
 
 
 # --------------------------------------------------------------------------- main
 
 
-def run_sweep(cfg: SweepConfig, only: Optional[int] = None, report_only: bool = False) -> tuple[dict, list[dict]]:
+def run_sweep(cfg: SweepConfig, only: Optional[int] = None, report_only: bool = False,
+              eval_only: bool = False) -> tuple[dict, list[dict]]:
     sweep = Sweep(cfg)
     if only is not None:
         if not 0 <= only < len(sweep.runs):
             raise ValueError(f"--only {only}: the sweep has runs 0..{len(sweep.runs) - 1} (see --list)")
         record = sweep.execute(sweep.runs[only])
         return {}, [record]
-    start = None
+    start, start_dir = None, sweep.out / cfg.eval_dir / "start"
     if not report_only:
-        start = scalar_metrics(sweep.evaluate(sweep.start_model, sweep.out / "eval" / "start"))
-    elif (sweep.out / "eval" / "start" / "eval.json").is_file():
-        start = scalar_metrics(json.loads((sweep.out / "eval" / "start" / "eval.json").read_text(encoding="utf-8"))["metrics"])
+        start = scalar_metrics(sweep.evaluate(sweep.start_model, start_dir))
+    elif (start_dir / "eval.json").is_file():
+        start = scalar_metrics(json.loads((start_dir / "eval.json").read_text(encoding="utf-8"))["metrics"])
     records = []
     for run in sweep.runs:
+        if eval_only and not (run["run_dir"] / "summary.json").is_file():
+            continue  # not trained (yet): --eval-only trains nothing
         record = sweep.finished(run) if report_only else sweep.execute(run)
         if record is not None:
             records.append(record)
@@ -355,6 +365,8 @@ def main(argv=None) -> int:
     group.add_argument("--list", action="store_true", help="print the numbered runs and exit")
     group.add_argument("--only", type=int, metavar="I", help="run only run I (a SLURM array task)")
     group.add_argument("--report", action="store_true", help="write the outputs from finished runs; run nothing")
+    group.add_argument("--eval-only", action="store_true", help="evaluate the trained runs (e.g. with another "
+                       "eval_config and eval_dir); train nothing")
     args = parser.parse_args(argv)
     from sap_ds.config import read_config_file, validate_tree
     from sap_ds.errors import USER_ERRORS, report_user_error
@@ -365,7 +377,7 @@ def main(argv=None) -> int:
             for run in Sweep(cfg).runs:
                 print(f"{run['index']}\t{run['point']}\tseed {run['seed']}\t{run['run_dir']}")
             return 0
-        summary, records = run_sweep(cfg, only=args.only, report_only=args.report)
+        summary, records = run_sweep(cfg, only=args.only, report_only=args.report, eval_only=args.eval_only)
     except USER_ERRORS as exc:
         return report_user_error(exc)
     except ValueError as exc:
@@ -374,7 +386,8 @@ def main(argv=None) -> int:
     failed = [r for r in records if r["status"] != "done"]
     if summary:
         print(markdown(summary), flush=True)
-        print(f"{TAG}: wrote {Path(cfg.out_dir) / 'results.jsonl'}, sweep.md, sweep.json, sweep.png", flush=True)
+        out = Path(cfg.out_dir) if cfg.eval_dir == "eval" else Path(cfg.out_dir) / cfg.eval_dir
+        print(f"{TAG}: wrote {out / 'results.jsonl'}, sweep.md, sweep.json, sweep.png", flush=True)
     for r in failed:
         print(f"{TAG}: failed: {r['point']} seed {r['seed']}: {r['error']}", file=sys.stderr, flush=True)
     return 1 if failed else 0
