@@ -41,6 +41,13 @@ def test_every_shipped_config_loads(path):
         eval_config = pytest.importorskip("sap_ds.evaluation.config")
         assert eval_config.load_eval_config(path) is not None
         return
+    if path.parent.name == "sweeps":  # sweep configs (sap-ds sweep): every point of the sweep must validate
+        from sap_ds.sweep import SweepConfig, expand_points
+
+        cfg = validate_tree(SweepConfig, tree, [], str(path))
+        for name, overrides in expand_points(cfg).items():
+            load_config(REPO / cfg.train_config, [*cfg.overrides, *overrides, "model.path=tiny-random"])
+        return
     if "train_config" in tree:  # comparison configs (sap-ds compare) name a run config and an eval config
         compare = pytest.importorskip("sap_ds.compare")
         eval_config = pytest.importorskip("sap_ds.evaluation.config")
