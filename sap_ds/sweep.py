@@ -13,7 +13,7 @@ atomically after every run: ``results.jsonl`` (one record per run), ``sweep.md``
 spread per point, the Pareto front marked) and ``sweep.png`` (harmful score against task
 loss). On a cluster, ``--list`` numbers the runs, ``--only I`` runs one of them (a SLURM
 array task, slurm/sweep_array.sbatch) and ``--report`` writes the outputs from what
-finished. ``--eval-only eval_config=... eval_dir=...`` evaluates the trained runs on another
+finished. ``--eval-only eval_config=... eval_dir=...`` (with ``--points a,b`` for some points) evaluates the trained runs on another
 set (a held-out one) without training. See docs/results.md for the sweeps behind the
 recommended preset.
 """
@@ -144,7 +144,7 @@ def expand_points(cfg: SweepConfig) -> dict[str, list[str]]:
 class Sweep:
     """Every (point, seed) run of a sweep, each validated before anything is launched."""
 
-    def __init__(self, cfg: SweepConfig):
+    def __init__(self, cfg: SweepConfig, only_points: Optional[list[str]] = None):
         from sap_ds.config import ModelConfig, load_config
         from sap_ds.evaluation.config import load_eval_config
         from sap_ds.modeling import resolve_model_path
@@ -158,6 +158,11 @@ class Sweep:
         self.seeds = cfg.seeds or [base.seed]
         self.eval_cfg = load_eval_config(cfg.eval_config, cfg.eval_overrides)
         self.points = expand_points(cfg)
+        if only_points:
+            unknown = [p for p in only_points if p not in self.points]
+            if unknown:
+                raise ValueError(f"--points: no point named {', '.join(unknown)}; the sweep has {', '.join(self.points)}")
+            self.points = {name: self.points[name] for name in only_points}
         self.runs = []
         for point, point_overrides in self.points.items():
             for seed in self.seeds:
@@ -334,8 +339,8 @@ def write_outputs(sweep: Sweep, records: list[dict], start_metrics: Optional[dic
 
 
 def run_sweep(cfg: SweepConfig, only: Optional[int] = None, report_only: bool = False,
-              eval_only: bool = False) -> tuple[dict, list[dict]]:
-    sweep = Sweep(cfg)
+              eval_only: bool = False, points: Optional[list[str]] = None) -> tuple[dict, list[dict]]:
+    sweep = Sweep(cfg, points)
     if only is not None:
         if not 0 <= only < len(sweep.runs):
             raise ValueError(f"--only {only}: the sweep has runs 0..{len(sweep.runs) - 1} (see --list)")
@@ -361,6 +366,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sap-ds sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="sweep config (YAML), e.g. configs/sweeps/sap_probe.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. nproc=1 'seeds=[1,2,3]'")
+    parser.add_argument("--points", metavar="A,B", help="only these named points (comma-separated)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--list", action="store_true", help="print the numbered runs and exit")
     group.add_argument("--only", type=int, metavar="I", help="run only run I (a SLURM array task)")
@@ -373,11 +379,12 @@ def main(argv=None) -> int:
 
     try:
         cfg = validate_tree(SweepConfig, read_config_file(args.config), args.overrides, args.config)
+        points = args.points.split(",") if args.points else None
         if args.list:
-            for run in Sweep(cfg).runs:
+            for run in Sweep(cfg, points).runs:
                 print(f"{run['index']}\t{run['point']}\tseed {run['seed']}\t{run['run_dir']}")
             return 0
-        summary, records = run_sweep(cfg, only=args.only, report_only=args.report, eval_only=args.eval_only)
+        summary, records = run_sweep(cfg, only=args.only, report_only=args.report, eval_only=args.eval_only, points=points)
     except USER_ERRORS as exc:
         return report_user_error(exc)
     except ValueError as exc:

@@ -65,10 +65,14 @@ def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "sap-ds sweep: train" not in printed and "| sft | 0 |" in printed
     # --eval-only: the trained runs on another eval set, into their own folder; nothing trains
-    assert main(["--config", str(config), "--eval-only", "eval_dir=eval_other", "eval_overrides=[generation.max_new_tokens=2]"]) == 0
+    assert main(["--config", str(config), "--eval-only", "--points", "sft,diverges", "eval_dir=eval_other",
+                 "eval_overrides=[generation.max_new_tokens=2]"]) == 0
     printed = capsys.readouterr().out
-    assert "sap-ds sweep: train" not in printed and printed.count("sap-ds sweep: eval") == 3  # start, sft, sap
+    assert "sap-ds sweep: train" not in printed and printed.count("sap-ds sweep: eval") == 2  # start, sft
     assert (out / "sft" / "seed0" / "eval_other" / "eval.json").is_file() and (out / "eval_other" / "sweep.md").is_file()
+    assert not (out / "sap.rho=0.01" / "seed0" / "eval_other").exists()
+    assert main(["--config", str(config), "--list", "--points", "nope"]) == 2
+    assert "--points: no point named nope" in capsys.readouterr().err
     assert json.loads((out / "sft" / "seed0" / "eval" / "eval.json").read_text())["config"]["generation"]["max_new_tokens"] == 4
 
 
