@@ -47,12 +47,17 @@ class CompareConfig(_Section):
     eval_nproc: Optional[int] = Field(None, gt=0, description="Ranks per evaluation (default: nproc); 1 runs it in-process.")
     out_dir: str = "runs/compare"
     overrides: list[str] = Field(default_factory=list, description="Train overrides for every run.")
+    method_overrides: dict[str, list[str]] = Field(default_factory=dict,
+                                                   description="Method -> train overrides for that method's runs only.")
     eval_overrides: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _non_empty(self) -> "CompareConfig":
         if not self.methods or not self.settings or self.seeds == []:
             raise ValueError("methods, seeds and settings must each have at least one entry")
+        unknown = sorted(set(self.method_overrides) - set(self.methods))
+        if unknown:
+            raise ValueError(f"method_overrides: {unknown} not among methods {self.methods}")
         return self
 
 
@@ -118,7 +123,8 @@ class Plan:
             for method in cfg.methods:
                 for seed in self.seeds:
                     run_dir = self.out / setting / method / f"seed{seed}"
-                    overrides = [*cfg.overrides, *setting_overrides, f"method={method}", f"seed={seed}",
+                    overrides = [*cfg.overrides, *setting_overrides, *cfg.method_overrides.get(method, []),
+                                 f"method={method}", f"seed={seed}",
                                  f"model.path={self.start_model}", f"output_dir={run_dir}", f"run_name={setting}-{method}-{seed}"]
                     load_config(cfg.train_config, overrides)  # a bad combination fails now, not after an hour
                     self.runs.append({"setting": setting, "method": method, "seed": seed, "run_dir": run_dir, "overrides": overrides})

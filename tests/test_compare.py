@@ -69,3 +69,18 @@ def test_bad_compare_config(tmp_path, monkeypatch, capsys):
                                       "start_model": str(tmp_path / "no-model")}))
     assert main(["--config", str(config)]) == 2
     assert "is not a local folder" in capsys.readouterr().err
+
+
+def test_method_overrides_apply_to_that_method_only(monkeypatch):
+    from sap_ds.compare import CompareConfig, Plan
+
+    monkeypatch.chdir(REPO)
+    cfg = CompareConfig(train_config="configs/tiny.yaml", eval_config="configs/eval/tiny.yaml", start_model="tiny-random",
+                        method_overrides={"sap": ["sap.probe_fraction=0.125"]}, out_dir="runs/unused")
+    runs = {r["method"]: r["overrides"] for r in Plan(cfg).runs}
+    assert "sap.probe_fraction=0.125" in runs["sap"] and "sap.probe_fraction=0.125" not in runs["sft"]
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not among methods"):
+        CompareConfig(train_config="x", eval_config="y", methods=["sft"], method_overrides={"sap": []})
