@@ -503,10 +503,9 @@ def plot(result: dict, path: Path) -> None:
     m = result["machine"]
     fig.suptitle(f"sap-ds bench: {m.get('gpu') or m['cpu']} x{result['world_size']}, {result['date_utc'][:10]}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from sap_ds.checkpoint import atomic_save_figure
+
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def format_table(result: dict) -> str:

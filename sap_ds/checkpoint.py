@@ -141,3 +141,15 @@ def load(engine, root: Path, expect: dict) -> tuple[dict, dict[str, torch.Tensor
     version, internal, gauss = meta["python_random"]
     random.setstate((version, tuple(internal), gauss))
     return meta, tensors
+
+
+def atomic_save_figure(fig, path: Path, dpi: int) -> None:
+    """Save a matplotlib figure to ``path`` (PNG) atomically and close it: a reader never
+    sees half a file, and an interrupted save leaves the previous plot in place."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -241,10 +241,9 @@ def plot(report: dict, path: Path) -> None:
     ax.legend()
     ax.set_title("harmful score (lower is safer) and task accuracy")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from sap_ds.checkpoint import atomic_save_figure
+
+    atomic_save_figure(fig, path, dpi=120)
 
 
 def write_outputs(report: dict, out: Path) -> None:

@@ -315,10 +315,9 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_ylabel(f"{task} - lower is better")
     ax.set_title("safety vs task quality per sweep point")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from sap_ds.checkpoint import atomic_save_figure
+
+    atomic_save_figure(fig, path, dpi=130)
 
 
 def write_outputs(sweep: Sweep, records: list[dict], start_metrics: Optional[dict]) -> dict:
