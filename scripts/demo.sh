@@ -18,7 +18,9 @@ else
 fi
 rm -rf runs/demo  # the demo's own previous output
 echo "== SFT vs SAP: fine-tune both from the aligned model, evaluate all three (configs/compare_demo.yaml)"
-python -m sap_ds.compare --config configs/compare_demo.yaml nproc="$NPROC"
+# The launched training ranks get one thread each (compare sets OMP_NUM_THREADS=1 for them);
+# the evaluations run inside this process after training, alone, so they get all $NPROC cores.
+OMP_NUM_THREADS="$NPROC" python -m sap_ds.compare --config configs/compare_demo.yaml nproc="$NPROC"
 echo "== training cost per phase"
 python -m sap_ds.report runs/demo/poisoned/sft/seed42 runs/demo/poisoned/sap/seed42
 echo "demo wall time: $(( $(date +%s) - start )) s"
