@@ -53,6 +53,21 @@ def checked_kernel(kernel, device):
     return kernel
 
 
+def launch_store(kernel, master, out, *inputs, **constexprs) -> None:
+    """Launch an element-wise ``kernel(master, *inputs, out, n, ...)`` that writes ``out``
+    through ``store_cast``: one program per block of the flat shard, nothing for an empty
+    shard. The shared launch of the perturb and restore kernels."""
+    import torch
+
+    n = master.numel()
+    if n == 0:
+        return
+    opts = launch_options(master.device)
+    checked_kernel(kernel, master.device)[(-(-n // opts["BLOCK"]),)](
+        master.view(-1), *inputs, out_arg(out), n, OUT_BF16=out.dtype == torch.bfloat16, **constexprs, **opts,
+    )
+
+
 @functools.cache
 def build_store_cast():
     """Build the jit helper that stores fp32 values into a bf16, fp16 or fp32 buffer.

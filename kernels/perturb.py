@@ -16,7 +16,7 @@ import functools
 import torch
 
 from ._checks import OUT_DTYPES, check_same_device, check_same_numel, check_scale, check_tensor
-from ._triton import build_store_cast, checked_kernel, import_triton, launch_options, out_arg
+from ._triton import build_store_cast, import_triton, launch_store
 
 
 def _check(master, direction, scale, out) -> None:
@@ -41,15 +41,7 @@ def perturb_from_master_triton(master, direction, scale, out) -> None:
     """One fused launch: reads master and direction (fp32), writes ``out`` once."""
     _check(master, direction, scale, out)
     check_same_device(("master", master), ("out", out))
-    n = master.numel()
-    if n == 0:
-        return
-    opts = launch_options(master.device)
-    kernel = checked_kernel(_kernel(), master.device)
-    kernel[(-(-n // opts["BLOCK"]),)](
-        master.view(-1), direction.view(-1), scale, out_arg(out), n,
-        OUT_BF16=out.dtype == torch.bfloat16, enable_fp_fusion=False, **opts,
-    )
+    launch_store(_kernel(), master, out, direction.view(-1), scale, enable_fp_fusion=False)
 
 
 @functools.cache

@@ -9,7 +9,7 @@ import functools
 import torch
 
 from ._checks import OUT_DTYPES, check_same_device, check_same_numel, check_tensor
-from ._triton import build_store_cast, checked_kernel, import_triton, launch_options, out_arg
+from ._triton import build_store_cast, import_triton, launch_store
 
 
 def _check(master, out) -> None:
@@ -28,14 +28,7 @@ def restore_from_master_triton(master, out) -> None:
     """One launch: reads master (fp32), writes ``out`` once."""
     _check(master, out)
     check_same_device(("master", master), ("out", out))
-    n = master.numel()
-    if n == 0:
-        return
-    opts = launch_options(master.device)
-    kernel = checked_kernel(_kernel(), master.device)
-    kernel[(-(-n // opts["BLOCK"]),)](
-        master.view(-1), out_arg(out), n, OUT_BF16=out.dtype == torch.bfloat16, **opts
-    )
+    launch_store(_kernel(), master, out)
 
 
 @functools.cache
