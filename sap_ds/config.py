@@ -125,6 +125,16 @@ class SapConfig(_Section):
     probe_init: Literal["zeros", "random"] = "zeros"
     probe_init_norm: float = Field(1.0, gt=0.0, description="L2 norm of each layer's vector with probe_init: random.")
 
+    def unused_keys(self, method: str) -> set[str]:
+        """The keys that cannot change a run of ``method`` with these settings: all of them
+        for SFT; for a fixed probe (``probe_train: false``) the ones of the passes it skips."""
+        if method == "sft":
+            return set(type(self).model_fields)
+        if not self.probe_train:
+            return {"rho", "probe_lr", "probe_adam_eps", "probe_reset", "probe_lr_schedule", "safety_loss", "temperature",
+                    "safety_batch_size", "safety_every", "perturb_norm", "probe_fraction", "direction", "kernels"}
+        return set()
+
 
 class ExportConfig(_Section):
     enabled: bool = True

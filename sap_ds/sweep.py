@@ -8,7 +8,8 @@ evaluation, in ``<out_dir>/<point>/seed<seed>``, exactly as ``sap-ds compare`` r
 
 It is resumable: a run with a ``summary.json`` is not trained again (an interrupted one
 resumes from its checkpoint) and an ``eval.json`` of the same model and eval config is
-reused. A run that fails is recorded as failed and the sweep goes on. Outputs, rewritten
+reused; a finished run whose saved config differs from what its point gives now is
+reported as stale, not reused. A run that fails is recorded as failed and the sweep goes on. Outputs, rewritten
 atomically after every run: ``results.jsonl`` (one record per run), ``sweep.md`` (mean and
 spread per point, the Pareto front marked) and ``sweep.png`` (harmful score against task
 loss). On a cluster, ``--list`` numbers the runs, ``--only I`` runs one of them (a SLURM
@@ -180,6 +181,25 @@ class Sweep:
         return evaluate_model(model, out, self.cfg.eval_config, self.eval_cfg, self.cfg.eval_overrides,
                               self.cfg.eval_nproc or self.cfg.nproc, TAG)
 
+    def config_drift(self, run: dict) -> list[str]:
+        """How the config a finished run was trained with differs from what its point asks for now.
+
+        A run is reused by its folder, so an edit of the train config or of the point's
+        overrides after it ran would otherwise mix two settings under one name. Keys the run
+        cannot read (``SapConfig.unused_keys``: the ``sap`` section of an SFT run) are not compared."""
+        from sap_ds.config import config_to_dict, load_config
+
+        saved_path = run["run_dir"] / "config.json"
+        if not saved_path.is_file():
+            return []
+        saved = flatten(json.loads(saved_path.read_text(encoding="utf-8")))
+        cfg = load_config(self.cfg.train_config, run["overrides"])
+        wanted = flatten(config_to_dict(cfg))
+        ignore = {"output_dir"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}  # a moved sweep folder is the same run
+        return [f"{key}: trained with {saved.get(key)!r}, the point now gives {wanted.get(key)!r}"
+                for key in sorted(set(saved) | set(wanted))
+                if saved.get(key) != wanted.get(key) and key not in ignore]
+
     def execute(self, run: dict) -> dict:
         """Train (unless finished) and evaluate one run; a failure becomes a record, not an exit."""
         run_dir = run["run_dir"]
@@ -187,6 +207,10 @@ class Sweep:
                   "overrides": self.points[run["point"]]}
         try:
             summary = run_dir / "summary.json"
+            drift = self.config_drift(run) if summary.is_file() else []
+            if drift:
+                return {**record, "status": "stale", "error": f"{run_dir} was trained with another config ("
+                        f"{'; '.join(drift)}): not reused; move the folder away to retrain it, or restore the point"}
             if not summary.is_file():
                 cmd = launch_command("train.py", self.cfg.nproc) + ["--config", self.cfg.train_config, *run["overrides"]]
                 run_logged(cmd, run_dir / "train.log", f"train {run['point']}/seed{run['seed']}", TAG)
@@ -213,6 +237,17 @@ class Sweep:
         if previous.get("config") != to_dict(self.eval_cfg):
             return None
         return self.execute(run)  # both reused: nothing is recomputed
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted keys of the override syntax."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # --------------------------------------------------------------------------- the report

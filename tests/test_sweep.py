@@ -74,6 +74,15 @@ def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
     assert main(["--config", str(config), "--list", "--points", "nope"]) == 2
     assert "--points: no point named nope" in capsys.readouterr().err
     assert json.loads((out / "sft" / "seed0" / "eval" / "eval.json").read_text())["config"]["generation"]["max_new_tokens"] == 4
+    # a run trained under other settings is not reused: the train config changed under the
+    # SAP point (a key SFT does not read, so the SFT run still counts)
+    assert main(["--config", str(config), "--report", "overrides=[train.max_steps=2, train.eval_every=0, sap.temperature=2.0]"]) == 1
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "sap-ds sweep: train" not in printed
+    assert "sap.temperature: trained with 1.0, the point now gives 2.0" in printed and "move the folder away" in printed
+    records = {r["point"]: r["status"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert records == {"sft": "done", "sap.rho=0.01": "stale"}
 
 
 def test_expand_points_grid_and_random():
