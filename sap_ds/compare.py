@@ -23,7 +23,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,6 +99,38 @@ def run_logged(cmd: list[str], log_path: Path, what: str, tag: str = "sap-ds com
         raise CompareError(f"{what} failed with exit code {code}; its output is in {log_path}")
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted keys of the override syntax."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_drift(train_config: str, overrides: list[str], run_dir: Path) -> list[str]:
+    """How the config a finished run in ``run_dir`` was trained with differs from what
+    ``train_config`` + ``overrides`` give now, one ``key: trained with X, now Y`` each.
+
+    Runs are reused by their folder, so an edit of the train config or of a point's
+    overrides after a run finished would otherwise mix two settings under one name. Keys
+    the run cannot read (``SapConfig.unused_keys``: the ``sap`` section of an SFT run) and
+    the folder itself (a moved sweep is the same sweep) are not compared."""
+    from sap_ds.config import config_to_dict, load_config
+
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file():
+        return []
+    saved = flatten(json.loads(saved_path.read_text(encoding="utf-8")))
+    cfg = load_config(train_config, overrides)
+    wanted = flatten(config_to_dict(cfg))
+    ignore = {"output_dir"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
+    return [f"{key}: trained with {saved.get(key)!r}, now {wanted.get(key)!r}"
+            for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key) and key not in ignore]
+
+
 # --------------------------------------------------------------------------- the plan
 
 
@@ -131,6 +163,10 @@ class Plan:
 
     def train(self, run: dict) -> dict:
         summary = run["run_dir"] / "summary.json"
+        drift = config_drift(self.cfg.train_config, run["overrides"], run["run_dir"]) if summary.is_file() else []
+        if drift:
+            raise CompareError(f"{run['run_dir']} was trained with another config ({'; '.join(drift)}); move it "
+                               "away to retrain it, or restore the settings it was trained with")
         if not summary.is_file():
             cmd = launch_command("train.py", self.cfg.nproc) + ["--config", self.cfg.train_config, *run["overrides"]]
             run_logged(cmd, run["run_dir"] / "train.log", f"train {run['setting']}/{run['method']}/seed{run['seed']}")

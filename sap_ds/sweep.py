@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 
 from pydantic import Field, model_validator
 
-from sap_ds.compare import CompareError, evaluate_model, launch_command, mean_std, run_logged, scalar_metrics
+from sap_ds.compare import CompareError, config_drift, evaluate_model, launch_command, mean_std, run_logged, scalar_metrics
 from sap_ds.evaluation.config import _Section
 
 TAG = "sap-ds sweep"
@@ -181,25 +181,6 @@ class Sweep:
         return evaluate_model(model, out, self.cfg.eval_config, self.eval_cfg, self.cfg.eval_overrides,
                               self.cfg.eval_nproc or self.cfg.nproc, TAG)
 
-    def config_drift(self, run: dict) -> list[str]:
-        """How the config a finished run was trained with differs from what its point asks for now.
-
-        A run is reused by its folder, so an edit of the train config or of the point's
-        overrides after it ran would otherwise mix two settings under one name. Keys the run
-        cannot read (``SapConfig.unused_keys``: the ``sap`` section of an SFT run) are not compared."""
-        from sap_ds.config import config_to_dict, load_config
-
-        saved_path = run["run_dir"] / "config.json"
-        if not saved_path.is_file():
-            return []
-        saved = flatten(json.loads(saved_path.read_text(encoding="utf-8")))
-        cfg = load_config(self.cfg.train_config, run["overrides"])
-        wanted = flatten(config_to_dict(cfg))
-        ignore = {"output_dir"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}  # a moved sweep folder is the same run
-        return [f"{key}: trained with {saved.get(key)!r}, the point now gives {wanted.get(key)!r}"
-                for key in sorted(set(saved) | set(wanted))
-                if saved.get(key) != wanted.get(key) and key not in ignore]
-
     def execute(self, run: dict) -> dict:
         """Train (unless finished) and evaluate one run; a failure becomes a record, not an exit."""
         run_dir = run["run_dir"]
@@ -207,7 +188,7 @@ class Sweep:
                   "overrides": self.points[run["point"]]}
         try:
             summary = run_dir / "summary.json"
-            drift = self.config_drift(run) if summary.is_file() else []
+            drift = config_drift(self.cfg.train_config, run["overrides"], run_dir) if summary.is_file() else []
             if drift:
                 return {**record, "status": "stale", "error": f"{run_dir} was trained with another config ("
                         f"{'; '.join(drift)}): not reused; move the folder away to retrain it, or restore the point"}
@@ -237,17 +218,6 @@ class Sweep:
         if previous.get("config") != to_dict(self.eval_cfg):
             return None
         return self.execute(run)  # both reused: nothing is recomputed
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted keys of the override syntax."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 # --------------------------------------------------------------------------- the report

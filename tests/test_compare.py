@@ -39,6 +39,10 @@ def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(["--config", str(config)]) == 0
     printed = capsys.readouterr().out
     assert "sap-ds compare: train" not in printed and "sap-ds compare: eval" not in printed and "| benign/sft |" in printed
+    # a run trained under other settings is not reused as if it were this comparison's
+    assert main(["--config", str(config), "overrides=[train.max_steps=2, train.eval_every=0, train.lr=0.5]"]) == 1
+    err = capsys.readouterr().err
+    assert "sft/seed0 was trained with another config (train.lr: trained with" in err and "now 0.5)" in err
 
 
 def test_report_over_seeds(tmp_path):

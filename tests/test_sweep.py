@@ -80,7 +80,7 @@ def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     printed = captured.out + captured.err
     assert "sap-ds sweep: train" not in printed
-    assert "sap.temperature: trained with 1.0, the point now gives 2.0" in printed and "move the folder away" in printed
+    assert "sap.temperature: trained with 1.0, now 2.0" in printed and "move the folder away" in printed
     records = {r["point"]: r["status"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert records == {"sft": "done", "sap.rho=0.01": "stale"}
 
