@@ -357,3 +357,14 @@ def test_ds_config_missing(tmp_path):
     cfg = load_config(TINY, [f"deepspeed_config={tmp_path / 'nope.json'}"])
     with pytest.raises(ConfigError, match="deepspeed_config: file not found"):
         load_ds_config(cfg, world_size=1, on_gpu=False)
+
+
+def test_recommended_preset_is_demo_with_sap_and_per_tensor_radius():
+    """configs/sap_recommended.yaml is the sweep's sap_scaled_per_tensor point on demo.yaml's run:
+    a drift between the two would make docs/results.md describe a preset nobody ships."""
+    recommended = load_config(REPO / "configs/sap_recommended.yaml").model_dump()
+    demo = load_config(REPO / "configs/demo.yaml", ["method=sap", "sap.perturb_norm=per_tensor"]).model_dump()
+    for key in ("run_name", "output_dir"):
+        recommended.pop(key), demo.pop(key)
+    assert recommended == demo
+    assert recommended["sap"]["probe_scale"] == 0.05 and recommended["sap"]["rho"] == 0.1
