@@ -27,6 +27,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,6 +74,9 @@ class SweepConfig(_Section):
     eval_dir: str = Field("eval", description="Run subfolder of the evaluation. Another name (with another "
                           "eval_config) evaluates the same trained runs on another set, e.g. a held-out one; its "
                           "outputs then go to <out_dir>/<eval_dir>/.")
+    keep_checkpoints: bool = Field(True, description="false: delete a run's ZeRO checkpoints once it has finished "
+                                   "and exported (a sweep of many runs otherwise keeps a full training state per run); "
+                                   "interrupted and failed runs keep theirs for resuming.")
     points: dict[str, list[str]] = Field(default_factory=dict, description="Named points: name -> train overrides.")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Config key -> values; every combination is a point.")
     random: dict[str, Union[Range, list[Any]]] = Field(default_factory=dict,
@@ -200,6 +204,8 @@ class Sweep:
                         f"is in {run_dir / 'checkpoints'} and the next sweep call resumes it"}
             train = json.loads(summary.read_text(encoding="utf-8"))
             model = str(run_dir / "export" / "model")
+            if not self.cfg.keep_checkpoints and (run_dir / "checkpoints").is_dir() and Path(model).is_dir():
+                shutil.rmtree(run_dir / "checkpoints")
             metrics = self.evaluate(model, run_dir / self.cfg.eval_dir)
         except CompareError as exc:
             return {**record, "status": "failed", "error": str(exc)}

@@ -27,7 +27,8 @@ def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
     trainer stops with exit 3): the failure is recorded and the sweep goes on."""
     diverges = ["method=sft", "train.lr=1.0e+30", "train.max_bad_steps=1", "train.max_steps=4"]
     config = tmp_path / "sweep.yaml"
-    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, points={"sft": ["method=sft"], "diverges": diverges}),
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, points={"sft": ["method=sft"], "diverges": diverges},
+                                                keep_checkpoints=False),
                                      sort_keys=False))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "sap_ds.sweep", "--config", str(config)], cwd=REPO, env=env,
@@ -49,6 +50,9 @@ def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
     assert any(r["pareto"] for r in summary["rows"])
     assert next(r for r in summary["rows"] if r["point"] == "sft")["vs_reference"]["task_loss_change"] == 0.0
     assert (out / "sweep.png").stat().st_size > 0 and "| sft | 0 |" in (out / "sweep.md").read_text()
+    # keep_checkpoints: false drops a finished run's training state, never a failed run's
+    assert not (out / "sft" / "seed0" / "checkpoints").exists() and (out / "sft" / "seed0" / "export" / "model").is_dir()
+    assert (out / "diverges" / "seed0" / "checkpoints").is_dir()
 
     # resumable: a second call trains only what did not finish (the failed point), in this process
     monkeypatch.chdir(REPO)
