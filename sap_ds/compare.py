@@ -110,21 +110,20 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_drift(train_config: str, overrides: list[str], run_dir: Path) -> list[str]:
-    """How the config a finished run in ``run_dir`` was trained with differs from what
-    ``train_config`` + ``overrides`` give now, one ``key: trained with X, now Y`` each.
+def config_drift(cfg, run_dir: Path) -> list[str]:
+    """How the config a finished run in ``run_dir`` was trained with differs from ``cfg``
+    (the RunConfig its plan gives now), one ``key: trained with X, now Y`` each.
 
     Runs are reused by their folder, so an edit of the train config or of a point's
     overrides after a run finished would otherwise mix two settings under one name. Keys
     the run cannot read (``SapConfig.unused_keys``: the ``sap`` section of an SFT run) and
     the folder itself (a moved sweep is the same sweep) are not compared."""
-    from sap_ds.config import config_to_dict, load_config
+    from sap_ds.config import config_to_dict
 
     saved_path = run_dir / "config.json"
     if not saved_path.is_file():
         return []
     saved = flatten(json.loads(saved_path.read_text(encoding="utf-8")))
-    cfg = load_config(train_config, overrides)
     wanted = flatten(config_to_dict(cfg))
     ignore = {"output_dir"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
     return [f"{key}: trained with {saved.get(key)!r}, now {wanted.get(key)!r}"
@@ -158,12 +157,13 @@ class Plan:
                     overrides = [*cfg.overrides, *setting_overrides, *cfg.method_overrides.get(method, []),
                                  f"method={method}", f"seed={seed}",
                                  f"model.path={self.start_model}", f"output_dir={run_dir}", f"run_name={setting}-{method}-{seed}"]
-                    load_config(cfg.train_config, overrides)  # a bad combination fails now, not after an hour
-                    self.runs.append({"setting": setting, "method": method, "seed": seed, "run_dir": run_dir, "overrides": overrides})
+                    config = load_config(cfg.train_config, overrides)  # a bad combination fails now, not after an hour
+                    self.runs.append({"setting": setting, "method": method, "seed": seed, "run_dir": run_dir,
+                                      "overrides": overrides, "config": config})
 
     def train(self, run: dict) -> dict:
         summary = run["run_dir"] / "summary.json"
-        drift = config_drift(self.cfg.train_config, run["overrides"], run["run_dir"]) if summary.is_file() else []
+        drift = config_drift(run["config"], run["run_dir"]) if summary.is_file() else []
         if drift:
             raise CompareError(f"{run['run_dir']} was trained with another config ({'; '.join(drift)}); move it "
                                "away to retrain it, or restore the settings it was trained with")

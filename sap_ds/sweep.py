@@ -9,14 +9,14 @@ evaluation, in ``<out_dir>/<point>/seed<seed>``, exactly as ``sap-ds compare`` r
 It is resumable: a run with a ``summary.json`` is not trained again (an interrupted one
 resumes from its checkpoint) and an ``eval.json`` of the same model and eval config is
 reused; a finished run whose saved config differs from what its point gives now is
-reported as stale, not reused. A run that fails is recorded as failed and the sweep goes on. Outputs, rewritten
-atomically after every run: ``results.jsonl`` (one record per run), ``sweep.md`` (mean and
-spread per point, the Pareto front marked) and ``sweep.png`` (harmful score against task
-loss). On a cluster, ``--list`` numbers the runs, ``--only I`` runs one of them (a SLURM
-array task, slurm/sweep_array.sbatch) and ``--report`` writes the outputs from what
-finished. ``--eval-only eval_config=... eval_dir=...`` (with ``--points a,b`` for some points) evaluates the trained runs on another
-set (a held-out one) without training. See docs/results.md for the sweeps behind the
-recommended preset.
+reported as stale, not reused. A run that fails is recorded as failed and the sweep goes
+on. Outputs, rewritten atomically after every run: ``results.jsonl`` (one record per run),
+``sweep.md`` (mean and spread per point, the Pareto front marked) and ``sweep.png``
+(harmful score against task loss). On a cluster, ``--list`` numbers the runs, ``--only I``
+runs one of them (a SLURM array task, slurm/sweep_array.sbatch) and ``--report`` writes
+the outputs from what finished. ``--eval-only eval_config=... eval_dir=...`` (with
+``--points a,b`` for some points) evaluates the trained runs on another set (a held-out
+one) without training. See docs/results.md for the sweeps behind the recommended preset.
 """
 from __future__ import annotations
 
@@ -175,11 +175,11 @@ class Sweep:
                 overrides = [*cfg.overrides, *point_overrides, f"seed={seed}", f"model.path={self.start_model}",
                              f"output_dir={run_dir}", f"run_name={point}-{seed}"]
                 try:
-                    load_config(cfg.train_config, overrides)  # a bad point fails now, not after an hour
+                    config = load_config(cfg.train_config, overrides)  # a bad point fails now, not after an hour
                 except Exception as exc:
                     raise type(exc)(f"sweep point '{point}': {exc}") from exc
                 self.runs.append({"index": len(self.runs), "point": point, "seed": seed, "run_dir": run_dir,
-                                  "overrides": overrides})
+                                  "overrides": overrides, "config": config})
 
     def evaluate(self, model: str, out: Path) -> dict:
         return evaluate_model(model, out, self.cfg.eval_config, self.eval_cfg, self.cfg.eval_overrides,
@@ -192,7 +192,7 @@ class Sweep:
                   "overrides": self.points[run["point"]]}
         try:
             summary = run_dir / "summary.json"
-            drift = config_drift(self.cfg.train_config, run["overrides"], run_dir) if summary.is_file() else []
+            drift = config_drift(run["config"], run_dir) if summary.is_file() else []
             if drift:
                 return {**record, "status": "stale", "error": f"{run_dir} was trained with another config ("
                         f"{'; '.join(drift)}): not reused; move the folder away to retrain it, or restore the point"}

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
 from sap_ds.compare import main
 from tests.conftest import REPO
@@ -83,8 +85,5 @@ def test_method_overrides_apply_to_that_method_only(monkeypatch):
                         method_overrides={"sap": ["sap.probe_fraction=0.125"]}, out_dir="runs/unused")
     runs = {r["method"]: r["overrides"] for r in Plan(cfg).runs}
     assert "sap.probe_fraction=0.125" in runs["sap"] and "sap.probe_fraction=0.125" not in runs["sft"]
-    import pytest
-    from pydantic import ValidationError
-
     with pytest.raises(ValidationError, match="not among methods"):
         CompareConfig(train_config="x", eval_config="y", methods=["sft"], method_overrides={"sap": []})
