@@ -374,7 +374,7 @@ def run_sweep(cfg: SweepConfig, only: Optional[int] = None, report_only: bool = 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sap-ds sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="sweep config (YAML), e.g. configs/sweeps/sap_probe.yaml")
+    parser.add_argument("--config", required=True, help="sweep config (YAML), e.g. configs/sweeps/sap_variants.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. nproc=1 'seeds=[1,2,3]'")
     parser.add_argument("--points", metavar="A,B", help="only these named points (comma-separated)")
     group = parser.add_mutually_exclusive_group()
