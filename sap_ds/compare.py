@@ -23,7 +23,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,35 +99,22 @@ def run_logged(cmd: list[str], log_path: Path, what: str, tag: str = "sap-ds com
         raise CompareError(f"{what} failed with exit code {code}; its output is in {log_path}")
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted keys of the override syntax."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_drift(cfg, run_dir: Path) -> list[str]:
     """How the config a finished run in ``run_dir`` was trained with differs from ``cfg``
     (the RunConfig its plan gives now), one ``key: trained with X, now Y`` each.
 
     Runs are reused by their folder, so an edit of the train config or of a point's
-    overrides after a run finished would otherwise mix two settings under one name. Keys
-    the run cannot read (``SapConfig.unused_keys``: the ``sap`` section of an SFT run) and
-    the folder itself (a moved sweep is the same sweep) are not compared."""
-    from sap_ds.config import config_to_dict
+    overrides after a run finished would otherwise mix two settings under one name; a run
+    resumed under a changed config (the trainer keeps the earlier one as
+    ``config.before_step{N}.json``) was trained under two and is reported too."""
+    from sap_ds.config import config_changes
 
     saved_path = run_dir / "config.json"
     if not saved_path.is_file():
         return []
-    saved = flatten(json.loads(saved_path.read_text(encoding="utf-8")))
-    wanted = flatten(config_to_dict(cfg))
-    ignore = {"output_dir"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
-    return [f"{key}: trained with {saved.get(key)!r}, now {wanted.get(key)!r}"
-            for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key) and key not in ignore]
+    earlier = [f"steps before {path.stem.removeprefix('config.before_step')} were trained under another config ({path.name})"
+               for path in sorted(run_dir.glob("config.before_step*.json"))]
+    return earlier + config_changes(json.loads(saved_path.read_text(encoding="utf-8")), cfg)
 
 
 # --------------------------------------------------------------------------- the plan

@@ -308,3 +308,27 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def config_to_dict(cfg: RunConfig) -> dict:
     return cfg.model_dump(mode="json")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted keys of the override syntax."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
+    """How ``cfg`` differs from ``saved`` (a run's config.json), one ``key: trained with X,
+    now Y`` each, in the dotted keys a user would override.
+
+    The output folder is not compared (a moved run is the same run), nor the keys this run
+    cannot read (``SapConfig.unused_keys``: the ``sap`` section of an SFT run), so that only
+    a change that alters what is trained is reported."""
+    old, new = flatten(saved), flatten(config_to_dict(cfg))
+    ignore = {"output_dir"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
+    return [f"{key}: trained with {old.get(key)!r}, now {new.get(key)!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key) and key not in ignore]

@@ -14,12 +14,13 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from sap_ds import checkpoint, sap
-from sap_ds.config import RunConfig, config_to_dict
+from sap_ds.config import RunConfig, config_changes, config_to_dict
 from sap_ds.data import RunData, build_run_data, collate, collate_pairs, global_batch_indices
 from sap_ds.distributed import barrier, device, is_main
 from sap_ds.errors import TrainingStopped
@@ -236,6 +237,32 @@ class Trainer:
         if is_main():
             log.info("resumed from %s at step %d", checkpoint.latest_tag(self.ckpt_root), self.step)
 
+    def _saved_config(self) -> Optional[dict]:
+        """The config.json an earlier start of this run wrote (None if there is none)."""
+        path = self.out / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("%s is unreadable (%s): a change of config on resume cannot be checked", path, exc)
+            return None
+
+    def _record_config(self, previous: Optional[dict]) -> None:
+        """Write config.json. A resume under a changed config is allowed (a longer schedule,
+        another save interval) but never silent: the config the earlier steps were trained
+        with is kept as ``config.before_step{N}.json`` and the changed keys are logged, so
+        that a result is never attributed to settings it was only partly trained with
+        (sap-ds compare and sweep treat such a run as stale)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        changes = config_changes(previous, self.cfg) if previous is not None and self.step > 0 else []
+        if changes:
+            kept = self.out / f"config.before_step{self.step}.json"
+            checkpoint.atomic_write_text(kept, json.dumps(previous, indent=1))
+            log.warning("resumed at step %d under a config that differs from the one steps 1-%d were trained with "
+                        "(that one is kept as %s): %s", self.step, self.step, kept, "; ".join(changes))
+        checkpoint.atomic_write_text(self.out / "config.json", json.dumps(config_to_dict(self.cfg), indent=1))
+
     # ------------------------------------------------------------------ rank consistency
 
     def check_rank_consistency(self) -> None:
@@ -285,10 +312,10 @@ class Trainer:
 
         cfg = self.cfg
         self._install_signal_handlers()
-        if is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write_text(self.out / "config.json", json.dumps(config_to_dict(cfg), indent=1))
+        previous = self._saved_config() if is_main() else None
         self.maybe_resume()
+        if is_main():
+            self._record_config(previous)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not is_main(), desc=f"{cfg.method}", dynamic_ncols=True)
         last_loss, eval_loss, preempted = float("nan"), None, False
         run_start, run_tokens, start_step = time.perf_counter(), 0, self.step

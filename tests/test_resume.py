@@ -42,6 +42,7 @@ def test_resume_after_stop_is_bitwise_identical(tmp_path, method):
     stop.unlink()
     _run(resumed, method)
     assert not (resumed / "REQUEUE").exists()
+    assert not list(resumed.glob("config.before_step*")), "an unchanged config was reported as changed on resume"
 
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["final_step"] == STEPS and summary["steps_this_run"] == STEPS - 1
@@ -54,3 +55,25 @@ def test_resume_after_stop_is_bitwise_identical(tmp_path, method):
         pa = load_file(str(straight / "export" / "probe.safetensors"))["probe"]
         pb = load_file(str(resumed / "export" / "probe.safetensors"))["probe"]
         assert pa.abs().max() > 0 and torch.equal(pa, pb)
+
+
+def test_resume_under_changed_config_keeps_the_old_one_and_is_stale(tmp_path):
+    """A resume under another config goes on (a user may lengthen the schedule) but says
+    which keys changed, keeps the config the first steps were trained with, and compare and
+    sweep then refuse to reuse the run as if it had been trained under one config."""
+    from sap_ds.compare import config_drift
+    from sap_ds.config import load_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "STOP").touch()
+    _run(run_dir, "sap")
+    (run_dir / "STOP").unlink()
+    proc = _run(run_dir, "sap", extra=["sap.temperature=2.0"])
+    printed = proc.stdout + proc.stderr
+    assert "resumed at step 1 under a config that differs" in printed and "sap.temperature: trained with 1.0, now 2.0" in printed
+    assert json.loads((run_dir / "config.before_step1.json").read_text())["sap"]["temperature"] == 1.0
+    assert json.loads((run_dir / "config.json").read_text())["sap"]["temperature"] == 2.0
+    now = load_config("configs/tiny.yaml", [f"output_dir={run_dir}", "method=sap", f"train.max_steps={STEPS}", "train.eval_every=0",
+                                            "sap.probe_reset=false", "sap.safety_every=2", "sap.rho=0.05", "sap.temperature=2.0"])
+    assert config_drift(now, run_dir) == ["steps before 1 were trained under another config (config.before_step1.json)"]
