@@ -267,10 +267,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def read_config_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+BASE_KEY = "base"
+
+
+def _read_mapping(path: Path) -> dict:
+    """One YAML/JSON file's top-level mapping, with errors that name the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -284,6 +285,45 @@ def read_config_file(path: str | Path) -> dict:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(tree).__name__}")
     return tree
+
+
+def merge_trees(base: dict, child: dict) -> dict:
+    """``child`` laid over ``base``: sections merge key by key, any other value (lists
+    included) replaces the base's, as a dotted override would."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_trees(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file's keys, with ``base: other.yaml`` resolved.
+
+    ``base`` names another config file, relative to this file's folder; this file's keys
+    are laid over it (``merge_trees``), so a preset states only what it changes and cannot
+    drift from the run it derives from. Bases may chain; a loop is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    tree = _read_mapping(path)
+    if BASE_KEY not in tree:
+        return tree
+    base = tree.pop(BASE_KEY)
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: key '{BASE_KEY}': expected the path of the config file this one "
+                          f"builds on, relative to {path.parent} (e.g. base: demo.yaml), got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: key '{BASE_KEY}': file not found: {base_path} "
+                          f"(the path is relative to the folder of {path.name})")
+    chain = _chain + (path.resolve(),)
+    if base_path.resolve() in chain:
+        loop = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
+        raise ConfigError(f"{path}: key '{BASE_KEY}': the bases form a loop: {loop}")
+    return merge_trees(read_config_file(base_path, chain), tree)
 
 
 def validate_tree(root: type[BaseModel], tree: dict, overrides: list[str] = (), source: str = "<config>"):

@@ -277,6 +277,58 @@ def test_empty_file_gives_defaults(tmp_path):
     assert cfg.method == "sft" and cfg.model.path == "embedded"
 
 
+# --------------------------------------------------------------------------- base: one config built on another
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_lays_the_file_over_its_base_section_by_section(tmp_path, monkeypatch):
+    _write(tmp_path / "presets" / "root.yaml",
+           "run_name: root\nmethod: sft\ntrain: {lr: 1.0e-3, max_steps: 24}\n"
+           "sap: {rho: 0.1, probe_layers: [3, 9, 15]}\ndata: {safety: [{path: pairs.csv, format: safety_pairs}]}\n")
+    _write(tmp_path / "presets" / "mid.yaml", "base: root.yaml\nmethod: sap\nsap: {probe_layers: [5]}\n")
+    leaf = _write(tmp_path / "leaf" / "leaf.yaml", "base: ../presets/mid.yaml\ntrain: {lr: 2.0e-4}\n")
+    monkeypatch.chdir(tmp_path / "leaf")  # the base path is relative to the file, not the working directory
+    tree = read_config_file(leaf)
+    assert "base" not in tree
+    assert tree == {"run_name": "root", "method": "sap", "train": {"lr": 2.0e-4, "max_steps": 24},
+                    "sap": {"rho": 0.1, "probe_layers": [5]},
+                    "data": {"safety": [{"path": "pairs.csv", "format": "safety_pairs"}]}}  # a list replaces, it does not extend
+    cfg = load_config(leaf, ["sap.rho=0.2"])  # overrides go on top of the merged file
+    assert (cfg.method, cfg.train.lr, cfg.train.max_steps, cfg.sap.rho, cfg.sap.probe_layers) == ("sap", 2.0e-4, 24, 0.2, [5])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("base: missing.yaml\n", "key 'base': file not found"),
+    ("base: [a.yaml]\n", "key 'base': expected the path of the config file this one builds on"),
+    ("base: ''\n", "key 'base': expected the path"),
+    ("base: self.yaml\n", "the bases form a loop"),
+])
+def test_base_errors_name_the_file_and_the_key(tmp_path, text, expected):
+    path = _write(tmp_path / "self.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert expected in str(info.value) and str(path) in str(info.value)
+
+
+def test_base_loop_through_two_files_is_reported(tmp_path):
+    _write(tmp_path / "a.yaml", "base: b.yaml\n")
+    path = _write(tmp_path / "b.yaml", "base: a.yaml\nmethod: sap\n")
+    with pytest.raises(ConfigError, match=r"loop: .*b\.yaml -> .*a\.yaml -> .*b\.yaml"):
+        read_config_file(path)
+
+
+def test_an_error_in_the_base_names_the_base_file(tmp_path):
+    _write(tmp_path / "root.yaml", "train: [not, a, section\n")
+    path = _write(tmp_path / "child.yaml", "base: root.yaml\n")
+    with pytest.raises(ConfigError, match="root.yaml: not valid YAML"):
+        load_config(path)
+
+
 # --------------------------------------------------------------------------- the DeepSpeed JSON (sap_ds/ds_config.py)
 
 
