@@ -120,12 +120,20 @@ def config_drift(cfg, run_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------- the plan
 
 
-class Plan:
-    """Every training run and evaluation of one comparison, validated before any launch."""
+class StaleRun(CompareError):
+    """A finished run folder whose saved config is not what its plan asks for now."""
 
-    def __init__(self, cfg: CompareConfig):
+
+class RunSet:
+    """What a comparison and a sweep share: the start model, seeds and eval config read
+    once; runs whose configs are validated before anything launches; training that reuses
+    a finished run only when it was trained with the config asked for."""
+
+    tag = "sap-ds compare"
+
+    def __init__(self, cfg):
         from sap_ds.config import ModelConfig, load_config
-        from sap_ds.evaluation.config import load_eval_config, to_dict
+        from sap_ds.evaluation.config import load_eval_config
         from sap_ds.modeling import resolve_model_path
 
         self.cfg = cfg
@@ -135,33 +143,69 @@ class Plan:
         resolve_model_path(ModelConfig(path=self.start_model))  # ModelError now if it is missing
         self.seeds = cfg.seeds or [base.seed]
         self.eval_cfg = load_eval_config(cfg.eval_config, cfg.eval_overrides)
-        self.eval_config = to_dict(self.eval_cfg)
-        self.runs = []
-        for setting, setting_overrides in cfg.settings.items():
-            for method in cfg.methods:
-                for seed in self.seeds:
-                    run_dir = self.out / setting / method / f"seed{seed}"
-                    overrides = [*cfg.overrides, *setting_overrides, *cfg.method_overrides.get(method, []),
-                                 f"method={method}", f"seed={seed}",
-                                 f"model.path={self.start_model}", f"output_dir={run_dir}", f"run_name={setting}-{method}-{seed}"]
-                    config = load_config(cfg.train_config, overrides)  # a bad combination fails now, not after an hour
-                    self.runs.append({"setting": setting, "method": method, "seed": seed, "run_dir": run_dir,
-                                      "overrides": overrides, "config": config})
+        self.runs: list[dict] = []
 
-    def train(self, run: dict) -> dict:
-        summary = run["run_dir"] / "summary.json"
-        drift = config_drift(run["config"], run["run_dir"]) if summary.is_file() else []
-        if drift:
-            raise CompareError(f"{run['run_dir']} was trained with another config ({'; '.join(drift)}); move it "
-                               "away to retrain it, or restore the settings it was trained with")
-        if not summary.is_file():
+    def add_run(self, run_dir: Path, run_name: str, seed: int, overrides: list[str], **labels) -> dict:
+        """Validate one run's config now (a bad combination fails before the first launch,
+        not after an hour) and append it to ``self.runs``."""
+        from sap_ds.config import load_config
+
+        overrides = [*self.cfg.overrides, *overrides, f"seed={seed}", f"model.path={self.start_model}",
+                     f"output_dir={run_dir}", f"run_name={run_name}"]
+        run = {**labels, "seed": seed, "run_dir": run_dir, "overrides": overrides,
+               "config": load_config(self.cfg.train_config, overrides)}
+        self.runs.append(run)
+        return run
+
+    def train(self, run: dict, what: str) -> Optional[dict]:
+        """The run's ``summary.json``, training it through the launcher first unless it has
+        one; None when training stopped before its last step (a stop request: the
+        checkpoint is on disk and the next call resumes it). StaleRun when the finished run
+        was trained with another config: reusing it would report one setting under
+        another's name."""
+        run_dir = run["run_dir"]
+        summary = run_dir / "summary.json"
+        if summary.is_file():
+            drift = config_drift(run["config"], run_dir)
+            if drift:
+                raise StaleRun(f"{run_dir} was trained with another config ({'; '.join(drift)})")
+        else:
             cmd = launch_command("train.py", self.cfg.nproc) + ["--config", self.cfg.train_config, *run["overrides"]]
-            run_logged(cmd, run["run_dir"] / "train.log", f"train {run['setting']}/{run['method']}/seed{run['seed']}")
+            run_logged(cmd, run_dir / "train.log", what, self.tag)
+        if not summary.is_file():
+            return None
         return json.loads(summary.read_text(encoding="utf-8"))
 
     def evaluate(self, model: str, out: Path) -> dict:
         return evaluate_model(model, out, self.cfg.eval_config, self.eval_cfg, self.cfg.eval_overrides,
-                              self.cfg.eval_nproc or self.cfg.nproc)
+                              self.cfg.eval_nproc or self.cfg.nproc, self.tag)
+
+
+class Plan(RunSet):
+    """Every training run and evaluation of one comparison: settings x methods x seeds."""
+
+    def __init__(self, cfg: CompareConfig):
+        from sap_ds.evaluation.config import to_dict
+
+        super().__init__(cfg)
+        self.eval_config = to_dict(self.eval_cfg)
+        for setting, setting_overrides in cfg.settings.items():
+            for method in cfg.methods:
+                for seed in self.seeds:
+                    self.add_run(self.out / setting / method / f"seed{seed}", f"{setting}-{method}-{seed}", seed,
+                                 [*setting_overrides, *cfg.method_overrides.get(method, []), f"method={method}"],
+                                 setting=setting, method=method)
+
+    def train(self, run: dict, what: str = "") -> dict:
+        what = what or f"train {run['setting']}/{run['method']}/seed{run['seed']}"
+        try:
+            summary = super().train(run, what)
+        except StaleRun as exc:
+            raise StaleRun(f"{exc}; move it away to retrain it, or restore the settings it was trained with") from None
+        if summary is None:
+            raise CompareError(f"{what} stopped before its last step (a stop was requested); its checkpoint is in "
+                               f"{run['run_dir'] / 'checkpoints'} and running the comparison again resumes it")
+        return summary
 
 
 def evaluate_model(model: str, out: Path, config_path: str, eval_cfg, eval_overrides: list[str], nproc: int,

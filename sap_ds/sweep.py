@@ -38,7 +38,7 @@ if __package__ in (None, ""):
 
 from pydantic import Field, model_validator
 
-from sap_ds.compare import CompareError, config_drift, evaluate_model, launch_command, mean_std, run_logged, scalar_metrics
+from sap_ds.compare import CompareError, RunSet, StaleRun, mean_std, scalar_metrics
 from sap_ds.evaluation.config import _Section
 
 TAG = "sap-ds sweep"
@@ -146,44 +146,27 @@ def expand_points(cfg: SweepConfig) -> dict[str, list[str]]:
     return points
 
 
-class Sweep:
+class Sweep(RunSet):
     """Every (point, seed) run of a sweep, each validated before anything is launched."""
 
-    def __init__(self, cfg: SweepConfig, only_points: Optional[list[str]] = None):
-        from sap_ds.config import ModelConfig, load_config
-        from sap_ds.evaluation.config import load_eval_config
-        from sap_ds.modeling import resolve_model_path
+    tag = TAG
 
-        self.cfg = cfg
-        self.out = Path(cfg.out_dir)
+    def __init__(self, cfg: SweepConfig, only_points: Optional[list[str]] = None):
+        super().__init__(cfg)
         self.report_dir = self.out if cfg.eval_dir == "eval" else self.out / cfg.eval_dir
-        base = load_config(cfg.train_config, cfg.overrides)
-        self.start_model = cfg.start_model or base.model.path
-        resolve_model_path(ModelConfig(path=self.start_model))  # ModelError now if it is missing
-        self.seeds = cfg.seeds or [base.seed]
-        self.eval_cfg = load_eval_config(cfg.eval_config, cfg.eval_overrides)
         self.points = expand_points(cfg)
         if only_points:
             unknown = [p for p in only_points if p not in self.points]
             if unknown:
                 raise ValueError(f"--points: no point named {', '.join(unknown)}; the sweep has {', '.join(self.points)}")
             self.points = {name: self.points[name] for name in only_points}
-        self.runs = []
         for point, point_overrides in self.points.items():
             for seed in self.seeds:
-                run_dir = self.out / point / f"seed{seed}"
-                overrides = [*cfg.overrides, *point_overrides, f"seed={seed}", f"model.path={self.start_model}",
-                             f"output_dir={run_dir}", f"run_name={point}-{seed}"]
                 try:
-                    config = load_config(cfg.train_config, overrides)  # a bad point fails now, not after an hour
+                    self.add_run(self.out / point / f"seed{seed}", f"{point}-{seed}", seed, point_overrides,
+                                 index=len(self.runs), point=point)
                 except Exception as exc:
                     raise type(exc)(f"sweep point '{point}': {exc}") from exc
-                self.runs.append({"index": len(self.runs), "point": point, "seed": seed, "run_dir": run_dir,
-                                  "overrides": overrides, "config": config})
-
-    def evaluate(self, model: str, out: Path) -> dict:
-        return evaluate_model(model, out, self.cfg.eval_config, self.eval_cfg, self.cfg.eval_overrides,
-                              self.cfg.eval_nproc or self.cfg.nproc, TAG)
 
     def execute(self, run: dict) -> dict:
         """Train (unless finished) and evaluate one run; a failure becomes a record, not an exit."""
@@ -191,22 +174,17 @@ class Sweep:
         record = {"index": run["index"], "point": run["point"], "seed": run["seed"], "run_dir": str(run_dir),
                   "overrides": self.points[run["point"]]}
         try:
-            summary = run_dir / "summary.json"
-            drift = config_drift(run["config"], run_dir) if summary.is_file() else []
-            if drift:
-                return {**record, "status": "stale", "error": f"{run_dir} was trained with another config ("
-                        f"{'; '.join(drift)}): not reused; move the folder away to retrain it, or restore the point"}
-            if not summary.is_file():
-                cmd = launch_command("train.py", self.cfg.nproc) + ["--config", self.cfg.train_config, *run["overrides"]]
-                run_logged(cmd, run_dir / "train.log", f"train {run['point']}/seed{run['seed']}", TAG)
-            if not summary.is_file():  # asked to stop (preemption): checkpointed, resumes on the next call
+            train = self.train(run, f"train {run['point']}/seed{run['seed']}")
+            if train is None:  # asked to stop (preemption): checkpointed, resumes on the next call
                 return {**record, "status": "stopped", "error": f"training stopped before its last step; its checkpoint "
                         f"is in {run_dir / 'checkpoints'} and the next sweep call resumes it"}
-            train = json.loads(summary.read_text(encoding="utf-8"))
             model = str(run_dir / "export" / "model")
             if not self.cfg.keep_checkpoints and (run_dir / "checkpoints").is_dir() and Path(model).is_dir():
                 shutil.rmtree(run_dir / "checkpoints")
             metrics = self.evaluate(model, run_dir / self.cfg.eval_dir)
+        except StaleRun as exc:
+            return {**record, "status": "stale", "error": f"{exc}: not reused; move the folder away to retrain it, "
+                    "or restore the point"}
         except CompareError as exc:
             return {**record, "status": "failed", "error": str(exc)}
         return {**record, "status": "done", "model": model, "metrics": scalar_metrics(metrics),
