@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -50,6 +51,9 @@ class CompareConfig(_Section):
     method_overrides: dict[str, list[str]] = Field(default_factory=dict,
                                                    description="Method -> train overrides for that method's runs only.")
     eval_overrides: list[str] = Field(default_factory=list)
+    keep_checkpoints: bool = Field(True, description="false: delete a run's ZeRO checkpoints once it has finished "
+                                   "and exported (a full training state per run otherwise stays on disk); an "
+                                   "interrupted or failed run keeps its own for resuming.")
 
     @model_validator(mode="after")
     def _non_empty(self) -> "CompareConfig":
@@ -175,6 +179,15 @@ class RunSet:
         if not summary.is_file():
             return None
         return json.loads(summary.read_text(encoding="utf-8"))
+
+    def exported_model(self, run: dict) -> str:
+        """The finished run's exported model; with ``keep_checkpoints: false`` its ZeRO
+        checkpoints are deleted here, once the export that replaces them is on disk."""
+        model = run["run_dir"] / "export" / "model"
+        checkpoints = run["run_dir"] / "checkpoints"
+        if not self.cfg.keep_checkpoints and checkpoints.is_dir() and model.is_dir():
+            shutil.rmtree(checkpoints)
+        return str(model)
 
     def evaluate(self, model: str, out: Path) -> dict:
         return evaluate_model(model, out, self.cfg.eval_config, self.eval_cfg, self.cfg.eval_overrides,
@@ -331,7 +344,7 @@ def compare(cfg: CompareConfig, source: str) -> dict:
     runs = []
     for run in plan.runs:
         summary = plan.train(run)
-        model = str(run["run_dir"] / "export" / "model")
+        model = plan.exported_model(run)
         metrics = plan.evaluate(model, run["run_dir"] / "eval")
         runs.append({"setting": run["setting"], "method": run["method"], "seed": run["seed"], "run_dir": str(run["run_dir"]),
                      "model": model, "metrics": scalar_metrics(metrics), "eval": metrics,

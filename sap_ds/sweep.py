@@ -27,7 +27,6 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -178,9 +177,7 @@ class Sweep(RunSet):
             if train is None:  # asked to stop (preemption): checkpointed, resumes on the next call
                 return {**record, "status": "stopped", "error": f"training stopped before its last step; its checkpoint "
                         f"is in {run_dir / 'checkpoints'} and the next sweep call resumes it"}
-            model = str(run_dir / "export" / "model")
-            if not self.cfg.keep_checkpoints and (run_dir / "checkpoints").is_dir() and Path(model).is_dir():
-                shutil.rmtree(run_dir / "checkpoints")
+            model = self.exported_model(run)
             metrics = self.evaluate(model, run_dir / self.cfg.eval_dir)
         except StaleRun as exc:
             return {**record, "status": "stale", "error": f"{exc}: not reused; move the folder away to retrain it, "

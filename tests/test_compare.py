@@ -18,7 +18,7 @@ def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
     config.write_text(yaml.safe_dump({
         "train_config": "configs/tiny.yaml", "eval_config": "configs/eval/tiny.yaml", "start_model": "tiny-random",
         "methods": ["sft", "sap"], "settings": {"benign": []}, "nproc": 2, "eval_nproc": 1, "out_dir": str(tmp_path / "out"),
-        "overrides": ["train.max_steps=2", "train.eval_every=0"], "eval_overrides": ["generation.max_new_tokens=4"],
+        "overrides": ["train.max_steps=2", "train.eval_every=0"], "eval_overrides": ["generation.max_new_tokens=4"], "keep_checkpoints": False,
     }))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "sap_ds.compare", "--config", str(config)], cwd=REPO, env=env,
@@ -32,6 +32,9 @@ def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
     for run in report["runs"]:
         assert (out / "benign" / run["method"] / "seed0" / "summary.json").is_file()
         assert (out / "benign" / run["method"] / "seed0" / "eval" / "eval.json").is_file()
+        # keep_checkpoints: false: the training state goes once the export is on disk
+        assert not (out / "benign" / run["method"] / "seed0" / "checkpoints").exists()
+        assert (out / "benign" / run["method"] / "seed0" / "export" / "model").is_dir()
         assert {"harmful score", "gsm8k acc (%)", "gsm8k_test_loss loss"} <= set(run["metrics"])
         assert run["train"]["tokens_per_s"] > 0
     assert report["rows"][1]["columns"]["train tokens/s"]["n"] == 1
