@@ -172,7 +172,8 @@ class RunSet:
         if summary.is_file():
             drift = config_drift(run["config"], run_dir)
             if drift:
-                raise StaleRun(f"{run_dir} was trained with another config ({'; '.join(drift)})")
+                raise StaleRun(f"{run_dir} was trained with another config ({'; '.join(drift)}): not reused; "
+                               "move the folder away to retrain it, or restore the settings it was trained with")
         else:
             cmd = launch_command("train.py", self.cfg.nproc) + ["--config", self.cfg.train_config, *run["overrides"]]
             run_logged(cmd, run_dir / "train.log", what, self.tag)
@@ -211,10 +212,7 @@ class Plan(RunSet):
 
     def train(self, run: dict, what: str = "") -> dict:
         what = what or f"train {run['setting']}/{run['method']}/seed{run['seed']}"
-        try:
-            summary = super().train(run, what)
-        except StaleRun as exc:
-            raise StaleRun(f"{exc}; move it away to retrain it, or restore the settings it was trained with") from None
+        summary = super().train(run, what)
         if summary is None:
             raise CompareError(f"{what} stopped before its last step (a stop was requested); its checkpoint is in "
                                f"{run['run_dir'] / 'checkpoints'} and running the comparison again resumes it")

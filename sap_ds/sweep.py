@@ -180,8 +180,7 @@ class Sweep(RunSet):
             model = self.exported_model(run)
             metrics = self.evaluate(model, run_dir / self.cfg.eval_dir)
         except StaleRun as exc:
-            return {**record, "status": "stale", "error": f"{exc}: not reused; move the folder away to retrain it, "
-                    "or restore the point"}
+            return {**record, "status": "stale", "error": str(exc)}
         except CompareError as exc:
             return {**record, "status": "failed", "error": str(exc)}
         return {**record, "status": "done", "model": model, "metrics": scalar_metrics(metrics),
