@@ -15,9 +15,10 @@ setup(
     packages=find_packages(include=["sap_ds", "sap_ds.*", "kernels", "kernels.*"]),
     include_package_data=True,
     install_requires=[
+        # Floors: the first release with what sap-ds uses (sap_ds/versions.py says what, and checks them at start).
         "torch>=2.4,<2.15",
-        "deepspeed>=0.16,<0.20",
-        "transformers>=4.50,<6",
+        "deepspeed>=0.19.6,<0.20",
+        "transformers>=4.56,<6",
         "peft>=0.13",
         "datasets>=3.0",
         "pydantic>=2.5,<3",
