@@ -28,14 +28,14 @@ def import_triton():
 def interpreter_enabled() -> bool:
     """Whether triton will interpret kernels on the CPU (TRITON_INTERPRET, read as triton does).
 
-    ``triton.knobs`` (Triton >= 3.4) is where triton reads it; older Triton (3.0-3.3, the
-    versions torch 2.4-2.7 ship) reads the environment variable itself, so we do too.
+    ``triton.knobs`` (Triton >= 3.4) is where triton reads it; older Triton (3.2 and 3.3,
+    which torch 2.6 and 2.7 ship) reads the environment variable itself, so we do too.
     """
     triton, _ = import_triton()
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
         return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton 3.0's own test (runtime/jit.py)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton 3.2's own test (runtime/jit.py)
 
 
 def launch_options(device) -> dict:

@@ -27,15 +27,16 @@ class Floor:
 
 
 FLOORS: tuple[Floor, ...] = (
-    Floor("torch", "2.4", "the pair of triton 3.0 (the Triton floor); nothing in sap_ds/ or kernels/ needs a newer API"),
+    Floor("torch", "2.6", "the release that ships triton 3.2 (the Triton floor); nothing in sap_ds/ or kernels/ needs "
+          "a newer torch API"),
     Floor("deepspeed", "0.19.6", "torch-style backward hook scaling by gradient_accumulation_steps unless the graph came "
           "through engine.backward (_ENGINE_BACKWARD_GRAPH_TRACKER), which the probe gradient's weighting relies on"),
     Floor("transformers", "4.56", "the dtype= keyword of from_pretrained/from_config (4.55 reads only torch_dtype)"),
     Floor("peft", "0.13", "LoraConfig, get_peft_model, merge_and_unload"),
     Floor("datasets", "3.0", "load_dataset for local json/csv/text files, Dataset.to_list"),
     Floor("pydantic", "2.5", "ConfigDict(coerce_numbers_to_str=True)"),
-    Floor("triton", "3.0", "tl.* used by kernels/, the interpreter, the enable_fp_fusion launch option; triton.knobs "
-          "(3.4+) is read where it exists, TRITON_INTERPRET otherwise", optional=True),
+    Floor("triton", "3.2", "the kernels' tests pass in its interpreter (3.0 and 3.1 return wrong sums and drop "
+          "stores there); triton.knobs (3.4+) is read where it exists, TRITON_INTERPRET otherwise", optional=True),
 )
 
 # Which packages each command imports (eval needs no DeepSpeed, peft or Triton).
