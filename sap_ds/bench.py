@@ -583,7 +583,7 @@ def main(argv=None) -> int:
         fail_fast(base)
         from sap_ds.distributed import init_distributed, is_main
 
-        rank, _, world = init_distributed()
+        rank, _, world = init_distributed(base.distributed)
         out = Path(args.out)
         runs_dir = out.parent / f"{out.stem}_runs"
         date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

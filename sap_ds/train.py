@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         fail_fast(cfg)
         from sap_ds.distributed import init_distributed, is_main
 
-        rank, _, world = init_distributed()
+        rank, _, world = init_distributed(cfg.distributed)
         from sap_ds.trainer import Trainer
 
         trainer = Trainer(cfg, rank, world)
