@@ -35,16 +35,21 @@ cd "$ROOT"
 # Install what the image lacks, from the wheel folder only (no index, no dependencies: the
 # folder holds exactly the closure the GPU image misses; torch and friends stay as they are).
 missing="$("$PY" - "$WHEELS" <<'PYEOF'
+# A wheel's package is installed when it is absent or older than the wheel (typing-extensions:
+# pydantic needs a recent one). Versions compare by their release numbers.
 import importlib.metadata, pathlib, re, sys
 folder = pathlib.Path(sys.argv[1])
-names = sorted({re.split(r"-\d", w.name, 1)[0].replace("_", "-").lower() for w in folder.glob("*.whl")}) if folder.is_dir() else []
-def have(name):
+release = lambda v: tuple(int(x) for x in re.match(r"\d+(?:\.\d+)*", v).group(0).split("."))
+wanted = {}
+for wheel in (folder.glob("*.whl") if folder.is_dir() else []):
+    name, version = wheel.name.split("-")[:2]
+    wanted[name.replace("_", "-").lower()] = version
+def needed(name, version):
     try:
-        importlib.metadata.version(name)
-        return True
+        return release(importlib.metadata.version(name)) < release(version)
     except importlib.metadata.PackageNotFoundError:
-        return False
-print(" ".join(n for n in names if not have(n)))
+        return True
+print(" ".join(f"{n}=={v}" for n, v in sorted(wanted.items()) if needed(n, v)))
 PYEOF
 )"
 if [ -n "$missing" ]; then

@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -48,12 +49,16 @@ def run_engine_steps(out: Path, cpu: bool, steps: list[int], timeout: int) -> tu
            "--out", str(out), "--steps", ",".join(map(str, steps))] + (["--cpu"] if cpu else [])
     log_path = out / "engine_steps.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    try:
-        with open(log_path, "w", encoding="utf-8") as log:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        code = -1
+    with open(log_path, "w", encoding="utf-8") as log:
+        # Its own session: on a timeout the launcher and every rank are killed together (the
+        # trainer catches SIGTERM to checkpoint, so SIGKILL).
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = -1
     tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
     done = {}
     record = out / "engine_steps.json"

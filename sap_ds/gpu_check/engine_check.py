@@ -242,10 +242,15 @@ def step7(ctx: Context, step: Step) -> None:
     export = Path(summary["export_dir"])
     if ctx.rank == 0:
         from transformers import AutoModelForCausalLM
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
         from sap_ds.modeling import DTYPES
 
-        model = AutoModelForCausalLM.from_pretrained(export, dtype=DTYPES[dtype]).to(second.device).eval()
+        unset_hf_deepspeed_config()  # else from_pretrained would partition under zero.Init: a collective
+        try:
+            model = AutoModelForCausalLM.from_pretrained(export, dtype=DTYPES[dtype]).to(second.device).eval()
+        finally:
+            set_hf_deepspeed_config(second._hf_ds)
         with torch.no_grad():
             plain_loss = task_loss(forward_logits(model, batch), batch["labels"]).item()
         step.figure("loss_on_a_batch", {"engine": engine_loss, "exported model": plain_loss})
