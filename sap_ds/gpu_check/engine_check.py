@@ -219,7 +219,7 @@ def step6(ctx: Context, step: Step) -> None:
 def step7(ctx: Context, step: Step) -> None:
     import torch
 
-    from sap_ds.checkpoint import latest_tag
+    from sap_ds.checkpoint import latest_tag, tag_for
     from sap_ds.distributed import barrier
     from sap_ds.losses import forward_logits, task_loss
 
@@ -227,14 +227,14 @@ def step7(ctx: Context, step: Step) -> None:
     sections = dict(train={"max_steps": 2, "resume": "auto"}, export={"enabled": True}, model={"dtype": dtype})
     first = ctx.trainer("resume", **sections)
     summary = first.train()
-    step.check("first run: 2 steps, checkpoint step 2", summary["final_step"] == 2 and latest_tag(first.ckpt_root) == "step_2",
+    step.check("first run: 2 steps, checkpoint step 2", summary["final_step"] == 2 and latest_tag(first.ckpt_root) == tag_for(2),
                latest_tag(first.ckpt_root))
     close(first)
     second = ctx.trainer("resume", **{**sections, "train": {"max_steps": 3, "resume": "auto"}})
     summary = second.train()
     step.check("resumed run: started at step 2, ran 1 step to step 3",
                summary["steps_this_run"] == 1 and summary["final_step"] == 3, summary)
-    step.check("checkpoint step 3 written", latest_tag(second.ckpt_root) == "step_3", latest_tag(second.ckpt_root))
+    step.check("checkpoint step 3 written", latest_tag(second.ckpt_root) == tag_for(3), latest_tag(second.ckpt_root))
     batch = second.task_micro_batches(0)[0]
     second.sap_state.probe.enabled = False  # the exported model has no probe
     with torch.no_grad():

@@ -125,7 +125,10 @@ def _sumsq_case(step: Step, label: str, a: torch.Tensor, b: torch.Tensor, tol: f
     from kernels.sumsq import sumsq_triton
 
     got = sumsq_triton(a, b).double().cpu()
-    ref = torch.stack([a.double().pow(2).sum(), b.double().pow(2).sum()]).cpu()
+    chunk = 2**26  # the fp64 reference in pieces: a whole fp64 copy of a 2^31 shard is 17 GB
+    ref = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, a.numel(), chunk):
+        ref += torch.stack([a[start:start + chunk].double().pow(2).sum(), b[start:start + chunk].double().pow(2).sum()]).cpu()
     err = ((got - ref).abs() / ref.abs().clamp_min(1e-300)).max().item()
     step.check(f"{label}: sumsq vs fp64 (relative error <= {tol:g})", err <= tol, f"{err:.2e}")
 
