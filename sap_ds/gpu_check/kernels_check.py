@@ -102,14 +102,19 @@ def _inputs(n: int, dev: torch.device, seed: int) -> tuple[torch.Tensor, torch.T
     return master, direction
 
 
-def _cast_cases(step: Step, label: str, master, direction, scale, dev) -> None:
+def _cast_cases(step: Step, label: str, master, direction, scale, dev, unaligned_out: bool = False) -> None:
     """perturb and restore into bf16 and fp32 outputs, kernel vs twin, bit for bit."""
     from kernels.perturb import perturb_from_master_torch, perturb_from_master_triton
     from kernels.restore import restore_from_master_torch, restore_from_master_triton
 
+    n = master.numel()
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).removeprefix("torch.")
-        got, want = torch.empty_like(master, dtype=dtype), torch.empty_like(master, dtype=dtype)
+        if unaligned_out:  # one element into a buffer: not 16-byte aligned
+            got = torch.empty(n + 1, dtype=dtype, device=dev)[1:]
+        else:
+            got = torch.empty_like(master, dtype=dtype)
+        want = torch.empty_like(master, dtype=dtype)
         perturb_from_master_triton(master, direction, scale, got)
         perturb_from_master_torch(master, direction, scale, want)
         bad = _bits_mismatch(got, want)
@@ -144,7 +149,7 @@ def kernels_step(step: Step, cpu: bool) -> None:
         _sumsq_case(step, f"n={n:,} bf16", direction.bfloat16(), master.bfloat16(), 1e-5)
     # An unaligned view: one element in, so the data pointer is not 16-byte aligned.
     base_m, base_d = _inputs(100_001, dev, seed=7)
-    _cast_cases(step, "unaligned view", base_m[1:], base_d[1:], torch.tensor(1e-3, device=dev), dev)
+    _cast_cases(step, "unaligned view", base_m[1:], base_d[1:], torch.tensor(1e-3, device=dev), dev, unaligned_out=True)
     _sumsq_case(step, "unaligned view", base_d[1:], base_m[1:], 1e-5)
     _special_values(step, dev)
     _big_case(step, dev, cpu)
