@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -224,6 +225,9 @@ def step7(ctx: Context, step: Step) -> None:
     from sap_ds.losses import forward_logits, task_loss
 
     dtype = "fp32" if ctx.cpu else "bf16"  # CPU: bf16 matmuls are slow, and step 4 covered bf16
+    if ctx.rank == 0:  # a rerun into the same --out must start from scratch, not resume
+        shutil.rmtree(ctx.out / "runs" / "resume", ignore_errors=True)
+    barrier()
     sections = dict(train={"max_steps": 2, "resume": "auto"}, export={"enabled": True}, model={"dtype": dtype})
     first = ctx.trainer("resume", **sections)
     summary = first.train()
