@@ -15,9 +15,10 @@ setup(
     packages=find_packages(include=["sap_ds", "sap_ds.*", "kernels", "kernels.*"]),
     include_package_data=True,
     install_requires=[
-        "torch>=2.4,<2.15",
-        "deepspeed>=0.16,<0.20",
-        "transformers>=4.50,<6",
+        # Floors: the first release with what sap-ds uses (sap_ds/versions.py says what, and checks them at start).
+        "torch>=2.6,<2.15",
+        "deepspeed>=0.19.6,<0.20",
+        "transformers>=4.56,<6",
         "peft>=0.13",
         "datasets>=3.0",
         "pydantic>=2.5,<3",
@@ -29,7 +30,7 @@ setup(
         "matplotlib>=3.8",
         "numpy>=1.26",
         "gguf>=0.10",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],

@@ -6,6 +6,7 @@ the GPU or run by the CPU interpreter (``TRITON_INTERPRET=1``). So every kernel 
 built on first use by a cached builder, never at import time.
 """
 import functools
+import os
 
 # Each block launch costs ~1 ms in the interpreter, so CPU runs use few, large blocks.
 INTERPRETER_BLOCK = 16384
@@ -25,9 +26,16 @@ def import_triton():
 
 
 def interpreter_enabled() -> bool:
-    """Whether triton will interpret kernels on the CPU (TRITON_INTERPRET, read as triton does)."""
+    """Whether triton will interpret kernels on the CPU (TRITON_INTERPRET, read as triton does).
+
+    ``triton.knobs`` (Triton >= 3.4) is where triton reads it; older Triton (3.2 and 3.3,
+    which torch 2.6 and 2.7 ship) reads the environment variable itself, so we do too.
+    """
     triton, _ = import_triton()
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton 3.2's own test (runtime/jit.py)
 
 
 def launch_options(device) -> dict:

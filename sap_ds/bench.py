@@ -568,6 +568,10 @@ def select(bench: BenchSection, args) -> BenchSection:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from sap_ds.versions import refuse_old_packages
+
+    if (code := refuse_old_packages("bench")) is not None:  # before anything heavy is imported
+        return code
     from sap_ds.errors import USER_ERRORS, report_user_error
 
     logging.basicConfig(level=logging.INFO, format="[sap-ds] %(message)s")
@@ -579,7 +583,7 @@ def main(argv=None) -> int:
         fail_fast(base)
         from sap_ds.distributed import init_distributed, is_main
 
-        rank, _, world = init_distributed()
+        rank, _, world = init_distributed(base.distributed)
         out = Path(args.out)
         runs_dir = out.parent / f"{out.stem}_runs"
         date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

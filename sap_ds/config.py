@@ -97,6 +97,17 @@ class TrainConfig(_Section):
     check_ranks_every: int = Field(0, ge=0, description="Steps between cross-rank consistency checks; 0: off.")
 
 
+class DistributedConfig(_Section):
+    """How long a rank waits for the others before the job is killed (slurm/README.md,
+    "Collective timeouts"). How ranks talk, not what is trained: a change is never a
+    change of the run (``config_changes`` skips this section)."""
+
+    timeout_minutes: float = Field(30.0, gt=0, description="Every collective of the training process group "
+                                   "(NCCL watchdog, gloo); DeepSpeed's own default is 10.")
+    wait_timeout_minutes: float = Field(120.0, gt=0, description="The barriers where ranks wait for rank 0 "
+                                        "alone: export (a 70B merge and save), checkpoint rename and pruning.")
+
+
 class SapConfig(_Section):
     """Safety-Aware Probing (DESIGN.md section 1). Ignored when method is 'sft'."""
 
@@ -155,6 +166,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sap: SapConfig = Field(default_factory=SapConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("output_dir", "deepspeed_config")
     @classmethod
@@ -365,10 +377,11 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
     """How ``cfg`` differs from ``saved`` (a run's config.json), one ``key: trained with X,
     now Y`` each, in the dotted keys a user would override.
 
-    The output folder is not compared (a moved run is the same run), nor the keys this run
-    cannot read (``SapConfig.unused_keys``: the ``sap`` section of an SFT run), so that only
-    a change that alters what is trained is reported."""
+    The output folder is not compared (a moved run is the same run), nor the timeouts of the
+    ``distributed`` section, nor the keys this run cannot read (``SapConfig.unused_keys``: the
+    ``sap`` section of an SFT run), so that only a change that alters what is trained is reported."""
     old, new = flatten(saved), flatten(config_to_dict(cfg))
     ignore = {"output_dir"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
+    ignore |= {f"distributed.{key}" for key in DistributedConfig.model_fields}
     return [f"{key}: trained with {old.get(key)!r}, now {new.get(key)!r}"
             for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key) and key not in ignore]

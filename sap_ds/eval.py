@@ -106,6 +106,10 @@ def evaluate(model_arg: str, cfg) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from sap_ds.versions import refuse_old_packages
+
+    if (code := refuse_old_packages("eval")) is not None:  # before anything heavy is imported
+        return code
     from sap_ds.errors import USER_ERRORS, report_user_error
 
     try:

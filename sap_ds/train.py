@@ -26,6 +26,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from sap_ds.versions import refuse_old_packages
+
+    if (code := refuse_old_packages("train")) is not None:  # before anything heavy is imported
+        return code
     from sap_ds.errors import EXIT_TRAINING_STOPPED, USER_ERRORS, TrainingStopped, report_user_error
 
     logging.basicConfig(level=logging.INFO, format="[sap-ds] %(message)s")
@@ -36,7 +40,7 @@ def main(argv=None) -> int:
         fail_fast(cfg)
         from sap_ds.distributed import init_distributed, is_main
 
-        rank, _, world = init_distributed()
+        rank, _, world = init_distributed(cfg.distributed)
         from sap_ds.trainer import Trainer
 
         trainer = Trainer(cfg, rank, world)

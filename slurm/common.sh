@@ -69,11 +69,15 @@ sapds_setup() {
         sapds_network
     fi
     export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+    # Triton's compile cache on node-local disk: otherwise every rank of every node compiles
+    # into ~/.triton on the (NFS) home, 64 ranks writing and locking the same folder at start.
+    export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/triton-cache-${USER:-$(id -u)}}"
     export PYTHONUNBUFFERED=1
     export PYTHONFAULTHANDLER=1
 
     sapds_log "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT NNODES=$NNODES GPUS_PER_NODE=${GPUS_PER_NODE:-?}"
     sapds_log "CONFIG=${CONFIG:-} OUTPUT_DIR=$OUTPUT_DIR EXTRA_ARGS=${EXTRA_ARGS:-} SAP_DS_NET=${SAP_DS_NET:-auto} SAP_DS_CPU=${SAP_DS_CPU:-0}"
+    sapds_log "TRITON_CACHE_DIR=$TRITON_CACHE_DIR NCCL_PROTO=${NCCL_PROTO:-unset, NCCL decides}"
     trap sapds_on_usr1 USR1
     trap sapds_on_term TERM
 }
@@ -104,10 +108,12 @@ sapds_network() {
             : "${FI_PROVIDER:=efa}"
             : "${FI_EFA_USE_DEVICE_RDMA:=1}"           # p4d/p5: GPUDirect RDMA over EFA
             : "${FI_EFA_FORK_SAFE:=1}"                 # dataloader workers fork
-            # Older aws-ofi-nccl (< 1.7) needs the Simple protocol; newer plugins pick it themselves.
-            : "${NCCL_PROTO:=simple}"
+            # NCCL_PROTO is not set: forcing Simple was a workaround for aws-ofi-nccl < 1.7,
+            # and current plugins choose the protocol per message size (LL/LL128 for small
+            # ones); nothing measured here says Simple is faster. Export NCCL_PROTO=simple
+            # yourself on an old plugin (a value you export is kept).
             : "${NCCL_SOCKET_IFNAME:=^lo,docker0,veth}"
-            export FI_PROVIDER FI_EFA_USE_DEVICE_RDMA FI_EFA_FORK_SAFE NCCL_PROTO NCCL_SOCKET_IFNAME
+            export FI_PROVIDER FI_EFA_USE_DEVICE_RDMA FI_EFA_FORK_SAFE NCCL_SOCKET_IFNAME
             ;;
         socket)
             : "${NCCL_IB_DISABLE:=1}"

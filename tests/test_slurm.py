@@ -197,3 +197,18 @@ def test_70b_configs_validate(path):
     for src in [*cfg.data.train, *cfg.data.eval, *cfg.data.safety, cfg.data.harmful]:
         assert (REPO / src.path).exists(), src.path
     assert cfg.lora.enabled == path.name.endswith("_lora.yaml")
+
+
+def test_70b_ds_configs_prefetch_a_whole_layer_and_nccl_proto_is_not_forced():
+    """Issue 17: the 70B DeepSpeed files prefetch one Llama-70B decoder layer ahead (5e8 was
+    below one layer), and common.sh leaves NCCL's protocol choice alone but keeps Triton's
+    cache on node-local disk."""
+    h, inter, kv_dim = 8192, 28672, 8 * 128
+    layer = 2 * h * h + 2 * h * kv_dim + 3 * h * inter + 2 * h
+    for name in ("zero3_bf16.json", "zero3_offload.json"):
+        zero = json.loads((REPO / "ds_configs" / name).read_text())["zero_optimization"]
+        assert zero["stage3_prefetch_bucket_size"] >= layer, name
+        assert zero["stage3_max_live_parameters"] >= 2 * layer, name
+    common = (REPO / "slurm" / "common.sh").read_text()
+    assert ":=simple" not in common and 'NCCL_PROTO:=' not in common
+    assert 'export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-' in common

@@ -1,0 +1,79 @@
+"""Collective timeouts (issue 17 item 6): the configured values reach DeepSpeed and the wait
+group, the wait barrier outlasts the training timeout, and the keys are validated."""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import pytest
+import torch
+
+from sap_ds import distributed
+from sap_ds.config import ConfigError, build_config, config_changes, config_to_dict
+from tests.conftest import free_port
+
+
+def test_configured_timeouts_reach_deepspeed_and_the_wait_group(monkeypatch):
+    import deepspeed
+    import torch.distributed as dist
+
+    from sap_ds.config import DistributedConfig
+
+    seen = {}
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.update(init=kw))
+    monkeypatch.setattr(dist, "new_group", lambda **kw: seen.update(group=kw) or "wait-group")
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(distributed, "_wait_group", None)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "0" if "RANK" in key else ("2" if key == "WORLD_SIZE" else "1"))
+    distributed.init_distributed(DistributedConfig(timeout_minutes=45, wait_timeout_minutes=200))
+    assert seen["init"] == {"dist_backend": "gloo", "timeout": datetime.timedelta(minutes=45)}
+    assert seen["group"] == {"backend": "gloo", "timeout": datetime.timedelta(minutes=200)}
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda group=None: seen.update(barrier=group))
+    distributed.barrier()
+    assert seen["barrier"] == "wait-group"
+
+
+def test_defaults_and_validation_of_the_timeout_keys():
+    cfg = build_config({})
+    assert (cfg.distributed.timeout_minutes, cfg.distributed.wait_timeout_minutes) == (30.0, 120.0)
+    assert distributed.timeouts(cfg.distributed) == (datetime.timedelta(minutes=30), datetime.timedelta(minutes=120))
+    with pytest.raises(ConfigError, match=r"key 'distributed.timeout_minutes': Input should be greater than 0"):
+        build_config({}, ["distributed.timeout_minutes=0"])
+    with pytest.raises(ConfigError, match=r"unknown key 'distributed.wait_timeout'.*did you mean 'distributed.wait_timeout_minutes'"):
+        build_config({}, ["distributed.wait_timeout=60"])
+    # How ranks talk is not what is trained: a resume with other timeouts is the same run.
+    saved = config_to_dict(cfg)
+    assert config_changes(saved, build_config({}, ["distributed.wait_timeout_minutes=600"])) == []
+
+
+def _timeout_worker(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from sap_ds.config import DistributedConfig
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.init_distributed(DistributedConfig(timeout_minutes=0.02, wait_timeout_minutes=1.0))  # 1.2 s, 60 s
+    if rank == 0:
+        time.sleep(2)  # rank 0 alone, as in an export
+    distributed.barrier()  # waits past the training timeout
+    results[f"wait{rank}"] = "ok"
+    try:
+        if rank == 0:
+            time.sleep(2)
+        dist.barrier()  # the training group: its 1.2 s timeout applies
+        results[f"train{rank}"] = "no timeout"
+    except RuntimeError as exc:
+        results[f"train{rank}"] = "timeout" if "imed out" in str(exc) or "imeout" in str(exc) else str(exc)
+    os._exit(0)  # a gloo group broken by the timeout makes the normal teardown wait ~20 s
+
+
+def test_wait_barrier_outlasts_the_training_timeout_which_is_applied():
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_timeout_worker, args=(free_port(), results), nprocs=2)
+    assert results["wait0"] == results["wait1"] == "ok"
+    assert results["train1"] == "timeout", dict(results)

@@ -1,0 +1,109 @@
+"""scripts/gpu_check.sh --cpu runs every step and writes a report whose content is right: each
+step present, passing on CPU, with its figures (so the GPU mode, which shares the code,
+cannot rot unnoticed). One run of the script (~1-2 min on 2 idle cores), checked by several
+tests through a module-scoped fixture."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Issue 17 item 1 (the probe gradient weighted 1/GAS^2 at grad_accum > 1) is fixed on another
+# branch, which adds sap_ds/diagnostics.py; until it is merged this one check fails, as it should.
+ITEM1_CHECK = "grad_accum 2 = grad_accum 1: probe update (relative difference)"
+ITEM1_FIXED = importlib.util.find_spec("sap_ds.diagnostics") is not None
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
+    data = json.loads((out / "gpu_check.json").read_text())
+    data["_exit"], data["_md"] = proc.returncode, (out / "gpu_check.md").read_text()
+    return {"json": data, "steps": {s["step"]: s for s in data["steps"]}}
+
+
+def failing_checks(step: dict) -> list[str]:
+    return [c["name"] for c in step["checks"] if not c["ok"]]
+
+
+def test_every_step_is_reported_and_passes_on_cpu(report):
+    data, steps = report["json"], report["steps"]
+    assert data["mode"] == "cpu" and data["engine_world_size"] == 2
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6, 7]
+    for number, step in steps.items():
+        assert step["error"] is None, (number, step["error"])
+        assert step["checks"], number
+        allowed = set() if ITEM1_FIXED or number != 4 else {ITEM1_CHECK}
+        assert set(failing_checks(step)) <= allowed, (number, failing_checks(step))
+    if ITEM1_FIXED:
+        assert data["passed"] and data["_exit"] == 0
+    for number, step in steps.items():
+        assert f"## {number}. {step['name']}: {step['status']}" in data["_md"]
+
+
+def test_versions_and_kernel_figures(report):
+    s1, s2, s3 = (report["steps"][n] for n in (1, 2, 3))
+    assert {"torch", "triton", "transformers", "peft", "deepspeed"} <= set(s1["figures"]["versions"])
+    names = [c["name"] for c in s2["checks"]]
+    for n in ("1", "4,095", "1,000,003"):
+        for kernel in ("perturb", "restore"):
+            for dtype in ("bfloat16", "float32"):
+                assert f"n={n}: {kernel} -> {dtype} bit-exact" in names
+        assert any(name.startswith(f"n={n} bf16: sumsq vs fp64") for name in names)
+    assert any(name.startswith("unaligned view") for name in names)
+    assert any(name.startswith("NaN/inf/overflow") for name in names)
+    assert "scale 0: perturb equals restore, bit for bit" in names
+    rows = s3["figures"]["rows"]
+    assert [r["kernel"] for r in rows] == ["sumsq", "perturb", "restore"] and all(r["GB/s"] > 0 for r in rows)
+
+
+def test_engine_figures(report):
+    s4, s5 = report["steps"][4], report["steps"][5]
+    for label in ("full fine-tuning", "LoRA + gradient checkpointing"):
+        found = s4["figures"][label]
+        assert found["loss_perturbed"] != found["loss_w"] and found["restore_bit_exact"]
+    gas = s4["figures"]["grad_accum"]
+    assert len(gas["loss"]) == 2 and gas["probe_update_rel_diff"] >= 0
+    table = s5["figures"]["perturbation"]
+    assert [row["rho"] for row in table] == [0.0, 2e-5, 1e-3, 0.05]
+    assert table[0]["changed_fraction"] == 0 and all(0 < row["changed_fraction"] <= 1 for row in table[1:])
+    assert all(row["realized_ratio"] > 0 and -1 <= row["cosine"] <= 1 for row in table[1:])
+    assert table[1]["changed_fraction"] < table[3]["changed_fraction"]  # finer steps change fewer elements
+    assert set(s5["figures"]["noise_floor_rho0"]) == {"default", "deterministic"}
+
+
+def test_bench_and_resume_figures(report):
+    s6, s7 = report["steps"][6], report["steps"][7]
+    variants = {r["variant"]: r for r in s6["figures"]["variants"]}
+    assert list(variants) == ["sft", "paper", "fast"]
+    assert all(r["tokens/s"] > 0 and r["peak mem GiB"] > 0 for r in variants.values())
+    assert variants["paper"]["ideal"] is not None and variants["paper"]["measured/ideal"] is not None
+    assert set(variants["paper"]["phases s"]) == {"safety", "perturb", "probe", "restore", "main"}
+    losses = s7["figures"]["loss_on_a_batch"]
+    assert losses["engine"] > 0 and losses["exported model"] > 0
+
+
+def test_plain_reader_gives_the_rows_datasets_gives():
+    """The GPU check's fallback reader (no pyarrow) reads the shipped files as datasets does."""
+    from sap_ds import data
+    from sap_ds.gpu_check import workspace
+
+    files = [REPO / "data/advbench/harmful_behaviors.csv", REPO / "configs/../data/gsm8k/test.jsonl"]
+    expected = [data.read_rows(f) for f in files]
+    real = data.read_rows
+    try:
+        workspace.use_plain_reader()
+        assert [data.read_rows(f) for f in files] == expected
+    finally:
+        data.read_rows = real
