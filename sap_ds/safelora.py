@@ -198,8 +198,8 @@ def alignment_matrices(base_path, aligned_path, target_modules: list[str], layer
         raise SafeLoraError(f"{keys[0]} and {keys[1]} are the same folder ({base.folder}): V = W_aligned - W_base would be "
                             "zero; give the unaligned base model and the aligned model it was made from")
     for weights, key in ((base, keys[0]), (aligned, keys[1])):
-        found = target_weights(weights, target_modules)
-        absent = [m for m in target_modules if not any(name.rsplit(".", 2)[-2] == m for name in found)]
+        present = {name.rsplit(".", 2)[-2] for name in target_weights(weights, target_modules)}
+        absent = [m for m in target_modules if m not in present]
         if absent:
             raise SafeLoraError(f"{key}: '{weights.folder}' has no weights of the LoRA target modules {absent}; the "
                                 f"adapter's target_modules are {list(target_modules)}")
@@ -253,7 +253,7 @@ def project_lora(adapter_state: Mapping[str, torch.Tensor], matrices: Mapping[st
     if select not in SELECT_MODES:
         raise SafeLoraError(f"select: '{select}' is not one of {', '.join(SELECT_MODES)}")
     layers = lora_layers(adapter_state, source)
-    rows, projected_b = [], {}
+    rows = []
     for module, (key_a, key_b) in layers.items():
         a, b = adapter_state[key_a].float(), adapter_state[key_b].float()
         name = weight_name(module)
@@ -269,7 +269,8 @@ def project_lora(adapter_state: Mapping[str, torch.Tensor], matrices: Mapping[st
         rows.append({"name": module.removeprefix(_PEFT_PREFIX), "cosine": _cosine(projected_update, update),
                      "norm_ratio": float(torch.linalg.matrix_norm(projected_update)) / update_norm if update_norm else None,
                      "alignment_norm": delta.norm, "_b": b, "_cb": cb, "_key_b": key_b})
-        projected_b[key_b] = cb
+        if delta.norm == 0.0:
+            log.warning("SafeLoRA: '%s' is the same in the base and aligned models (V = 0): its projection is zero", name)
     rounded = [float(numpy.round(row["cosine"], 5)) for row in rows]  # the code rounds before comparing
     if select == "threshold":
         cutoff = threshold
