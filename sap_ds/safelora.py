@@ -290,7 +290,8 @@ def project_lora(adapter_state: Mapping[str, torch.Tensor], matrices: Mapping[st
         if row["projected"]:
             new_state[key_b] = cb.to(adapter_state[key_b].dtype)
     report = {"select": select, "threshold": threshold if select == "threshold" else None,
-              "num_layers": num_layers if select == "number" else None, "cutoff": cutoff, "layers": len(rows), "projected": sum(row["projected"] for row in rows),
+              "num_layers": num_layers if select == "number" else None, "cutoff": cutoff,
+              "layers": len(rows), "projected": sum(row["projected"] for row in rows),
               "pdst": float(numpy.mean(pdst_terms)), "per_layer": rows}
     return new_state, report
 
