@@ -219,7 +219,8 @@ def alignment_matrices(base_path, aligned_path, target_modules: list[str], layer
 
 
 def lora_layers(adapter_state: Mapping[str, torch.Tensor], source: str = "adapter") -> dict[str, tuple[str, str]]:
-    """``module -> (lora_A key, lora_B key)``, matched by name. Anything else LoRA-like
+    """``module -> (lora_A key, lora_B key)``, matched by name, in layer order (layer 2 before
+    10; safetensors files keep keys sorted as text). Anything else LoRA-like
     (DoRA magnitudes, embedding LoRA) is an error: the projection is defined for B A only."""
     parts: dict[str, dict[str, str]] = {}
     for key in adapter_state:
@@ -236,7 +237,8 @@ def lora_layers(adapter_state: Mapping[str, torch.Tensor], source: str = "adapte
     for module, found in parts.items():
         if set(found) != {"A", "B"}:
             raise SafeLoraError(f"{source}: '{module}' has lora_{''.join(found)} but not lora_{'B' if 'A' in found else 'A'}")
-    return {module: (found["A"], found["B"]) for module, found in parts.items()}
+    in_model_order = sorted(parts, key=lambda m: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", m)])
+    return {module: (parts[module]["A"], parts[module]["B"]) for module in in_model_order}
 
 
 def _cosine(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -336,7 +338,7 @@ def _targets(config: dict, layers: dict) -> list[str]:
 
 
 def apply_safelora(adapter_dir, base_path, aligned_path, out_dir, cfg, report_path=None, device: str = "cpu",
-                   keys: tuple[str, str] = ("base_model", "aligned_model")) -> dict:
+                   keys: tuple[str, str] = ("base_model", "aligned_model"), adapter_label: Optional[str] = None) -> dict:
     """Write ``out_dir``: the projected adapter (safetensors, the other files copied) and
     ``report_path`` (default ``out_dir/safelora.json``). ``cfg`` has ``select``,
     ``threshold``, ``num_layers`` and ``projection`` (``export.safelora``). Everything is
@@ -352,7 +354,7 @@ def apply_safelora(adapter_dir, base_path, aligned_path, out_dir, cfg, report_pa
                                   [weight_name(m) for m in layers], device, cfg.projection, keys)
     new_state, report = project_lora(state, matrices, cfg.select, cfg.threshold, cfg.num_layers,
                                      source=str(adapter_dir / ADAPTER_WEIGHTS))
-    report = {"adapter": str(adapter_dir), "base_model": str(base_path), "aligned_model": str(aligned_path),
+    report = {"adapter": adapter_label or str(adapter_dir), "base_model": str(base_path), "aligned_model": str(aligned_path),
               "projection": cfg.projection, **report}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
@@ -407,7 +409,7 @@ def project_export(model, folder: Path, cfg) -> dict:
     sl = cfg.export.safelora
     os.replace(folder / "adapter", folder / "adapter_unprojected")
     report = apply_safelora(folder / "adapter_unprojected", sl.base_model, sl.aligned_model, folder / "adapter", sl,
-                            report_path=folder / REPORT_FILE,
+                            report_path=folder / REPORT_FILE, adapter_label="adapter_unprojected",
                             keys=("export.safelora.base_model", "export.safelora.aligned_model"))
     result = set_peft_model_state_dict(model, load_file(str(folder / "adapter" / ADAPTER_WEIGHTS)))
     if getattr(result, "unexpected_keys", None):
