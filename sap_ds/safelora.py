@@ -338,20 +338,22 @@ def _targets(config: dict, layers: dict) -> list[str]:
 
 
 def apply_safelora(adapter_dir, base_path, aligned_path, out_dir, cfg, report_path=None, device: str = "cpu",
-                   keys: tuple[str, str] = ("base_model", "aligned_model"), adapter_label: Optional[str] = None) -> dict:
+                   keys: tuple[str, str, str] = ("adapter", "base_model", "aligned_model"),
+                   adapter_label: Optional[str] = None) -> dict:
     """Write ``out_dir``: the projected adapter (safetensors, the other files copied) and
     ``report_path`` (default ``out_dir/safelora.json``). ``cfg`` has ``select``,
     ``threshold``, ``num_layers`` and ``projection`` (``export.safelora``). Everything is
-    written to a temporary folder first; an existing ``out_dir`` is an error, never replaced."""
+    written to a temporary folder first; an existing ``out_dir`` is an error, never replaced.
+    ``keys`` name the adapter, base and aligned paths in error messages (config keys, CLI flags)."""
     from safetensors.torch import save_file
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if out_dir.exists():
         raise SafeLoraError(f"output '{out_dir}' already exists; give a new folder (nothing was written)")
-    config, state = read_adapter(adapter_dir)
+    config, state = read_adapter(adapter_dir, keys[0])
     layers = lora_layers(state, str(adapter_dir / ADAPTER_WEIGHTS))
     matrices = alignment_matrices(base_path, aligned_path, _targets(config, layers),
-                                  [weight_name(m) for m in layers], device, cfg.projection, keys)
+                                  [weight_name(m) for m in layers], device, cfg.projection, keys[1:])
     new_state, report = project_lora(state, matrices, cfg.select, cfg.threshold, cfg.num_layers,
                                      source=str(adapter_dir / ADAPTER_WEIGHTS))
     report = {"adapter": adapter_label or str(adapter_dir), "base_model": str(base_path), "aligned_model": str(aligned_path),
@@ -410,7 +412,7 @@ def project_export(model, folder: Path, cfg) -> dict:
     os.replace(folder / "adapter", folder / "adapter_unprojected")
     report = apply_safelora(folder / "adapter_unprojected", sl.base_model, sl.aligned_model, folder / "adapter", sl,
                             report_path=folder / REPORT_FILE, adapter_label="adapter_unprojected",
-                            keys=("export.safelora.base_model", "export.safelora.aligned_model"))
+                            keys=("adapter", "export.safelora.base_model", "export.safelora.aligned_model"))
     result = set_peft_model_state_dict(model, load_file(str(folder / "adapter" / ADAPTER_WEIGHTS)))
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"export.safelora: projected adapter keys the model lacks: {result.unexpected_keys[:3]}")

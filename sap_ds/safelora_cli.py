@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
             report = apply_safelora(args.adapter, args.base, args.aligned, tmp / "adapter", cfg,
-                                    report_path=tmp / "safelora.json", device=args.device, keys=("--base", "--aligned"))
+                                    report_path=tmp / "safelora.json", device=args.device, keys=("--adapter", "--base", "--aligned"))
             if args.merge:
                 merge_into(model_dir, tmp / "adapter", tmp / "model")
             os.replace(tmp, out)
