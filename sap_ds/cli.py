@@ -9,6 +9,7 @@ COMMANDS = {
     "compare": ("sap_ds.compare", "SFT vs SAP from one model: train both, evaluate, table + plot"),
     "sweep": ("sap_ds.sweep", "train + evaluate a grid/random search over config keys and seeds; Pareto front"),
     "bench": ("sap_ds.bench", "throughput of SFT vs SAP variants (tokens/s, phase split, MFU, memory)"),
+    "safelora": ("sap_ds.safelora_cli", "project a LoRA adapter onto the alignment subspace (SafeLoRA), post hoc"),
     "plan": ("sap_ds.plan", "per-GPU memory and step time for a model size and cluster"),
 }
 

@@ -147,11 +147,34 @@ class SapConfig(_Section):
         return set()
 
 
+class SafeLoraExportConfig(_Section):
+    """SafeLoRA at export (docs/algorithm.md, "SafeLoRA"); defaults are IBM/SafeLoRA's."""
+
+    enabled: bool = False
+    base_model: Optional[str] = Field(None, description="The unaligned base model (folder or 'embedded'/'tiny-random').")
+    aligned_model: Optional[str] = Field(None, description="The aligned model made from it (usually model.path).")
+    select: Literal["threshold", "number"] = Field("number", description="'number': the num_layers layers of lowest "
+                                                   "cosine; 'threshold': every layer with cosine <= threshold.")
+    threshold: float = 0.5
+    num_layers: int = Field(10, ge=0)
+    projection: Literal["published", "orthogonal"] = Field("published", description="'published': C = V V^T / ||V||_F "
+                                                           "(the paper and code); 'orthogonal': the projector onto V's columns.")
+
+    @model_validator(mode="after")
+    def _paths_given(self) -> "SafeLoraExportConfig":
+        missing = [key for key in ("base_model", "aligned_model") if self.enabled and not getattr(self, key)]
+        if missing:
+            raise ValueError(f"export.safelora.enabled needs {' and '.join(f'export.safelora.{k}' for k in missing)} "
+                             "(a model folder, or 'embedded' / 'tiny-random')")
+        return self
+
+
 class ExportConfig(_Section):
     enabled: bool = True
     merge_lora: bool = True
     keep_probe: bool = Field(False, description="SAP: write the probe into the exported model as mlp.down_proj.bias of "
                              "the probe layers (the authors' code leaves it there); false: the model without it.")
+    safelora: SafeLoraExportConfig = Field(default_factory=SafeLoraExportConfig)
 
 
 class RunConfig(_Section):
@@ -189,6 +212,14 @@ class RunConfig(_Section):
             raise ValueError("data.harmful_ratio > 0 needs data.harmful (a harmful instruction file)")
         if len(set(self.sap.probe_layers)) != len(self.sap.probe_layers):
             raise ValueError(f"sap.probe_layers has duplicates: {self.sap.probe_layers}")
+        return self
+
+    @model_validator(mode="after")
+    def _safelora_needs_lora(self) -> "RunConfig":
+        if self.export.safelora.enabled and not self.lora.enabled:
+            raise ValueError("export.safelora.enabled projects LoRA updates: it needs lora.enabled true")
+        if self.export.safelora.enabled and not self.export.enabled:
+            raise ValueError("export.safelora.enabled runs at export: it needs export.enabled true")
         return self
 
 

@@ -4,7 +4,10 @@ ZeRO-3 holds every weight in shards, so the 16-bit weights are gathered to rank 
 (DeepSpeed's consolidated state dict), loaded into a CPU copy of the same architecture
 and saved. LoRA runs write the adapter (``adapter/``) and, by default, the merged model
 (``model/``); full fine-tuning writes ``model/``. Both load with
-``AutoModelForCausalLM.from_pretrained`` and no sap-ds code. The SAP probe is a
+``AutoModelForCausalLM.from_pretrained`` and no sap-ds code. With ``export.safelora`` the
+adapter is projected before the merge (``sap_ds/safelora.py``): ``adapter/`` and
+``model/`` hold the projected update, ``adapter_unprojected/`` the trained one and
+``safelora.json`` the per-layer report. The SAP probe is a
 training-time device and is not part of the exported model; it is saved beside it as
 ``probe.safetensors`` for analysis. ``export.keep_probe`` writes it into the model as
 the authors' code leaves it: ``mlp.down_proj.bias`` of the probe layers (other biases 0).
@@ -69,6 +72,10 @@ def _save_models(trainer, state: dict, tmp: Path) -> None:
     model.tie_weights()
     if cfg.lora.enabled:
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        if cfg.export.safelora.enabled:
+            from sap_ds.safelora import project_export
+
+            project_export(model, tmp, cfg)  # adapter/ projected, adapter_unprojected/, safelora.json
         if cfg.export.merge_lora:
             model = model.merge_and_unload()
     if not cfg.lora.enabled or cfg.export.merge_lora:

@@ -63,10 +63,12 @@ def fail_fast(cfg) -> None:
     from sap_ds.distributed import prepare_environment
     from sap_ds.ds_config import load_ds_config
     from sap_ds.modeling import check_attention, resolve_model_path
+    from sap_ds.safelora import check_export_config as check_safelora_models
 
     prepare_environment()
     resolve_model_path(cfg.model)
     check_attention(cfg.model.attn_implementation)
+    check_safelora_models(cfg)
     load_ds_config(cfg, int(os.environ["WORLD_SIZE"]), on_gpu=torch.cuda.is_available())
 
 
