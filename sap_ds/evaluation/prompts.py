@@ -1,4 +1,4 @@
-"""Harmful prompts from local files, through ``sap_ds.data.read_rows`` (CSV, TSV, JSON,
+"""Evaluation prompts (harmful or benign) from local files, through ``sap_ds.data.read_rows`` (CSV, TSV, JSON,
 JSONL, TXT, gzip).
 
 The prompt column defaults to the first present of ``sap_ds.data.PROMPT_COLUMNS``, which
@@ -15,7 +15,7 @@ from sap_ds.evaluation.config import PromptSet
 
 
 @dataclass(frozen=True)
-class HarmfulPrompt:
+class EvalPrompt:
     set_name: str
     prompt: str
     origin: str  # "file:row"
@@ -35,7 +35,7 @@ def _prompts_in(path: Path) -> set[str]:
     return {_cell(row, c) for row in read_rows(path) for c in PROMPT_COLUMNS if _cell(row, c)}
 
 
-def load_prompts(source: PromptSet) -> list[HarmfulPrompt]:
+def load_prompts(source: PromptSet) -> list[EvalPrompt]:
     path = Path(source.path)
     rows = read_rows(path)
     columns = [source.column] if source.column else list(PROMPT_COLUMNS)
@@ -43,7 +43,7 @@ def load_prompts(source: PromptSet) -> list[HarmfulPrompt]:
     if column is None:
         raise DataError(
             f"{path}: no prompt column: looked for {', '.join(map(repr, columns))}, the file has "
-            f"{', '.join(map(repr, rows[0]))}; set 'column' in the harmful prompt set"
+            f"{', '.join(map(repr, rows[0]))}; set 'column' in the prompt set"
         )
     for name in [source.context_column, *source.exclude]:
         if name and name not in rows[0]:
@@ -58,7 +58,7 @@ def load_prompts(source: PromptSet) -> list[HarmfulPrompt]:
         context = _cell(row, source.context_column) if source.context_column else ""
         if context:
             prompt = f"{context}\n\n---\n\n{prompt}"  # HarmBench's own layout for contextual behaviours
-        prompts.append(HarmfulPrompt(set_name(source), prompt, f"{path}:{number}"))
+        prompts.append(EvalPrompt(set_name(source), prompt, f"{path}:{number}"))
     end = None if source.limit is None else source.offset + source.limit
     prompts = prompts[source.offset : end]
     if source.drop_if_in:
