@@ -135,7 +135,7 @@ def test_judge_input(tokenizer):
 def test_judge_folder_of_the_wrong_kind(tmp_path, tokenizer, judges):
     from transformers import LlamaModel
 
-    LlamaModel(_tiny_config(tokenizer)).config.save_pretrained(tmp_path / "base")  # no head: judges nothing
+    LlamaModel(_tiny_config(tokenizer)).save_pretrained(tmp_path / "base")  # no head: judges nothing
     with pytest.raises(ModelError) as err:
         check_judge_folder(ClassifierConfig(path=str(tmp_path / "base"), kind="generative"))
     text = str(err.value)

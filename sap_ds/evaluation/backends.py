@@ -244,7 +244,7 @@ def load_backend(source, tokenizer, cfg, dtype: str):
         return backend, info
     if choice.backend == "device_map":
         model = merge_adapter(load_causal_lm(source.path, dtype, device_map="auto"), source)
-        info["device_map"] = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()})
+        info["device_map"] = sorted({str(p.device) for p in model.parameters()})
         return HFBackend("device_map", model, tokenizer), info
     on_gpu = torch.cuda.is_available() and has_package("accelerate")  # load straight onto the GPU
     model = merge_adapter(load_causal_lm(source.path, dtype, device_map={"": device()} if on_gpu else None), source)
