@@ -50,8 +50,10 @@ def test_backend_choice():
         _choose(need=140 * GIB, vllm=False, accelerate=False)
 
 
-def test_memory_estimate(tiny_model_path):
+def test_memory_estimate(tiny_model_path, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sap_ds.evaluation.backends import parameter_count
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
@@ -61,6 +63,11 @@ def test_memory_estimate(tiny_model_path):
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     assert bf16.kv_cache == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * 4 * (1024 + 64)
     assert fp32.total == fp32.weights + fp32.kv_cache + fp32.logits + fp32.reserve
+    # a sharded folder is counted through its index, not every *.safetensors beside it
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="2MB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    (tmp_path / "sharded" / "consolidated.safetensors").write_bytes((Path(tiny_model_path) / "model.safetensors").read_bytes())
+    assert parameter_count(tmp_path / "sharded") == params
 
 
 class _FakeOutput:

@@ -51,9 +51,15 @@ def has_package(name: str) -> bool:
 
 
 def parameter_count(path: Path) -> Optional[int]:
-    """Parameters of a model folder, from its safetensors headers (no weight is read);
-    from config.json for a Llama-style model without safetensors; None if neither."""
-    files = sorted(path.glob("*.safetensors"))
+    """Parameters of a model folder, from its safetensors headers (no weight is read; only
+    the shards its index names, when it has one: some folders ship a consolidated copy
+    beside the shards); from config.json for a Llama-style model without safetensors;
+    None if neither."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({path / name for name in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if files:
         from safetensors import safe_open
 
