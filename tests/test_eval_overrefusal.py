@@ -22,9 +22,10 @@ class CannedBackend:
     """Answers each templated prompt with the canned answer of the prompt inside it."""
 
     def __init__(self, tokenizer, answers):
-        self.tokenizer, self.answers = tokenizer, answers
+        self.tokenizer, self.answers, self.calls = tokenizer, answers, []
 
     def generate(self, texts, settings, *, seed=0, max_new_tokens=None, desc="", stats=None):
+        self.calls.append((len(texts), max_new_tokens))
         return [Generation(next(a for p, a in self.answers.items() if p in text), 1) for text in texts]
 
 
@@ -37,8 +38,11 @@ def _prompt_file(tmp_path, name, prompts):
 def test_over_refusal_of_known_answers(tmp_path, tokenizer):
     prompts = list(BENIGN)
     sets = [_prompt_file(tmp_path, "alpaca", prompts[:3]), _prompt_file(tmp_path, "mine", prompts[3:])]
+    sets[0].max_new_tokens = 16  # a set's own answer length: generated apart, answers back in order
     cfg = EvalConfig(benign=sets)
-    records = judge_benign(answer(CannedBackend(tokenizer, BENIGN), load_sets(cfg.benign), cfg, "benign", None), 200)
+    backend = CannedBackend(tokenizer, BENIGN)
+    records = judge_benign(answer(backend, load_sets(cfg.benign), cfg, "benign", None), 200)
+    assert backend.calls == [(3, 16), (2, None)] and [r["prompt"] for r in records] == prompts
     assert [r["refusal"] for r in records] == [False, True, True, False, False]
     metrics = over_refusal_metrics(records)
     assert metrics["n"] == 5 and metrics["over_refusal_rate"] == 100.0 * REFUSED / 5 and metrics["degenerate_rate"] == 20.0

@@ -230,7 +230,8 @@ def load_backend(source, tokenizer, cfg, dtype: str):
     model in ``dtype``, and a record of the choice for the report."""
     from sap_ds.evaluation.adapters import merge_adapter
 
-    generation_tokens = max([cfg.generation.max_new_tokens] + [t.max_new_tokens or 0 for t in cfg.tasks])
+    generation_tokens = max([cfg.generation.max_new_tokens] + [t.max_new_tokens or 0 for t in cfg.tasks]
+                            + [s.max_new_tokens or 0 for s in [*cfg.harmful, *cfg.benign]])
     batch = max([cfg.generation.batch_size] + [t.batch_size or 0 for t in cfg.tasks if t.kind != "test_loss"])
     losses = [t for t in cfg.tasks if t.kind == "test_loss"]
     estimate = estimate_memory(source.path, dtype, batch, generation_tokens,

@@ -33,6 +33,8 @@ class PromptSet(_Section):
     offset: int = Field(0, ge=0)
     drop_if_in: list[str] = Field(default_factory=list, description="Files (e.g. training sets) whose prompts are "
                                   "dropped from this set, after offset and limit: keeps training prompts out of the score.")
+    max_new_tokens: Optional[int] = Field(None, gt=0, description="Overrides generation.max_new_tokens for this "
+                                          "set (e.g. a shorter benign set: a refusal shows in its first words).")
 
 
 # BeaverDam-7B's input format (PKU-Alignment/beavertails, QAModeration).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from sap_ds.data import PROMPT_COLUMNS, DataError, read_rows
 from sap_ds.evaluation.config import PromptSet
@@ -19,6 +20,7 @@ class EvalPrompt:
     set_name: str
     prompt: str
     origin: str  # "file:row"
+    max_new_tokens: Optional[int] = None  # the set's, if it overrides generation.max_new_tokens
 
 
 def set_name(source: PromptSet) -> str:
@@ -58,7 +60,7 @@ def load_prompts(source: PromptSet) -> list[EvalPrompt]:
         context = _cell(row, source.context_column) if source.context_column else ""
         if context:
             prompt = f"{context}\n\n---\n\n{prompt}"  # HarmBench's own layout for contextual behaviours
-        prompts.append(EvalPrompt(set_name(source), prompt, f"{path}:{number}"))
+        prompts.append(EvalPrompt(set_name(source), prompt, f"{path}:{number}", source.max_new_tokens))
     end = None if source.limit is None else source.offset + source.limit
     prompts = prompts[source.offset : end]
     if source.drop_if_in:

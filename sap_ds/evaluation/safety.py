@@ -29,11 +29,18 @@ def load_sets(sources) -> list:
 
 
 def answer(backend, prompts, cfg, desc: str, stats) -> list[dict]:
-    """One record per prompt: set, origin, prompt and the model's answer."""
+    """One record per prompt: set, origin, prompt and the model's answer. Sets that share
+    a ``max_new_tokens`` are generated together (so several sets share batches, as one)."""
     from sap_ds.evaluation.generation import chat_prompts
 
     texts = chat_prompts(backend.tokenizer, [p.prompt for p in prompts], cfg.generation.system_prompt)
-    answers = backend.generate(texts, cfg.generation, seed=cfg.seed, desc=desc, stats=stats)
+    answers: list = [None] * len(prompts)
+    for limit in dict.fromkeys(p.max_new_tokens for p in prompts):
+        group = [i for i, p in enumerate(prompts) if p.max_new_tokens == limit]
+        generated = backend.generate([texts[i] for i in group], cfg.generation, seed=cfg.seed, max_new_tokens=limit,
+                                     desc=desc, stats=stats)
+        for i, a in zip(group, generated):
+            answers[i] = a
     return [{"set": p.set_name, "origin": p.origin, "prompt": p.prompt, "response": a.text} for p, a in zip(prompts, answers)]
 
 
