@@ -34,6 +34,7 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
+        "vllm": ["vllm>=0.6"],  # sap-ds eval backend: vllm (CUDA only); docs/evaluation.md
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
     },
     entry_points={"console_scripts": ["sap-ds=sap_ds.cli:main"]},

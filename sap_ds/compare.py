@@ -247,13 +247,19 @@ def evaluate_model(model: str, out: Path, config_path: str, eval_cfg, eval_overr
 # --------------------------------------------------------------------------- the report
 
 
+HARMFUL_SCORE, OVER_REFUSAL = "harmful score", "over-refusal (%)"
+
+
 def scalar_metrics(metrics: dict) -> dict[str, float]:
-    """An eval's headline numbers as flat columns: harmful score, then one per task."""
+    """An eval's headline numbers as flat columns: harmful score, over-refusal (% of benign
+    requests refused) right beside it, then one per task."""
     out = {}
     if "harmful" in metrics:
-        out["harmful score"] = metrics["harmful"]["harmful_score"]
+        out[HARMFUL_SCORE] = metrics["harmful"]["harmful_score"]
         if metrics["harmful"]["scorer"] != "refusal":
             out["harmful score (refusal matcher)"] = metrics["harmful"]["harmful_score_refusal"]
+    if "over_refusal" in metrics:
+        out[OVER_REFUSAL] = metrics["over_refusal"]["over_refusal_rate"]
     for name, task in metrics.get("tasks", {}).items():
         out[f"{name} loss" if "loss" in task else f"{name} acc (%)"] = task.get("loss", task.get("accuracy"))
     return out
@@ -291,7 +297,9 @@ def markdown(report: dict) -> str:
     names = list(dict.fromkeys(k for r in rows for k in r["columns"]))
     head = "| model | seeds | " + " | ".join(names) + " |"
     lines = [f"# SFT vs SAP from `{report['start_model']}`", "", f"{report['date']}; lower harmful score is safer; "
-             "values are mean ± std over seeds.", "", head, "|" + "---|" * (len(names) + 2)]
+             "over-refusal is the % of benign requests refused (lower is more helpful; a model that refuses "
+             "everything scores 0 harmful and 100 over-refusal); values are mean ± std over seeds.", "", head,
+             "|" + "---|" * (len(names) + 2)]
     for r in rows:
         cells = [_cell(r["columns"][n], 4 if n.endswith("loss") else 2) if n in r["columns"] else "n/a" for n in names]
         lines.append(f"| {r['model']} | {', '.join(map(str, r['seeds'])) or '-'} | " + " | ".join(cells) + " |")
@@ -299,14 +307,17 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Harmful score and the first accuracy metric side by side per model (both in %)."""
+    """Harmful score, over-refusal and the first accuracy metric side by side per model
+    (all in %): a defence that buys its harmful score with refusals shows a tall middle bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
-    names = ["harmful score"] + [n for n in rows[0]["columns"] if n.endswith("acc (%)")][:1]
+    present = list(dict.fromkeys(n for r in rows for n in r["columns"]))
+    names = [n for n in (HARMFUL_SCORE, OVER_REFUSAL) if n in present] + [n for n in present if n.endswith("acc (%)")][:1]
+    names = names or [HARMFUL_SCORE]
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(rows) + 2), 3.8))
     for i, name in enumerate(names):
@@ -317,7 +328,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
     ax.legend()
-    ax.set_title("harmful score (lower is safer) and task accuracy")
+    ax.set_title("harmful score (lower is safer), over-refusal (lower is more helpful), task accuracy", fontsize=9)
     fig.tight_layout()
     from sap_ds.checkpoint import atomic_save_figure
 

@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 
 from pydantic import Field, model_validator
 
-from sap_ds.compare import CompareError, RunSet, StaleRun, mean_std, scalar_metrics
+from sap_ds.compare import OVER_REFUSAL, CompareError, RunSet, StaleRun, mean_std, scalar_metrics
 from sap_ds.evaluation.config import _Section
 
 TAG = "sap-ds sweep"
@@ -250,15 +250,18 @@ def _cell(stat: Optional[dict], digits: int) -> str:
 
 def markdown(summary: dict) -> str:
     harm, task = summary["harm_metric"], summary["task_metric"]
-    names = [harm] + ([task] if task else []) + [c for r in summary["rows"][:1] for c in r["columns"] if c not in (harm, task)]
+    present = list(dict.fromkeys(c for r in summary["rows"] for c in r["columns"]))
+    beside = [OVER_REFUSAL] if OVER_REFUSAL in present and harm != OVER_REFUSAL else []  # right next to the harm column
+    names = [harm, *beside] + ([task] if task else []) + [c for c in present if c not in (harm, task, *beside)]
     has_ref = any("vs_reference" in r for r in summary["rows"])
     head = ["point", "seeds", *names] + (["harm / ref", "task loss vs ref"] if has_ref else []) + ["Pareto"]
     lines = [f"# sweep of `{summary['config']['train_config']}`", "",
-             f"{summary['date']}; mean ± std over seeds; lower {harm} is safer; Pareto: not beaten on both "
-             f"{harm} and {task} by another point.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             f"{summary['date']}; mean ± std over seeds; lower {harm} is safer; {OVER_REFUSAL}: benign requests "
+             f"refused (lower is more helpful); Pareto: not beaten on both {harm} and {task} by another point.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if summary["start"]:
-        start = [f"{summary['start'][n]:.4f}" if n.endswith("loss") else f"{summary['start'][n]:.2f}"
-                 for n in names if n in summary["start"]]
+        values = summary["start"]
+        start = [("n/a" if values.get(n) is None else f"{values[n]:.4f}" if n.endswith("loss") else f"{values[n]:.2f}")
+                 if n in values else "-" for n in names]
         lines.append("| start model | - | " + " | ".join(start + ["-"] * (len(head) - 2 - len(start))) + " |")
     for r in sorted(summary["rows"], key=lambda r: (r["columns"].get(harm, {}).get("mean") or 0.0)):
         cells = [_cell(r["columns"].get(n), 4 if n.endswith("loss") else 2) for n in names]
@@ -273,14 +276,18 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    """Harmful score against task loss per point (error bars: std over seeds), front joined."""
+    """Harmful score against task loss per point (error bars: std over seeds), front
+    joined; with over-refusal measured, a second panel puts harmful score against it, so a
+    point that is safe because it refuses everything stands out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     harm, task = summary["harm_metric"], summary["task_metric"]
-    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    refusals = any(r["columns"].get(OVER_REFUSAL, {}).get("mean") is not None for r in summary["rows"])
+    fig, axes = plt.subplots(1, 2 if refusals else 1, figsize=(13.0 if refusals else 7.5, 5.0), squeeze=False)
+    ax = axes[0][0]
     rows = [r for r in summary["rows"] if task and r["columns"].get(harm, {}).get("mean") is not None
             and r["columns"].get(task, {}).get("mean") is not None]
     for r in rows:
@@ -299,10 +306,29 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_xlabel(f"{harm} (%) - lower is safer")
     ax.set_ylabel(f"{task} - lower is better")
     ax.set_title("safety vs task quality per sweep point")
+    if refusals:
+        _over_refusal_panel(axes[0][1], summary, harm, start)
     fig.tight_layout()
     from sap_ds.checkpoint import atomic_save_figure
 
     atomic_save_figure(fig, path, dpi=130)
+
+
+def _over_refusal_panel(ax, summary: dict, harm: str, start: dict) -> None:
+    """Harmful score against over-refusal per point (both %, lower is better on both)."""
+    for r in summary["rows"]:
+        x, y = r["columns"].get(harm, {}), r["columns"].get(OVER_REFUSAL, {})
+        if x.get("mean") is None or y.get("mean") is None:
+            continue
+        ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0.0, yerr=y["std"] or 0.0, fmt="o" if r["pareto"] else "x",
+                    color="C3" if r["pareto"] else "C0", capsize=2)
+        ax.annotate(r["point"], (x["mean"], y["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if harm in start and OVER_REFUSAL in start:
+        ax.plot(start[harm], start[OVER_REFUSAL], "*", color="k", markersize=10)
+        ax.annotate("start model", (start[harm], start[OVER_REFUSAL]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    ax.set_xlabel(f"{harm} (%) - lower is safer")
+    ax.set_ylabel(f"{OVER_REFUSAL} - benign requests refused, lower is more helpful")
+    ax.set_title("safety vs over-refusal (red: on the loss Pareto front)")
 
 
 def write_outputs(sweep: Sweep, records: list[dict], start_metrics: Optional[dict]) -> dict:

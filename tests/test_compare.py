@@ -28,6 +28,7 @@ def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
     report = json.loads((out / "comparison.json").read_text())
     assert (out / "comparison.png").stat().st_size > 0
     assert "| benign/sap |" in (out / "comparison.md").read_text()
+    assert "| model | seeds | harmful score | over-refusal (%) |" in (out / "comparison.md").read_text()
     assert [r["model"] for r in report["rows"]] == ["start", "benign/sft", "benign/sap"]
     for run in report["runs"]:
         assert (out / "benign" / run["method"] / "seed0" / "summary.json").is_file()
@@ -35,7 +36,7 @@ def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
         # keep_checkpoints: false: the training state goes once the export is on disk
         assert not (out / "benign" / run["method"] / "seed0" / "checkpoints").exists()
         assert (out / "benign" / run["method"] / "seed0" / "export" / "model").is_dir()
-        assert {"harmful score", "gsm8k acc (%)", "gsm8k_test_loss loss"} <= set(run["metrics"])
+        assert {"harmful score", "over-refusal (%)", "gsm8k acc (%)", "gsm8k_test_loss loss"} <= set(run["metrics"])
         assert run["train"]["tokens_per_s"] > 0
     assert report["rows"][1]["columns"]["train tokens/s"]["n"] == 1
     # resumable: a second run trains and evaluates nothing (in this process: no start-up cost)

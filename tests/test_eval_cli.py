@@ -32,6 +32,14 @@ def test_eval_end_to_end(tmp_path, tiny_model_path, capsys):
     assert tasks["gsm8k"]["n"] == 3 and "accuracy" in tasks["sst2"] and tasks["gsm8k_test_loss"]["loss"] > 0
     assert {"prompt", "response", "reference", "prediction", "correct"} <= set(result["records"]["tasks"]["gsm8k"][0])
     assert result["metrics"]["generation"]["tokens"] > 0
+    # over-refusal on the benign set, beside the harmful score
+    over = result["metrics"]["over_refusal"]
+    assert over["n"] == 2 and 0 <= over["over_refusal_rate"] <= 100 and set(over["sets"]) == {"harmless"}
+    assert {"prompt", "response", "refusal", "degenerate", "set", "origin"} <= set(result["records"]["benign"][0])
+    assert "over-refusal **" in (tmp_path / "eval.md").read_text()
+    # dtype auto is fp32 on CPU; the backend and why it was chosen are recorded
+    assert result["config"]["dtype"] == "auto" and result["runtime"]["dtype"] == "fp32"
+    assert result["runtime"]["backend"] == "hf" and "no CUDA device" in result["runtime"]["reason"]
     assert "wrote" in capsys.readouterr().out
 
 

@@ -1,7 +1,7 @@
 """Batched generation gives the same tokens as one prompt at a time (fp32, greedy)."""
 from sap_ds.evaluation.config import GenerationConfig
 from sap_ds.evaluation.generation import GenerationStats, chat_prompts, generate
-from sap_ds.evaluation.runtime import load_causal_lm
+from sap_ds.evaluation.backends import load_causal_lm
 from sap_ds.modeling import load_tokenizer
 
 PROMPTS = [

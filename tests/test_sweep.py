@@ -39,7 +39,7 @@ def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["point"], r["status"]) for r in records] == [("sft", "done"), ("diverges", "failed"), ("sap.rho=0.01", "done")]
     for r in (records[0], records[2]):
-        assert {"harmful score", "gsm8k_test loss"} <= set(r["metrics"]) and r["train"]["final_step"] == 2
+        assert {"harmful score", "over-refusal (%)", "gsm8k_test loss"} <= set(r["metrics"]) and r["train"]["final_step"] == 2
         assert (out / r["point"] / "seed0" / "eval" / "eval.json").is_file()
     # each point really ran with its overrides
     sap_config = json.loads((out / "sap.rho=0.01" / "seed0" / "config.json").read_text())
@@ -50,6 +50,7 @@ def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
     assert any(r["pareto"] for r in summary["rows"])
     assert next(r for r in summary["rows"] if r["point"] == "sft")["vs_reference"]["task_loss_change"] == 0.0
     assert (out / "sweep.png").stat().st_size > 0 and "| sft | 0 |" in (out / "sweep.md").read_text()
+    assert "| point | seeds | harmful score | over-refusal (%) | gsm8k_test loss |" in (out / "sweep.md").read_text()
     # keep_checkpoints: false drops a finished run's training state, never a failed run's
     assert not (out / "sft" / "seed0" / "checkpoints").exists() and (out / "sft" / "seed0" / "export" / "model").is_dir()
     assert (out / "diverges" / "seed0" / "checkpoints").is_dir()

@@ -1,7 +1,11 @@
-"""Evaluation of fine-tuned models: harmful score on held-out harmful prompts, task
-metrics (GSM8K / SST-2 accuracy, held-out test loss), and the SFT-vs-SAP comparison.
+"""Evaluation of fine-tuned models: harmful score on held-out harmful prompts, over-refusal
+on benign ones, task metrics (GSM8K / SST-2 accuracy, held-out test loss), and the
+SFT-vs-SAP comparison.
 
-Modules: ``config`` (the typed eval config), ``prompts`` (harmful prompt files),
-``generation`` (batched, rank-sharded greedy decoding), ``scorers`` (refusal matcher and
-moderation classifiers), ``tasks`` (task metrics), ``output`` (JSON + markdown reports).
+Modules: ``config`` (the typed eval config), ``prompts`` (prompt files), ``adapters``
+(model or LoRA adapter folder), ``backends`` (hf / device_map / vllm, and the choice
+between them), ``vllm_backend`` (the only module importing vllm), ``generation``
+(prompt rendering and batched, rank-sharded greedy decoding), ``scorers`` (refusal
+matcher), ``judges`` (moderation classifiers and generative judges), ``safety`` (harmful
+score and over-refusal), ``tasks`` (task metrics), ``output`` (JSON + markdown reports).
 """

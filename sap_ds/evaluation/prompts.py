@@ -1,4 +1,4 @@
-"""Harmful prompts from local files, through ``sap_ds.data.read_rows`` (CSV, TSV, JSON,
+"""Evaluation prompts (harmful or benign) from local files, through ``sap_ds.data.read_rows`` (CSV, TSV, JSON,
 JSONL, TXT, gzip).
 
 The prompt column defaults to the first present of ``sap_ds.data.PROMPT_COLUMNS``, which
@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from sap_ds.data import PROMPT_COLUMNS, DataError, read_rows
 from sap_ds.evaluation.config import PromptSet
 
 
 @dataclass(frozen=True)
-class HarmfulPrompt:
+class EvalPrompt:
     set_name: str
     prompt: str
     origin: str  # "file:row"
+    max_new_tokens: Optional[int] = None  # the set's, if it overrides generation.max_new_tokens
 
 
 def set_name(source: PromptSet) -> str:
@@ -35,7 +37,7 @@ def _prompts_in(path: Path) -> set[str]:
     return {_cell(row, c) for row in read_rows(path) for c in PROMPT_COLUMNS if _cell(row, c)}
 
 
-def load_prompts(source: PromptSet) -> list[HarmfulPrompt]:
+def load_prompts(source: PromptSet) -> list[EvalPrompt]:
     path = Path(source.path)
     rows = read_rows(path)
     columns = [source.column] if source.column else list(PROMPT_COLUMNS)
@@ -43,7 +45,7 @@ def load_prompts(source: PromptSet) -> list[HarmfulPrompt]:
     if column is None:
         raise DataError(
             f"{path}: no prompt column: looked for {', '.join(map(repr, columns))}, the file has "
-            f"{', '.join(map(repr, rows[0]))}; set 'column' in the harmful prompt set"
+            f"{', '.join(map(repr, rows[0]))}; set 'column' in the prompt set"
         )
     for name in [source.context_column, *source.exclude]:
         if name and name not in rows[0]:
@@ -58,7 +60,7 @@ def load_prompts(source: PromptSet) -> list[HarmfulPrompt]:
         context = _cell(row, source.context_column) if source.context_column else ""
         if context:
             prompt = f"{context}\n\n---\n\n{prompt}"  # HarmBench's own layout for contextual behaviours
-        prompts.append(HarmfulPrompt(set_name(source), prompt, f"{path}:{number}"))
+        prompts.append(EvalPrompt(set_name(source), prompt, f"{path}:{number}", source.max_new_tokens))
     end = None if source.limit is None else source.offset + source.limit
     prompts = prompts[source.offset : end]
     if source.drop_if_in:

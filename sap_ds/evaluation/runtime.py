@@ -1,20 +1,18 @@
 """Where evaluation runs: one process, or N ranks started by ``deepspeed``/``torchrun``.
 
-Evaluation models are small next to training (no optimizer, no gradients), so every rank
-holds a whole copy and ranks split the work: rank r takes items[r::world], and the
-results are gathered back in the original order. One process is the special case
-world == 1, with no process group at all.
+When the model fits one device (the ``hf`` backend), every rank holds a whole copy and
+ranks split the work: rank r takes items[r::world], and the results are gathered back in
+the original order. One process is the special case world == 1, with no process group at
+all; the sharded backends (``device_map``, ``vllm``) run in one process and spread one
+model over the node's GPUs themselves (``sap_ds.evaluation.backends``).
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
-
-from sap_ds.modeling import DTYPES
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -66,9 +64,10 @@ def shard_map(items: Sequence[T], fn: Callable[[list[T]], list[R]]) -> list[R]:
     return out
 
 
-def load_causal_lm(path: Path, dtype: str):
-    """A local causal LM in eval mode on this rank's device (no remote code, ever)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False)
-    return model.eval().to(device())
+def resolve_dtype(dtype: str) -> str:
+    """``auto`` -> ``bf16`` on a CUDA GPU that supports it (half the memory and several
+    times the speed of fp32), ``fp32`` elsewhere (CPUs without AMX run bf16 matmuls ~100x
+    slower than fp32); ``fp32`` and ``bf16`` stay as given."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"

@@ -1,9 +1,12 @@
 """Task metrics: GSM8K exact match, SST-2 accuracy, held-out test loss.
 
 Examples are read with ``sap_ds.data.load_examples`` (the training loaders, so a task
-file means the same thing here as in fine-tuning) and test loss reuses ``ChatTokenizer``,
-``collate`` and ``losses.token_logprobs``: the loss reported here is the trainer's eval
-loss (token-weighted mean response cross-entropy).
+file means the same thing here as in fine-tuning) and test loss reuses ``ChatTokenizer``
+and ``encode_all``; the backend sums the response tokens' cross-entropy (transformers:
+``collate`` and ``losses.token_logprobs``, as the trainer; vLLM: its prompt
+log-probabilities), so the loss reported here is the trainer's eval loss (token-weighted
+mean response cross-entropy). A task takes a backend (``sap_ds.evaluation.backends``),
+not a model.
 """
 from __future__ import annotations
 
@@ -11,14 +14,10 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Optional
 
-import torch
-
 from sap_ds.config import DataSource
-from sap_ds.data import ChatTokenizer, DataError, Example, collate, encode_all, load_examples
+from sap_ds.data import ChatTokenizer, DataError, Example, encode_all, load_examples
 from sap_ds.evaluation.config import GenerationConfig, TaskConfig
-from sap_ds.evaluation.generation import GenerationStats, chat_prompts, generate
-from sap_ds.evaluation.runtime import device, shard_map
-from sap_ds.losses import forward_logits, token_logprobs
+from sap_ds.evaluation.generation import GenerationStats, chat_prompts
 
 # A number as written in GSM8K answers: optional sign and $, thousands commas, decimals.
 NUMBER = re.compile(r"-?\$?-?\d[\d,]*(?:\.\d+)?")
@@ -74,16 +73,15 @@ def task_examples(task: TaskConfig) -> list[Example]:
     return examples
 
 
-def accuracy_task(model, tokenizer, task: TaskConfig, settings: GenerationConfig, seed: int,
+def accuracy_task(backend, task: TaskConfig, settings: GenerationConfig, seed: int,
                   stats: GenerationStats) -> tuple[dict, list[dict]]:
     """Generate an answer per example and score it (GSM8K exact match or SST-2 label)."""
     examples = task_examples(task)
     prompts = [e.messages[-1][1] for e in examples]
-    texts = chat_prompts(tokenizer, prompts, settings.system_prompt)
+    texts = chat_prompts(backend.tokenizer, prompts, settings.system_prompt)
     if task.batch_size:
         settings = settings.model_copy(update={"batch_size": task.batch_size})
-    outputs = generate(model, tokenizer, texts, settings, seed=seed, max_new_tokens=task.max_new_tokens,
-                       desc=task.label, stats=stats)
+    outputs = backend.generate(texts, settings, seed=seed, max_new_tokens=task.max_new_tokens, desc=task.label, stats=stats)
     records = []
     for example, prompt, output in zip(examples, prompts, outputs):
         if task.kind == "gsm8k_accuracy":
@@ -99,27 +97,17 @@ def accuracy_task(model, tokenizer, task: TaskConfig, settings: GenerationConfig
     return {"accuracy": 100.0 * correct / len(records), "n": len(records)}, records
 
 
-def test_loss(model, tokenizer, task: TaskConfig, settings: GenerationConfig, batch_size: int) -> dict:
+def test_loss(backend, task: TaskConfig, settings: GenerationConfig, batch_size: int) -> dict:
     """Token-weighted mean cross-entropy of the response tokens (the trainer's eval loss)."""
-    chat = ChatTokenizer(tokenizer, task.max_length, settings.system_prompt)
+    chat = ChatTokenizer(backend.tokenizer, task.max_length, settings.system_prompt)
     encoded = encode_all(chat, task_examples(task), f"task '{task.label}'")
-
-    def local(items) -> list[tuple[float, int]]:
-        out = []
-        for start in range(0, len(items), batch_size):
-            batch = {k: v.to(device()) for k, v in collate(items[start : start + batch_size], tokenizer.pad_token_id).items()}
-            with torch.no_grad():
-                logp, mask = token_logprobs(forward_logits(model, batch), batch["labels"])
-            out += list(zip((-logp.sum(-1)).tolist(), mask.sum(-1).tolist()))
-        return out
-
-    per_example = shard_map(encoded, local)
+    per_example = backend.response_nll(encoded, batch_size)
     tokens = sum(n for _, n in per_example)
     return {"loss": sum(nll for nll, _ in per_example) / tokens, "tokens": tokens, "n": len(encoded)}
 
 
-def run_task(model, tokenizer, task: TaskConfig, settings: GenerationConfig, seed: int,
+def run_task(backend, task: TaskConfig, settings: GenerationConfig, seed: int,
              stats: GenerationStats) -> tuple[dict, list[dict]]:
     if task.kind == "test_loss":
-        return test_loss(model, tokenizer, task, settings, task.batch_size or 4), []
-    return accuracy_task(model, tokenizer, task, settings, seed, stats)
+        return test_loss(backend, task, settings, task.batch_size or 4), []
+    return accuracy_task(backend, task, settings, seed, stats)
