@@ -48,6 +48,10 @@ def _run_zero3(tmp_path, overrides, steps=STEPS, inspect=False, export=False):
     args += ["--export"] if export else []
     proc = launch(args + [f"output_dir={tmp_path / 'run'}", *COMMON, *overrides], env=env)
     assert proc.returncode == 0, "2-rank run failed (output above)"
+    return _load_run(out)
+
+
+def _load_run(out):
     result = json.loads((out / "result.json").read_text())
     params = load_file(str(out / "params.safetensors")) if (out / "params.safetensors").exists() else None
     probes = [load_file(str(p))["probe"] for p in sorted(out.glob("probe_rank*.safetensors"))]
@@ -190,3 +194,52 @@ def test_random_direction_ablation(tmp_path):
         assert stats["safety_grad_norm"] ** 2 == pytest.approx(n, rel=0.01)
         assert math.isnan(stats["safety_loss"]) and stats["direction_ok"]  # no safety forward ran
     assert torch.equal(probes[0], probes[1]) and probes[0].abs().max() > 0
+
+
+# --------------------------------------------------------------------------- gradient accumulation
+
+# One launch runs every variant (a Trainer after another in one process): 2 and 3 micro-batches
+# per rank, LoRA and full fine-tuning, and rho = 0. The micro-batches hold different numbers of
+# response tokens (checked below), so a token mean over the whole rank batch would differ from
+# the mean of micro-batch means the engine and the reference compute.
+SAP_GAS = ["method=sap", "sap.probe_lr=0.1"]
+GAS_VARIANTS = {
+    "full-gas2": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=2"],
+    "full-gas3": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=3", "sap.safety_loss=difference"],
+    "lora-gas2": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=2", *LORA],
+    "lora-gas3": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=3", *LORA],
+    "rho0-gas2": [*SAP_GAS, "sap.rho=0.0", "train.grad_accum=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def gas_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gas")
+    variants = [{"name": name, "overrides": overrides} for name, overrides in GAS_VARIANTS.items()]
+    args = ["tests/zero3_runner.py", "--config", "configs/tiny.yaml", "--steps", str(STEPS), "--out", str(tmp),
+            "--variants", json.dumps(variants), f"output_dir={tmp / 'run'}", *COMMON]
+    proc = launch(args, timeout=600)
+    assert proc.returncode == 0, "2-rank run failed (output above)"
+    return {name: _load_run(tmp / name) for name in GAS_VARIANTS}
+
+
+@pytest.mark.parametrize("name", [n for n in GAS_VARIANTS if not n.startswith("rho0")])
+def test_zero3_sap_with_grad_accum_matches_reference(gas_runs, name):
+    """grad_accum 2 and 3: the probe gradient at W' and the main pass's at W are both means
+    over the micro-batches (DeepSpeed's output hook must not scale the probe pass again)."""
+    result, _, probes, ref = _compare(None, GAS_VARIANTS[name], run=gas_runs[name], rtol=RTOL_SAP)
+    gas = int(name[-1])
+    for step in result["micro_batch_tokens"]:
+        assert all(len(rank) == gas for rank in step)
+    assert any(len(set(rank)) > 1 for step in result["micro_batch_tokens"] for rank in step), \
+        "all micro-batches hold the same number of tokens: the test would not see a wrong weighting"
+    assert torch.equal(probes[0], probes[1]), "the probe differs between ranks"
+    assert ref["probe"].abs().max() > 0
+    _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
+
+
+def test_rho_zero_with_grad_accum_keeps_the_probe_at_zero(gas_runs):
+    """rho = 0 and 2 micro-batches: -grad_V L(W) of the probe pass and +grad_V L(W) of the main
+    pass cancel exactly, so V stays 0 (the weights then follow the reference's SFT)."""
+    _, _, probes, _ = _compare(None, GAS_VARIANTS["rho0-gas2"], run=gas_runs["rho0-gas2"])
+    assert probes[0].abs().max() == 0 and probes[1].abs().max() == 0, float(probes[0].abs().max())
