@@ -183,16 +183,15 @@ def cpu_adam_buildable() -> tuple[bool, str]:
 
 def cpu_adam_build_status(builder, installed_ops: dict) -> tuple[bool, str]:
     """The decision of ``cpu_adam_buildable`` for a given op builder (testable without
-    DeepSpeed's accelerator): prebuilt, or compatible with ninja and a compiler."""
-    from torch.utils.cpp_extension import is_ninja_available
-
+    DeepSpeed's accelerator): prebuilt, or compatible with ninja and a compiler on PATH
+    (what torch's ``verify_ninja_availability`` and the JIT build look for)."""
     if builder is None:
         return False, "this accelerator has no CPU Adam builder"
     if installed_ops.get(builder.name, False):
         return True, "prebuilt op"
     if not builder.is_compatible(verbose=False):
         return False, f"the op is not compatible with this system ({getattr(builder, 'error_log', None) or 'no reason given'})"
-    if not is_ninja_available():
+    if shutil.which("ninja") is None:
         return False, "JIT compilation needs ninja (pip install ninja)"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:

@@ -62,7 +62,7 @@ def model_state_bytes(trainer):
 
 
 def run_one(cfg, rank: int, world: int, steps: int, out: str, inspect: bool = False, memory: bool = False,
-            export: bool = False) -> None:
+            export: bool = False, check_collectives: bool = False) -> None:
     """Build a Trainer for ``cfg``, do what the flags say and write the outputs to ``out``."""
     import deepspeed
     import torch
@@ -72,9 +72,27 @@ def run_one(cfg, rank: int, world: int, steps: int, out: str, inspect: bool = Fa
     from sap_ds.trainer import Trainer
 
     os.makedirs(out, exist_ok=True)
+    checker = None
+    if check_collectives:  # every collective of the whole run: engine set-up, SAP steps, checks
+        from tests.collective_checker import CollectiveChecker
+
+        checker = CollectiveChecker().install()
     trainer = Trainer(cfg, rank, world)
     result = {}
-    if memory:
+    if check_collectives:
+        result["inspect"] = inspect_first_step(trainer)
+        trainer.shards.drop_grads()
+        for step in range(steps):
+            trainer.train_step(step)
+        trainer.check_rank_consistency()
+        result["eval_loss"] = trainer.evaluate()
+        result["optimizer"] = type(trainer.engine.basic_optimizer).__name__
+        checker.uninstall()
+        every = [None] * world
+        dist.all_gather_object(every, {"violations": checker.violations, "sap_ds_calls": checker.sap_ds_calls,
+                                       "other_calls": checker.other_calls})
+        result["collectives"] = every
+    elif memory:
         trainer.train_step(0)  # Adam states exist after the first step
         measured = torch.tensor(model_state_bytes(trainer), dtype=torch.float64)
         every = [torch.zeros_like(measured) for _ in range(world)]
@@ -129,6 +147,8 @@ def main() -> int:
     parser.add_argument("--inspect", action="store_true")
     parser.add_argument("--memory", action="store_true", help="report this rank's model-state bytes and exit")
     parser.add_argument("--export", action="store_true", help="after training: logits of the engine, then export")
+    parser.add_argument("--check-collectives", action="store_true",
+                        help="inspect step 0, train, check ranks and evaluate under tests/collective_checker.py")
     parser.add_argument("--variants", help="JSON list of {name, overrides}: one Trainer after another in this "
                                            "process, each writing to OUT/name (saves a launch per variant)")
     parser.add_argument("--local_rank", type=int, default=None)
@@ -141,7 +161,7 @@ def main() -> int:
     rank, _, world = init_distributed()
     if args.variants is None:
         cfg = load_config(args.config, args.overrides + [f"train.max_steps={args.steps}"])
-        run_one(cfg, rank, world, args.steps, args.out, args.inspect, args.memory, args.export)
+        run_one(cfg, rank, world, args.steps, args.out, args.inspect, args.memory, args.export, args.check_collectives)
         return 0
     import gc
 
