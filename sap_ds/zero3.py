@@ -149,9 +149,11 @@ class Zero3Shards:
         device, in ``grad_partitions_flat_buffer``, the partitions of ``chain(fp16_groups)``
         back to back; with an offloaded optimizer, in ``fp32_partitioned_groups_flat[i].grad``.
         In both, ``grad_position[param_id] = [group, offset, numel]`` places a parameter, and
-        ``safe_get_local_grad`` reads exactly that place. The proof: every parameter's
-        ``grad_position`` equals its place in our master layout, and (device optimizer)
-        ``safe_get_local_grad(p)`` is a view at that very address (fp32: no copy)."""
+        ``safe_get_local_grad`` reads exactly that place. The proof, once, on the first
+        reduced gradient: every parameter's ``grad_position`` equals its place in our master
+        layout, and ``safe_get_local_grad(p)`` either is a view at that very address (an fp32
+        buffer on the compute device: no copy) or holds exactly the values of that slice (a
+        bf16 accumulation buffer, or an offloaded one that the accessor copies)."""
         from deepspeed.utils import safe_get_local_grad
 
         opt = self.optimizer
@@ -172,12 +174,16 @@ class Zero3Shards:
                     return None
                 view = flat.narrow(0, start, n)
             for p, offset in zip(g.params, g.offsets):
-                if list(positions.get(opt.get_param_id(p), ())) != [gi, offset, p.partition_numel()]:
+                n_p = p.partition_numel()
+                if list(positions.get(opt.get_param_id(p), ())) != [gi, offset, n_p]:
                     return None
-                if not offloaded:
-                    grad = safe_get_local_grad(p)
-                    if grad is None or grad.data_ptr() != view.data_ptr() + offset * view.element_size():
-                        return None
+                grad = safe_get_local_grad(p)
+                if grad is None or grad.numel() != n_p:
+                    return None
+                same_storage = grad.device == view.device and grad.data_ptr() == view.data_ptr() + offset * view.element_size()
+                if not same_storage and not torch.equal(grad.reshape(-1).float(),
+                                                        view.narrow(0, offset, n_p).to(grad.device).float()):
+                    return None
             views.append(view)
             start += n
         return views
