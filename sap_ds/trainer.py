@@ -321,7 +321,7 @@ class Trainer:
         self._install_signal_handlers()
         previous = self._saved_config() if is_main() else None
         self.maybe_resume()
-        self.preflight()  # before anything is written: a refused run leaves the output folder as it was
+        self.preflight()  # before config.json, metrics or checkpoints are written: a refused run records nothing
         if is_main():
             self._record_config(previous)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not is_main(), desc=f"{cfg.method}", dynamic_ncols=True)

