@@ -5,6 +5,7 @@ says so."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 
@@ -106,3 +107,17 @@ def test_cpu_adam_build_decision(monkeypatch):
     assert "'no-such-compiler-xyz' not found" in status(_Builder(), {})[1]
     monkeypatch.delenv("CXX")
     assert status(_Builder(), {}) == (True, "JIT-compiled on first use (about a minute, once), then cached")
+
+
+def test_padding_is_counted_in_the_parameters_own_partition_group(monkeypatch):
+    """The real elements of a shard depend on the rank within the group the parameter is
+    partitioned over (MiCS, hpZ), not on the global rank."""
+    from sap_ds import zero3
+
+    group = object()
+    monkeypatch.setattr(zero3.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(zero3.dist, "get_rank", lambda group=None: 1 if group is not None else 3)
+    p = types.SimpleNamespace(ds_numel=10, partition_numel=lambda: 4, ds_process_group=group)
+    # group rank 1 of a 4-element partition of 10 elements holds 4 real ones (the global rank 3 would say 0)
+    assert zero3.Zero3Shards._valid_numel(None, p) == 4
+    assert zero3.partition_rank(types.SimpleNamespace()) == 3  # no group recorded: the global rank
