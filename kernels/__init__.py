@@ -2,6 +2,8 @@
 
 Importing this package never imports triton: kernels are built on first use.
 """
-from .dispatch import BACKENDS, choose_backend, perturb_from_master, restore_from_master, sumsq
+from .dispatch import (BACKENDS, N_STATS, choose_backend, perturb_from_master, perturbation_stats, restore_from_master,
+                       sumsq)
 
-__all__ = ["BACKENDS", "choose_backend", "perturb_from_master", "restore_from_master", "sumsq"]
+__all__ = ["BACKENDS", "N_STATS", "choose_backend", "perturb_from_master", "perturbation_stats", "restore_from_master",
+           "sumsq"]

@@ -14,7 +14,8 @@ import functools
 import torch
 
 from ._triton import import_triton, interpreter_enabled
-from .perturb import perturb_from_master_torch, perturb_from_master_triton
+from .perturb import (N_STATS, perturb_from_master_torch, perturb_from_master_triton, perturbation_stats_torch,
+                      perturbation_stats_triton)
 from .restore import restore_from_master_torch, restore_from_master_triton
 from .sumsq import sumsq_torch, sumsq_triton
 
@@ -70,11 +71,23 @@ def sumsq(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Tens
     return (sumsq_triton if chosen == "triton" else sumsq_torch)(a, b)
 
 
-def perturb_from_master(master, direction, scale, out, backend: str = "auto") -> None:
-    """In place: ``out[:] = cast(master + scale * direction)`` with ``scale`` a device tensor."""
+def perturb_from_master(master, direction, scale, out, backend: str = "auto", stats=None) -> None:
+    """In place: ``out[:] = cast(master + scale * direction)`` with ``scale`` a device tensor.
+
+    ``stats``: optional float64 tensor of ``N_STATS`` elements on master's device; the
+    realised-perturbation sums ``[sum r*r, sum d*d, sum r*d, count(r != 0)]`` of this
+    shard are added to it (see kernels/perturb.py), in the same pass."""
     chosen, _ = choose_backend(master, backend)
     impl = perturb_from_master_triton if chosen == "triton" else perturb_from_master_torch
-    impl(master, direction, scale, out)
+    impl(master, direction, scale, out, stats=stats)
+
+
+def perturbation_stats(master, direction, scale, out_dtype, backend: str = "auto") -> torch.Tensor:
+    """The sums ``perturb_from_master(..., stats=)`` would add for a shard of ``out_dtype``,
+    without writing anything: float64 ``[sum r*r, sum d*d, sum r*d, count(r != 0)]``."""
+    chosen, _ = choose_backend(master, backend)
+    impl = perturbation_stats_triton if chosen == "triton" else perturbation_stats_torch
+    return impl(master, direction, scale, out_dtype)
 
 
 def restore_from_master(master, out, backend: str = "auto") -> None:

@@ -95,6 +95,9 @@ class TrainConfig(_Section):
     resume: Literal["auto", "never"] = "auto"
     max_bad_steps: int = Field(5, gt=0, description="Consecutive non-finite steps before the run stops.")
     check_ranks_every: int = Field(0, ge=0, description="Steps between cross-rank consistency checks; 0: off.")
+    offload_adam: Literal["auto", "deepspeed", "torch"] = Field(
+        "auto", description="With a ZeRO-Offload optimizer: 'deepspeed' CPU Adam, 'torch' AdamW, 'auto' CPU Adam where it "
+        "can be built (sap_ds/ds_config.py: choose_offload_adam). Without offload the torch AdamW always runs.")
 
 
 class DistributedConfig(_Section):
@@ -124,6 +127,9 @@ class SapConfig(_Section):
     perturb_norm: Literal["global", "per_tensor"] = "global"
     probe_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of steps that run the probe pass.")
     kernels: Literal["auto", "triton", "torch"] = "auto"
+    resolution_check: Literal["error", "warn", "off"] = Field(
+        "error", description="Before step 1: can the working dtype (bf16) hold the perturbation rho gives? 'error' stops "
+        "the run naming the smallest rho that passes, 'warn' only says so (docs/algorithm.md, precision).")
     # Variants and ablations (docs/algorithm.md, "Variants"): the authors' method is the default.
     probe_scale: Optional[float] = Field(None, gt=0.0, description="Rescale each probe vector after every update to this "
                                          "fraction of the mean hidden-state norm at its layer; null: as the optimizer leaves it.")
@@ -143,7 +149,8 @@ class SapConfig(_Section):
             return set(type(self).model_fields)
         if not self.probe_train:
             return {"rho", "probe_lr", "probe_adam_eps", "probe_reset", "probe_lr_schedule", "safety_loss", "temperature",
-                    "safety_batch_size", "safety_every", "perturb_norm", "probe_fraction", "direction", "kernels"}
+                    "safety_batch_size", "safety_every", "perturb_norm", "probe_fraction", "direction", "kernels",
+                    "resolution_check"}
         return set()
 
 
@@ -412,7 +419,8 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
     ``distributed`` section, nor the keys this run cannot read (``SapConfig.unused_keys``: the
     ``sap`` section of an SFT run), so that only a change that alters what is trained is reported."""
     old, new = flatten(saved), flatten(config_to_dict(cfg))
-    ignore = {"output_dir"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
+    # sap.resolution_check only decides whether a run may start: it never changes what is trained.
+    ignore = {"output_dir", "sap.resolution_check"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
     ignore |= {f"distributed.{key}" for key in DistributedConfig.model_fields}
     return [f"{key}: trained with {old.get(key)!r}, now {new.get(key)!r}"
             for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key) and key not in ignore]

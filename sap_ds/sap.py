@@ -22,34 +22,61 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
+from sap_ds import resolution
+from sap_ds.collectives import all_reduce_mean, all_reduce_sum
 from sap_ds.config import SapConfig
 from sap_ds.losses import forward_logits, safety_loss, task_loss
 from sap_ds.probe import Probe
-from sap_ds.zero3 import Zero3Shards, all_reduce_mean, all_reduce_sum
+from sap_ds.zero3 import Zero3Shards
 
 PHASES = ("safety", "perturb", "probe", "restore", "main")
 
 
 class PhaseTimer:
-    """Wall time per phase, synchronising the device so GPU work is counted where it runs."""
+    """Time per phase, without synchronising the device while the step runs.
+
+    On CUDA each phase is bracketed by two timing events on the current stream; the
+    elapsed times are read in ``pop`` (one synchronisation, on the last event), which
+    the trainer calls only on a step it logs (``discard`` drops the others unread). On
+    CPU the phase's wall time is taken directly (nothing runs asynchronously there)."""
 
     def __init__(self):
         self.totals = {name: 0.0 for name in PHASES}
+        self._events: list = []  # (phase, start event, end event), read by pop()
+        self._cuda = torch.cuda.is_available()
 
     @contextmanager
     def __call__(self, name: str):
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
-        start = time.perf_counter()
+        if self._cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._events.append((name, start, end))
+            return
+        begin = time.perf_counter()
         try:
             yield
         finally:
-            sync()
-            self.totals[name] += time.perf_counter() - start
+            self.totals[name] += time.perf_counter() - begin
 
     def pop(self) -> dict[str, float]:
-        out, self.totals = self.totals, {name: 0.0 for name in PHASES}
+        """Seconds per phase since the last pop or discard."""
+        if self._events:
+            self._events[-1][2].synchronize()  # events complete in stream order: the last one is enough
+            for name, start, end in self._events:
+                self.totals[name] += start.elapsed_time(end) / 1e3
+        out = self.totals
+        self.discard()
         return out
+
+    def discard(self) -> None:
+        """Forget the phases since the last pop, without reading (or waiting for) them."""
+        self.totals = {name: 0.0 for name in PHASES}
+        self._events = []
 
 
 @dataclass
@@ -63,7 +90,19 @@ class SapState:
     backup: list | None = None  # fp32 runs only: the master is the working shard, so keep W
     direction_step: int | None = None  # the step whose safety batch gave the current direction
     seed: int = 0  # run seed: the random-direction ablation draws from (seed, step, rank)
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # 0-dim device tensors (or bools): read only when logged
+
+
+def stats_as_floats(state: SapState) -> dict:
+    """The step's statistics (``state.stats``) and the probe's norm as plain numbers, with
+    one device-to-host transfer for all of them (the trainer calls it on logged steps)."""
+    tensors = {k: v for k, v in state.stats.items() if torch.is_tensor(v)}
+    tensors["probe_norm"] = state.probe.vectors.detach().norm()
+    device = tensors["probe_norm"].device
+    values = torch.stack([v.detach().reshape(()).double().to(device) for v in tensors.values()]).tolist()
+    out = {k: v for k, v in state.stats.items() if not torch.is_tensor(v)}
+    out.update(zip(tensors, values))
+    return out
 
 
 def make_state(engine, shards: Zero3Shards, cfg: SapConfig, hidden_size: int, seed: int = 0) -> SapState:
@@ -93,8 +132,14 @@ def safety_direction(engine, shards: Zero3Shards, state: SapState, batch: dict, 
     """Phase 1: the safety gradient's direction and scale, from the local gradient shards.
 
     The engine's own backward reduce-scatters the gradient (averaged over ranks); the
-    boundary flag makes an offloaded optimizer copy it where ``safe_get_local_grad``
-    reads it. The gradients are then dropped: SAP never steps on the safety loss.
+    boundary flag makes an offloaded optimizer copy it where the gradient views read it.
+    ``scale_wrt_gas=False``: the safety loss is one batch, not a micro-batch of an
+    accumulated step (its scale would not matter anyway: only g / ||g|| is used). The
+    gradients are then dropped: SAP never steps on the safety loss.
+
+    No host synchronisation: the norms, the scale and the statistics stay on the device
+    (a zero or non-finite gradient gives scale 0, and non-finite direction elements are
+    zeroed, so that case perturbs nothing, with no NaN written into the weights).
     """
     if cfg.direction == "random":
         loss = _random_direction(shards, state, step)
@@ -114,19 +159,20 @@ def safety_direction(engine, shards: Zero3Shards, state: SapState, batch: dict, 
         sums = torch.stack([kernels.sumsq(d, g.master, backend=cfg.kernels) for d, g in zip(state.direction, shards.groups)]).sum(0)
         g2, w2 = all_reduce_sum(sums.to(torch.float64)).unbind()
         scale, ok = direction_scale(g2, w2, cfg.rho)
-        state.scale.copy_(scale)
     else:
         g2, w2, ok = _scale_per_tensor(shards, state, cfg)
-        state.scale.fill_(1.0)
+        scale = torch.ones_like(g2)
+    for d in state.direction:
+        torch.nan_to_num_(d, nan=0.0, posinf=0.0, neginf=0.0)
+    state.scale.copy_(torch.where(ok, scale, torch.zeros_like(scale)))
     state.direction_step = step
+    nan = torch.full_like(g2, float("nan"))
     state.stats = {
-        "safety_loss": loss.detach().float().item(),
-        "safety_grad_norm": math.sqrt(max(g2.item(), 0.0)) if torch.isfinite(g2) else float("nan"),
-        "weight_norm": math.sqrt(max(w2.item(), 0.0)) if torch.isfinite(w2) else float("nan"),
-        "direction_ok": bool(ok.all().item()) if ok.dim() else bool(ok.item()),
+        "safety_loss": loss.detach().float(),
+        "safety_grad_norm": torch.where(torch.isfinite(g2), g2.clamp_min(0).sqrt(), nan),
+        "weight_norm": torch.where(torch.isfinite(w2), w2.clamp_min(0).sqrt(), nan),
+        "direction_ok": ok,
     }
-    if not state.stats["direction_ok"]:
-        state.scale.zero_()
 
 
 @torch.no_grad()
@@ -155,34 +201,37 @@ def direction_scale(g2: torch.Tensor, w2: torch.Tensor, rho: float) -> tuple[tor
 
 
 def _scale_per_tensor(shards: Zero3Shards, state: SapState, cfg: SapConfig):
-    """Scale each tensor's direction by rho * ||W_t|| / ||g_t|| (norms over all ranks)."""
-    slices = list(shards.param_slices())
-    sums = torch.zeros(len(slices), 2, dtype=torch.float64, device=state.scale.device)
-    for i, (gi, p, offset, valid) in enumerate(slices):
-        if valid:
-            d = state.direction[gi].narrow(0, offset, valid)
-            w = shards.groups[gi].master.narrow(0, offset, valid)
-            sums[i] = kernels.sumsq(d, w, backend="torch").to(torch.float64)
-    all_reduce_sum(sums)
-    g2, w2 = sums[:, 0], sums[:, 1]
+    """Scale each tensor's direction by rho * ||W_t|| / ||g_t|| (norms over all ranks):
+    segment sums over the flat buffers, one all-reduce for all tensors, one scaling pass
+    (``sap_ds/segments.py``). Returns the total g2, w2 and whether every tensor's norms
+    are finite (a zero-gradient tensor is fine, just not perturbed)."""
+    sums = all_reduce_sum(shards.segments.sumsq(state.direction, [g.master for g in shards.groups]))
+    g2, w2 = sums[:-1, 0], sums[:-1, 1]  # the last row is the padding
     factors, _ = direction_scale(g2, w2, cfg.rho)
-    ok = torch.isfinite(g2) & torch.isfinite(w2)  # a zero-gradient tensor is fine, just not perturbed
-    for (gi, p, offset, valid), factor in zip(slices, factors.float()):
-        if valid:
-            state.direction[gi].narrow(0, offset, valid).mul_(factor)
+    shards.segments.scale_(state.direction, torch.cat([factors, factors.new_zeros(1)]).float())
+    ok = (torch.isfinite(g2) & torch.isfinite(w2)).all()
     return g2.sum(), w2.sum(), ok
 
 
 @torch.no_grad()
 def perturb(shards: Zero3Shards, state: SapState, backend: str) -> None:
-    """Phase 2: working shards <- cast(master + scale * direction), one launch per group."""
+    """Phase 2: working shards <- cast(master + scale * direction), one launch per group.
+
+    The same launches sum how faithfully the working dtype holds the perturbation; one
+    all-reduce of those four numbers gives ``perturb_realized_ratio``, ``perturb_cosine``
+    and ``perturb_changed_fraction`` (``sap_ds/resolution.py``), kept on the device."""
+    sums = None
     for i, g in enumerate(shards.groups):
         source = g.master
         if g.master_aliases_lp:  # fp32 run: the working shard *is* the master; keep W
             state.backup[i].copy_(g.master)
             source = state.backup[i]
-        kernels.perturb_from_master(source, state.direction[i], state.scale, g.lp, backend=backend)
+        part = torch.zeros(kernels.N_STATS, dtype=torch.float64, device=source.device)
+        kernels.perturb_from_master(source, state.direction[i], state.scale, g.lp, backend=backend, stats=part)
+        sums = part if sums is None else sums + part.to(sums.device)
     shards.refresh_gathered()
+    if sums is not None:
+        state.stats.update(resolution.fidelity_tensors(all_reduce_sum(sums), shards.trainable_numel))
 
 
 @torch.no_grad()
@@ -196,21 +245,43 @@ def restore(shards: Zero3Shards, state: SapState, backend: str) -> None:
 
 
 def probe_gradient(engine, state: SapState, micro_batches: list[dict]) -> torch.Tensor:
-    """Phase 3: -grad_V of the task loss at W', summed over micro-batches (each weighted
-    1/n like the engine's gradient accumulation). ``autograd.grad`` w.r.t. the probe
-    only: no parameter receives a gradient, and with the graph cut under the lowest probe
-    layer no backward runs there."""
+    """Phase 3: -grad_V of the task loss at W', the mean over the micro-batches (each
+    weighted 1/n, as the engine's main pass weights them). ``autograd.grad`` w.r.t. the
+    probe only: no parameter receives a gradient, and with the graph cut under the lowest
+    probe layer no backward runs there.
+
+    Every forward through the engine hooks its outputs with DeepSpeed's
+    ``_backward_prologue_per_tensor`` (deepspeed/runtime/engine.py, registered by
+    ``register_output_backward_hooks`` in ``DeepSpeedEngine.forward``), which divides the
+    gradient of any backward not started by ``engine.backward`` by
+    ``gradient_accumulation_steps()``: the probe pass's would be weighted 1/n^2 against
+    the main pass's 1/n, and at rho = 0 they would no longer cancel. The gradient entering
+    the logits is therefore handed on exactly as it arrives (``_bypass_engine_grad_scaling``)."""
     probe = state.probe
     total = torch.zeros_like(probe.vectors)
     probe.cut_below = True
     try:
         for batch in micro_batches:
-            loss = task_loss(forward_logits(engine, batch), batch["labels"]) / len(micro_batches)
+            logits = _bypass_engine_grad_scaling(forward_logits(engine, batch))
+            loss = task_loss(logits, batch["labels"]) / len(micro_batches)
             (grad,) = torch.autograd.grad(-loss, [probe.vectors])
             total += grad
     finally:
         probe.cut_below = False
     return total
+
+
+def _bypass_engine_grad_scaling(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` behind an identity node whose incoming gradient is recorded; a hook on
+    ``logits`` registered after the engine's (tensor hooks run in registration order)
+    replaces whatever the engine's hook made of it with that recorded gradient. Explicit
+    rather than a compensating factor: it holds whatever the engine's hook does (divide
+    by the accumulation steps, or, in other DeepSpeed versions, nothing)."""
+    incoming: list[torch.Tensor] = []
+    passthrough = logits.view_as(logits)
+    passthrough.register_hook(incoming.append)  # returns None: the gradient goes on unchanged
+    logits.register_hook(lambda after_engine_hook: incoming.pop())
+    return passthrough
 
 
 def update_probe(state: SapState, probe_grad: torch.Tensor, cfg: SapConfig, lr_factor: float = 1.0) -> None:
@@ -219,6 +290,7 @@ def update_probe(state: SapState, probe_grad: torch.Tensor, cfg: SapConfig, lr_f
     vectors = state.probe.vectors
     grad = probe_grad + (vectors.grad if vectors.grad is not None else 0)
     grad = all_reduce_mean(grad.detach().clone())
+    # The one host read of the step: whether to step the probe's optimizer at all.
     state.stats["probe_update_skipped"] = not bool(torch.isfinite(grad).all())
     if state.stats["probe_update_skipped"]:  # same verdict on every rank: grad is all-reduced
         state.probe_optimizer.zero_grad(set_to_none=True)
@@ -238,7 +310,7 @@ def rescale_probe(state: SapState, cfg: SapConfig) -> None:
     """``probe_scale``: each layer's vector to that fraction of the mean hidden-state norm
     the last main pass measured there (averaged over ranks, so V stays identical)."""
     norms = all_reduce_mean(state.probe.hidden_norms.clone())
-    state.stats["hidden_norm"] = norms.mean().item()
+    state.stats["hidden_norm"] = norms.mean()
     if cfg.probe_scale is not None:
         state.probe.rescale(cfg.probe_scale * norms)
 
@@ -261,6 +333,25 @@ def _set_rng_state(state) -> None:
 def runs_probe(step: int, fraction: float) -> bool:
     """Whether step ``step`` runs the probe pass: evenly spaced, deterministic."""
     return math.floor((step + 1) * fraction) > math.floor(step * fraction)
+
+
+def preflight(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, safety_batch: dict | None,
+              dtype_name: str, step: int = 0) -> resolution.Fidelity | None:
+    """Before step 1: compute the first safety direction (the one step 0 would compute)
+    and check that the working dtype can hold the perturbation it gives
+    (``resolution.check``: raises ConfigError under ``sap.resolution_check: error``).
+    Step 0 then reuses that direction; if step 0 runs no probe pass it is left due, so
+    the first probing step computes its own. None when no perturbation is ever made."""
+    if not (cfg.probe_enabled and cfg.probe_train) or cfg.resolution_check == "off" or safety_batch is None:
+        return None
+    safety_direction(engine, shards, state, safety_batch, cfg, step)
+    measured = resolution.check(shards, state, cfg, dtype_name)
+    state.stats.update({k: torch.tensor(v) for k, v in (("perturb_realized_ratio", measured.ratio),
+                                                        ("perturb_cosine", measured.cosine),
+                                                        ("perturb_changed_fraction", measured.changed_fraction))})
+    if not runs_probe(step, cfg.probe_fraction):
+        state.direction_step = None
+    return measured
 
 
 def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step: int,

@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 
 from sap_ds import checkpoint, sap
+from sap_ds.collectives import all_reduce
 from sap_ds.config import RunConfig, config_changes, config_to_dict
 from sap_ds.data import RunData, build_run_data, collate, collate_pairs, global_batch_indices
 from sap_ds.distributed import barrier, device, is_main
 from sap_ds.errors import TrainingStopped
-from sap_ds.ds_config import load_ds_config
+from sap_ds.ds_config import load_ds_config, optimizer_choice
 from sap_ds.losses import forward_logits, task_loss
 from sap_ds.metrics import MetricsLogger
 from sap_ds.modeling import apply_lora, load_model, load_tokenizer, resolve_model_path
@@ -86,6 +87,8 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=trainable, config=ds_config, lr_scheduler=scheduler
         )
+        if is_main():
+            log.info("optimizer: %s; %s", type(self.engine.basic_optimizer).__name__, optimizer_choice(cfg, ds_config)[1])
         self.shards = sap.Zero3Shards(self.engine)
         self.sap_state = None
         if cfg.method == "sap":
@@ -143,9 +146,7 @@ class Trainer:
     def _all_finite(self, values: torch.Tensor, grads_ok: torch.Tensor) -> bool:
         """Losses and gradients finite on every rank (one verdict for all ranks)."""
         flag = torch.tensor([0.0 if torch.isfinite(values).all() and grads_ok else 1.0], device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag)
-        return flag.item() == 0
+        return all_reduce(flag).item() == 0
 
     def train_step(self, step: int) -> list[float]:
         micro_batches = self.task_micro_batches(step)
@@ -176,8 +177,7 @@ class Trainer:
             n_tokens = (batch["labels"][:, 1:] != -100).sum()
             if mine[b * mb : (b + 1) * mb]:
                 total += torch.stack([task_loss(logits, batch["labels"]).double() * n_tokens, n_tokens.double()])
-        if dist.is_initialized():
-            dist.all_reduce(total)
+        all_reduce(total)
         return (total[0] / total[1]).item()
 
     # ------------------------------------------------------------------ state
@@ -263,6 +263,16 @@ class Trainer:
                         "(that one is kept as %s): %s", self.step, self.step, kept, "; ".join(changes))
         checkpoint.atomic_write_text(self.out / "config.json", json.dumps(config_to_dict(self.cfg), indent=1))
 
+    def preflight(self) -> None:
+        """Checks before step 1 that need the engine: whether the working dtype can hold
+        SAP's perturbation (``sap.preflight``; ConfigError on every rank alike)."""
+        if self.sap_state is None or self.step != 0:
+            return
+        safety = (self.safety_batch(0) if self.cfg.sap.direction == "safety" else {}) \
+            if sap.direction_due(self.sap_state, 0, self.cfg.sap.safety_every) else None
+        with self.timer("safety"):  # step 1's safety pass, run here: logged with step 1
+            sap.preflight(self.engine, self.shards, self.sap_state, self.cfg.sap, safety, self.cfg.model.dtype)
+
     # ------------------------------------------------------------------ rank consistency
 
     def check_rank_consistency(self) -> None:
@@ -272,12 +282,11 @@ class Trainer:
         if not dist.is_initialized() or self.world == 1:
             return
         parts = [torch.tensor([float(self.step)], device=self.device)]
-        if self.sap_state is not None:
-            parts += [self.sap_state.probe.vectors.detach().flatten().to(self.device), self.sap_state.scale.reshape(1).float()]
+        if self.sap_state is not None:  # the scale lives with the master: on the CPU under ZeRO-Offload
+            parts += [self.sap_state.probe.vectors.detach().flatten().to(self.device),
+                      self.sap_state.scale.reshape(1).float().to(self.device)]
         local = torch.cat(parts).double()
-        high, low = local.clone(), local.clone()
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        high, low = all_reduce(local.clone(), "max"), all_reduce(local.clone(), "min")
         if not torch.equal(high, low):
             bad = (high != low).nonzero().flatten().tolist()
             raise RuntimeError(
@@ -301,9 +310,7 @@ class Trainer:
         """All ranks agree: one rank's signal stops every rank at the same step."""
         local = self.stop_requested or self._stop_file().exists()
         flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag)
-        return flag.item() > 0
+        return all_reduce(flag).item() > 0
 
     # ------------------------------------------------------------------ the loop
 
@@ -314,6 +321,7 @@ class Trainer:
         self._install_signal_handlers()
         previous = self._saved_config() if is_main() else None
         self.maybe_resume()
+        self.preflight()  # before config.json, metrics or checkpoints are written: a refused run records nothing
         if is_main():
             self._record_config(previous)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not is_main(), desc=f"{cfg.method}", dynamic_ncols=True)
@@ -336,18 +344,20 @@ class Trainer:
             self.step += 1
             record = {"step": self.step, "loss": last_loss, "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / elapsed,
                       "step_time_s": elapsed, "skipped_steps": self.skipped_steps}
-            grad_norm = self.engine.get_global_grad_norm()
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            phases = self.timer.pop()
-            record.update({f"time/{k}": v for k, v in phases.items() if v})
-            if self.sap_state is not None:
-                record.update({f"sap/{k}": float(v) for k, v in self.sap_state.stats.items()})
-                record["sap/probe_norm"] = self.sap_state.probe.vectors.detach().norm().item()
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                eval_loss = record["eval_loss"] = self.evaluate()
-            if self.step % cfg.train.log_every == 0 or "eval_loss" in record:
+            evaluating = bool(cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
+            if self.step % cfg.train.log_every == 0 or evaluating:
+                # Device reads (phase times, SAP statistics) only on the steps that are logged.
+                grad_norm = self.engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                record.update({f"time/{k}": v for k, v in self.timer.pop().items() if v})
+                if self.sap_state is not None:
+                    record.update({f"sap/{k}": float(v) for k, v in sap.stats_as_floats(self.sap_state).items()})
+                if evaluating:
+                    eval_loss = record["eval_loss"] = self.evaluate()
                 self.metrics.log(record)
+            else:
+                self.timer.discard()
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", **({"eval": f"{eval_loss:.4f}"} if eval_loss is not None else {}))
             if self.bad_steps >= cfg.train.max_bad_steps:

@@ -108,6 +108,30 @@ def _zero_stage_2(folder: Path):
     return TINY, [f"deepspeed_config={ds}"], [str(ds), "'zero_optimization.stage' must be 3", "got 2"]
 
 
+def _zero_plus_plus_with_sap(folder: Path):
+    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["zero_optimization"]["zero_hpz_partition_size"] = 2
+    path = folder / "ds_hpz.json"
+    path.write_text(json.dumps(ds, indent=1))
+    return TINY, [f"deepspeed_config={path}", "method=sap"], [
+        str(path), "'zero_optimization.zero_hpz_partition_size' is 2", "probe pass would run at W", "set it to 1"]
+
+
+def _offload_with_triton(folder: Path):
+    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    path = folder / "ds_offload.json"
+    path.write_text(json.dumps(ds, indent=1))
+    return TINY, [f"deepspeed_config={path}", "method=sap", "sap.kernels=triton"], [
+        "sap.kernels is 'triton'", str(path), "'zero_optimization.offload_optimizer.device' is cpu", "'auto' or 'torch'"]
+
+
+def _ds_batch_not_a_multiple(folder: Path):
+    ds = _ds_config(folder, train_batch_size=6)  # one process, micro-batch 2: 6 needs grad_accum 3
+    return TINY, [f"deepspeed_config={ds}", "train.grad_accum=2"], [
+        str(ds), "'train_batch_size' is 6", "gives 4", "needs train.grad_accum=3"]
+
+
 def _overrides(overrides: list[str], *texts: str):
     return lambda folder: (TINY, overrides, list(texts))
 
@@ -137,6 +161,9 @@ CASES = [
     Case("micro_batch_disagrees_with_ds_config", _micro_batch_mismatch),
     Case("ds_config_zero_stage_2", _zero_stage_2),
     Case("gpu_only_ds_config_on_cpu", _gpu_only_ds_config),
+    Case("zero_plus_plus_hpz_with_sap", _zero_plus_plus_with_sap),
+    Case("offload_with_triton_kernels", _offload_with_triton),
+    Case("ds_batch_size_no_grad_accum_gives", _ds_batch_not_a_multiple),
     # ---- after the engine is built
     Case("probe_layer_out_of_range", _overrides(["method=sap", "sap.probe_layers=[0,99]"], "sap.probe_layers", "[99]",
                                                 "4 decoder layers", "0..3")),

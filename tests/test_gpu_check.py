@@ -4,7 +4,6 @@ cannot rot unnoticed). One run of the script (~1-2 min on 2 idle cores), checked
 tests through a module-scoped fixture."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,10 +13,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Issue 17 item 1 (the probe gradient weighted 1/GAS^2 at grad_accum > 1) is fixed on another
-# branch, which adds sap_ds/diagnostics.py; until it is merged this one check fails, as it should.
-ITEM1_CHECK = "grad_accum 2 = grad_accum 1: probe update (relative difference)"
-ITEM1_FIXED = importlib.util.find_spec("sap_ds.diagnostics") is not None
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +39,8 @@ def test_every_step_is_reported_and_passes_on_cpu(report):
     for number, step in steps.items():
         assert step["error"] is None, (number, step["error"])
         assert step["checks"], number
-        allowed = set() if ITEM1_FIXED or number != 4 else {ITEM1_CHECK}
-        assert set(failing_checks(step)) <= allowed, (number, failing_checks(step))
-    if ITEM1_FIXED:
-        assert data["passed"] and data["_exit"] == 0
+        assert not failing_checks(step), (number, failing_checks(step))
+    assert data["passed"] and data["_exit"] == 0
     for number, step in steps.items():
         assert f"## {number}. {step['name']}: {step['status']}" in data["_md"]
 

@@ -261,3 +261,61 @@ def test_import_needs_no_triton():
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=60)
+
+
+# --------------------------------------------------------------------------- realised-perturbation statistics
+
+
+def _reference_stats(master, direction, scale, dtype):
+    """Independent float64 computation of [sum r^2, sum d^2, sum r.d, count(r != 0)]."""
+    d = direction * scale  # the same fp32 product the kernels form
+    r = ((master + d).to(dtype).double() - master.to(dtype).double())
+    d = d.double()
+    return torch.stack([r.square().sum(), d.square().sum(), (r * d).sum(), (r != 0).sum().double()])
+
+
+@pytest.mark.parametrize("dtype", OUT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("n", [1, 40_000])  # 40,000: three interpreter blocks, the last one partial
+@pytest.mark.parametrize("rel", [2e-5, 1e-2])
+def test_perturb_stats_match_fp64_reference_and_twin(n, dtype, rel):
+    """The sums taken alongside the store: Triton (interpreted) against the twin against an
+    independent fp64 computation; the count of changed elements exactly, the sums to 1e-5;
+    and the values written are unchanged by asking for them."""
+    g = torch.Generator().manual_seed(n)
+    master = 0.02 * torch.randn(n, generator=g)
+    direction = torch.randn(n, generator=g)
+    scale = torch.tensor(rel * master.norm().item() / direction.norm().item())
+    want = _reference_stats(master, direction, scale, dtype)
+    plain = torch.empty(n, dtype=dtype)
+    perturb_from_master_torch(master, direction, scale, plain)
+    for perturb in (perturb_from_master_triton, perturb_from_master_torch):
+        out, stats = torch.empty(n, dtype=dtype), torch.zeros(4, dtype=torch.float64)
+        perturb(master, direction, scale, out, stats=stats)
+        assert_same_cast(out, plain)
+        assert stats[3] == want[3]
+        torch.testing.assert_close(stats, want, rtol=1e-5, atol=1e-30)
+        perturb(master, direction, scale, out, stats=stats)  # adds to what is there
+        torch.testing.assert_close(stats, 2 * want, rtol=1e-5, atol=1e-30)
+    for backend in ("triton", "torch"):
+        dry = kernels.perturbation_stats(master, direction, scale, dtype, backend=backend)
+        assert dry[3] == want[3]
+        torch.testing.assert_close(dry, want, rtol=1e-5, atol=1e-30)
+
+
+def test_perturb_stats_see_bf16_rounding():
+    """A perturbation far under bf16's half-ulp changes nothing; in fp32 it is held."""
+    master = torch.full((1000,), 1.0)
+    direction = torch.ones(1000)
+    tiny = torch.tensor(1e-4)  # bf16 half-ulp at 1.0 is 2**-8 ~ 3.9e-3
+    bf16 = kernels.perturbation_stats(master, direction, tiny, torch.bfloat16, backend="triton")
+    fp32 = kernels.perturbation_stats(master, direction, tiny, torch.float32, backend="triton")
+    assert bf16[0] == 0 and bf16[3] == 0 and bf16[1] > 0
+    assert fp32[3] == 1000 and fp32[0] == pytest.approx(float(bf16[1]), rel=1e-3)
+
+
+def test_perturb_stats_reject_a_wrong_buffer():
+    master = torch.zeros(8)
+    with pytest.raises(ValueError, match="stats must be a float64 tensor of 4 elements"):
+        kernels.perturb_from_master(master, master, torch.tensor(1.0), torch.zeros(8), stats=torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="stats has dtype torch.float32"):
+        kernels.perturb_from_master(master, master, torch.tensor(1.0), torch.zeros(8), stats=torch.zeros(4))

@@ -48,6 +48,10 @@ def _run_zero3(tmp_path, overrides, steps=STEPS, inspect=False, export=False):
     args += ["--export"] if export else []
     proc = launch(args + [f"output_dir={tmp_path / 'run'}", *COMMON, *overrides], env=env)
     assert proc.returncode == 0, "2-rank run failed (output above)"
+    return _load_run(out)
+
+
+def _load_run(out):
     result = json.loads((out / "result.json").read_text())
     params = load_file(str(out / "params.safetensors")) if (out / "params.safetensors").exists() else None
     probes = [load_file(str(p))["probe"] for p in sorted(out.glob("probe_rank*.safetensors"))]
@@ -70,10 +74,10 @@ def _assert_close(name, got, ref, rtol=RTOL):
     assert q999 <= rtol, f"{name}: 99.9th percentile error {q999:.2e} of scale > {rtol:.0e}"
 
 
-def _compare(tmp_path, overrides, run=None, rtol=RTOL, export=False):
+def _compare(tmp_path, overrides, run=None, rtol=RTOL, export=False, steps=STEPS):
     result, params, probes = run or _run_zero3(tmp_path, overrides, export=export)
-    cfg = load_config(REPO / "configs/tiny.yaml", COMMON + overrides + [f"train.max_steps={STEPS}"])
-    ref = run_reference(cfg, world=2, steps=STEPS)
+    cfg = load_config(REPO / "configs/tiny.yaml", COMMON + overrides + [f"train.max_steps={steps}"])
+    ref = run_reference(cfg, world=2, steps=steps)
     assert set(params) == set(ref["params"]), "different trainable parameter sets"
     for name, tensor in ref["params"].items():
         _assert_close(name, params[name], tensor, rtol)
@@ -165,6 +169,11 @@ def test_perturb_changes_loss_and_restore_is_bit_exact_bf16(tmp_path):
     assert r["grads_untouched_by_probe"] and r["grads_zero_after_drop"]
     assert r["params_with_grad_attr"] == 0, "the probe pass produced parameter gradients"
     assert r["probe_grad_norm"] > 0
+    # the gradient is copied per flat group, and that equals DeepSpeed's per-parameter accessor
+    assert r["grads_copied_per_group"] and r["grads_flat_equal_per_param"]
+    assert r["all_ok"]  # sap_ds.diagnostics' own summary agrees
+    # at rho 0.05 the bf16 shards hold the perturbation (docs/algorithm.md, precision)
+    assert abs(r["stats"]["perturb_realized_ratio"] - 1) < 0.1 and r["stats"]["perturb_cosine"] > 0.99, r["stats"]
 
 
 def test_bf16_sap_loss_is_finite_and_falls(tmp_path):
@@ -176,6 +185,10 @@ def test_bf16_sap_loss_is_finite_and_falls(tmp_path):
     assert all(map(math.isfinite, means)), means
     assert means[-1] < means[0] - 0.05, f"bf16 SAP loss did not fall: {means}"
     assert torch.equal(probes[0], probes[1])
+    for stats in result["sap_stats"]:  # measured on every probe step
+        assert abs(stats["perturb_realized_ratio"] - 1) < 0.1 and stats["perturb_cosine"] > 0.99, stats
+        # most embedding rows (tokens absent from the batches) have no gradient: few elements move
+        assert 0 < stats["perturb_changed_fraction"] <= 1, stats
 
 
 def test_random_direction_ablation(tmp_path):
@@ -190,3 +203,88 @@ def test_random_direction_ablation(tmp_path):
         assert stats["safety_grad_norm"] ** 2 == pytest.approx(n, rel=0.01)
         assert math.isnan(stats["safety_loss"]) and stats["direction_ok"]  # no safety forward ran
     assert torch.equal(probes[0], probes[1]) and probes[0].abs().max() > 0
+
+
+# --------------------------------------------------------------------------- gradient accumulation
+
+# One launch runs every variant (a Trainer after another in one process): 2 and 3 micro-batches
+# per rank, LoRA and full fine-tuning, and rho = 0. The micro-batches hold different numbers of
+# response tokens (checked below), so a token mean over the whole rank batch would differ from
+# the mean of micro-batch means the engine and the reference compute.
+SAP_GAS = ["method=sap", "sap.probe_lr=0.1"]
+GAS_VARIANTS = {
+    "full-gas2": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=2"],
+    "full-gas3": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=3", "sap.safety_loss=difference"],
+    "lora-gas2": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=2", *LORA],
+    "lora-gas3": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=3", *LORA],
+    "rho0-gas2": [*SAP_GAS, "sap.rho=0.0", "train.grad_accum=2"],
+}
+
+
+OFFLOAD = "offload-collectives"
+GAS_STEPS = 2  # the probe after step 1 is already off without the fix (18 %), and step 2 trains with it
+
+
+@pytest.fixture(scope="module")
+def gas_runs(tmp_path_factory):
+    """The GAS variants, and (same launch) a ZeRO-Offload SAP run under the collective checker."""
+    tmp = tmp_path_factory.mktemp("gas")
+    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (tmp / "offload.json").write_text(json.dumps(ds))
+    variants = [{"name": name, "overrides": overrides} for name, overrides in GAS_VARIANTS.items()]
+    variants.append({"name": OFFLOAD, "steps": 2, "check_collectives": True, "overrides": [
+        f"deepspeed_config={tmp / 'offload.json'}", "method=sap", "sap.rho=0.05", "train.grad_accum=2",
+        "train.offload_adam=torch"]})
+    args = ["tests/zero3_runner.py", "--config", "configs/tiny.yaml", "--steps", str(GAS_STEPS), "--out", str(tmp),
+            "--variants", json.dumps(variants), f"output_dir={tmp / 'run'}", *COMMON]
+    proc = launch(args, timeout=900)
+    assert proc.returncode == 0, "2-rank run failed (output above)"
+    return {name: _load_run(tmp / name) for name in [*GAS_VARIANTS, OFFLOAD]}
+
+
+@pytest.mark.parametrize("name", [n for n in GAS_VARIANTS if not n.startswith("rho0")])
+def test_zero3_sap_with_grad_accum_matches_reference(gas_runs, name):
+    """grad_accum 2 and 3: the probe gradient at W' and the main pass's at W are both means
+    over the micro-batches (DeepSpeed's output hook must not scale the probe pass again)."""
+    result, _, probes, ref = _compare(None, GAS_VARIANTS[name], run=gas_runs[name], rtol=RTOL_SAP, steps=GAS_STEPS)
+    gas = int(name[-1])
+    for step in result["micro_batch_tokens"]:
+        assert all(len(rank) == gas for rank in step)
+    assert any(len(set(rank)) > 1 for step in result["micro_batch_tokens"] for rank in step), \
+        "all micro-batches hold the same number of tokens: the test would not see a wrong weighting"
+    assert torch.equal(probes[0], probes[1]), "the probe differs between ranks"
+    assert ref["probe"].abs().max() > 0
+    _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
+
+
+def test_rho_zero_with_grad_accum_keeps_the_probe_at_zero(gas_runs):
+    """rho = 0 and 2 micro-batches: -grad_V L(W) of the probe pass and +grad_V L(W) of the main
+    pass cancel exactly, so V stays 0 and the weights follow SFT with the same accumulation
+    (compared with the reference's SFT: its own SAP at rho = 0 does not cancel exactly, since
+    it sums the two terms in another order, and Adam turns that noise into a probe of 1e-5)."""
+    result, params, probes = gas_runs["rho0-gas2"]
+    assert probes[0].abs().max() == 0 and probes[1].abs().max() == 0, float(probes[0].abs().max())
+    cfg = load_config(REPO / "configs/tiny.yaml", COMMON + ["method=sft", "train.grad_accum=2", f"train.max_steps={GAS_STEPS}"])
+    ref = run_reference(cfg, world=2, steps=GAS_STEPS)
+    for name, tensor in ref["params"].items():
+        _assert_close(f"{name} (rho=0, grad_accum 2)", params[name], tensor)
+    for step, (got, want) in enumerate(zip(result["losses"], ref["losses"])):
+        assert got == pytest.approx(want, rel=1e-5), f"step {step} losses differ"
+
+
+def test_offload_sap_run_issues_every_collective_on_the_groups_device(gas_runs):
+    """ZeRO-Offload (the fp32 master, direction and sums on the CPU): every tensor collective
+    sap_ds issues goes through sap_ds.collectives with its tensor on the group's device
+    (tests/collective_checker.py; on gloo that is the CPU, so what this run proves is the
+    routing: test_collectives.py checks the device choice under NCCL). The same run proves
+    the offloaded gradient layout (per-group copy equals DeepSpeed's per-parameter accessor)
+    and that train.offload_adam=torch steps torch AdamW."""
+    result = gas_runs[OFFLOAD][0]
+    for rank in result["collectives"]:
+        assert rank["violations"] == [], rank["violations"]
+        assert rank["sap_ds_calls"] >= 8, rank  # norms, fidelity, probe update, hidden norms, rank checks, eval
+    r = result["inspect"]
+    assert r["grads_copied_per_group"] and r["grads_flat_equal_per_param"], "offloaded gradient layout"
+    assert r["all_ok"], r
+    assert result["optimizer"] == "AdamW" and math.isfinite(result["eval_loss"])

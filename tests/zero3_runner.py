@@ -17,55 +17,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def inspect_first_step(trainer) -> dict:
-    """Phase by phase through the first SAP step, checking the ZeRO-3 pitfalls:
-    W' changes the loss, restore is bit-exact (shards and loss), the probe pass leaves
-    the engine's gradients untouched."""
-    import torch
+    """The checks of ``sap_ds.diagnostics.inspect_sap_step`` on step 0."""
+    from sap_ds.diagnostics import inspect_sap_step
 
-    import kernels
-    from sap_ds import sap
-    from sap_ds.losses import forward_logits, task_loss
-
-    st, shards, cfg = trainer.sap_state, trainer.shards, trainer.cfg.sap
-    batches = trainer.task_micro_batches(0)
-
-    @torch.no_grad()
-    def loss_now():
-        return task_loss(forward_logits(trainer.engine, batches[0]), batches[0]["labels"]).item()
-
-    original_lp = [g.lp.clone() for g in shards.groups]
-    loss_w = loss_now()
-    sap.safety_direction(trainer.engine, shards, st, trainer.safety_batch(0), cfg)
-    grads_after_safety = [b.clone() for b in _grad_shards(shards)]
-    sap.perturb(shards, st, cfg.kernels)
-    twin = []
-    for i, g in enumerate(shards.groups):  # what the PyTorch twin writes for the same inputs
-        out = torch.empty_like(g.lp)
-        source = st.backup[i] if g.master_aliases_lp else g.master
-        kernels.perturb_from_master(source, st.direction[i], st.scale, out, backend="torch")
-        twin.append(out)
-    perturb_equals_twin = all(torch.equal(_bits(t), _bits(g.lp)) for t, g in zip(twin, shards.groups))
-    loss_perturbed = loss_now()
-    lp_perturbed_differs = any(not torch.equal(a, g.lp) for a, g in zip(original_lp, shards.groups))
-    probe_grad = sap.probe_gradient(trainer.engine, st, batches)
-    grads_after_probe = _grad_shards(shards)
-    param_grads = [p.grad for p in trainer.engine.module.parameters() if p.grad is not None]
-    sap.restore(shards, st, cfg.kernels)
-    loss_restored = loss_now()
-    return {
-        "loss_w": loss_w,
-        "loss_perturbed": loss_perturbed,
-        "loss_restored": loss_restored,
-        "lp_perturbed_differs": lp_perturbed_differs,
-        "perturb_equals_twin": perturb_equals_twin,
-        "restore_bit_exact": all(torch.equal(_bits(a), _bits(g.lp)) for a, g in zip(original_lp, shards.groups)),
-        "grads_untouched_by_probe": all(torch.equal(a, b) for a, b in zip(grads_after_safety, grads_after_probe)),
-        "grads_zero_after_drop": all(float(b.abs().max()) == 0.0 for b in grads_after_probe if b.numel()),
-        "params_with_grad_attr": len(param_grads),
-        "probe_grad_norm": float(probe_grad.norm()),
-        "scale": float(st.scale),
-        "stats": st.stats,
-    }
+    return inspect_sap_step(trainer, 0)
 
 
 def export_with_logits(trainer, out: str) -> None:
@@ -106,17 +61,82 @@ def model_state_bytes(trainer):
     return [params, grads, optimizer]
 
 
-def _bits(t):
-    """The raw bit pattern: bitwise comparison that also treats identical NaNs as equal."""
+def run_one(cfg, rank: int, world: int, steps: int, out: str, inspect: bool = False, memory: bool = False,
+            export: bool = False, check_collectives: bool = False) -> None:
+    """Build a Trainer for ``cfg``, do what the flags say and write the outputs to ``out``."""
+    import deepspeed
     import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
 
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+    from sap_ds.trainer import Trainer
+
+    os.makedirs(out, exist_ok=True)
+    checker = None
+    if check_collectives:  # every collective of the whole run: engine set-up, SAP steps, checks
+        from tests.collective_checker import CollectiveChecker
+
+        checker = CollectiveChecker().install()
+    trainer = Trainer(cfg, rank, world)
+    result = {}
+    if check_collectives:
+        result["inspect"] = inspect_first_step(trainer)
+        trainer.shards.drop_grads()
+        for step in range(steps):
+            trainer.train_step(step)
+        trainer.check_rank_consistency()
+        result["eval_loss"] = trainer.evaluate()
+        result["optimizer"] = type(trainer.engine.basic_optimizer).__name__
+        checker.uninstall()
+        every = [None] * world
+        dist.all_gather_object(every, {"violations": checker.violations, "sap_ds_calls": checker.sap_ds_calls,
+                                       "other_calls": checker.other_calls})
+        result["collectives"] = every
+    elif memory:
+        trainer.train_step(0)  # Adam states exist after the first step
+        measured = torch.tensor(model_state_bytes(trainer), dtype=torch.float64)
+        every = [torch.zeros_like(measured) for _ in range(world)]
+        dist.all_gather(every, measured)
+        result["memory"] = [dict(zip(("params", "grads", "optimizer"), t.tolist())) for t in every]
+    elif inspect:
+        result["inspect"] = inspect_first_step(trainer)
+        trainer.shards.drop_grads()
+    else:
+        losses, result["sap_stats"], tokens = [], [], []
+        for step in range(steps):
+            # response tokens per micro-batch (the GAS tests want micro-batches of unequal sizes)
+            tokens.append([int((b["labels"][:, 1:] != -100).sum()) for b in trainer.task_micro_batches(step)])
+            losses.append(trainer.train_step(step))
+            if trainer.sap_state is not None:
+                result["sap_stats"].append(_stats(trainer.sap_state))
+        gathered = [None] * world
+        dist.all_gather_object(gathered, [losses, tokens])
+        result["losses"] = [[x for r in range(world) for x in gathered[r][0][s]] for s in range(steps)]
+        result["micro_batch_tokens"] = [[gathered[r][1][s] for r in range(world)] for s in range(steps)]
+        named = [(n, p) for n, p in trainer.engine.module.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named]):
+            full = {n: p.detach().float().clone() for n, p in named}
+        if rank == 0:
+            save_file(full, os.path.join(out, "params.safetensors"))
+        if export:
+            export_with_logits(trainer, out)
+    if trainer.sap_state is not None:
+        save_file({"probe": trainer.sap_state.probe.vectors.detach().clone()},
+                  os.path.join(out, f"probe_rank{rank}.safetensors"))
+    if rank == 0:
+        with open(os.path.join(out, "result.json"), "w") as handle:
+            json.dump(result, handle)
+    dist.barrier()
+    del trainer
 
 
-def _grad_shards(shards):
-    out = shards.new_flat_buffers()
-    shards.copy_local_grads(out)
-    return [t.clone() for t in out]
+def _stats(state) -> dict:
+    """The SAP step's statistics as plain floats (newer code keeps them as device tensors)."""
+    from sap_ds import sap
+
+    if hasattr(sap, "stats_as_floats"):
+        return sap.stats_as_floats(state)
+    return {k: (float(v) if not isinstance(v, bool) else v) for k, v in state.stats.items()}
 
 
 def main() -> int:
@@ -127,6 +147,11 @@ def main() -> int:
     parser.add_argument("--inspect", action="store_true")
     parser.add_argument("--memory", action="store_true", help="report this rank's model-state bytes and exit")
     parser.add_argument("--export", action="store_true", help="after training: logits of the engine, then export")
+    parser.add_argument("--check-collectives", action="store_true",
+                        help="inspect step 0, train, check ranks and evaluate under tests/collective_checker.py")
+    parser.add_argument("--variants", help="JSON list of {name, overrides[, steps, check_collectives]}: one Trainer "
+                                           "after another in this process, each writing to OUT/name (saves a launch "
+                                           "per variant)")
     parser.add_argument("--local_rank", type=int, default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -134,49 +159,22 @@ def main() -> int:
     from sap_ds.config import load_config
     from sap_ds.distributed import init_distributed
 
-    cfg = load_config(args.config, args.overrides + [f"train.max_steps={args.steps}"])
     rank, _, world = init_distributed()
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-    from safetensors.torch import save_file
+    if args.variants is None:
+        cfg = load_config(args.config, args.overrides + [f"train.max_steps={args.steps}"])
+        run_one(cfg, rank, world, args.steps, args.out, args.inspect, args.memory, args.export, args.check_collectives)
+        return 0
+    import gc
 
-    from sap_ds.trainer import Trainer
+    from sap_ds.bench import release_deepspeed_globals
 
-    trainer = Trainer(cfg, rank, world)
-    result = {}
-    if args.memory:
-        trainer.train_step(0)  # Adam states exist after the first step
-        measured = torch.tensor(model_state_bytes(trainer), dtype=torch.float64)
-        every = [torch.zeros_like(measured) for _ in range(world)]
-        dist.all_gather(every, measured)
-        result["memory"] = [dict(zip(("params", "grads", "optimizer"), t.tolist())) for t in every]
-    elif args.inspect:
-        result["inspect"] = inspect_first_step(trainer)
-        trainer.shards.drop_grads()
-    else:
-        losses, result["sap_stats"] = [], []
-        for step in range(args.steps):
-            losses.append(trainer.train_step(step))
-            if trainer.sap_state is not None:
-                result["sap_stats"].append(dict(trainer.sap_state.stats))
-        gathered = [None] * world
-        dist.all_gather_object(gathered, losses)
-        result["losses"] = [[x for r in range(world) for x in gathered[r][s]] for s in range(args.steps)]
-        named = [(n, p) for n, p in trainer.engine.module.named_parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters([p for _, p in named]):
-            full = {n: p.detach().float().clone() for n, p in named}
-        if rank == 0:
-            save_file(full, os.path.join(args.out, "params.safetensors"))
-        if args.export:
-            export_with_logits(trainer, args.out)
-    if trainer.sap_state is not None:
-        save_file({"probe": trainer.sap_state.probe.vectors.detach().clone()},
-                  os.path.join(args.out, f"probe_rank{rank}.safetensors"))
-    if rank == 0:
-        with open(os.path.join(args.out, "result.json"), "w") as handle:
-            json.dump(result, handle)
-    dist.barrier()
+    for variant in json.loads(args.variants):  # each: name, overrides, optional steps and check_collectives
+        steps = variant.get("steps", args.steps)
+        cfg = load_config(args.config, args.overrides + variant["overrides"] + [f"train.max_steps={steps}"])
+        run_one(cfg, rank, world, steps, os.path.join(args.out, variant["name"]),
+                check_collectives=variant.get("check_collectives", False))
+        release_deepspeed_globals()
+        gc.collect()
     return 0
 
 

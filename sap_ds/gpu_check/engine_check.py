@@ -131,6 +131,11 @@ def step4(ctx: Context, step: Step, shared: dict) -> None:
     lora = ctx.trainer("engine_lora_gc", lora={"enabled": True, "r": 8, "target_modules": ["q_proj", "v_proj"]},
                        model={"gradient_checkpointing": True})
     engine_path_checks(step, "LoRA + gradient checkpointing", interfaces.inspect_engine_path(lora))
+    from sap_ds.diagnostics import inspect_sap_step
+
+    found = inspect_sap_step(lora)  # the test suite's checks too: per-group gradient copy, kernel vs twin
+    step.figure("diagnostics (LoRA + gradient checkpointing)", {k: v for k, v in found.items() if k != "stats"})
+    step.check("LoRA + gradient checkpointing: sap_ds.diagnostics.inspect_sap_step all_ok", found["all_ok"])
     close(lora)
 
 

@@ -1,9 +1,9 @@
-"""The two measurements the GPU check needs from the SAP step, in one place.
+"""The two measurements the GPU check takes of the SAP step, on sap.py's public phases.
 
-Both belong with the SAP step (issue 17 items 1-2: ``sap_ds/diagnostics.py``, another
-branch). Until that lands they are written here against sap.py's public phases; at the
-merge, replace the bodies with calls to the diagnostics module (same inputs, same keys
-out) and delete the rest of this file.
+The bf16 table uses the perturb kernel's own statistics (the code that measures every
+training probe step, ``sap_ds/resolution.py``); the engine-path inspection runs the phases
+one at a time and also measures the rho = 0 noise floor (the probe and main terms, which
+``sap_ds.diagnostics.inspect_sap_step`` does not). Step 4 runs both.
 
 * ``perturbation_stats``: the realised bf16 perturbation against the intended one.
 * ``inspect_engine_path``: one SAP probe pass on a live engine, checked phase by phase.
@@ -14,6 +14,7 @@ import math
 
 import torch
 
+import kernels
 from sap_ds import sap
 from sap_ds.losses import forward_logits, task_loss
 from sap_ds.zero3 import all_reduce_sum
@@ -24,26 +25,24 @@ def perturbation_stats(masters: list[torch.Tensor], directions: list[torch.Tenso
                        dtype: torch.dtype = torch.bfloat16) -> dict:
     """W' = W + rho * ||W|| / ||g|| * g as the engine stores it (``dtype``), against the intended
     step: ``realized_ratio`` = ||cast(W') - cast(W)|| / ||intended||, ``cosine`` between the
-    two, ``changed_fraction`` of elements whose stored value moved. Norms over all ranks
-    (one all-reduce of six sums); each rank reads only its own shards."""
+    two, ``changed_fraction`` of elements whose stored value moved. The sums come from the
+    perturb kernel's own statistics (``kernels.perturbation_stats``: Triton on CUDA, the twin
+    on CPU), the code that measures every training probe step; norms over all ranks."""
+    from sap_ds.resolution import fidelity_from_sums
+
     device = masters[0].device
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for w, g in zip(masters, directions):
         sums += torch.stack([g.double().pow(2).sum(), w.double().pow(2).sum()])
     g2, w2 = all_reduce_sum(sums).tolist()
-    scale = rho * math.sqrt(w2) / math.sqrt(g2) if g2 > 0 else 0.0
-    parts = torch.zeros(4, dtype=torch.float64, device=device)  # ||r||^2, ||d||^2, <r, d>, changed
-    numel = sum(w.numel() for w in masters)
-    for w, g in zip(masters, directions):
-        intended = (g * scale).double()
-        realized = ((w + (g * scale)).to(dtype).double() - w.to(dtype).double())
-        parts += torch.stack([realized.pow(2).sum(), intended.pow(2).sum(), (realized * intended).sum(),
-                              (realized != 0).sum().double()])
-    r2, d2, rd, changed = all_reduce_sum(parts).tolist()
-    total = all_reduce_sum(torch.tensor([float(numel)], dtype=torch.float64, device=device)).item()
-    return {"rho": rho, "realized_ratio": math.sqrt(r2 / d2) if d2 > 0 else None,
-            "cosine": rd / math.sqrt(r2 * d2) if r2 > 0 and d2 > 0 else None,
-            "changed_fraction": changed / total if total else None}
+    scale = torch.tensor(rho * math.sqrt(w2) / math.sqrt(g2) if g2 > 0 else 0.0, dtype=torch.float32, device=device)
+    parts = sum(kernels.perturbation_stats(w, g, scale, dtype).to(device) for w, g in zip(masters, directions))
+    numel = all_reduce_sum(torch.tensor([float(sum(w.numel() for w in masters))], dtype=torch.float64,
+                                        device=device)).item()
+    fid = fidelity_from_sums(all_reduce_sum(parts), int(numel))
+    finite = lambda x: None if math.isnan(x) else x  # noqa: E731
+    return {"rho": rho, "realized_ratio": finite(fid.ratio), "cosine": finite(fid.cosine),
+            "changed_fraction": fid.changed_fraction}
 
 
 def _loss(engine, micro_batches: list[dict]) -> float:
