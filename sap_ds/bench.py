@@ -87,9 +87,9 @@ def load_bench_config(path: str, overrides: list[str]):
     """(bench section, base RunConfig, base tree): the file minus ``bench:`` is a run config."""
     from pydantic import ValidationError
 
-    from sap_ds.config import ConfigError, build_config, read_config_file
+    from sap_ds.config import ConfigError, RunConfig, build_config, read_config_file
 
-    tree = read_config_file(path)
+    tree = read_config_file(path, schema=RunConfig)
     section = tree.pop("bench", None) or {}
     try:
         bench = BenchSection.model_validate(section)

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from sap_ds import checkpoint, sap
-from sap_ds.config import RunConfig, config_changes, config_to_dict
+from sap_ds import checkpoint, resume, sap
+from sap_ds.config import RunConfig
 from sap_ds.data import RunData, build_run_data, collate, collate_pairs, global_batch_indices
 from sap_ds.distributed import barrier, device, is_main
 from sap_ds.errors import TrainingStopped
@@ -74,6 +74,11 @@ class Trainer:
             self.total_steps = max(1, math.ceil(cfg.train.epochs * len(self.data.train) / self.global_batch))
 
         ds_config = load_ds_config(cfg, world_size, on_gpu=torch.cuda.is_available())
+        previous = checkpoint.peek_meta(self.ckpt_root) if cfg.train.resume == "auto" else None
+        if previous is not None and previous.get("world_size", world_size) != world_size:
+            # Written on another number of ranks: load through DeepSpeed's universal format
+            # (checkpoint.load converts it first); the flag must be set when the engine is built.
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         self._hf_ds = HfDeepSpeedConfig(ds_config)  # keeps zero.Init active while the model loads
         model = load_model(cfg.model, model_path)
         if cfg.lora.enabled:
@@ -201,67 +206,58 @@ class Trainer:
         with torch.no_grad():
             s.probe.vectors.copy_(tensors["sap.probe"])
             s.scale.copy_(tensors["sap.scale"].reshape(()))
+            resharded = bool(s.direction) and "sap.direction.0" not in tensors
             for i, d in enumerate(s.direction):
-                d.copy_(tensors[f"sap.direction.{i}"])
+                # Re-sharded (another world size): the direction is shard-shaped, so a new one
+                # is made due at the next step instead; the probe and its optimizer are replicated.
+                d.zero_() if resharded else d.copy_(tensors[f"sap.direction.{i}"])
+            if resharded:
+                s.scale.zero_()
         if "sap.opt.exp_avg" in tensors:
             s.probe_optimizer.state[s.probe.vectors] = {
                 "exp_avg": tensors["sap.opt.exp_avg"].to(s.probe.vectors.device),
                 "exp_avg_sq": tensors["sap.opt.exp_avg_sq"].to(s.probe.vectors.device),
                 "step": tensors["sap.opt.step"].reshape(()).clone(),
             }
-        s.direction_step = meta.get("direction_step")
+        s.direction_step = None if resharded else meta.get("direction_step")
 
     def checkpoint_identity(self) -> dict:
         trainable = sum(p.ds_numel for p in self.engine.module.parameters() if p.requires_grad)
         return {"method": self.cfg.method, "model_path": str(self.cfg.model.path), "trainable_params": trainable,
-                "lora": self.cfg.lora.enabled, "world_size": self.world}
+                "lora": self.cfg.lora.enabled}
 
     def save_checkpoint(self) -> Path:
-        meta = {**self.checkpoint_identity(), "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+        # world_size and the global batches are not part of the identity: another number of
+        # ranks may resume the run (resume.check_batch_on_new_world says on what terms).
+        meta = {**self.checkpoint_identity(), "world_size": self.world, "global_batch": self.global_batch,
+                "safety_global_batch": self.cfg.sap.safety_batch_size * self.world if self.sap_state else None,
+                "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
                 "direction_step": self.sap_state.direction_step if self.sap_state else None}
         return checkpoint.save(self.engine, self.ckpt_root, self.step, meta, self._sap_tensors(), self.cfg.train.save_total_limit)
 
     def maybe_resume(self) -> None:
         if self.cfg.train.resume == "never":
             return
-        loaded = checkpoint.load(self.engine, self.ckpt_root, self.checkpoint_identity())
+        found = checkpoint.read_meta(self.ckpt_root)
+        if found is not None and found[1].get("world_size", self.world) != self.world:
+            resume.check_batch_on_new_world(found[1], self.cfg, self.world, found[0])
+        loaded = checkpoint.load(self.engine, self.ckpt_root, self.checkpoint_identity(), self.world)
         if loaded is None:
             return
-        meta, tensors = loaded
+        meta, tensors, resharded = loaded
         self.step = meta["step"]
         self.tokens_seen = meta.get("tokens_seen", 0)
         self.skipped_steps = meta.get("skipped_steps", 0)
+        if resharded:
+            # Per-rank RNG streams cannot be mapped onto another number of ranks: every rank
+            # starts a new one from (seed, step, rank), the same on every resume of this kind.
+            torch.manual_seed(hash((self.cfg.seed, self.step, self.rank)) % 2**63)
         self._restore_sap(tensors, meta)
         self.shards.zero_padding()
         self.shards.refresh_gathered()
         if is_main():
-            log.info("resumed from %s at step %d", checkpoint.latest_tag(self.ckpt_root), self.step)
-
-    def _saved_config(self) -> Optional[dict]:
-        """The config.json an earlier start of this run wrote (None if there is none)."""
-        path = self.out / "config.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            log.warning("%s is unreadable (%s): a change of config on resume cannot be checked", path, exc)
-            return None
-
-    def _record_config(self, previous: Optional[dict]) -> None:
-        """Write config.json. A resume under a changed config is allowed (a longer schedule,
-        another save interval) but never silent: the config the earlier steps were trained
-        with is kept as ``config.before_step{N}.json`` and the changed keys are logged, so
-        that a result is never attributed to settings it was only partly trained with
-        (sap-ds compare and sweep treat such a run as stale)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        changes = config_changes(previous, self.cfg) if previous is not None and self.step > 0 else []
-        if changes:
-            kept = self.out / f"config.before_step{self.step}.json"
-            checkpoint.atomic_write_text(kept, json.dumps(previous, indent=1))
-            log.warning("resumed at step %d under a config that differs from the one steps 1-%d were trained with "
-                        "(that one is kept as %s): %s", self.step, self.step, kept, "; ".join(changes))
-        checkpoint.atomic_write_text(self.out / "config.json", json.dumps(config_to_dict(self.cfg), indent=1))
+            how = f" (written on {meta.get('world_size')} ranks, re-sharded for {self.world})" if resharded else ""
+            log.info("resumed from %s at step %d%s", checkpoint.latest_tag(self.ckpt_root), self.step, how)
 
     # ------------------------------------------------------------------ rank consistency
 
@@ -311,11 +307,17 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
+        done = resume.finished_run(cfg)  # sap_ds/train.py checks this before building anything
+        if done is not None:
+            return {**done, "already_done": True, "output_dir": str(self.out)}
         self._install_signal_handlers()
-        previous = self._saved_config() if is_main() else None
+        if cfg.train.resume == "never" and is_main():
+            resume.clear_previous_run(self.out)
+        barrier()
+        previous = resume.saved_config(self.out) if is_main() else None
         self.maybe_resume()
         if is_main():
-            self._record_config(previous)
+            resume.record_config(self.out, cfg, previous, self.step)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not is_main(), desc=f"{cfg.method}", dynamic_ncols=True)
         last_loss, eval_loss, preempted = float("nan"), None, False
         run_start, run_tokens, start_step = time.perf_counter(), 0, self.step
