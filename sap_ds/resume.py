@@ -31,7 +31,7 @@ log = logging.getLogger("sap_ds")
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 # What a finished run leaves that a new start under train.resume=never replaces.
-RUN_OUTPUTS = ("checkpoints", "export", "tensorboard", "metrics.jsonl", SUMMARY, "REQUEUE")
+RUN_OUTPUTS = ("checkpoints", "export", "tensorboard", "metrics.jsonl", SUMMARY, "REQUEUE", "wandb_run_id")
 
 
 def saved_config(out: Path) -> Optional[dict]:

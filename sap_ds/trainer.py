@@ -20,13 +20,14 @@ import torch
 import torch.distributed as dist
 
 from sap_ds import checkpoint, resume, sap
-from sap_ds.config import RunConfig
+from sap_ds.config import RunConfig, config_to_dict
 from sap_ds.data import RunData, build_run_data, collate, collate_pairs, global_batch_indices
 from sap_ds.distributed import barrier, device, is_main
 from sap_ds.errors import TrainingStopped
 from sap_ds.ds_config import load_ds_config
 from sap_ds.losses import forward_logits, task_loss
 from sap_ds.metrics import MetricsLogger
+from sap_ds.throughput import Throughput
 from sap_ds.modeling import apply_lora, load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger("sap_ds")
@@ -101,7 +102,9 @@ class Trainer:
         self.bad_steps = 0
         self.skipped_steps = 0
         self.stop_requested = False
-        self.metrics = MetricsLogger(self.out, enabled=is_main())
+        self.metrics = MetricsLogger(self.out, enabled=is_main(), logging_cfg=cfg.logging,
+                                     run_config=config_to_dict(cfg), run_name=cfg.run_name)
+        self.throughput = Throughput(cfg, model_path, world_size)
 
     # ------------------------------------------------------------------ batches
 
@@ -318,13 +321,15 @@ class Trainer:
         self.maybe_resume()
         if is_main():
             resume.record_config(self.out, cfg, previous, self.step)
+        self.metrics.open()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not is_main(), desc=f"{cfg.method}", dynamic_ncols=True)
         last_loss, eval_loss, preempted = float("nan"), None, False
         run_start, run_tokens, start_step = time.perf_counter(), 0, self.step
         while self.step < self.total_steps:
             step_start = time.perf_counter()
             losses = self.train_step(self.step)
-            tokens = self._global_tokens(self.step)
+            task_lengths = self._task_lengths(self.step)
+            tokens = sum(task_lengths)
             self.tokens_seen += tokens
             run_tokens += tokens
             elapsed = time.perf_counter() - step_start
@@ -343,6 +348,8 @@ class Trainer:
                 record["grad_norm"] = float(grad_norm)
             phases = self.timer.pop()
             record.update({f"time/{k}": v for k, v in phases.items() if v})
+            record.update(self.throughput.step(task_lengths, self._safety_lengths(self.step - 1, phases), phases, elapsed,
+                                               min(self.sap_state.probe.layers) if self.sap_state else 0))
             if self.sap_state is not None:
                 record.update({f"sap/{k}": float(v) for k, v in self.sap_state.stats.items()})
                 record["sap/probe_norm"] = self.sap_state.probe.vectors.detach().norm().item()
@@ -372,6 +379,7 @@ class Trainer:
             if is_main():
                 checkpoint.atomic_write_text(self.out / "REQUEUE", f"{folder.name}\n")
                 log.warning("stop requested: checkpoint %s written; exiting for requeue", folder)
+            self.metrics.close()
             return {"preempted": True, "step": self.step, "checkpoint": str(folder)}
         final_eval = self.evaluate()
         self.save_checkpoint()
@@ -387,6 +395,7 @@ class Trainer:
             "final_train_loss": last_loss,
             "final_eval_loss": final_eval,
             "tokens_per_s": run_tokens / wall if wall > 0 else None,
+            **self.throughput.summary(),
             "wall_time_s": wall,
             "skipped_steps": self.skipped_steps,
             "train_examples": len(self.data.train),
@@ -396,6 +405,7 @@ class Trainer:
         }
         if is_main():
             checkpoint.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
+            self.metrics.summary(summary)
             stale = self.out / "REQUEUE"
             if stale.exists():
                 stale.unlink()
@@ -405,5 +415,18 @@ class Trainer:
 
     def _global_tokens(self, step: int) -> int:
         """Real (non-padding) tokens in this step's global task batch."""
+        return sum(self._task_lengths(step))
+
+    def _task_lengths(self, step: int) -> list[int]:
+        """Real (non-padding) length of every sequence in this step's global task batch."""
         idx = global_batch_indices(len(self.data.train), self.global_batch, step, self.cfg.seed, self.cfg.data.shuffle)
-        return sum(len(self.data.train[i].input_ids) for i in idx)
+        return [len(self.data.train[i].input_ids) for i in idx]
+
+    def _safety_lengths(self, step: int, phases: dict) -> list[int]:
+        """Real lengths of the safety batch (safe and harmful responses, all ranks) when this
+        step ran the safety pass; empty otherwise (and for the random-direction ablation)."""
+        if self.sap_state is None or not phases.get("safety") or self.cfg.sap.direction != "safety":
+            return []
+        size = self.cfg.sap.safety_batch_size
+        idx = global_batch_indices(len(self.data.safety), size * self.world, step // self.cfg.sap.safety_every, self.cfg.seed + 7)
+        return [len(t.input_ids) for i in idx for t in (self.data.safety[i].safe, self.data.safety[i].harmful)]
