@@ -66,11 +66,23 @@ def fail_fast(cfg) -> None:
 
     from sap_ds.distributed import prepare_environment
     from sap_ds.ds_config import load_ds_config
-    from sap_ds.config import ConfigError, missing_inputs
     from sap_ds.metrics import check_logging
-    from sap_ds.modeling import ModelError, check_attention, resolve_model_path
+    from sap_ds.modeling import check_attention
 
     prepare_environment()
+    check_inputs(cfg)
+    check_attention(cfg.model.attn_implementation)
+    check_logging(cfg)
+    load_ds_config(cfg, int(os.environ["WORLD_SIZE"]), on_gpu=torch.cuda.is_available())
+
+
+def check_inputs(cfg) -> None:
+    """The model folder and every data file exist; else one ConfigError naming each missing
+    one with the override that replaces it (configs/70b and the paper config hold
+    /path/to/... placeholders for what a user brings)."""
+    from sap_ds.config import ConfigError, missing_inputs
+    from sap_ds.modeling import ModelError, resolve_model_path
+
     problems = missing_inputs(cfg)
     try:
         resolve_model_path(cfg.model)
@@ -78,9 +90,6 @@ def fail_fast(cfg) -> None:
         problems.insert(0, f"{exc}; pass model.path=/your/model/folder on the command line")
     if problems:
         raise ConfigError("the config names files that are not here:\n  " + "\n  ".join(problems))
-    check_attention(cfg.model.attn_implementation)
-    check_logging(cfg)
-    load_ds_config(cfg, int(os.environ["WORLD_SIZE"]), on_gpu=torch.cuda.is_available())
 
 
 def print_done(output_dir: str, summary: dict) -> None:
