@@ -45,7 +45,7 @@ log = logging.getLogger("sap_ds")
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "sap-ds-bench/1"
 
-# The authors' settings (DESIGN.md section 1) and the fast preset (configs/sap_fast.yaml,
+# The authors' settings (docs/algorithm.md) and the fast preset (configs/sap_fast.yaml,
 # justified in docs/benchmarks.md). The test checks that the YAML and this list agree.
 PAPER_OVERRIDES = ["method=sap", "sap.safety_every=1", "sap.probe_fraction=1.0"]
 FAST_OVERRIDES = ["method=sap", "sap.safety_every=16", "sap.probe_fraction=0.125", "data.safety_max_length=64"]

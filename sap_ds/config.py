@@ -108,7 +108,7 @@ class TrainConfig(_Section):
 
 
 class SapConfig(_Section):
-    """Safety-Aware Probing (DESIGN.md section 1). Ignored when method is 'sft'."""
+    """Safety-Aware Probing (docs/algorithm.md). Ignored when method is 'sft'."""
 
     rho: float = Field(2e-5, ge=0.0, description="Perturbation radius relative to ||W|| (authors' grad_rate).")
     probe_layers: list[int] = Field(default_factory=lambda: [3, 9])

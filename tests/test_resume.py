@@ -3,12 +3,15 @@ run ends (fp32, CPU), for SFT and SAP (probe, probe optimizer, direction, RNG, d
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_single
+from tests.conftest import REPO, run_single
 
 STEPS = 4  # the world-size tests run STEPS - 1
 
@@ -93,14 +96,18 @@ WORLD_RUN = ["method=sap", "sap.safety_every=1", "sap.rho=0.05", "train.eval_eve
              "train.adam_eps=1e-4", "sap.probe_adam_eps=1e-4", "data.train.0.limit=1"]
 
 
-def _run_on(ranks, out, stop=False):
+def _run_on(ranks, out, stop=False, extra=(), expect=0):
     from tests.conftest import launch
 
     if stop:
         out.mkdir(parents=True, exist_ok=True)
         (out / "STOP").touch()
-    args = ["--config", "configs/tiny.yaml", f"output_dir={out}", *WORLD_RUN, *ON_RANKS[ranks]]
-    proc = run_single(args) if ranks == 1 else launch(["sap_ds/train.py", *args])
+    args = ["--config", "configs/tiny.yaml", f"output_dir={out}", *WORLD_RUN, *ON_RANKS[ranks], *extra]
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), _wandb_dir()])} if _wandb_dir() else None
+    proc = run_single(args, env=env) if ranks == 1 else launch(["sap_ds/train.py", *args])
+    if expect != 0:
+        assert proc.returncode == expect, (proc.stdout + proc.stderr)[-4000:]
+        return proc
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     if stop:
         (out / "STOP").unlink()
@@ -108,10 +115,22 @@ def _run_on(ranks, out, stop=False):
     return proc.stdout + proc.stderr
 
 
+def _wandb_dir():
+    """Where wandb is importable from, for the subprocess (None: not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("wandb")
+    return str(Path(spec.origin).parents[1]) if spec and spec.origin else None
+
+
+# W&B offline (no network) on the uninterrupted run when wandb is installed (the dev extra).
+WANDB = ["logging.wandb.project=sap-ds-tests", "logging.wandb.mode=offline"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("world") / "straight"
-    _run_on(1, out)
+    _run_on(1, out, extra=WANDB if _wandb_dir() else [])
     return out
 
 
@@ -139,3 +158,62 @@ def test_resume_on_another_world_size_matches_an_uninterrupted_run(tmp_path, uni
     pb = load_file(str(out / "export" / "probe.safetensors"))["probe"]
     assert pa.abs().max() > 0
     _assert_close("probe", pb, pa, RTOL)
+
+
+# --------------------------------------------------------------------------- re-running a finished run
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(root.rglob("*"))}
+
+
+def test_a_finished_run_is_done_under_its_config_and_an_error_under_another(tmp_path, uninterrupted):
+    """Re-launched unchanged, a finished run is done (exit 0, nothing trained or exported
+    again); under another config it stops naming the changed keys and the two ways out,
+    and leaves the folder as it was; train.resume=never starts it over from scratch."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    before = _snapshot(out)
+    same = _run_on(1, out, extra=WANDB if _wandb_dir() else [], expect=0)
+    assert f"{out} holds this run, finished at step {STEPS - 1}" in same.stdout and "== sap-ds summary ==" not in same.stdout
+    other = _run_on(1, out, extra=["train.lr=1e-3"], expect=2)
+    message = other.stderr[other.stderr.index("sap-ds: error:"):]
+    for text in ("holds a finished run", "train.lr: trained with 0.003, now 0.001", "output_dir=", "train.resume=never"):
+        assert text in message, message
+    assert "Traceback" not in other.stderr and _snapshot(out) == before, "a refused re-run changed the finished run"
+
+    (out / "config.before_step9.json").write_text("{}")  # a leftover of an earlier resume
+    over = _run_on(1, out, extra=["train.lr=1e-3", "train.resume=never", "train.max_steps=1", "export.enabled=false"])
+    assert "train.resume=never: removed the earlier run's" in over
+    assert json.loads((out / "summary.json").read_text())["final_step"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000001"]
+    assert not (out / "export").exists() and not list(out.glob("config.before_step*"))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1, "the old run's metrics were kept"
+
+
+def test_wandb_offline_writes_its_run_folder(uninterrupted):
+    """logging.wandb with mode offline: the run is written under output_dir/wandb with no
+    network, with the steps' metrics (MFU among them), ready for `wandb sync`."""
+    if _wandb_dir() is None:
+        pytest.skip("wandb is not installed (pip install 'sap-ds[dev]' installs it)")
+    runs = list((uninterrupted / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((uninterrupted / "wandb").iterdir())
+    run_id = (uninterrupted / "wandb_run_id").read_text().strip()
+    assert runs[0].name.endswith(run_id) and list(runs[0].glob(f"run-{run_id}.wandb"))
+    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    assert summary["_step"] == STEPS - 1 and summary["mfu"] > 0 and "loss" in summary
+    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["model_tflops_per_s"] > 0 and r["mfu"] > 0 for r in records), "MFU missing from a logged step"
+
+
+def test_wandb_asked_for_but_not_installed_stops_before_step_1(monkeypatch):
+    import importlib.util
+
+    from sap_ds.config import ConfigError, load_config
+    from sap_ds.metrics import check_logging
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"logging.wandb.*project 'p'.*not installed.*sap-ds\[wandb\]"):
+        check_logging(load_config("configs/tiny.yaml", ["logging.wandb.project=p"]))
+    check_logging(load_config("configs/tiny.yaml", ["logging.wandb.project=p", "logging.wandb.mode=disabled"]))
