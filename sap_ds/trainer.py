@@ -14,7 +14,6 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -242,8 +241,10 @@ class Trainer:
         if self.cfg.train.resume == "never":
             return
         found = checkpoint.read_meta(self.ckpt_root)
-        if found is not None and found[1].get("world_size", self.world) != self.world:
-            resume.check_batch_on_new_world(found[1], self.cfg, self.world, found[0])
+        if found is not None:
+            checkpoint.check_identity(*found, self.checkpoint_identity())  # another model's: refused before anything
+            if found[1].get("world_size", self.world) != self.world:
+                resume.check_batch_on_new_world(found[1], self.cfg, self.world, found[0])
         loaded = checkpoint.load(self.engine, self.ckpt_root, self.checkpoint_identity(), self.world)
         if loaded is None:
             return
