@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import secrets
 from pathlib import Path
 from typing import Optional
 
@@ -67,7 +68,7 @@ class MetricsLogger:
         from sap_ds.checkpoint import atomic_write_text
 
         id_file = self.out_dir / WANDB_ID_FILE
-        run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else secrets.token_hex(4)
         atomic_write_text(id_file, run_id + "\n")
         return wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, mode=wandb_cfg.mode,
                           name=wandb_cfg.name or self.run_name, tags=wandb_cfg.tags or None, dir=str(self.out_dir),

@@ -36,7 +36,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STEPS = 1  # data loading, mixing, validation, the first step, the final eval, a checkpoint and the export
-TEST_OVERRIDES = [f"train.max_steps={STEPS}", "model.dtype=fp32", "deepspeed_config=zero3_cpu.json"]
+# The final eval loss on at most 8 held-out examples (the configs' 16-256 at up to 512 tokens
+# would cost more than the rest of the run on the tiny model, whose 49k-word lm_head dominates).
+TEST_OVERRIDES = [f"train.max_steps={STEPS}", "model.dtype=fp32", "deepspeed_config=zero3_cpu.json",
+                  "data.eval_max_examples=8"]
 
 
 class Runner:
@@ -70,26 +73,31 @@ class Runner:
     def _stand_ins(self, cfg, checks: list) -> list[str]:
         """Overrides for the model and data files the config names that are not here, after
         checking that the user's error message names exactly those overrides."""
-        from sap_ds.config import ConfigError, missing_inputs
+        from sap_ds.config import EMBEDDED_MODEL, ConfigError, missing_inputs
         from sap_ds.modeling import ModelError, resolve_model_path
         from sap_ds.train import check_inputs
 
-        overrides = []
-        try:
-            resolve_model_path(cfg.model)
-        except ModelError:
+        overrides, model_missing = [], False
+        if cfg.model.path == EMBEDDED_MODEL:
+            # Available, but a step of the 135M model costs ~100x the tiny one's on a CPU; its
+            # loading is tests/test_embedded.py's. Same family (Llama), same tokenizer.
             overrides.append(f"model.path={self.args.model}")
+        else:
+            try:
+                resolve_model_path(cfg.model)
+            except ModelError:
+                model_missing = True
+                overrides.append(f"model.path={self.args.model}")
         missing = [line.split(".path:")[0] for line in missing_inputs(cfg)]
-        if not overrides and not missing:
-            return []
-        try:
-            check_inputs(cfg)
-            raise AssertionError("missing files, yet check_inputs raised nothing")
-        except ConfigError as exc:
-            wanted = (["model.path="] if overrides else []) + [f"{key}.path=" for key in missing]
-            absent = [w for w in wanted if w not in str(exc)]
-            assert not absent, f"the error does not name the overrides {absent}: {exc}"
-            checks.append(f"missing files named with their overrides: {', '.join(wanted)}")
+        if model_missing or missing:
+            try:
+                check_inputs(cfg)
+                raise AssertionError("missing files, yet check_inputs raised nothing")
+            except ConfigError as exc:
+                wanted = (["model.path="] if model_missing else []) + [f"{key}.path=" for key in missing]
+                absent = [w for w in wanted if w not in str(exc)]
+                assert not absent, f"the error does not name the overrides {absent}: {exc}"
+                checks.append(f"missing files named with their overrides: {', '.join(wanted)}")
         sources = {f"data.{part}.{i}": s for part in ("train", "eval", "safety") for i, s in enumerate(getattr(cfg.data, part))}
         sources["data.harmful"] = cfg.data.harmful
         for key in missing:
@@ -142,12 +150,13 @@ class Runner:
 
         cfg = validate_tree(CompareConfig, read_config_file(path, schema=CompareConfig), [], name)
         load_eval_config(cfg.eval_config)
-        runs = []
+        runs = []  # the overrides sap-ds compare gives each run (compare.RunSet.add_run)
         for setting, overrides in cfg.settings.items():
             for method in cfg.methods:
                 for seed in cfg.seeds or [None]:
                     runs.append([*cfg.overrides, *overrides, *cfg.method_overrides.get(method, []), f"method={method}",
-                                 *([f"seed={seed}"] if seed is not None else []), *self._start_model(cfg.start_model)])
+                                 *([f"seed={seed}"] if seed is not None else []), *self._start_model(cfg.start_model),
+                                 f"output_dir={cfg.out_dir}/{setting}/{method}/seed{seed}"])
         return self._validate_and_run(cfg.train_config, runs, "setting x method x seed")
 
     def sweep(self, name: str, path: Path) -> list[str]:
@@ -157,7 +166,7 @@ class Runner:
 
         cfg = validate_tree(SweepConfig, read_config_file(path, schema=SweepConfig), [], name)
         load_eval_config(cfg.eval_config)
-        base = [*cfg.overrides, *self._start_model(cfg.start_model)]
+        base = [*cfg.overrides, *self._start_model(cfg.start_model), f"output_dir={cfg.out_dir}/base"]
         points = expand_points(cfg).values()
         for point in points:
             load_config(cfg.train_config, [*cfg.overrides, *point, *self._start_model(cfg.start_model)])
