@@ -422,3 +422,55 @@ def test_recommended_preset_is_demo_with_sap_and_per_tensor_radius():
         recommended.pop(key), demo.pop(key)
     assert recommended == demo
     assert recommended["sap"]["probe_scale"] == 0.05 and recommended["sap"]["rho"] == 0.1
+
+
+# --------------------------------------------------------------------------- paths (docs/design.md, "Paths")
+
+
+def test_relative_paths_resolve_against_the_file_that_names_them(tmp_path, monkeypatch):
+    """Data paths in a file are relative to that file's folder (each file of a base chain
+    its own); on the command line, to the working directory; output and model folders
+    always to the working directory."""
+    _write(tmp_path / "presets" / "base.yaml",
+           "data:\n  train: [{path: ../data/a.jsonl, format: gsm8k}]\n  safety: [{path: pairs.csv, format: safety_pairs}]\n"
+           "output_dir: runs/x\nmodel: {path: models/m}\n")
+    leaf = _write(tmp_path / "exp" / "leaf.yaml", "base: ../presets/base.yaml\ndata:\n  eval: [{path: held.jsonl}]\n")
+    monkeypatch.chdir(tmp_path / "exp")
+    cfg = load_config(leaf)
+    assert cfg.data.train[0].path == str(tmp_path / "data" / "a.jsonl")
+    assert cfg.data.safety[0].path == str(tmp_path / "presets" / "pairs.csv")
+    assert cfg.data.eval[0].path == str(tmp_path / "exp" / "held.jsonl")
+    assert cfg.output_dir == "runs/x" and cfg.model.path == "models/m"  # the working directory's
+    assert load_config(leaf, ["data.eval.0.path=mine.jsonl"]).data.eval[0].path == "mine.jsonl"
+
+
+def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    by_name = load_config("demo")
+    assert by_name == load_config("configs/demo.yaml") == load_config(REPO / "configs" / "demo.yaml")
+    assert by_name.data.train[0].path == str(REPO / "data" / "gsm8k" / "train.jsonl")
+    assert load_config("70b/llama2_70b_chat_lora").lora.enabled
+    assert load_config("tiny", ["deepspeed_config=zero3_bf16.json"]).deepspeed_config == str(REPO / "ds_configs" / "zero3_bf16.json")
+    _write(tmp_path / "mine.yaml", "base: demo\nmethod: sap\n")  # a user's config on a shipped one
+    assert load_config(tmp_path / "mine.yaml").data.harmful.path == by_name.data.harmful.path
+    with pytest.raises(ConfigError, match=r"config file not found: nodemo.*shipped: .*70b/llama2_70b_chat_lora.*sap-ds configs"):
+        load_config("nodemo")
+
+
+def test_placeholders_name_the_override_to_pass():
+    from sap_ds.config import missing_inputs
+
+    cfg = load_config("paper_llama2_7b_lora")
+    problems = missing_inputs(cfg)
+    assert [p.split(":")[0] for p in problems] == ["data.train.0.path", "data.eval.0.path"]
+    assert "(a placeholder); pass data.train.0.path=/your/alpaca_data.json" in problems[0]
+    assert missing_inputs(load_config("demo")) == []
+
+
+def test_keys_that_cannot_change_training_are_no_config_change():
+    from sap_ds.config import config_changes, config_to_dict
+
+    saved = config_to_dict(load_config(TINY))
+    same = load_config(TINY, ["logging.wandb.project=p", "train.save_every=5", "train.resume=never", "output_dir=elsewhere"])
+    assert config_changes(saved, same) == []
+    assert config_changes(saved, load_config(TINY, ["train.lr=1e-3"])) == ["train.lr: trained with 0.003, now 0.001"]
