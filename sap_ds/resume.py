@@ -118,9 +118,12 @@ def check_batch_on_new_world(meta: dict, cfg: RunConfig, world: int, folder: Pat
     saved_task = meta.get("global_batch")
     if saved_task is not None and saved_task != task:
         per_rank = saved_task / world
-        hint = (f"e.g. train.grad_accum={int(per_rank // cfg.train.micro_batch_size)}"
-                if per_rank == int(per_rank) and per_rank % cfg.train.micro_batch_size == 0
-                else f"micro_batch_size x grad_accum = {per_rank:g} per rank")
+        if per_rank != int(per_rank):
+            hint = f"{saved_task} examples do not split over {world} ranks; resume on a number of ranks that divides it"
+        elif per_rank % cfg.train.micro_batch_size == 0:
+            hint = f"set train.grad_accum={int(per_rank // cfg.train.micro_batch_size)}"
+        else:
+            hint = f"set train.micro_batch_size x train.grad_accum to {int(per_rank)} per rank"
         problems.append(f"the task batch was {saved_task} examples per step and would be {task} "
                         f"(train.micro_batch_size {cfg.train.micro_batch_size} x train.grad_accum "
                         f"{cfg.train.grad_accum} x {world} ranks); {hint}")

@@ -233,3 +233,20 @@ def test_wandb_asked_for_but_not_installed_stops_before_step_1(monkeypatch):
     with pytest.raises(ConfigError, match=r"logging.wandb.*project 'p'.*not installed.*sap-ds\[wandb\]"):
         check_logging(load_config("configs/tiny.yaml", ["logging.wandb.project=p"]))
     check_logging(load_config("configs/tiny.yaml", ["logging.wandb.project=p", "logging.wandb.mode=disabled"]))
+
+
+def test_another_world_size_must_keep_the_global_batches():
+    """The data is indexed by step and global batch: resuming on another number of ranks
+    with another global batch would skip or repeat examples, so it stops, naming the fix."""
+    from sap_ds.config import ConfigError, load_config
+    from sap_ds.resume import check_batch_on_new_world
+
+    cfg = load_config("configs/tiny.yaml", ["method=sap"])  # micro-batch 2, safety batch 2 per rank
+    folder = Path("runs/x/checkpoints/step_00000005")
+    with pytest.raises(ConfigError) as info:
+        check_batch_on_new_world({"world_size": 2, "global_batch": 8, "safety_global_batch": 4}, cfg, 1, folder)
+    assert all(text in str(info.value) for text in (str(folder), "written on 2 ranks, resumed on 1",
+                                                     "train.grad_accum=4", "sap.safety_batch_size=4"))
+    with pytest.raises(ConfigError, match="8 examples do not split over 3 ranks"):
+        check_batch_on_new_world({"world_size": 4, "global_batch": 8}, cfg, 3, folder)
+    check_batch_on_new_world({"world_size": 1, "global_batch": 4, "safety_global_batch": 4}, cfg, 2, folder)
