@@ -51,7 +51,7 @@ class Runner:
 
     # ------------------------------------------------------------------ kinds
 
-    def run_config(self, name: str, overrides=(), tree=None) -> list[str]:
+    def run_config(self, name: str, overrides=(), tree=None, label: str = "") -> list[str]:
         """The first step of one run config; returns the checks it made."""
         from sap_ds.config import build_config, config_to_dict, load_config
 
@@ -64,7 +64,7 @@ class Runner:
         key = json.dumps({k: v for k, v in config_to_dict(cfg).items() if k not in ("run_name", "output_dir")}, sort_keys=True)
         if key in self.done:
             return checks + [f"same run as {self.done[key]}: not run twice"]
-        self.done[key] = name
+        self.done[key] = label or name
         out = Path(cfg.output_dir).resolve()
         assert out.is_relative_to(Path.cwd().resolve()), f"output_dir {out} is not under the working directory"
         checks += self._train(cfg)
@@ -157,7 +157,7 @@ class Runner:
                     runs.append([*cfg.overrides, *overrides, *cfg.method_overrides.get(method, []), f"method={method}",
                                  *([f"seed={seed}"] if seed is not None else []), *self._start_model(cfg.start_model),
                                  f"output_dir={cfg.out_dir}/{setting}/{method}/seed{seed}"])
-        return self._validate_and_run(cfg.train_config, runs, "setting x method x seed")
+        return self._validate_and_run(cfg.train_config, runs, "setting x method x seed", name)
 
     def sweep(self, name: str, path: Path) -> list[str]:
         from sap_ds.config import load_config, read_config_file, validate_tree
@@ -171,19 +171,20 @@ class Runner:
         for point in points:
             load_config(cfg.train_config, [*cfg.overrides, *point, *self._start_model(cfg.start_model)])
         # its points are validated; its base run (the train config with the sweep's overrides) is run
-        return [f"{len(points)} points validated"] + self.run_config(cfg.train_config, base)
+        return [f"{len(points)} points validated"] + self.run_config(cfg.train_config, base, label=f"{name} (base run)")
 
     def _start_model(self, start_model) -> list[str]:
         return [f"model.path={start_model}"] if start_model else []
 
-    def _validate_and_run(self, train_config: str, runs: list[list[str]], what: str) -> list[str]:
+    def _validate_and_run(self, train_config: str, runs: list[list[str]], what: str, name: str) -> list[str]:
         from sap_ds.config import load_config
 
         for overrides in runs:
             load_config(train_config, overrides)
         checks = [f"{len(runs)} runs ({what}) validated"]
         for overrides in runs:
-            checks += self.run_config(train_config, overrides)
+            folder = next(o for o in overrides if o.startswith("output_dir=")).split("=", 1)[1]
+            checks += self.run_config(train_config, overrides, label=f"{name} ({folder})")
         return checks
 
     def bench(self, name: str, path: Path) -> list[str]:

@@ -86,7 +86,8 @@ def test_runs_wrote_to_the_working_directory(shipped):
     """Outputs resolve against the working directory (runs/<name> there), inputs against the
     config files: nothing is written next to the configs."""
     results, _, elsewhere = shipped
-    assert (elsewhere / "runs" / "demo" / "summary.json").is_file()
+    assert (elsewhere / "runs" / "tiny" / "summary.json").is_file()
+    assert (elsewhere / "runs" / "align" / "export" / "model").is_dir()  # the demo's start model, as `make demo` makes it
     assert not (REPO / "configs" / "runs").exists()
 
 
