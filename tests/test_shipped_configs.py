@@ -1,5 +1,5 @@
 """Every file under configs/ runs: its first step on 2 CPU ranks for each run config, the runs a
-compare or sweep config would launch validated (and the distinct ones run), each eval config
+compare config would launch validated (and the distinct ones run), every sweep point validated, each eval config
 evaluated on the tiny model, all from a working directory outside the checkout and by the
 configs' shipped names (tests/shipped_configs_runner.py: one launch for all of them).
 
