@@ -474,3 +474,24 @@ def test_keys_that_cannot_change_training_are_no_config_change():
     same = load_config(TINY, ["logging.wandb.project=p", "train.save_every=5", "train.resume=never", "output_dir=elsewhere"])
     assert config_changes(saved, same) == []
     assert config_changes(saved, load_config(TINY, ["train.lr=1e-3"])) == ["train.lr: trained with 0.003, now 0.001"]
+
+
+def test_configs_copy_is_self_contained(tmp_path, monkeypatch, capsys):
+    """`sap-ds configs copy NAME` writes a file that loads to the same run from anywhere:
+    base chain merged, paths absolute; `sap-ds configs` lists the names."""
+    from sap_ds.configs_cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0 and "70b/llama2_70b_chat_lora" in capsys.readouterr().out
+    assert main(["copy", "sap_fast", "mine.yaml"]) == 0
+    assert load_config(tmp_path / "mine.yaml") == load_config("sap_fast")
+    assert main(["copy", "sap_fast", "mine.yaml"]) == 2 and "exists" in capsys.readouterr().err
+
+
+def test_version_names_the_commit_in_a_checkout():
+    import subprocess
+
+    from sap_ds.version import version_line
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert version_line().startswith(f"sap-ds 0.1.0 (commit {head}") and "git checkout" in version_line()
