@@ -137,7 +137,7 @@ class Runner:
         assert summary.get("final_step") == STEPS, f"trained to step {summary.get('final_step')}, not {STEPS}"
         records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if "loss" in r][-1] == STEPS
-        assert all(r.get("model_tflops_per_s") for r in records), "a step without model TFLOP/s"
+        assert all(r.get("model_tflops_per_s") and r.get("mfu") for r in records), "a step without model TFLOP/s or MFU"
         checks = [f"{STEPS} steps, final train loss {summary['final_train_loss']:.3f}, "
                   f"{summary['train_examples']} examples ({summary['harmful_examples']} harmful)"]
         if cfg.export.enabled:
