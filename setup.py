@@ -2,18 +2,60 @@
 
 torch is a range, never a pin: on a CPU machine the Makefile installs the CPU
 build first, and pip then leaves it alone instead of pulling a CUDA wheel.
+
+An installed package is usable without a checkout: the build copies configs/,
+ds_configs/ and data/ into sap_ds/shipped/ (same layout, so the configs' relative
+paths hold; sap_ds/resources.py finds them) and records the git commit in
+sap_ds/_build_info.json for ``sap-ds --version``.
 """
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+SHIPPED = ("configs", "ds_configs", "data")
+VERSION = "0.1.0"  # also sap_ds/__init__.py
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+class BuildWithShippedFiles(build_py):
+    """build_py, plus the shipped folders and the build record inside the package."""
+
+    def run(self):
+        super().run()
+        package = Path(self.build_lib) / "sap_ds"
+        for name in SHIPPED:
+            if (ROOT / name).is_dir():
+                target = package / "shipped" / name
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        commit = _git("rev-parse", "HEAD")
+        info = {"version": VERSION, "commit": commit,
+                "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+        (package / "_build_info.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
+
 
 setup(
     name="sap-ds",
-    version="0.1.0",
+    version=VERSION,
     description="Safety-Aware Probing (SAP) fine-tuning for LLMs on DeepSpeed ZeRO-3",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sap_ds", "sap_ds.*", "kernels", "kernels.*"]),
     include_package_data=True,
+    cmdclass={"build_py": BuildWithShippedFiles},
     install_requires=[
         # Floors: the first release with what sap-ds uses (sap_ds/versions.py says what, and checks them at start).
         "torch>=2.6,<2.15",
@@ -35,7 +77,8 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "vllm": ["vllm>=0.6"],  # sap-ds eval backend: vllm (CUDA only); docs/evaluation.md
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "wandb": ["wandb>=0.19"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.19"],
     },
     entry_points={"console_scripts": ["sap-ds=sap_ds.cli:main"]},
 )

@@ -39,24 +39,17 @@ if __package__ in (None, ""):  # run as a script (deepspeed sap_ds/bench.py): ma
 
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
+from sap_ds.hardware import GPU_PEAK_TFLOPS, gpu_peak_flops, job_peak_flops, measure_cpu_peak  # noqa: E402,F401
+
 log = logging.getLogger("sap_ds")
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "sap-ds-bench/1"
 
-# The authors' settings (DESIGN.md section 1) and the fast preset (configs/sap_fast.yaml,
+# The authors' settings (docs/algorithm.md) and the fast preset (configs/sap_fast.yaml,
 # justified in docs/benchmarks.md). The test checks that the YAML and this list agree.
 PAPER_OVERRIDES = ["method=sap", "sap.safety_every=1", "sap.probe_fraction=1.0"]
 FAST_OVERRIDES = ["method=sap", "sap.safety_every=16", "sap.probe_fraction=0.125", "data.safety_max_length=64"]
 
-# Dense peak TFLOP/s by dtype, matched in order on torch.cuda.get_device_name().
-# fp32 is the non-tensor-core peak (PyTorch's default: TF32 matmuls are off).
-GPU_PEAK_TFLOPS = [
-    ("H100 PCIe", {"bf16": 756.0, "fp32": 51.0}),
-    ("H100 NVL", {"bf16": 835.0, "fp32": 60.0}),
-    ("H100", {"bf16": 989.0, "fp32": 67.0}),  # SXM: "NVIDIA H100 80GB HBM3"
-    ("H200", {"bf16": 989.0, "fp32": 67.0}),
-    ("A100", {"bf16": 312.0, "fp32": 19.5}),
-]
 PHASES = ("safety", "perturb", "probe", "restore", "main")
 
 
@@ -87,9 +80,9 @@ def load_bench_config(path: str, overrides: list[str]):
     """(bench section, base RunConfig, base tree): the file minus ``bench:`` is a run config."""
     from pydantic import ValidationError
 
-    from sap_ds.config import ConfigError, build_config, read_config_file
+    from sap_ds.config import ConfigError, RunConfig, build_config, read_config_file
 
-    tree = read_config_file(path)
+    tree = read_config_file(path, schema=RunConfig)
     section = tree.pop("bench", None) or {}
     try:
         bench = BenchSection.model_validate(section)
@@ -155,52 +148,9 @@ def versions() -> dict:
     return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
 
 
-def gpu_peak_flops(name: str, dtype: str) -> Optional[float]:
-    for key, peaks in GPU_PEAK_TFLOPS:
-        if key in name:
-            return peaks[dtype] * 1e12
-    return None
-
-
-def measure_cpu_peak(dtype: str, size: int, repeats: int = 5) -> float:
-    """This rank's best GEMM FLOP/s (size^3, model dtype, current thread count). All ranks
-    measure at the same time, so the sum over ranks is the peak of the whole job."""
-    import torch
-
-    from sap_ds.modeling import DTYPES
-
-    if dtype != "fp32":
-        size = min(size, 256)  # bf16 GEMMs are very slow on CPUs without AMX
-    a = torch.randn(size, size).to(DTYPES[dtype])
-    b = torch.randn(size, size).to(DTYPES[dtype])
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
 def peak_flops(dtype: str, gemm_size: int) -> dict:
     """Peak FLOP/s of the job: GPU table x ranks, or the measured CPU GEMM summed over ranks."""
-    import torch
-
-    from sap_ds.distributed import barrier
-    from sap_ds.zero3 import all_reduce_sum
-
-    world = _world()
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        per_rank = gpu_peak_flops(name, dtype)
-        return {"source": f"table: {name}, {dtype} dense", "per_rank": per_rank,
-                "total": per_rank * world if per_rank else None}
-    barrier()
-    mine = measure_cpu_peak(dtype, gemm_size)
-    total = float(all_reduce_sum(torch.tensor([mine], dtype=torch.float64)).item())
-    return {"source": f"measured: best {dtype} GEMM {gemm_size}^3 per rank, all ranks at once, "
-                      f"{torch.get_num_threads()} thread(s) per rank",
-            "per_rank": total / world, "total": total}
+    return job_peak_flops(dtype, _world(), gemm_size)
 
 
 def reset_peak_memory() -> None:

@@ -11,6 +11,11 @@ finished, and only then does ``latest`` (itself written to a temporary file and 
 point at it. A crash at any moment leaves the previous checkpoint intact and findable.
 Our own state (trainer counters, RNG states, SAP probe/optimizer/direction) is saved as
 safetensors plus JSON, never pickled.
+
+A checkpoint written on N ranks resumes on M ranks (docs/design.md, "Resuming on another
+number of ranks"): rank 0 converts it once into DeepSpeed's universal format, inside the
+checkpoint folder (``step_N/universal``, written to a temporary folder and renamed), and
+every rank loads its new shard from there.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ from sap_ds.distributed import barrier, is_main
 
 LATEST = "latest"
 STAGING = ".staging"
+META = "sap_ds_meta.json"
+UNIVERSAL = "universal"
 
 
 class CheckpointError(RuntimeError):
@@ -82,10 +89,10 @@ def save(engine, root: Path, step: int, meta: dict, tensors: dict[str, torch.Ten
     folder = staging / tag
     own = {f"rng.{k}": v for k, v in rng_state().items()}
     own.update({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    save_file(own, str(folder / f"sap_ds_rank{rank:05d}.safetensors"))
+    save_file(own, str(own_file(folder, rank)))
     if is_main():
         meta = {**meta, "step": step, "python_random": _encode_random_state()}
-        atomic_write_text(folder / "sap_ds_meta.json", json.dumps(meta, indent=1))
+        atomic_write_text(folder / META, json.dumps(meta, indent=1))
     barrier()
     final = root / tag
     if is_main():
@@ -111,36 +118,123 @@ def _encode_random_state() -> list:
     return [version, list(internal), gauss]
 
 
-def load(engine, root: Path, expect: dict) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """Resume from ``latest`` if there is one: returns (meta, this rank's tensors)."""
+def own_file(folder: Path, rank: int) -> Path:
+    return folder / f"sap_ds_rank{rank:05d}.safetensors"
+
+
+def read_meta(root: Path) -> tuple[Path, dict] | None:
+    """(folder, metadata) of the checkpoint ``latest`` points at; None if there is none."""
     tag = latest_tag(root)
     if tag is None:
         return None
     folder = root / tag
-    meta_path = folder / "sap_ds_meta.json"
+    meta_path = folder / META
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return folder, json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({exc}); the checkpoint is corrupt") from None
+
+
+def peek_meta(root: Path) -> dict | None:
+    """``read_meta``'s metadata, or None for any problem (``load`` reports it later): what
+    the trainer needs to know before it builds the engine (the world size the checkpoint
+    was written on)."""
+    try:
+        found = read_meta(root)
+    except CheckpointError:
+        return None
+    return found[1] if found else None
+
+
+def check_identity(folder: Path, meta: dict, expect: dict) -> None:
+    """A checkpoint of another model or method cannot be resumed: say which key differs,
+    before anything is loaded or written."""
     for key, value in expect.items():
         if meta.get(key) != value:
             raise CheckpointError(
-                f"{folder}: checkpoint was written with {key}={meta.get(key)!r}, this run has {key}={value!r}; "
-                f"use a new output_dir or set train.resume=never"
+                f"{folder}: this checkpoint was written with {key}={meta.get(key)!r}, this run has {key}={value!r}: "
+                f"it belongs to another run and was neither loaded nor changed. Use a new output_dir, or set "
+                f"train.resume=never to start this one over (which deletes the old run's checkpoints)"
             )
+
+
+def convert_to_universal(folder: Path, workers: int = 1) -> Path:
+    """``folder/universal``: the checkpoint in DeepSpeed's universal format (every
+    parameter's fp32 weights and Adam moments whole, one file each), which any number of
+    ranks can load. Made once (rank 0 only), in a temporary folder renamed into place, so
+    an interrupted conversion is never taken for a finished one."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    target = folder / UNIVERSAL
+    if target.is_dir():
+        return target
+    tmp = folder / f".{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints progress bars and its arguments
+        ds_to_universal.main(args)
+    (folder / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer names the temporary folder
+    os.replace(tmp, target)
+    return target
+
+
+def _on_rank0_then_all(fn, what: str):
+    """Run ``fn`` on rank 0 while the others wait; every rank raises if it failed there."""
+    error = None
+    if is_main():
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - any failure must reach every rank, not hang them
+            error = f"{type(exc).__name__}: {exc}"
+    if torch.distributed.is_initialized():
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise CheckpointError(f"{what} failed on rank 0 ({error})")
+
+
+def load(engine, root: Path, expect: dict, world: int) -> tuple[dict, dict[str, torch.Tensor], bool] | None:
+    """Resume from ``latest`` if there is one: (meta, tensors, resharded).
+
+    On the world size the checkpoint was written on, every rank loads its own shards and
+    its own tensors. On another one (``resharded``), the engine must have been built with
+    ``checkpoint.load_universal`` (the trainer does so when ``peek_meta`` shows another
+    world size); the tensors are rank 0's replicated ones (probe, its optimizer, counters),
+    without the shard-shaped SAP direction and RNG states, which the trainer renews."""
+    found = read_meta(root)
+    if found is None:
+        return None
+    folder, meta = found
+    check_identity(folder, meta, expect)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    own_path = folder / f"sap_ds_rank{rank:05d}.safetensors"
+    resharded = meta.get("world_size", world) != world
     try:
-        tensors = load_file(str(own_path))
-        load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
+        if resharded:
+            _on_rank0_then_all(lambda: convert_to_universal(folder), f"{folder}: converting the checkpoint of "
+                               f"{meta.get('world_size')} ranks for {world} ranks")
+            tensors = {k: v for k, v in load_file(str(own_file(folder, 0))).items()
+                       if not k.startswith(("rng.", "sap.direction."))}
+            load_path, _ = engine.load_checkpoint(str(folder), tag=UNIVERSAL, load_module_strict=True)
+        else:
+            tensors = load_file(str(own_file(folder, rank)))
+            load_path, _ = engine.load_checkpoint(str(root), tag=folder.name, load_module_strict=True)
+    except CheckpointError:
+        raise
     except Exception as exc:  # safetensors, DeepSpeed and torch raise many types for a bad file
         raise CheckpointError(f"{folder}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
     if load_path is None:
         raise CheckpointError(f"{folder}: DeepSpeed found no loadable checkpoint there")
-    set_rng_state(tensors)
+    if not resharded:
+        set_rng_state(tensors)
     version, internal, gauss = meta["python_random"]
     random.setstate((version, tuple(internal), gauss))
-    return meta, tensors
+    return meta, tensors, resharded
 
 
 def atomic_save_figure(fig, path: Path, dpi: int) -> None:

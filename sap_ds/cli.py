@@ -11,14 +11,20 @@ COMMANDS = {
     "bench": ("sap_ds.bench", "throughput of SFT vs SAP variants (tokens/s, phase split, MFU, memory)"),
     "safelora": ("sap_ds.safelora_cli", "project a LoRA adapter onto the alignment subspace (SafeLoRA), post hoc"),
     "plan": ("sap_ds.plan", "per-GPU memory and step time for a model size and cluster"),
+    "configs": ("sap_ds.configs_cli", "list the shipped configs; print one's path; copy one out to edit"),
 }
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        from sap_ds.version import version_line
+
+        print(version_line())
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
-        print("usage: sap-ds <command> [args]\n\ncommands:")
+        print("usage: sap-ds <command> [args]   (sap-ds --version: version and commit)\n\ncommands:")
         for name, (_, help_text) in COMMANDS.items():
             print(f"  {name:<{width}}  {help_text}")
         if argv and argv[0] not in ("-h", "--help"):

@@ -31,14 +31,15 @@ if __package__ in (None, ""):
 
 from pydantic import Field, model_validator
 
+from sap_ds.config import CONFIG_PATH
 from sap_ds.evaluation.config import _Section
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class CompareConfig(_Section):
-    train_config: str = Field(description="Base run config, e.g. configs/demo.yaml.")
-    eval_config: str = Field(description="Eval config, e.g. configs/eval/demo.yaml.")
+    train_config: str = Field(json_schema_extra=CONFIG_PATH, description="Base run config, e.g. configs/demo.yaml.")
+    eval_config: str = Field(json_schema_extra=CONFIG_PATH, description="Eval config, e.g. configs/eval/demo.yaml.")
     start_model: Optional[str] = Field(None, description="Model every run starts from (default: the train config's model.path).")
     methods: list[Literal["sft", "sap"]] = Field(default_factory=lambda: ["sft", "sap"])
     seeds: Optional[list[int]] = Field(None, description="Default: the train config's seed.")
@@ -378,7 +379,7 @@ def main(argv=None) -> int:
     from sap_ds.config import validate_tree
 
     try:
-        cfg = validate_tree(CompareConfig, read_config_file(args.config), args.overrides, args.config)
+        cfg = validate_tree(CompareConfig, read_config_file(args.config, schema=CompareConfig), args.overrides, args.config)
         report = compare(cfg, args.config)
     except USER_ERRORS as exc:
         return report_user_error(exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -16,6 +17,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_MODEL = "embedded"
+
+# How a relative path in a config file is read (docs/design.md, "Paths"): the rule, in one
+# sentence, is "relative to the config file's folder in a file, to the working directory
+# on the command line; output and model folders always to the working directory".
+# Fields marked INPUT_PATH are files a config ships with (data); CONFIG_PATH fields name
+# another config, which may also be a shipped config's name (sap_ds.resources). Unmarked
+# paths (output_dir, model.path) are left as written: relative to the working directory.
+INPUT_PATH = {"sap_ds_path": "input"}
+CONFIG_PATH = {"sap_ds_path": "config"}
 
 
 class ConfigError(ValueError):
@@ -50,7 +60,7 @@ DataFormat = Literal["alpaca", "alpaca_seed", "gsm8k", "sst2", "advbench", "inst
 class DataSource(_Section):
     """One local file. ``format`` says how its columns become (prompt, response) pairs."""
 
-    path: str
+    path: str = Field(json_schema_extra=INPUT_PATH)
     format: DataFormat = "instruction"
     limit: Optional[int] = Field(None, gt=0, description="Keep only the first N usable rows.")
     offset: int = Field(0, ge=0, description="Skip the first N usable rows (for disjoint splits of one file).")
@@ -112,7 +122,7 @@ class DistributedConfig(_Section):
 
 
 class SapConfig(_Section):
-    """Safety-Aware Probing (DESIGN.md section 1). Ignored when method is 'sft'."""
+    """Safety-Aware Probing (docs/algorithm.md). Ignored when method is 'sft'."""
 
     rho: float = Field(2e-5, ge=0.0, description="Perturbation radius relative to ||W|| (authors' grad_rate).")
     probe_layers: list[int] = Field(default_factory=lambda: [3, 9])
@@ -176,6 +186,24 @@ class SafeLoraExportConfig(_Section):
         return self
 
 
+class WandbConfig(_Section):
+    """Weights & Biases logging, next to metrics.jsonl and TensorBoard (never instead)."""
+
+    project: str = Field(description="W&B project.")
+    entity: Optional[str] = Field(None, description="W&B team or user (default: your default entity).")
+    mode: Literal["online", "offline", "disabled"] = Field("online", description="offline: write the run to "
+                                                           "<output_dir>/wandb without network, for `wandb sync` later.")
+    name: Optional[str] = Field(None, description="Run name (default: run_name).")
+    tags: list[str] = Field(default_factory=list)
+
+
+class LoggingConfig(_Section):
+    """Where metrics go besides metrics.jsonl (always written, the record scripts read)."""
+
+    tensorboard: bool = True
+    wandb: Optional[WandbConfig] = None
+
+
 class ExportConfig(_Section):
     enabled: bool = True
     merge_lora: bool = True
@@ -189,7 +217,8 @@ class RunConfig(_Section):
     output_dir: str = "runs/run"
     seed: int = 42
     method: Literal["sft", "sap"] = "sft"
-    deepspeed_config: str = "ds_configs/zero3_cpu.json"
+    deepspeed_config: str = Field("ds_configs/zero3_cpu.json", json_schema_extra=CONFIG_PATH,
+                                  description="DeepSpeed JSON: a path, or a shipped one's name (zero3_bf16.json).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -197,6 +226,7 @@ class RunConfig(_Section):
     sap: SapConfig = Field(default_factory=SapConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("output_dir", "deepspeed_config")
     @classmethod
@@ -204,6 +234,14 @@ class RunConfig(_Section):
         if not value.strip():
             raise ValueError("must be a non-empty path")
         return value
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def _shipped_ds_config(cls, value: str) -> str:
+        """A value from the command line or the default: a path (working directory) or,
+        failing that, a shipped DeepSpeed config's name. (Values from a config file arrive
+        already resolved by ``read_config_file``.)"""
+        return shipped_or_as_given(value)
 
     @model_validator(mode="after")
     def _sap_needs_safety_data(self) -> "RunConfig":
@@ -349,31 +387,102 @@ def merge_trees(base: dict, child: dict) -> dict:
     return merged
 
 
-def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+def shipped_or_as_given(value: str) -> str:
+    """``value`` if it names an existing file, else the shipped config of that name
+    (``sap_ds.resources.find_shipped``), else ``value`` unchanged (its error comes later)."""
+    from sap_ds.resources import find_shipped
+
+    if not value or Path(value).exists():
+        return value
+    shipped = find_shipped(value)
+    return str(shipped) if shipped is not None else value
+
+
+def _path_kind(field) -> Optional[str]:
+    extra = field.json_schema_extra
+    return extra.get("sap_ds_path") if isinstance(extra, dict) else None
+
+
+def _resolve_one(value: Any, folder: Path, kind: str) -> Any:
+    if not isinstance(value, str) or not value.strip() or Path(value).is_absolute():
+        return value
+    local = Path(os.path.normpath(folder / value))
+    if kind == "config" and not local.exists():
+        from sap_ds.resources import find_shipped
+
+        shipped = find_shipped(value)
+        if shipped is not None:
+            return str(shipped)
+    return str(local)
+
+
+def resolve_paths(tree: dict, schema: type[BaseModel], folder: Path) -> dict:
+    """``tree`` (one config file's keys) with the relative paths of the fields ``schema``
+    marks INPUT_PATH / CONFIG_PATH made absolute against ``folder``, the file's folder."""
+    out = dict(tree)
+    for key, value in tree.items():
+        field = schema.model_fields.get(key)
+        if field is None:
+            continue
+        kind = _path_kind(field)
+        if kind is not None:
+            out[key] = [_resolve_one(v, folder, kind) for v in value] if isinstance(value, list) else \
+                _resolve_one(value, folder, kind)
+            continue
+        sub = _submodel(field.annotation)
+        if sub is None:
+            continue
+        if isinstance(value, dict):
+            out[key] = resolve_paths(value, sub, folder)
+        elif isinstance(value, list):
+            out[key] = [resolve_paths(v, sub, folder) if isinstance(v, dict) else v for v in value]
+    return out
+
+
+def find_config_file(path: str | Path) -> Path:
+    """``path`` if it is a file, else the shipped config of that name (``demo``,
+    ``configs/demo.yaml``, ``70b/llama2_70b_chat_lora``); ConfigError listing them if neither."""
+    from sap_ds.resources import find_shipped, shipped_names
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = find_shipped(str(path))
+    if shipped is not None:
+        return shipped
+    raise ConfigError(f"config file not found: {path} (neither a file nor the name of a shipped config; "
+                      f"shipped: {', '.join(shipped_names())}; `sap-ds configs` lists them)")
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = (), schema: Optional[type[BaseModel]] = None) -> dict:
     """A config file's keys, with ``base: other.yaml`` resolved.
 
-    ``base`` names another config file, relative to this file's folder; this file's keys
-    are laid over it (``merge_trees``), so a preset states only what it changes and cannot
-    drift from the run it derives from. Bases may chain; a loop is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    ``base`` names another config file, relative to this file's folder (or a shipped
+    config's name, e.g. ``base: demo``); this file's keys are laid over it
+    (``merge_trees``), so a preset states only what it changes and cannot drift from the
+    run it derives from. Bases may chain; a loop is an error. With ``schema``, the
+    relative paths of its marked fields are made absolute against each file's own folder
+    (``resolve_paths``) before the files are merged."""
+    path = find_config_file(path) if not _chain else Path(path)
     tree = _read_mapping(path)
-    if BASE_KEY not in tree:
+    has_base = BASE_KEY in tree
+    base = tree.pop(BASE_KEY, None)
+    if schema is not None:
+        tree = resolve_paths(tree, schema, path.resolve().parent)
+    if not has_base:
         return tree
-    base = tree.pop(BASE_KEY)
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"{path}: key '{BASE_KEY}': expected the path of the config file this one "
                           f"builds on, relative to {path.parent} (e.g. base: demo.yaml), got {base!r}")
-    base_path = path.parent / base
+    base_path = Path(_resolve_one(base, path.resolve().parent, "config"))
     if not base_path.is_file():
         raise ConfigError(f"{path}: key '{BASE_KEY}': file not found: {base_path} "
-                          f"(the path is relative to the folder of {path.name})")
+                          f"(the path is relative to the folder of {path.name}, or a shipped config's name)")
     chain = _chain + (path.resolve(),)
     if base_path.resolve() in chain:
         loop = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
         raise ConfigError(f"{path}: key '{BASE_KEY}': the bases form a loop: {loop}")
-    return merge_trees(read_config_file(base_path, chain), tree)
+    return merge_trees(read_config_file(base_path, chain, schema), tree)
 
 
 def validate_tree(root: type[BaseModel], tree: dict, overrides: list[str] = (), source: str = "<config>"):
@@ -393,7 +502,8 @@ def build_config(tree: dict, overrides: list[str] = (), source: str = "<config>"
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    return build_config(read_config_file(path), overrides, source=str(path))
+    """The run config of a file (or a shipped config's name) plus command-line overrides."""
+    return build_config(read_config_file(path, schema=RunConfig), overrides, source=str(find_config_file(path)))
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
@@ -420,7 +530,30 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
     ``sap`` section of an SFT run), so that only a change that alters what is trained is reported."""
     old, new = flatten(saved), flatten(config_to_dict(cfg))
     # sap.resolution_check only decides whether a run may start: it never changes what is trained.
-    ignore = {"output_dir", "sap.resolution_check"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
+    ignore = NOT_TRAINING_KEYS | {"sap.resolution_check"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
     ignore |= {f"distributed.{key}" for key in DistributedConfig.model_fields}
     return [f"{key}: trained with {old.get(key)!r}, now {new.get(key)!r}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key) and key not in ignore]
+            for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and key not in ignore and not key.startswith("logging.")]
+
+
+# Keys that cannot change what a run trains (where it is written, how it is logged, saved
+# and resumed): a change of one of them does not make a run another run.
+NOT_TRAINING_KEYS = {"output_dir", "train.resume", "train.log_every", "train.save_every", "train.save_total_limit",
+                     "train.check_ranks_every"}
+
+
+def missing_inputs(cfg: RunConfig) -> list[str]:
+    """One line per data file of ``cfg`` that does not exist, naming its key and the
+    override that replaces it (``data.train.0.path=...``): the configs for models and data
+    a user brings (configs/70b, the paper's) hold placeholders such as /path/to/..."""
+    sources = [(f"data.{part}.{i}", s) for part in ("train", "eval", "safety") for i, s in enumerate(getattr(cfg.data, part))]
+    if cfg.data.harmful is not None:
+        sources.append(("data.harmful", cfg.data.harmful))
+    return [f"{key}.path: file not found: {source.path}{' (a placeholder)' if _is_placeholder(source.path) else ''}; "
+            f"pass {key}.path=/your/{Path(source.path).name} on the command line"
+            for key, source in sources if not Path(source.path).is_file()]
+
+
+def _is_placeholder(path: str) -> bool:
+    return "/path/to/" in path.replace("\\", "/")

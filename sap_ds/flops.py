@@ -1,4 +1,4 @@
-"""Model FLOPs of one SFT or SAP step (DESIGN.md section 2, "Cost"), from real token counts.
+"""Model FLOPs of one SFT or SAP step (docs/design.md, "Cost"), from real token counts.
 
 The model is a Llama-style decoder (``sap_ds.plan.ModelSpec``, read from the HF
 config.json: hidden h, layers L, heads, kv heads, intermediate I, vocab V). FLOPs count
@@ -41,7 +41,7 @@ trainer's phase timer); ``nominal_shares`` gives the long-run values of the trai
 schedule for ``safety_every`` k and ``probe_fraction`` f. The ideal throughput ratio of SAP over SFT
 on the same task batches is SFT FLOPs / SAP FLOPs (FLOPs per task token).
 
-Check against DESIGN.md: a deep model (L -> inf, probe layer near the bottom, so
+Check against docs/design.md ("Cost"): a deep model (L -> inf, probe layer near the bottom, so
 L_p / L -> 1), attention and lm_head negligible, safety tokens = task tokens:
 full FT  SFT = 3F, SAP = 3F + 3F + (F + F) = 8F   -> ratio 3/8 = 0.375 (~0.38)
 LoRA     SFT = 2F, SAP = 2F + 2F + (F + F) = 6F   -> ratio 2/6 = 0.333 (~0.34)

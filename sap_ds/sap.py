@@ -91,6 +91,7 @@ class SapState:
     direction_step: int | None = None  # the step whose safety batch gave the current direction
     seed: int = 0  # run seed: the random-direction ablation draws from (seed, step, rank)
     stats: dict = field(default_factory=dict)  # 0-dim device tensors (or bools): read only when logged
+    ran: dict = field(default_factory=dict)  # which extra passes the last step ran: {"safety": bool, "probe": bool}
 
 
 def stats_as_floats(state: SapState) -> dict:
@@ -364,6 +365,7 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
     both passes see the same masks and ``L(W, V) - L(W', V)`` measures the perturbation,
     not dropout noise (the authors' script draws fresh masks for each pass)."""
     probing = cfg.probe_enabled and cfg.probe_train and runs_probe(step, cfg.probe_fraction)
+    state.ran = {"probe": probing, "safety": probing and safety_batch is not None}  # the FLOPs the step costs
     probe_grad = None
     if probing:
         if safety_batch is not None:

@@ -38,6 +38,7 @@ if __package__ in (None, ""):
 from pydantic import Field, model_validator
 
 from sap_ds.compare import OVER_REFUSAL, CompareError, RunSet, StaleRun, mean_std, scalar_metrics
+from sap_ds.config import CONFIG_PATH
 from sap_ds.evaluation.config import _Section
 
 TAG = "sap-ds sweep"
@@ -61,8 +62,8 @@ class Range(_Section):
 
 
 class SweepConfig(_Section):
-    train_config: str = Field(description="Base run config, e.g. configs/demo.yaml.")
-    eval_config: str = Field(description="Eval config, e.g. configs/eval/dev.yaml.")
+    train_config: str = Field(json_schema_extra=CONFIG_PATH, description="Base run config, e.g. configs/demo.yaml.")
+    eval_config: str = Field(json_schema_extra=CONFIG_PATH, description="Eval config, e.g. configs/eval/dev.yaml.")
     start_model: Optional[str] = Field(None, description="Model every run starts from (default: the train config's model.path).")
     out_dir: str = "runs/sweep"
     seeds: Optional[list[int]] = Field(None, description="Default: the train config's seed.")
@@ -388,7 +389,7 @@ def main(argv=None) -> int:
     from sap_ds.errors import USER_ERRORS, report_user_error
 
     try:
-        cfg = validate_tree(SweepConfig, read_config_file(args.config), args.overrides, args.config)
+        cfg = validate_tree(SweepConfig, read_config_file(args.config, schema=SweepConfig), args.overrides, args.config)
         points = args.points.split(",") if args.points else None
         if args.list:
             for run in Sweep(cfg, points).runs:

@@ -18,7 +18,8 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="sap-ds train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="run config (YAML or JSON), e.g. configs/demo.yaml")
+    parser.add_argument("--config", required=True, help="run config (YAML or JSON), or a shipped config's name "
+                        "(demo, 70b/llama2_70b_chat_lora; `sap-ds configs` lists them)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4 method=sap")
     return parser.parse_args(argv)
@@ -37,6 +38,13 @@ def main(argv=None) -> int:
         from sap_ds.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # validate before any process group exists
+        from sap_ds.resume import finished_run
+
+        done = finished_run(cfg)  # a finished run: done, or an error if it was trained under another config
+        if done is not None:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print_done(cfg.output_dir, done)
+            return 0
         fail_fast(cfg)
         from sap_ds.distributed import init_distributed, is_main
 
@@ -51,7 +59,7 @@ def main(argv=None) -> int:
         print(f"sap-ds: stopped: {exc}", file=sys.stderr, flush=True)
         return EXIT_TRAINING_STOPPED
     if is_main():
-        print_summary(summary)
+        print_done(cfg.output_dir, summary) if summary.get("already_done") else print_summary(summary)
     return 0
 
 
@@ -62,14 +70,38 @@ def fail_fast(cfg) -> None:
 
     from sap_ds.distributed import prepare_environment
     from sap_ds.ds_config import load_ds_config
-    from sap_ds.modeling import check_attention, resolve_model_path
+    from sap_ds.metrics import check_logging
+    from sap_ds.modeling import check_attention
     from sap_ds.safelora import check_export_config as check_safelora_models
 
     prepare_environment()
-    resolve_model_path(cfg.model)
+    check_inputs(cfg)
     check_attention(cfg.model.attn_implementation)
     check_safelora_models(cfg)
+    check_logging(cfg)
     load_ds_config(cfg, int(os.environ["WORLD_SIZE"]), on_gpu=torch.cuda.is_available())
+
+
+def check_inputs(cfg) -> None:
+    """The model folder and every data file exist; else one ConfigError naming each missing
+    one with the override that replaces it (configs/70b and the paper config hold
+    /path/to/... placeholders for what a user brings)."""
+    from sap_ds.config import ConfigError, missing_inputs
+    from sap_ds.modeling import ModelError, resolve_model_path
+
+    problems = missing_inputs(cfg)
+    try:
+        resolve_model_path(cfg.model)
+    except ModelError as exc:
+        problems.insert(0, f"{exc}; pass model.path=/your/model/folder on the command line")
+    if problems:
+        raise ConfigError("the config names files that are not here:\n  " + "\n  ".join(problems))
+
+
+def print_done(output_dir: str, summary: dict) -> None:
+    print(f"sap-ds: {output_dir} holds this run, finished at step {summary.get('final_step')} under the same config "
+          f"(summary.json); nothing to train or export. To train it again: train.resume=never (overwrites it) "
+          f"or a new output_dir.", flush=True)
 
 
 def print_summary(summary: dict) -> None:
@@ -83,6 +115,7 @@ def print_summary(summary: dict) -> None:
         ("final train loss", fmt(summary["final_train_loss"])),
         ("final eval loss", fmt(summary["final_eval_loss"])),
         ("tokens/s", f"{summary['tokens_per_s']:.1f}" if summary["tokens_per_s"] else "n/a"),
+        ("model TFLOP/s, MFU", _throughput(summary)),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         ("model written to", summary["export_dir"]),
         ("checkpoints", summary["checkpoint_dir"]),
@@ -92,6 +125,13 @@ def print_summary(summary: dict) -> None:
     for key, value in lines:
         print(f"{key:<{width}}  {value}", flush=True)
     print(json.dumps({"summary": summary}), flush=True)
+
+
+def _throughput(summary: dict) -> str:
+    tflops, mfu = summary.get("model_tflops_per_s"), summary.get("mfu")
+    if tflops is None:
+        return "n/a"
+    return f"{tflops:.3g}, " + (f"{100 * mfu:.1f} %" if mfu is not None else f"n/a ({summary.get('mfu_note')})")
 
 
 if __name__ == "__main__":

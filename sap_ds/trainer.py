@@ -14,20 +14,20 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from sap_ds import checkpoint, sap
+from sap_ds import checkpoint, resume, sap
 from sap_ds.collectives import all_reduce
-from sap_ds.config import RunConfig, config_changes, config_to_dict
+from sap_ds.config import RunConfig, config_to_dict
 from sap_ds.data import RunData, build_run_data, collate, collate_pairs, global_batch_indices
 from sap_ds.distributed import barrier, device, is_main
 from sap_ds.errors import TrainingStopped
 from sap_ds.ds_config import load_ds_config, optimizer_choice
 from sap_ds.losses import forward_logits, task_loss
 from sap_ds.metrics import MetricsLogger
+from sap_ds.throughput import Throughput
 from sap_ds.modeling import apply_lora, load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger("sap_ds")
@@ -75,6 +75,11 @@ class Trainer:
             self.total_steps = max(1, math.ceil(cfg.train.epochs * len(self.data.train) / self.global_batch))
 
         ds_config = load_ds_config(cfg, world_size, on_gpu=torch.cuda.is_available())
+        previous = checkpoint.peek_meta(self.ckpt_root) if cfg.train.resume == "auto" else None
+        if previous is not None and previous.get("world_size", world_size) != world_size:
+            # Written on another number of ranks: load through DeepSpeed's universal format
+            # (checkpoint.load converts it first); the flag must be set when the engine is built.
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         self._hf_ds = HfDeepSpeedConfig(ds_config)  # keeps zero.Init active while the model loads
         model = load_model(cfg.model, model_path)
         if cfg.lora.enabled:
@@ -99,7 +104,9 @@ class Trainer:
         self.bad_steps = 0
         self.skipped_steps = 0
         self.stop_requested = False
-        self.metrics = MetricsLogger(self.out, enabled=is_main())
+        self.metrics = MetricsLogger(self.out, enabled=is_main(), logging_cfg=cfg.logging,
+                                     run_config=config_to_dict(cfg), run_name=cfg.run_name)
+        self.throughput = Throughput(cfg, model_path, world_size)
 
     # ------------------------------------------------------------------ batches
 
@@ -201,67 +208,60 @@ class Trainer:
         with torch.no_grad():
             s.probe.vectors.copy_(tensors["sap.probe"])
             s.scale.copy_(tensors["sap.scale"].reshape(()))
+            resharded = bool(s.direction) and "sap.direction.0" not in tensors
             for i, d in enumerate(s.direction):
-                d.copy_(tensors[f"sap.direction.{i}"])
+                # Re-sharded (another world size): the direction is shard-shaped, so a new one
+                # is made due at the next step instead; the probe and its optimizer are replicated.
+                d.zero_() if resharded else d.copy_(tensors[f"sap.direction.{i}"])
+            if resharded:
+                s.scale.zero_()
         if "sap.opt.exp_avg" in tensors:
             s.probe_optimizer.state[s.probe.vectors] = {
                 "exp_avg": tensors["sap.opt.exp_avg"].to(s.probe.vectors.device),
                 "exp_avg_sq": tensors["sap.opt.exp_avg_sq"].to(s.probe.vectors.device),
                 "step": tensors["sap.opt.step"].reshape(()).clone(),
             }
-        s.direction_step = meta.get("direction_step")
+        s.direction_step = None if resharded else meta.get("direction_step")
 
     def checkpoint_identity(self) -> dict:
         trainable = sum(p.ds_numel for p in self.engine.module.parameters() if p.requires_grad)
         return {"method": self.cfg.method, "model_path": str(self.cfg.model.path), "trainable_params": trainable,
-                "lora": self.cfg.lora.enabled, "world_size": self.world}
+                "lora": self.cfg.lora.enabled}
 
     def save_checkpoint(self) -> Path:
-        meta = {**self.checkpoint_identity(), "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+        # world_size and the global batches are not part of the identity: another number of
+        # ranks may resume the run (resume.check_batch_on_new_world says on what terms).
+        meta = {**self.checkpoint_identity(), "world_size": self.world, "global_batch": self.global_batch,
+                "safety_global_batch": self.cfg.sap.safety_batch_size * self.world if self.sap_state else None,
+                "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
                 "direction_step": self.sap_state.direction_step if self.sap_state else None}
         return checkpoint.save(self.engine, self.ckpt_root, self.step, meta, self._sap_tensors(), self.cfg.train.save_total_limit)
 
     def maybe_resume(self) -> None:
         if self.cfg.train.resume == "never":
             return
-        loaded = checkpoint.load(self.engine, self.ckpt_root, self.checkpoint_identity())
+        found = checkpoint.read_meta(self.ckpt_root)
+        if found is not None:
+            checkpoint.check_identity(*found, self.checkpoint_identity())  # another model's: refused before anything
+            if found[1].get("world_size", self.world) != self.world:
+                resume.check_batch_on_new_world(found[1], self.cfg, self.world, found[0])
+        loaded = checkpoint.load(self.engine, self.ckpt_root, self.checkpoint_identity(), self.world)
         if loaded is None:
             return
-        meta, tensors = loaded
+        meta, tensors, resharded = loaded
         self.step = meta["step"]
         self.tokens_seen = meta.get("tokens_seen", 0)
         self.skipped_steps = meta.get("skipped_steps", 0)
+        if resharded:
+            # Per-rank RNG streams cannot be mapped onto another number of ranks: every rank
+            # starts a new one from (seed, step, rank), the same on every resume of this kind.
+            torch.manual_seed(hash((self.cfg.seed, self.step, self.rank)) % 2**63)
         self._restore_sap(tensors, meta)
         self.shards.zero_padding()
         self.shards.refresh_gathered()
         if is_main():
-            log.info("resumed from %s at step %d", checkpoint.latest_tag(self.ckpt_root), self.step)
-
-    def _saved_config(self) -> Optional[dict]:
-        """The config.json an earlier start of this run wrote (None if there is none)."""
-        path = self.out / "config.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            log.warning("%s is unreadable (%s): a change of config on resume cannot be checked", path, exc)
-            return None
-
-    def _record_config(self, previous: Optional[dict]) -> None:
-        """Write config.json. A resume under a changed config is allowed (a longer schedule,
-        another save interval) but never silent: the config the earlier steps were trained
-        with is kept as ``config.before_step{N}.json`` and the changed keys are logged, so
-        that a result is never attributed to settings it was only partly trained with
-        (sap-ds compare and sweep treat such a run as stale)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        changes = config_changes(previous, self.cfg) if previous is not None and self.step > 0 else []
-        if changes:
-            kept = self.out / f"config.before_step{self.step}.json"
-            checkpoint.atomic_write_text(kept, json.dumps(previous, indent=1))
-            log.warning("resumed at step %d under a config that differs from the one steps 1-%d were trained with "
-                        "(that one is kept as %s): %s", self.step, self.step, kept, "; ".join(changes))
-        checkpoint.atomic_write_text(self.out / "config.json", json.dumps(config_to_dict(self.cfg), indent=1))
+            how = f" (written on {meta.get('world_size')} ranks, re-sharded for {self.world})" if resharded else ""
+            log.info("resumed from %s at step %d%s", checkpoint.latest_tag(self.ckpt_root), self.step, how)
 
     def preflight(self) -> None:
         """Checks before step 1 that need the engine: whether the working dtype can hold
@@ -318,19 +318,27 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
+        done = resume.finished_run(cfg)  # sap_ds/train.py checks this before building anything
+        if done is not None:
+            return {**done, "already_done": True, "output_dir": str(self.out)}
         self._install_signal_handlers()
-        previous = self._saved_config() if is_main() else None
+        if cfg.train.resume == "never" and is_main():
+            resume.clear_previous_run(self.out)
+        barrier()
+        previous = resume.saved_config(self.out) if is_main() else None
         self.maybe_resume()
         self.preflight()  # before config.json, metrics or checkpoints are written: a refused run records nothing
         if is_main():
-            self._record_config(previous)
+            resume.record_config(self.out, cfg, previous, self.step)
+        self.metrics.open()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not is_main(), desc=f"{cfg.method}", dynamic_ncols=True)
         last_loss, eval_loss, preempted = float("nan"), None, False
         run_start, run_tokens, start_step = time.perf_counter(), 0, self.step
         while self.step < self.total_steps:
             step_start = time.perf_counter()
             losses = self.train_step(self.step)
-            tokens = self._global_tokens(self.step)
+            task_lengths = self._task_lengths(self.step)
+            tokens = sum(task_lengths)
             self.tokens_seen += tokens
             run_tokens += tokens
             elapsed = time.perf_counter() - step_start
@@ -344,6 +352,9 @@ class Trainer:
             self.step += 1
             record = {"step": self.step, "loss": last_loss, "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / elapsed,
                       "step_time_s": elapsed, "skipped_steps": self.skipped_steps}
+            ran = self.sap_state.ran if self.sap_state is not None else {}
+            record.update(self.throughput.step(task_lengths, self._safety_lengths(self.step - 1, ran), ran, elapsed,
+                                               min(self.sap_state.probe.layers) if self.sap_state else 0))
             evaluating = bool(cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
             if self.step % cfg.train.log_every == 0 or evaluating:
                 # Device reads (phase times, SAP statistics) only on the steps that are logged.
@@ -380,6 +391,7 @@ class Trainer:
             if is_main():
                 checkpoint.atomic_write_text(self.out / "REQUEUE", f"{folder.name}\n")
                 log.warning("stop requested: checkpoint %s written; exiting for requeue", folder)
+            self.metrics.close()
             return {"preempted": True, "step": self.step, "checkpoint": str(folder)}
         final_eval = self.evaluate()
         self.save_checkpoint()
@@ -395,6 +407,7 @@ class Trainer:
             "final_train_loss": last_loss,
             "final_eval_loss": final_eval,
             "tokens_per_s": run_tokens / wall if wall > 0 else None,
+            **self.throughput.summary(),
             "wall_time_s": wall,
             "skipped_steps": self.skipped_steps,
             "train_examples": len(self.data.train),
@@ -404,6 +417,7 @@ class Trainer:
         }
         if is_main():
             checkpoint.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
+            self.metrics.summary(summary)
             stale = self.out / "REQUEUE"
             if stale.exists():
                 stale.unlink()
@@ -413,5 +427,18 @@ class Trainer:
 
     def _global_tokens(self, step: int) -> int:
         """Real (non-padding) tokens in this step's global task batch."""
+        return sum(self._task_lengths(step))
+
+    def _task_lengths(self, step: int) -> list[int]:
+        """Real (non-padding) length of every sequence in this step's global task batch."""
         idx = global_batch_indices(len(self.data.train), self.global_batch, step, self.cfg.seed, self.cfg.data.shuffle)
-        return sum(len(self.data.train[i].input_ids) for i in idx)
+        return [len(self.data.train[i].input_ids) for i in idx]
+
+    def _safety_lengths(self, step: int, ran: dict) -> list[int]:
+        """Real lengths of the safety batch (safe and harmful responses, all ranks) when this
+        step ran the safety pass; empty otherwise (and for the random-direction ablation)."""
+        if self.sap_state is None or not ran.get("safety") or self.cfg.sap.direction != "safety":
+            return []
+        size = self.cfg.sap.safety_batch_size
+        idx = global_batch_indices(len(self.data.safety), size * self.world, step // self.cfg.sap.safety_every, self.cfg.seed + 7)
+        return [len(t.input_ids) for i in idx for t in (self.data.safety[i].safe, self.data.safety[i].harmful)]

@@ -132,6 +132,17 @@ def _ds_batch_not_a_multiple(folder: Path):
         str(ds), "'train_batch_size' is 6", "gives 4", "needs train.grad_accum=3"]
 
 
+def _checkpoint_of_another_model(folder: Path):
+    """output_dir's latest checkpoint was written for another model: refused, naming the
+    checkpoint and the key, before anything is loaded or written."""
+    step = folder / "out" / "checkpoints" / "step_5"
+    step.mkdir(parents=True)
+    (step / "sap_ds_meta.json").write_text(json.dumps({"method": "sft", "model_path": "/models/other-model", "lora": False,
+                                                       "trainable_params": 1, "world_size": 1, "step": 5}))
+    return TINY, [], [str(step), "model_path='/models/other-model'", "model_path='tiny-random'", "output_dir",
+                      "train.resume=never"]
+
+
 def _overrides(overrides: list[str], *texts: str):
     return lambda folder: (TINY, overrides, list(texts))
 
@@ -165,6 +176,7 @@ CASES = [
     Case("offload_with_triton_kernels", _offload_with_triton),
     Case("ds_batch_size_no_grad_accum_gives", _ds_batch_not_a_multiple),
     # ---- after the engine is built
+    Case("checkpoint_of_another_model", _checkpoint_of_another_model),
     Case("probe_layer_out_of_range", _overrides(["method=sap", "sap.probe_layers=[0,99]"], "sap.probe_layers", "[99]",
                                                 "4 decoder layers", "0..3")),
 ]
@@ -178,7 +190,7 @@ def _snapshot(root: Path) -> dict:
 
 def _previous_run(out: Path) -> None:
     """An output_dir holding a previous run: a sentinel file and a checkpoint pointer."""
-    (out / "checkpoints" / "step_5").mkdir(parents=True)
+    (out / "checkpoints" / "step_5").mkdir(parents=True, exist_ok=True)
     (out / "SENTINEL").write_text("do not touch\n")
     (out / "checkpoints" / "latest").write_text("step_5\n")
     (out / "checkpoints" / "step_5" / "meta.json").write_text('{"step": 5}\n')

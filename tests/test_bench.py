@@ -55,7 +55,7 @@ def test_flops_lora_by_hand():
 
 
 def test_ideal_ratios_match_design():
-    """DESIGN.md section 2: ~0.38 (full) and ~0.34 (LoRA) at equal safety and task tokens,
+    """docs/design.md, "Cost": ~0.38 (full) and ~0.34 (LoRA) at equal safety and task tokens,
     for a deep model with the probe near the bottom. Deep limit: 3/(3+3+1+1) and 2/(2+2+1+1)."""
     spec = NAMED_MODELS["llama2-70b"]  # L = 80, probe layers [3, 9] -> Lp = 76
     lengths = [128] * 8

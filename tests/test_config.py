@@ -36,6 +36,8 @@ def test_there_are_shipped_configs():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_loads(path):
+    """Schema only (tests/test_shipped_configs.py runs them): each kind validates, and the
+    files it names resolve against the config's folder (docs/design.md, "Paths")."""
     tree = read_config_file(path)
     if path.parent.name == "eval":  # evaluation configs (sap-ds eval) have their own schema
         eval_config = pytest.importorskip("sap_ds.evaluation.config")
@@ -44,16 +46,16 @@ def test_every_shipped_config_loads(path):
     if path.parent.name == "sweeps":  # sweep configs (sap-ds sweep): every point of the sweep must validate
         from sap_ds.sweep import SweepConfig, expand_points
 
-        cfg = validate_tree(SweepConfig, tree, [], str(path))
+        cfg = validate_tree(SweepConfig, read_config_file(path, schema=SweepConfig), [], str(path))
         for name, overrides in expand_points(cfg).items():
-            load_config(REPO / cfg.train_config, [*cfg.overrides, *overrides, "model.path=tiny-random"])
+            load_config(cfg.train_config, [*cfg.overrides, *overrides, "model.path=tiny-random"])
         return
     if "train_config" in tree:  # comparison configs (sap-ds compare) name a run config and an eval config
         compare = pytest.importorskip("sap_ds.compare")
         eval_config = pytest.importorskip("sap_ds.evaluation.config")
-        cfg = validate_tree(compare.CompareConfig, tree, [], str(path))
-        load_config(REPO / cfg.train_config)
-        eval_config.load_eval_config(REPO / cfg.eval_config)
+        cfg = validate_tree(compare.CompareConfig, read_config_file(path, schema=compare.CompareConfig), [], str(path))
+        load_config(cfg.train_config)
+        eval_config.load_eval_config(cfg.eval_config)
         return
     if "bench" in tree:  # benchmark configs (sap-ds bench): a run config plus a bench section
         bench = pytest.importorskip("sap_ds.bench")
@@ -62,10 +64,10 @@ def test_every_shipped_config_loads(path):
         cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     assert cfg.data.train, "a shipped config must name its training data"
-    # the data files a shipped config names are shipped too (absolute paths are the user's placeholders)
+    # the data files a shipped config names are shipped too (/path/to/... are the user's placeholders)
     for source in [*cfg.data.train, *cfg.data.eval, *cfg.data.safety, *([cfg.data.harmful] if cfg.data.harmful else [])]:
-        assert Path(source.path).is_absolute() or (REPO / source.path).is_file(), source.path
-    assert (REPO / cfg.deepspeed_config).is_file(), cfg.deepspeed_config
+        assert "/path/to/" in source.path or Path(source.path).is_file(), source.path
+    assert Path(cfg.deepspeed_config).is_file(), cfg.deepspeed_config
 
 
 # --------------------------------------------------------------------------- overrides
@@ -106,7 +108,7 @@ def test_numeric_override_of_a_text_key():
 
 def test_list_index_override():
     cfg = load_config(TINY, ["data.train.0.limit=5", "data.safety.0.offset=3"])
-    assert cfg.data.train[0].limit == 5 and cfg.data.train[0].path == "data/gsm8k/train.jsonl"
+    assert cfg.data.train[0].limit == 5 and cfg.data.train[0].path == str(REPO / "data/gsm8k/train.jsonl")
     assert cfg.data.safety[0].offset == 3 and cfg.data.safety[0].limit == 16
 
 
@@ -420,3 +422,76 @@ def test_recommended_preset_is_demo_with_sap_and_per_tensor_radius():
         recommended.pop(key), demo.pop(key)
     assert recommended == demo
     assert recommended["sap"]["probe_scale"] == 0.05 and recommended["sap"]["rho"] == 0.1
+
+
+# --------------------------------------------------------------------------- paths (docs/design.md, "Paths")
+
+
+def test_relative_paths_resolve_against_the_file_that_names_them(tmp_path, monkeypatch):
+    """Data paths in a file are relative to that file's folder (each file of a base chain
+    its own); on the command line, to the working directory; output and model folders
+    always to the working directory."""
+    _write(tmp_path / "presets" / "base.yaml",
+           "data:\n  train: [{path: ../data/a.jsonl, format: gsm8k}]\n  safety: [{path: pairs.csv, format: safety_pairs}]\n"
+           "output_dir: runs/x\nmodel: {path: models/m}\n")
+    leaf = _write(tmp_path / "exp" / "leaf.yaml", "base: ../presets/base.yaml\ndata:\n  eval: [{path: held.jsonl}]\n")
+    monkeypatch.chdir(tmp_path / "exp")
+    cfg = load_config(leaf)
+    assert cfg.data.train[0].path == str(tmp_path / "data" / "a.jsonl")
+    assert cfg.data.safety[0].path == str(tmp_path / "presets" / "pairs.csv")
+    assert cfg.data.eval[0].path == str(tmp_path / "exp" / "held.jsonl")
+    assert cfg.output_dir == "runs/x" and cfg.model.path == "models/m"  # the working directory's
+    assert load_config(leaf, ["data.eval.0.path=mine.jsonl"]).data.eval[0].path == "mine.jsonl"
+
+
+def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    by_name = load_config("demo")
+    assert by_name == load_config("configs/demo.yaml") == load_config(REPO / "configs" / "demo.yaml")
+    assert by_name.data.train[0].path == str(REPO / "data" / "gsm8k" / "train.jsonl")
+    assert load_config("70b/llama2_70b_chat_lora").lora.enabled
+    assert load_config("tiny", ["deepspeed_config=zero3_bf16.json"]).deepspeed_config == str(REPO / "ds_configs" / "zero3_bf16.json")
+    _write(tmp_path / "mine.yaml", "base: demo\nmethod: sap\n")  # a user's config on a shipped one
+    assert load_config(tmp_path / "mine.yaml").data.harmful.path == by_name.data.harmful.path
+    with pytest.raises(ConfigError, match=r"config file not found: nodemo.*shipped: .*70b/llama2_70b_chat_lora.*sap-ds configs"):
+        load_config("nodemo")
+
+
+def test_placeholders_name_the_override_to_pass():
+    from sap_ds.config import missing_inputs
+
+    cfg = load_config("paper_llama2_7b_lora")
+    problems = missing_inputs(cfg)
+    assert [p.split(":")[0] for p in problems] == ["data.train.0.path", "data.eval.0.path"]
+    assert "(a placeholder); pass data.train.0.path=/your/alpaca_data.json" in problems[0]
+    assert missing_inputs(load_config("demo")) == []
+
+
+def test_keys_that_cannot_change_training_are_no_config_change():
+    from sap_ds.config import config_changes, config_to_dict
+
+    saved = config_to_dict(load_config(TINY))
+    same = load_config(TINY, ["logging.wandb.project=p", "train.save_every=5", "train.resume=never", "output_dir=elsewhere"])
+    assert config_changes(saved, same) == []
+    assert config_changes(saved, load_config(TINY, ["train.lr=1e-3"])) == ["train.lr: trained with 0.003, now 0.001"]
+
+
+def test_configs_copy_is_self_contained(tmp_path, monkeypatch, capsys):
+    """`sap-ds configs copy NAME` writes a file that loads to the same run from anywhere:
+    base chain merged, paths absolute; `sap-ds configs` lists the names."""
+    from sap_ds.configs_cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0 and "70b/llama2_70b_chat_lora" in capsys.readouterr().out
+    assert main(["copy", "sap_fast", "mine.yaml"]) == 0
+    assert load_config(tmp_path / "mine.yaml") == load_config("sap_fast")
+    assert main(["copy", "sap_fast", "mine.yaml"]) == 2 and "exists" in capsys.readouterr().err
+
+
+def test_version_names_the_commit_in_a_checkout():
+    import subprocess
+
+    from sap_ds.version import version_line
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert version_line().startswith(f"sap-ds 0.1.0 (commit {head}") and "git checkout" in version_line()

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from sap_ds.eval import main
+from tests.conftest import REPO
 
 TINY = "configs/eval/tiny.yaml"
 
@@ -68,14 +69,15 @@ def test_unknown_override_key(tiny_model_path, capsys):
 
 
 def test_missing_prompt_column(tmp_path, tiny_model_path, capsys):
-    config = _write(tmp_path, {"harmful": [{"path": "data/advbench/harmful_behaviors.csv", "column": "question"}]})
+    # a path in a config file is relative to the file's folder (docs/design.md, "Paths"): name it absolutely
+    config = _write(tmp_path, {"harmful": [{"path": str(REPO / "data/advbench/harmful_behaviors.csv"), "column": "question"}]})
     assert main(["--model", str(tiny_model_path), "--config", config, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "harmful_behaviors.csv" in err and "'question'" in err and "'goal'" in err
 
 
 def test_classifier_scorer_needs_a_path(tmp_path, tiny_model_path, capsys):
-    config = _write(tmp_path, {"harmful": [{"path": "data/advbench/harmful_behaviors.csv"}], "scorer": {"kind": "classifier"}})
+    config = _write(tmp_path, {"harmful": [{"path": str(REPO / "data/advbench/harmful_behaviors.csv")}], "scorer": {"kind": "classifier"}})
     assert main(["--model", str(tiny_model_path), "--config", config]) == 2
     assert "scorer.classifier.path" in capsys.readouterr().err
 

@@ -3,14 +3,18 @@ run ends (fp32, CPU), for SFT and SAP (probe, probe optimizer, direction, RNG, d
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_single
+from tests.conftest import REPO, run_single
 
-STEPS = 4
+STEPS = 4  # the world-size tests run STEPS - 1
 
 
 def _losses(run_dir):
@@ -77,3 +81,186 @@ def test_resume_under_changed_config_keeps_the_old_one_and_is_stale(tmp_path):
     now = load_config("configs/tiny.yaml", [f"output_dir={run_dir}", "method=sap", f"train.max_steps={STEPS}", "train.eval_every=0",
                                             "sap.probe_reset=false", "sap.safety_every=2", "sap.rho=0.05", "sap.temperature=2.0"])
     assert config_drift(now, run_dir) == ["steps before 1 were trained under another config (config.before_step1.json)"]
+
+
+# --------------------------------------------------------------------------- another number of ranks
+
+# The same global batches on 1 and 2 ranks: the task batch is 1 x 2 = 2 x 1 examples, the
+# safety batch 1 x 4 = 2 x 2 pairs. The task data is one example (its copies fill every
+# batch), so a micro-batch of 2 has the loss of two micro-batches of 1 exactly (a token mean
+# over copies); grad_accum stays 1 on both sides (SAP under grad_accum > 1 is issue 17's).
+ON_RANKS = {1: ["train.micro_batch_size=2", "sap.safety_batch_size=4"],
+            2: ["train.micro_batch_size=1", "sap.safety_batch_size=2"]}
+# safety_every=1: the re-sharded run recomputes the direction at its first step, as the
+# uninterrupted run does at every step; the Adam eps of the reference tests.
+WORLD_RUN = ["method=sap", "sap.safety_every=1", "sap.rho=0.05", "train.eval_every=0", f"train.max_steps={STEPS - 1}",
+             "train.adam_eps=1e-4", "sap.probe_adam_eps=1e-4", "data.train.0.limit=1"]
+
+
+def _run_on(ranks, out, extra=(), expect=None):
+    from tests.conftest import launch
+
+    args = ["--config", "configs/tiny.yaml", f"output_dir={out}", *WORLD_RUN, *ON_RANKS[ranks], *extra]
+    extra_path = _wandb_dir()  # a private install (not the venv's): the subprocess needs it on its path
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), extra_path])} if extra_path and not extra_path.startswith(sys.prefix) else None
+    proc = run_single(args, env=env) if ranks == 1 else launch(["sap_ds/train.py", *args])
+    if expect is not None:  # the process itself, for its exit code and streams
+        assert proc.returncode == expect, (proc.stdout + proc.stderr)[-4000:]
+        return proc
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def _wandb_dir():
+    """Where wandb is importable from, for the subprocess (None: not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("wandb")
+    return str(Path(spec.origin).parents[1]) if spec and spec.origin else None
+
+
+# W&B offline (no network) on the uninterrupted run when wandb is installed (the dev extra).
+WANDB = ["logging.wandb.project=sap-ds-tests", "logging.wandb.mode=offline"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One rank, never stopped, W&B offline when wandb is installed (the dev extra). It keeps
+    its step-1 checkpoint, which is what a 1-rank run stopped after step 1 leaves (the 1 -> 2
+    test resumes from a copy of it instead of training that step again)."""
+    out = tmp_path_factory.mktemp("world") / "straight"
+    _run_on(1, out, extra=[*(WANDB if _wandb_dir() else []), "train.save_every=1", f"train.save_total_limit={STEPS}"])
+    return out
+
+
+def _copy_run_at(source: Path, out: Path, step: int) -> None:
+    """``out``: what a run stopped after ``step`` leaves, from a run that saved every step
+    (the checkpoint is the same; training that step again would only cost time)."""
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(source / "config.json", out / "config.json")
+    tag = f"step_{step:08d}"
+    shutil.copytree(source / "checkpoints" / tag, out / "checkpoints" / tag, ignore=shutil.ignore_patterns("universal"))
+    (out / "checkpoints" / "latest").write_text(tag + "\n")
+
+
+def _assert_matches(run: Path, reference: Path) -> None:
+    from tests.test_zero3_reference import RTOL, _assert_close
+
+    a = load_file(str(reference / "export" / "model" / "model.safetensors"))
+    b = load_file(str(run / "export" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        _assert_close(name, b[name], a[name], RTOL)
+    pa = load_file(str(reference / "export" / "probe.safetensors"))["probe"]
+    pb = load_file(str(run / "export" / "probe.safetensors"))["probe"]
+    assert pa.abs().max() > 0
+    _assert_close("probe", pb, pa, RTOL)
+
+
+def test_resume_on_another_world_size_matches_an_uninterrupted_run(tmp_path, uninterrupted):
+    """A ZeRO-3 checkpoint of 1 rank resumes on 2 ranks, and one of 2 ranks on 1 (through
+    DeepSpeed's universal format, converted once into the checkpoint folder), and each ends
+    where a run that was never interrupted ends, within the reference tests' tolerance
+    (RTOL 1e-5 of each tensor's scale; measured: 2e-7 on the weights, 6e-7 on the probe).
+    The 2-rank run resumes at step 1 and saves every step; the 1-rank one resumes from its
+    step 2."""
+    for first, then, step, source, out in ((1, 2, 1, uninterrupted, tmp_path / "one_two"),
+                                          (2, 1, 2, tmp_path / "one_two", tmp_path / "two_one")):
+        _copy_run_at(source, out, step)
+        printed = _run_on(then, out, extra=["train.save_every=1", f"train.save_total_limit={STEPS}"])
+        assert f"resumed from step_{step:08d} at step {step} (written on {first} ranks, re-sharded for {then})" in printed
+        folder = out / "checkpoints" / f"step_{step:08d}"
+        assert (folder / "universal" / "zero").is_dir(), "no universal copy in the checkpoint folder"
+        assert json.loads((folder / "sap_ds_meta.json").read_text())["world_size"] == first
+        final = json.loads((out / "checkpoints" / f"step_{STEPS - 1:08d}" / "sap_ds_meta.json").read_text())
+        assert final["world_size"] == then and final["global_batch"] == 2
+        _assert_matches(out, uninterrupted)
+
+
+# --------------------------------------------------------------------------- re-running a finished run
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(root.rglob("*"))}
+
+
+def test_a_finished_run_is_done_under_its_config_and_an_error_under_another(tmp_path, uninterrupted, capsys):
+    """Re-launched unchanged, a finished run is done (exit 0, nothing trained or exported
+    again); under another config it stops naming the changed keys and the two ways out,
+    and leaves the folder as it was; train.resume=never starts it over from scratch.
+    (The first two through sap_ds.train.main in this process: both end before any process
+    group or model exists, which is part of what is tested.)"""
+    from sap_ds.train import main
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    before = _snapshot(out)
+    args = ["--config", "configs/tiny.yaml", f"output_dir={out}", *WORLD_RUN, *ON_RANKS[1]]
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert f"{out} holds this run, finished at step {STEPS - 1}" in printed.out and "== sap-ds summary ==" not in printed.out
+    assert main([*args, "train.lr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    message = err[err.index("sap-ds: error:"):]
+    for text in ("holds a finished run", "train.lr: trained with 0.003, now 0.001", "output_dir=", "train.resume=never"):
+        assert text in message, message
+    assert _snapshot(out) == before, "a re-run of a finished run changed it"
+    import torch.distributed as dist
+
+    assert not dist.is_initialized(), "a finished run started a process group"
+
+    (out / "config.before_step9.json").write_text("{}")  # a leftover of an earlier resume
+    over = _run_on(1, out, extra=["train.lr=1e-3", "train.resume=never", "train.max_steps=1", "export.enabled=false"])
+    assert "train.resume=never: removed the earlier run's" in over
+    assert json.loads((out / "summary.json").read_text())["final_step"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000001"]
+    assert not (out / "export").exists() and not list(out.glob("config.before_step*"))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1, "the old run's metrics were kept"
+
+
+def test_wandb_offline_writes_its_run_folder(uninterrupted):
+    """logging.wandb with mode offline: the run is written under output_dir/wandb with no
+    network, with the steps' metrics (MFU among them), ready for `wandb sync`."""
+    if _wandb_dir() is None:
+        pytest.skip("wandb is not installed (pip install 'sap-ds[dev]' installs it)")
+    runs = list((uninterrupted / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((uninterrupted / "wandb").iterdir())
+    run_id = (uninterrupted / "wandb_run_id").read_text().strip()
+    assert runs[0].name.endswith(run_id)
+    # the run's records (protobuf, JSON-encoded values): what `wandb sync` would upload
+    records = (runs[0] / f"run-{run_id}.wandb").read_bytes()
+    for key in (b"loss", b"model_tflops_per_s", b"mfu", b"sap/probe_norm", b"final_train_loss"):
+        assert key in records, f"{key} is not in the offline W&B run"
+    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["model_tflops_per_s"] > 0 and r["mfu"] > 0 for r in records), "MFU missing from a logged step"
+
+
+def test_wandb_asked_for_but_not_installed_stops_before_step_1(monkeypatch):
+    import importlib.util
+
+    from sap_ds.config import ConfigError, load_config
+    from sap_ds.metrics import check_logging
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"logging.wandb.*project 'p'.*not installed.*sap-ds\[wandb\]"):
+        check_logging(load_config("configs/tiny.yaml", ["logging.wandb.project=p"]))
+    check_logging(load_config("configs/tiny.yaml", ["logging.wandb.project=p", "logging.wandb.mode=disabled"]))
+
+
+def test_another_world_size_must_keep_the_global_batches():
+    """The data is indexed by step and global batch: resuming on another number of ranks
+    with another global batch would skip or repeat examples, so it stops, naming the fix."""
+    from sap_ds.config import ConfigError, load_config
+    from sap_ds.resume import check_batch_on_new_world
+
+    cfg = load_config("configs/tiny.yaml", ["method=sap"])  # micro-batch 2, safety batch 2 per rank
+    folder = Path("runs/x/checkpoints/step_00000005")
+    with pytest.raises(ConfigError) as info:
+        check_batch_on_new_world({"world_size": 2, "global_batch": 8, "safety_global_batch": 4}, cfg, 1, folder)
+    assert all(text in str(info.value) for text in (str(folder), "written on 2 ranks, resumed on 1",
+                                                     "train.grad_accum=4", "sap.safety_batch_size=4"))
+    with pytest.raises(ConfigError, match="8 examples do not split over 3 ranks"):
+        check_batch_on_new_world({"world_size": 4, "global_batch": 8}, cfg, 3, folder)
+    check_batch_on_new_world({"world_size": 1, "global_batch": 4, "safety_global_batch": 4}, cfg, 2, folder)

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sap_ds.config import DataFormat, read_config_file, validate_tree
+from sap_ds.config import INPUT_PATH, DataFormat, read_config_file, validate_tree
 
 
 class _Section(BaseModel):
@@ -24,14 +24,14 @@ class PromptSet(_Section):
     """One local file of prompts (AdvBench CSV, HarmBench CSV, JSON, TXT...): harmful
     requests under ``harmful``, benign ones under ``benign``."""
 
-    path: str
+    path: str = Field(json_schema_extra=INPUT_PATH)  # relative to the eval config's folder
     name: Optional[str] = Field(None, description="Label in the report (default: the file name).")
     column: Optional[str] = Field(None, description="Prompt column (default: first of goal, Behavior, instruction, prompt, ...).")
     context_column: Optional[str] = Field(None, description="Prepended to the prompt when non-empty (HarmBench: ContextString).")
     exclude: dict[str, list[str]] = Field(default_factory=dict, description="Drop rows whose column value is listed.")
     limit: Optional[int] = Field(None, gt=0)
     offset: int = Field(0, ge=0)
-    drop_if_in: list[str] = Field(default_factory=list, description="Files (e.g. training sets) whose prompts are "
+    drop_if_in: list[str] = Field(default_factory=list, json_schema_extra=INPUT_PATH, description="Files (e.g. training sets) whose prompts are "
                                   "dropped from this set, after offset and limit: keeps training prompts out of the score.")
     max_new_tokens: Optional[int] = Field(None, gt=0, description="Overrides generation.max_new_tokens for this "
                                           "set (e.g. a shorter benign set: a refusal shows in its first words).")
@@ -153,7 +153,7 @@ DEFAULT_FORMAT = {"gsm8k_accuracy": "gsm8k", "sst2_accuracy": "sst2", "test_loss
 
 class TaskConfig(_Section):
     kind: TaskKind
-    path: str
+    path: str = Field(json_schema_extra=INPUT_PATH)
     name: Optional[str] = Field(None, description="Label in the report (default: kind).")
     format: Optional[DataFormat] = Field(None, description="sap_ds.data format (default: gsm8k, sst2, instruction by kind).")
     limit: Optional[int] = Field(None, gt=0)
@@ -225,7 +225,7 @@ class EvalConfig(_Section):
 
 
 def load_eval_config(path: str | Path, overrides: list[str] = ()) -> EvalConfig:
-    return validate_tree(EvalConfig, read_config_file(path), list(overrides), str(path))
+    return validate_tree(EvalConfig, read_config_file(path, schema=EvalConfig), list(overrides), str(path))
 
 
 def to_dict(cfg: BaseModel) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""``sap-ds configs [path NAME | copy NAME [DEST]]``: the configs shipped with sap-ds.
+
+``sap-ds configs`` lists them (name, kind, first line of the file's comment); any command
+takes a name where it takes a config (``sap-ds train --config demo``). ``path`` prints
+where the file is; ``copy`` writes a self-contained copy to edit: the file with its
+``base:`` chain merged in and its relative paths made absolute (they are relative to the
+shipped file's folder, so a verbatim copy elsewhere would not find its data), under a
+header saying where it came from. A user's config can also start from a shipped one with
+``base: demo`` and list only what it changes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+KINDS = ("run", "eval", "compare", "sweep", "bench")
+
+
+def config_kind(path: Path, tree: dict) -> str:
+    """What a config file is for, from its keys (and an ``eval/`` folder)."""
+    if "points" in tree or "grid" in tree:
+        return "sweep"
+    if "train_config" in tree:
+        return "compare"
+    if "bench" in tree:
+        return "bench"
+    if path.parent.name == "eval" or ({"harmful", "tasks", "scorer"} & set(tree) and "data" not in tree):
+        return "eval"
+    return "run"
+
+
+def schema_for(kind: str):
+    if kind == "eval":
+        from sap_ds.evaluation.config import EvalConfig
+
+        return EvalConfig
+    if kind == "compare":
+        from sap_ds.compare import CompareConfig
+
+        return CompareConfig
+    if kind == "sweep":
+        from sap_ds.sweep import SweepConfig
+
+        return SweepConfig
+    from sap_ds.config import RunConfig
+
+    return RunConfig
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            text = line.lstrip("# ").strip()
+            if text:
+                return text
+        elif line.strip():
+            break
+    return ""
+
+
+def list_configs() -> list[tuple[str, str, str]]:
+    from sap_ds.config import read_config_file
+    from sap_ds.resources import config_name, shipped_configs
+
+    rows = []
+    for path in shipped_configs():
+        rows.append((config_name(path), config_kind(path, read_config_file(path)), _first_comment(path)))
+    return rows
+
+
+def copy_config(name: str, dest: Path, force: bool = False) -> Path:
+    import yaml
+
+    from sap_ds.config import ConfigError, find_config_file, read_config_file
+
+    source = find_config_file(name)
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists() and not force:
+        raise ConfigError(f"{dest} exists; give another destination or --force")
+    kind = config_kind(source, read_config_file(source))
+    tree = read_config_file(source, schema=schema_for(kind))
+    header = "\n".join(f"# {line}" if line else "#" for line in (
+        f"Copied from the shipped config '{name}' ({source}) by `sap-ds configs copy`:",
+        "its base: chain is merged in and its paths are absolute. Edit freely; relative paths",
+        "you add are relative to this file's folder (output_dir and model.path: to where you run).",
+        "", *[line[2:] if line.startswith("# ") else line[1:] for line in source.read_text(encoding="utf-8").splitlines()
+              if line.startswith("#")][:12]))
+    dest.write_text(header + "\n" + yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return dest
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sap-ds configs", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="action")
+    show = sub.add_parser("path", help="print the file of a shipped config")
+    show.add_argument("name")
+    copy = sub.add_parser("copy", help="write a self-contained copy of a shipped config")
+    copy.add_argument("name")
+    copy.add_argument("dest", nargs="?", default=".", help="file or folder (default: the working directory)")
+    copy.add_argument("--force", action="store_true", help="overwrite an existing file")
+    args = parser.parse_args(argv)
+    from sap_ds.errors import USER_ERRORS, report_user_error
+
+    try:
+        if args.action is None:
+            rows = list_configs()
+            width = max(len(name) for name, _, _ in rows)
+            for name, kind, about in rows:
+                print(f"{name:<{width}}  {kind:<7}  {about}")
+            print("\nUse a name wherever a config is expected (sap-ds train --config demo); "
+                  "sap-ds configs copy NAME writes one out to edit.")
+        elif args.action == "path":
+            from sap_ds.config import find_config_file
+
+            print(find_config_file(args.name).resolve())
+        else:
+            print(f"sap-ds configs: wrote {copy_config(args.name, Path(args.dest), args.force)}")
+    except USER_ERRORS as exc:
+        return report_user_error(exc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Every shipped config, run for a step as a user's run, in one launch (tests/test_shipped_configs.py).
+
+``deepspeed --num_gpus 2 tests/shipped_configs_runner.py --results R --model M --alpaca A``,
+from a working directory outside the checkout. Each config under configs/ is found by
+globbing (sap_ds.resources.shipped_configs) and loaded by its shipped name (``demo``,
+``70b/llama2_70b_chat_lora``), then, by kind:
+
+* run configs (and a bench config's base run): data loading, harmful mixing, validation,
+  the first step, the final eval, checkpoint and export, through ``Trainer.train`` exactly as
+  ``sap_ds/train.py`` runs them, with only the overrides a test must make: one step, fp32,
+  the CPU DeepSpeed config, and where the config names a model or data file that is not
+  here, ``M`` (a tiny random Llama with enough layers for the configs' probe layers) or a
+  stand-in file of the same format. Before that, the error a user gets for those missing
+  files must name the override to pass;
+* compare configs: every run they would launch (setting x method x seed) is validated, and
+  the distinct ones run; sweep configs: every point is validated (their train config runs
+  as a shipped config of its own);
+* bench configs: every variant validated, the base run run;
+* eval configs: validated, and ``sap_ds.eval.evaluate`` run on the tiny model with a few
+  prompts and examples of each set.
+
+One Trainer after another in this process (as sap_ds/bench.py does): the start-up of a
+launch is paid once. Rank 0 writes ``R`` after every config: {name: {status, error,
+checks, seconds}}.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+STEPS = 1  # data loading, mixing, validation, the first step, the final eval, a checkpoint and the export
+# The final eval loss on at most 8 held-out examples (the configs' 16-256 at up to 512 tokens
+# would cost more than the rest of the run on the tiny model, whose 49k-word lm_head dominates).
+TEST_OVERRIDES = [f"train.max_steps={STEPS}", "model.dtype=fp32", "deepspeed_config=zero3_cpu.json",
+                  "data.eval_max_examples=8"]
+
+
+class Runner:
+    def __init__(self, args, rank: int, world: int):
+        self.args, self.rank, self.world = args, rank, world
+        self.results: dict = {}
+        self.done: dict[str, str] = {}  # config fingerprint -> the config name that ran it
+        self.stand_ins = {"alpaca": args.alpaca}
+
+    # ------------------------------------------------------------------ kinds
+
+    def run_config(self, name: str, overrides=(), tree=None, label: str = "") -> list[str]:
+        """The first step of one run config; returns the checks it made."""
+        from sap_ds.config import build_config, config_to_dict, load_config
+
+        load = (lambda extra: build_config(tree, extra, source=name)) if tree is not None else \
+            (lambda extra: load_config(name, extra))
+        checks = []
+        extra = [*overrides, *TEST_OVERRIDES]
+        extra += self._stand_ins(load(extra), checks)
+        cfg = load(extra)
+        key = json.dumps({k: v for k, v in config_to_dict(cfg).items() if k not in ("run_name", "output_dir")}, sort_keys=True)
+        if key in self.done:
+            return checks + [f"same run as {self.done[key]}: not run twice"]
+        self.done[key] = label or name
+        out = Path(cfg.output_dir).resolve()
+        assert out.is_relative_to(Path.cwd().resolve()), f"output_dir {out} is not under the working directory"
+        checks += self._train(cfg)
+        return checks + [f"output in {os.path.relpath(out)}"]
+
+    def _stand_ins(self, cfg, checks: list) -> list[str]:
+        """Overrides for the model and data files the config names that are not here, after
+        checking that the user's error message names exactly those overrides."""
+        from sap_ds.config import EMBEDDED_MODEL, ConfigError, missing_inputs
+        from sap_ds.modeling import ModelError, resolve_model_path
+        from sap_ds.train import check_inputs
+
+        overrides, model_missing = [], False
+        if cfg.model.path == EMBEDDED_MODEL:
+            # Available, but a step of the 135M model costs ~100x the tiny one's on a CPU; its
+            # loading is tests/test_embedded.py's. Same family (Llama), same tokenizer.
+            overrides.append(f"model.path={self.args.model}")
+        else:
+            try:
+                resolve_model_path(cfg.model)
+            except ModelError:
+                model_missing = True
+                overrides.append(f"model.path={self.args.model}")
+        missing = [line.split(".path:")[0] for line in missing_inputs(cfg)]
+        if model_missing or missing:
+            try:
+                check_inputs(cfg)
+                raise AssertionError("missing files, yet check_inputs raised nothing")
+            except ConfigError as exc:
+                wanted = (["model.path="] if model_missing else []) + [f"{key}.path=" for key in missing]
+                absent = [w for w in wanted if w not in str(exc)]
+                assert not absent, f"the error does not name the overrides {absent}: {exc}"
+                checks.append(f"missing files named with their overrides: {', '.join(wanted)}")
+        sources = {f"data.{part}.{i}": s for part in ("train", "eval", "safety") for i, s in enumerate(getattr(cfg.data, part))}
+        sources["data.harmful"] = cfg.data.harmful
+        for key in missing:
+            fmt = sources[key].format
+            assert fmt in self.stand_ins, f"{key}: no stand-in file for format '{fmt}' (add one in the test)"
+            overrides.append(f"{key}.path={self.stand_ins[fmt]}")
+        return overrides
+
+    def _train(self, cfg) -> list[str]:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        from sap_ds.bench import release_deepspeed_globals
+        from sap_ds.ds_config import load_ds_config
+        from sap_ds.metrics import check_logging
+        from sap_ds.modeling import check_attention
+        from sap_ds.trainer import Trainer
+        from sap_ds.train import check_inputs
+
+        check_inputs(cfg)
+        check_attention(cfg.model.attn_implementation)
+        check_logging(cfg)
+        load_ds_config(cfg, self.world, on_gpu=False)
+        trainer = Trainer(cfg, self.rank, self.world)
+        try:
+            summary = trainer.train()
+        finally:
+            if trainer.sap_state is not None:
+                trainer.sap_state.probe.remove()
+            trainer.metrics.close()
+            trainer.engine.destroy()
+            del trainer
+            release_deepspeed_globals()
+            unset_hf_deepspeed_config()  # a later eval must load a whole model, not a ZeRO-3 partitioned one
+            gc.collect()
+        assert summary.get("final_step") == STEPS, f"trained to step {summary.get('final_step')}, not {STEPS}"
+        records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "loss" in r][-1] == STEPS
+        assert all(r.get("model_tflops_per_s") and r.get("mfu") for r in records), "a step without model TFLOP/s or MFU"
+        checks = [f"{STEPS} steps, final train loss {summary['final_train_loss']:.3f}, "
+                  f"{summary['train_examples']} examples ({summary['harmful_examples']} harmful)"]
+        if cfg.export.enabled:
+            assert Path(summary["export_dir"]).is_dir()
+            checks.append("exported")
+        return checks
+
+    def compare(self, name: str, path: Path) -> list[str]:
+        from sap_ds.compare import CompareConfig
+        from sap_ds.config import read_config_file, validate_tree
+        from sap_ds.evaluation.config import load_eval_config
+
+        cfg = validate_tree(CompareConfig, read_config_file(path, schema=CompareConfig), [], name)
+        load_eval_config(cfg.eval_config)
+        runs = []  # the overrides sap-ds compare gives each run (compare.RunSet.add_run)
+        for setting, overrides in cfg.settings.items():
+            for method in cfg.methods:
+                for seed in cfg.seeds or [None]:
+                    runs.append([*cfg.overrides, *overrides, *cfg.method_overrides.get(method, []), f"method={method}",
+                                 *([f"seed={seed}"] if seed is not None else []), *self._start_model(cfg.start_model),
+                                 f"output_dir={cfg.out_dir}/{setting}/{method}/seed{seed}"])
+        return self._validate_and_run(cfg.train_config, runs, "setting x method x seed", name)
+
+    def sweep(self, name: str, path: Path) -> list[str]:
+        from sap_ds.config import load_config, read_config_file, validate_tree
+        from sap_ds.evaluation.config import load_eval_config
+        from sap_ds.sweep import SweepConfig, expand_points
+
+        cfg = validate_tree(SweepConfig, read_config_file(path, schema=SweepConfig), [], name)
+        load_eval_config(cfg.eval_config)
+        points = expand_points(cfg).values()
+        for point in points:
+            load_config(cfg.train_config, [*cfg.overrides, *point, *self._start_model(cfg.start_model)])
+        # Every point is validated; its train config runs as a shipped config of its own (the
+        # sweeps' is demo.yaml), and the points change SAP and data keys that other configs run.
+        return [f"{len(points)} points validated against {os.path.relpath(cfg.train_config, REPO)}"]
+
+    def _start_model(self, start_model) -> list[str]:
+        return [f"model.path={start_model}"] if start_model else []
+
+    def _validate_and_run(self, train_config: str, runs: list[list[str]], what: str, name: str) -> list[str]:
+        from sap_ds.config import load_config
+
+        for overrides in runs:
+            load_config(train_config, overrides)
+        checks = [f"{len(runs)} runs ({what}) validated"]
+        for overrides in runs:
+            folder = next(o for o in overrides if o.startswith("output_dir=")).split("=", 1)[1]
+            checks += self.run_config(train_config, overrides, label=f"{name} ({folder})")
+        return checks
+
+    def bench(self, name: str, path: Path) -> list[str]:
+        from sap_ds.bench import load_bench_config
+        from sap_ds.config import build_config
+
+        bench, _, tree = load_bench_config(str(path), [])
+        for variant in bench.variants:
+            build_config(tree, variant.overrides, source=f"{name} variant {variant.name}")
+        return [f"{len(bench.variants)} variants validated"] + self.run_config(name, tree=tree)
+
+    def evaluation(self, name: str, path: Path) -> list[str]:
+        from sap_ds.eval import evaluate
+        from sap_ds.evaluation.config import load_eval_config
+
+        cfg = load_eval_config(name)
+        small = ["generation.max_new_tokens=4"]
+        small += [f"harmful.{i}.limit=4" for i in range(len(cfg.harmful))]
+        for j, task in enumerate(cfg.tasks):
+            small += [f"tasks.{j}.limit=2"] + ([f"tasks.{j}.max_new_tokens=4"] if task.kind != "test_loss" else [])
+        result = evaluate("tiny-random", load_eval_config(name, small))
+        metrics = result["metrics"]
+        if cfg.harmful:
+            assert metrics["harmful"]["n"] > 0
+        assert set(metrics["tasks"]) == {t.label for t in cfg.tasks}
+        return [f"evaluated: {len(cfg.harmful)} prompt sets, {len(cfg.tasks)} tasks"]
+
+    # ------------------------------------------------------------------ loop
+
+    def kind(self, path: Path) -> str:
+        from sap_ds.config import read_config_file
+        from sap_ds.configs_cli import config_kind
+
+        kind = config_kind(path, read_config_file(path))
+        return "evaluation" if kind == "eval" else kind
+
+    def run_all(self) -> None:
+        from sap_ds.resources import config_name, shipped_configs
+
+        for path in shipped_configs():
+            name = config_name(path)
+            if self.args.only and name not in self.args.only:
+                continue
+            start = time.perf_counter()
+            try:
+                kind = self.kind(path)
+                runner = {"run": lambda n, p: self.run_config(n)}.get(kind) or getattr(self, kind)
+                result = {"status": "ok", "kind": kind, "checks": runner(name, path)}
+            except BaseException as exc:  # noqa: BLE001 - record it and go on with the next config
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                          "traceback": traceback.format_exc()[-3000:]}
+            result["seconds"] = round(time.perf_counter() - start, 1)
+            self.results[name] = result
+            if self.rank == 0:
+                print(f"shipped config {name}: {result['status']} ({result['seconds']} s)", flush=True)
+                tmp = Path(self.args.results).with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.results, indent=1))
+                os.replace(tmp, self.args.results)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--results", required=True)
+    parser.add_argument("--model", required=True, help="stand-in for model paths that are not here")
+    parser.add_argument("--alpaca", required=True, help="stand-in for alpaca-format data files that are not here")
+    parser.add_argument("--only", nargs="*", default=None, help="config names (default: all)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    args = parser.parse_args()
+    from sap_ds.distributed import init_distributed
+
+    rank, _, world = init_distributed()
+    Runner(args, rank, world).run_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
