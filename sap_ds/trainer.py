@@ -103,6 +103,7 @@ class Trainer:
         self.tokens_seen = 0
         self.bad_steps = 0
         self.skipped_steps = 0
+        self._resolution_warned = False
         self.stop_requested = False
         self.metrics = MetricsLogger(self.out, enabled=is_main(), logging_cfg=cfg.logging,
                                      run_config=config_to_dict(cfg), run_name=cfg.run_name)
@@ -273,6 +274,25 @@ class Trainer:
         with self.timer("safety"):  # step 1's safety pass, run here: logged with step 1
             sap.preflight(self.engine, self.shards, self.sap_state, self.cfg.sap, safety, self.cfg.model.dtype)
 
+    def _watch_resolution(self, record: dict) -> None:
+        """The check before step 1 sees only the first direction; a LoRA run starts with B = 0,
+        where bf16 holds any step, and loses resolution as B grows. Warn once (rank 0) when a
+        logged probe step's realised perturbation leaves the tolerance, naming the figures."""
+        from sap_ds.resolution import Fidelity
+
+        ratio, cosine = record.get("sap/perturb_realized_ratio"), record.get("sap/perturb_cosine")
+        if self._resolution_warned or ratio is None or cosine is None or math.isnan(ratio) or math.isnan(cosine):
+            return
+        measured = Fidelity(ratio, cosine, record.get("sap/perturb_changed_fraction", float("nan")))
+        if measured.ok or self.cfg.sap.resolution_check == "off":
+            return
+        self._resolution_warned = True
+        if is_main():
+            log.warning("step %d: the %s working shards no longer hold SAP's perturbation (%s; the check before step 1 "
+                        "passed): the probe pass measures rounding noise from here on. Raise sap.rho or train in fp32; "
+                        "sap/perturb_* in metrics.jsonl follow it (warned once)", self.step, self.cfg.model.dtype,
+                        measured.describe())
+
     # ------------------------------------------------------------------ rank consistency
 
     def check_rank_consistency(self) -> None:
@@ -364,6 +384,7 @@ class Trainer:
                 record.update({f"time/{k}": v for k, v in self.timer.pop().items() if v})
                 if self.sap_state is not None:
                     record.update({f"sap/{k}": float(v) for k, v in sap.stats_as_floats(self.sap_state).items()})
+                    self._watch_resolution(record)
                 if evaluating:
                     eval_loss = record["eval_loss"] = self.evaluate()
                 self.metrics.log(record)

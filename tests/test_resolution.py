@@ -129,3 +129,23 @@ def test_bf16_run_at_a_representable_rho_logs_the_realised_perturbation(tmp_path
     assert abs(ratio - 1) <= resolution.RATIO_TOLERANCE and cosine >= resolution.COSINE_MIN, record
     # the embedding dominates the tiny model and most of its rows get no gradient: few elements move
     assert 0 < record["sap/perturb_changed_fraction"] <= 1 and math.isfinite(record["sap/safety_grad_norm"])
+
+
+def test_loss_of_resolution_during_the_run_is_warned_once(caplog):
+    """The check before step 1 sees only the first direction (LoRA: B = 0, always resolved);
+    a logged step whose realised perturbation leaves the tolerance is warned about once."""
+    from sap_ds.trainer import Trainer
+
+    fake = types.SimpleNamespace(_resolution_warned=False, step=7, cfg=types.SimpleNamespace(
+        model=types.SimpleNamespace(dtype="bf16"), sap=SapConfig()))
+    good = {"sap/perturb_realized_ratio": 1.01, "sap/perturb_cosine": 0.998, "sap/perturb_changed_fraction": 0.9}
+    bad = {"sap/perturb_realized_ratio": 4.2, "sap/perturb_cosine": 0.31, "sap/perturb_changed_fraction": 0.02}
+    with caplog.at_level("WARNING", logger="sap_ds"):
+        Trainer._watch_resolution(fake, good)
+        Trainer._watch_resolution(fake, {"sap/perturb_realized_ratio": float("nan"), "sap/perturb_cosine": float("nan")})
+        assert not fake._resolution_warned and not caplog.records
+        Trainer._watch_resolution(fake, bad)
+        Trainer._watch_resolution(fake, bad)
+    assert fake._resolution_warned
+    assert len(caplog.records) == 1
+    assert "step 7" in caplog.text and "sap.rho" in caplog.text and "cosine 0.31" in caplog.text
