@@ -39,10 +39,16 @@ def ds_configs_dir() -> Path:
     return root() / "ds_configs"
 
 
+# Folders under configs/ that hold model definitions (a Hugging Face config.json and
+# tokenizer, built with random weights by the GPU check), not sap-ds configs.
+MODEL_DEFINITIONS = "models"
+
+
 def shipped_configs() -> list[Path]:
-    """Every shipped run, eval, compare, sweep and bench config."""
+    """Every shipped run, eval, compare, sweep and bench config (not configs/models/)."""
     folder = configs_dir()
-    return sorted(p for p in folder.rglob("*") if p.suffix in CONFIG_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix in CONFIG_SUFFIXES and p.is_file()
+                  and p.relative_to(folder).parts[0] != MODEL_DEFINITIONS)
 
 
 def config_name(path: Path) -> str:

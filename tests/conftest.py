@@ -32,6 +32,21 @@ def launch(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None
     return proc
 
 
+def with_repo_paths(tree):
+    """``tree`` with every ``data/...`` string made absolute under the repository.
+
+    A config *file* names its paths relative to its own folder; tests that write an eval
+    config into a tmp folder and point it at the shipped data use this.
+    """
+    if isinstance(tree, dict):
+        return {k: with_repo_paths(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [with_repo_paths(v) for v in tree]
+    if isinstance(tree, str) and tree.startswith("data/"):
+        return str(REPO / tree)
+    return tree
+
+
 def run_single(args: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python sap_ds/train.py <args>`` as one process."""
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **(env or {})}

@@ -90,6 +90,11 @@ class Runner:
             except ModelError:
                 model_missing = True
                 overrides.append(f"model.path={self.args.model}")
+        safelora = cfg.export.safelora
+        if safelora.enabled and safelora.base_model == EMBEDDED_MODEL:
+            # The unaligned base of the stand-in: the aligned model (runs/align, trained from
+            # M by the align config earlier in this loop) then differs from it by a step.
+            overrides.append(f"export.safelora.base_model={self.args.model}")
         missing = [line.split(".path:")[0] for line in missing_inputs(cfg)]
         if model_missing or missing:
             try:
@@ -115,11 +120,13 @@ class Runner:
         from sap_ds.ds_config import load_ds_config
         from sap_ds.metrics import check_logging
         from sap_ds.modeling import check_attention
+        from sap_ds.safelora import check_export_config as check_safelora_models
         from sap_ds.trainer import Trainer
         from sap_ds.train import check_inputs
 
-        check_inputs(cfg)
+        check_inputs(cfg)  # sap_ds.train.fail_fast's checks, on every rank: a refusal stops them all alike
         check_attention(cfg.model.attn_implementation)
+        check_safelora_models(cfg)
         check_logging(cfg)
         load_ds_config(cfg, self.world, on_gpu=False)
         trainer = Trainer(cfg, self.rank, self.world)

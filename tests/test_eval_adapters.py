@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from sap_ds.eval import main
+from tests.conftest import with_repo_paths
 
 EVAL = {
     "seed": 3,
@@ -54,7 +55,7 @@ def lora_folders(tmp_path_factory, tiny_model_path):
 
 def _evaluate(tmp_path, model, name, *extra):
     config = tmp_path / "eval.yaml"
-    config.write_text(yaml.safe_dump(EVAL))
+    config.write_text(yaml.safe_dump(with_repo_paths(EVAL)))
     assert main(["--model", str(model), "--config", str(config), "--out", str(tmp_path / name), *extra]) == 0
     return json.loads((tmp_path / name / "eval.json").read_text())
 
@@ -91,7 +92,7 @@ def test_adapter_base_errors(tmp_path, lora_folders, tiny_model_path, capsys):
     settings["base_model_name_or_path"] = "meta-llama/Llama-2-7b-chat-hf"
     (moved / "adapter_config.json").write_text(json.dumps(settings))
     config = tmp_path / "eval.yaml"
-    config.write_text(yaml.safe_dump({**EVAL, "tasks": []}))
+    config.write_text(yaml.safe_dump(with_repo_paths({**EVAL, "tasks": []})))
     out = tmp_path / "out"
     out.mkdir()
     (out / "eval.json").write_text("previous")

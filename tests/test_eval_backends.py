@@ -175,11 +175,11 @@ def test_missing_packages_are_clear_errors(tiny_model_path, tmp_path, monkeypatc
     import yaml
 
     from sap_ds.eval import main
-    from tests.conftest import REPO
+    from tests.conftest import REPO, with_repo_paths
 
     monkeypatch.chdir(REPO)
     config = tmp_path / "eval.yaml"
-    config.write_text(yaml.safe_dump(TINY_EVAL))
+    config.write_text(yaml.safe_dump(with_repo_paths(TINY_EVAL)))
     (tmp_path / "eval.json").write_text("previous")
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     assert main(["--model", str(tiny_model_path), "--config", str(config), "--out", str(tmp_path), "backend=vllm"]) == 2

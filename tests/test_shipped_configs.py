@@ -105,7 +105,7 @@ def test_wheel_ships_configs_ds_configs_and_data(tmp_path):
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("sap_ds-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for path in [*shipped_configs(), *(REPO / "ds_configs").glob("*.json"), *(REPO / "data").rglob("*")]:
+    for path in [*(REPO / "configs").rglob("*"), *(REPO / "ds_configs").glob("*.json"), *(REPO / "data").rglob("*")]:
         if path.is_file():
             assert f"sap_ds/shipped/{path.relative_to(REPO).as_posix()}" in names, path
     assert "sap_ds/_build_info.json" in names

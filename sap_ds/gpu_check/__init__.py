@@ -10,7 +10,7 @@ figures; a failing step never stops the ones after it:
 4. the engine path in bf16 with Triton   (``engine_check``, one launch for 4-7)
 5. the bf16 perturbation table and the probe gradient's noise floor
 6. ``sap-ds bench``: SFT vs paper SAP vs fast
-7. checkpoint at step 2, resume to step 3, export loads in plain transformers
+7. preempted at step 2 (checkpoint), resumed to step 3, export loads in plain transformers
 
 ``--cpu`` runs the same code with CPU sizes, the Triton interpreter and gloo (2 ranks), so
 the test suite keeps every step alive; GPU-only targets are reported as not applicable.

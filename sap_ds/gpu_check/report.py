@@ -19,7 +19,7 @@ STEP_NAMES = {
     4: "engine path: perturb, probe, restore (bf16, Triton kernels)",
     5: "bf16 perturbation table and probe-gradient noise floor",
     6: "sap-ds bench: SFT vs paper SAP vs fast",
-    7: "checkpoint at step 2, resume to step 3, export loads in plain transformers",
+    7: "preempted at step 2 (checkpoint), resumed to step 3, export loads in plain transformers",
 }
 
 
