@@ -23,13 +23,12 @@ from sap_ds.data.tokenize import ChatTokenizer, Status
 AUTO_PROC_MIN_ROWS = 20_000  # below this, worker start-up costs more than it saves
 
 
-def num_proc(configured, rows: int) -> int:
-    if configured:
-        return configured
-    if rows < AUTO_PROC_MIN_ROWS:
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, 16, rows // 5_000))
+def num_proc(configured, rows: int):
+    """``datasets.map``'s num_proc: None (this process) for one; else worker processes."""
+    if configured is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        configured = 1 if rows < AUTO_PROC_MIN_ROWS else max(1, min(cores, 16, rows // 5_000))
+    return configured if configured > 1 else None
 
 
 def fingerprint_parts(cfg, tokenizer_id: dict, seed: int, need_safety: bool) -> dict:

@@ -10,7 +10,6 @@ and the line.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -119,8 +118,8 @@ def _load_hub(path: str, split: Optional[str], subset: Optional[str], revision: 
     try:
         return datasets.load_dataset(name, subset, split=split, revision=revision)
     except Exception as exc:  # offline, unknown name, unknown split: all end the same way for the user
-        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
-        hint = "HF_HUB_OFFLINE is set" if offline else "no network, or an unknown name, subset or split"
+        hint = "offline mode (HF_HUB_OFFLINE) is on" if datasets.config.HF_HUB_OFFLINE else \
+            "no network, or an unknown name, subset or split"
         raise DataError(
             f"{path}: could not load '{name}' (split {split!r}{f', subset {subset!r}' if subset else ''}) "
             f"from the Hugging Face hub ({hint}): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
