@@ -9,8 +9,8 @@ tokenizer (its vocabulary and merges, special tokens, chat template), the seed a
 folder loads it memory-mapped and tokenizes nothing.
 
 Who writes: the first rank of each node (``LOCAL_RANK`` 0) builds a missing folder while
-the other ranks wait in a collective that also carries the builder's error, if any, to
-every rank (so a bad file fails all ranks with the same message instead of leaving them
+the other ranks wait (up to ``WAIT_TIMEOUT``) in a collective that also carries the
+builder's error, if any, to every rank (so a bad file fails all ranks with the same message instead of leaving them
 waiting). A folder is written under a temporary name and renamed into place: it exists
 complete or not at all, and two writers (nodes on a shared file system) race harmlessly.
 Without a process group (the reference, evaluation, tests) the wait is a no-op.
@@ -23,12 +23,16 @@ import os
 import shutil
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
 from sap_ds.data.sources import DataError
 
 VERSION = 1
+# The ranks that wait for the builder do so in a gloo group of their own with this timeout
+# (the default group's is 10 minutes under DeepSpeed: too short for a large set).
+WAIT_TIMEOUT = timedelta(hours=6)
 
 
 def cache_root(configured: Optional[str]) -> Path:
@@ -78,8 +82,10 @@ def _share_outcome(error: Optional[tuple[str, str]]) -> Optional[tuple[str, str]
     dist = _dist()
     if dist is None:
         return error
+    group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, error)
+    dist.all_gather_object(gathered, error, group=group)
+    dist.destroy_process_group(group)
     return next((e for e in gathered if e is not None), None)
 
 
