@@ -144,9 +144,9 @@ def main() -> int:
               f"(+{gib(ranks[0]['peak_rss'] - ranks[0]['rss_before'])}, map workers {gib(ranks[0]['workers_peak_rss'])})  "
               f"rank1 {gib(ranks[1]['peak_rss'])} (+{gib(ranks[1]['peak_rss'] - ranks[1]['rss_before'])})  "
               f"examples {ranks[0]['examples']}  load {load:.1f}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+        out = Path(args.out)  # after every case: a long run keeps what it measured
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
     print(f"written: {out} (data and cache in {work})")
     return 0
 

@@ -152,14 +152,14 @@ def build(folder: Path, cfg, tokenizer, seed: int, need_safety: bool) -> None:
     if len(tables["train"]) == 0:
         raise DataError(
             f"data.train: every example's prompt is longer than max_length={cfg.max_length} tokens, so no response "
-            f"token is left to learn (data.overlength={cfg.overlength}); raise data.max_length (first: {train['origin'][0]})"
+            f"token is left to learn (data.overlength={cfg.overlength}); raise data.max_length (first: {train[0]['origin']})"
         )
     if evals is not None:
         tables["eval"], counts["eval"] = tokenize_tasks(evals, chat, cfg.num_proc, "data.eval")
         if len(tables["eval"]) == 0:
             raise DataError(
                 f"data.eval: every example's prompt is longer than max_length={cfg.max_length} tokens, so no response "
-                f"token is left to score; raise data.max_length (first: {evals['origin'][0]})"
+                f"token is left to score; raise data.max_length (first: {evals[0]['origin']})"
             )
     if need_safety and cfg.safety:
         pairs = []
@@ -175,7 +175,7 @@ def build(folder: Path, cfg, tokenizer, seed: int, need_safety: bool) -> None:
         if len(tables["safety"]) == 0:
             raise DataError(
                 f"data.safety: every pair is longer than data.safety_max_length={cfg.safety_max_length} tokens before "
-                f"its response starts; raise data.safety_max_length (first: {pairs['origin'][0]})"
+                f"its response starts; raise data.safety_max_length (first: {pairs[0]['origin']})"
             )
     if cfg.packing:
         import datasets

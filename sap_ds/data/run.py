@@ -20,6 +20,7 @@ from sap_ds.data.cache import build_once, cache_root, fingerprint, tokenizer_ide
 from sap_ds.data.packing import pack
 from sap_ds.data.pipeline import build, fingerprint_parts
 from sap_ds.data.sources import DataError
+from sap_ds.data.tables import column
 from sap_ds.data.tokenize import ChatTokenizer, EncodedPair, Tokenized
 
 log = logging.getLogger("sap_ds")
@@ -34,7 +35,7 @@ def _load(folder: Path):
 def _lengths(table, name: str = "length") -> np.ndarray:
     if table is None:
         return np.zeros(0, dtype=np.int64)
-    return np.asarray(table.with_format("numpy")[name], dtype=np.int64)
+    return np.asarray(column(table, name), dtype=np.int64)
 
 
 class TokenizedSet:
@@ -109,6 +110,10 @@ class RunData:
     meta: dict = field(default_factory=dict, repr=False)
     cache_dir: Optional[Path] = None
     cache_hit: bool = False
+
+    def __post_init__(self):
+        if self.examples is None:
+            self.examples = self.train
 
     @property
     def packed(self) -> bool:

@@ -95,7 +95,7 @@ class ChatTokenizer:
             if message["role"] != "assistant":
                 continue
             start = self._render(chat[:i], True, origin)
-            end = self._render(chat[: i + 1], False, origin)
+            end = full if i == len(chat) - 1 else self._render(chat[: i + 1], False, origin)
             if len(start) < pos or not end.startswith(start) or not full.startswith(end):
                 raise DataError(
                     f"{origin}: the chat template does not render this conversation prefix by prefix (at turn {i - shift}, "
