@@ -34,10 +34,9 @@ def test_first_fit_decreasing(seed):
 
 @pytest.fixture(scope="module")
 def examples(tokenizer):
-    chat = ChatTokenizer(tokenizer, 96)
-    encoded = [chat.encode(e.messages, e.response) for e in
-               load_examples(DataSource(path=str(REPO / "data/alpaca/seed_tasks.jsonl"), format="alpaca_seed", limit=10))]
-    return [e for e in encoded if e is not None][:7]
+    chat = ChatTokenizer(tokenizer, 80)  # SST-2: 50-80 tokens, some cut at 80
+    return [chat.encode(e.messages, e.response) for e in
+            load_examples(DataSource(path=str(REPO / "data/sst2/train.tsv"), format="sst2", limit=6))]
 
 
 def _loss_and_grads(model, batch, forward):
@@ -53,7 +52,7 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_model_path, tokenizer, ex
     model = load_model(ModelConfig(path="tiny-random", dtype="fp32", attn_implementation=attn), tiny_model_path)
     assert packing_attention(model) == "position_ids"  # transformers' masking utilities read packed position ids
     pad = tokenizer.pad_token_id
-    packs = [pack(examples[:3]), pack(examples[3:5]), pack(examples[5:])]
+    packs = [pack(examples[:3]), pack(examples[3:5]), pack(examples[5:])]  # 3, 2 and 1 examples: padding in two rows
     packed, unpacked = collate(packs, pad), collate(examples, pad)
     assert sequence_lengths(packed) == sequence_lengths(unpacked) == [len(e.input_ids) for e in examples]
     ref_loss, ref_grads = _loss_and_grads(model, unpacked, forward_logits)
@@ -63,11 +62,11 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_model_path, tokenizer, ex
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6), mode
         for name, g in ref_grads.items():
             assert torch.allclose(grads[name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item()), f"{mode}: {name}"
-    # the trainer's forward (losses.forward_logits) takes the model's own path
-    assert task_loss(forward_logits(model, packed), packed["labels"]).item() == pytest.approx(ref_loss.item(), rel=1e-5)
-    # control: the same row with one causal sequence (positions not restarting) attends across examples
     crossed = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).repeat(len(packs), 1))
     with torch.no_grad():
+        # the trainer's forward (losses.forward_logits) takes the model's own path
+        assert task_loss(forward_logits(model, packed), packed["labels"]).item() == pytest.approx(ref_loss.item(), rel=1e-5)
+        # control: the same rows as one causal sequence each (positions not restarting) attend across examples
         leaked = task_loss(model(input_ids=crossed["input_ids"], position_ids=crossed["position_ids"]).logits, packed["labels"])
     assert abs(leaked.item() - ref_loss.item()) > 1e-3
 
@@ -108,8 +107,9 @@ def test_run_data_packs_every_example_once(tokenizer, tmp_path):
     assert data.summary()["packs"] == len(data.train) and 0.5 < data.summary()["pack_fill"] <= 1.0
 
 
-PACKED = ["data.packing=true", "data.max_length=256",
-          "data.train=[{path: data/alpaca/seed_tasks.jsonl, format: alpaca_seed, limit: 24}]"]
+# SST-2 examples (50-80 tokens) in packs of <= 128: about two per pack, so a micro-batch of 2
+# packs holds about the tokens of tiny.yaml's unpacked micro-batches (the other reference tests).
+PACKED = ["data.packing=true", "data.max_length=128", "data.train=[{path: data/sst2/train.tsv, format: sst2, limit: 24}]"]
 
 
 def test_zero3_sap_on_packed_batches_matches_reference(tmp_path, tokenizer):
