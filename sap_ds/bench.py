@@ -243,6 +243,7 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
 
     from sap_ds import flops as flops_mod
     from sap_ds.config import build_config
+    from sap_ds.data import sequence_lengths
     from sap_ds.distributed import barrier
     from sap_ds.trainer import Trainer
 
@@ -273,12 +274,13 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
                      step + 1 - (0 if step < W else W), W if step < W else N, step_times[-1])
     mem, mem_kind = peak_memory()
 
-    # What each timed step computed, from the batches the trainer used (all ranks' shares).
+    # What each timed step computed, from the batches the trainer used (all ranks' shares):
+    # real tokens per example (a packed row holds several) and the padded size of the batches.
     mine = []
     for step in range(W, W + N):
         task = trainer.task_micro_batches(step)
-        task_len = [int(n) for b in task for n in b["attention_mask"].sum(1).tolist()]
-        padded = sum(int(b["attention_mask"].numel()) for b in task)
+        task_len = [n for b in task for n in sequence_lengths(b)]
+        padded = sum(int(b["input_ids"].numel()) for b in task)
         safety_len = []
         if trainer.sap_state is not None:
             safety_len = [int(n) for n in trainer.safety_batch(step)["attention_mask"].sum(1).tolist()]
@@ -356,7 +358,7 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
     flops_per_s = total.total / wall
     is_sap = cfg.method == "sap"
     settings = {"micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
-                "max_length": cfg.data.max_length}
+                "max_length": cfg.data.max_length, "packing": cfg.data.packing}
     if is_sap:
         settings.update(safety_every=cfg.sap.safety_every, probe_fraction=cfg.sap.probe_fraction,
                         safety_batch_size=cfg.sap.safety_batch_size, safety_max_length=cfg.data.safety_max_length,
@@ -374,6 +376,8 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
         "padded_tokens_per_s": padded_tokens / wall,
         "task_tokens_per_step": real_tokens / steps,
         "padded_task_tokens_per_step": padded_tokens / steps,
+        "padding_fraction": 1 - real_tokens / padded_tokens if padded_tokens else None,
+        "task_examples_per_step": len(task_lengths_all) / steps,
         "step_time_s": {"median": statistics.median(times), "mean": statistics.fmean(times), "per_step": times,
                         "warmup": warmup},
         "phase_time_s": phase_mean,
@@ -459,11 +463,12 @@ def plot(result: dict, path: Path) -> None:
 
 
 def format_table(result: dict) -> str:
-    rows = [("variant", "tokens/s", "vs SFT", "in-run", "ideal", "step s (med)", "safety", "perturb", "probe", "restore", "main",
-             "MFU", "peak mem GiB")]
+    rows = [("variant", "tokens/s", "pad %", "vs SFT", "in-run", "ideal", "step s (med)", "safety", "perturb", "probe", "restore",
+             "main", "MFU", "peak mem GiB")]
     for r in result["variants"]:
         p = r["phase_time_s"]
         rows.append((r["variant"], f"{r['tokens_per_s']:.1f}",
+                     f"{100 * r['padding_fraction']:.1f}" if r.get("padding_fraction") is not None else "-",
                      f"{r['ratio_vs_sft']:.3f}" if r.get("ratio_vs_sft") is not None else "-",
                      f"{r['ratio_vs_main_phase']:.3f}" if r.get("ratio_vs_main_phase") else "-",
                      f"{r['ideal_ratio']:.3f}" if r.get("ideal_ratio") else "-",

@@ -54,18 +54,27 @@ class LoraConfig(_Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
-DataFormat = Literal["alpaca", "alpaca_seed", "gsm8k", "sst2", "advbench", "instruction", "refusal", "safety_pairs", "hh_rlhf"]
+DataFormat = Literal["alpaca", "alpaca_seed", "gsm8k", "sst2", "advbench", "instruction", "refusal", "messages", "sharegpt",
+                     "prompt_completion", "safety_pairs", "hh_rlhf", "preference", "circuit_breakers"]
 
 
 class DataSource(_Section):
-    """One local file. ``format`` says how its columns become (prompt, response) pairs."""
+    """One data source: a local file (JSON, JSONL, CSV, TSV, TXT, Parquet, optionally
+    gzipped), a folder written by ``datasets.save_to_disk``, or a hub name (``hf://org/name``,
+    or a bare name with ``split``). ``format`` says how its columns become conversations
+    (docs/data.md)."""
 
     path: str = Field(json_schema_extra=INPUT_PATH)
     format: DataFormat = "instruction"
+    split: Optional[str] = Field(None, description="Split of a hub data set or of a saved DatasetDict folder.")
+    subset: Optional[str] = Field(None, description="Configuration name of a hub data set.")
+    revision: Optional[str] = Field(None, description="Hub revision (commit, tag or branch); pin it so the cache is exact.")
     limit: Optional[int] = Field(None, gt=0, description="Keep only the first N usable rows.")
     offset: int = Field(0, ge=0, description="Skip the first N usable rows (for disjoint splits of one file).")
     prompt_column: Optional[str] = None
     response_column: Optional[str] = None
+    messages_column: Optional[str] = Field(None, description="Conversation column of 'messages'/'sharegpt' "
+                                           "(default: messages / conversations).")
     safe_column: Optional[str] = None
     harmful_column: Optional[str] = None
     refusal: Optional[str] = Field(None, description="Fixed response for format 'refusal' (default: built-in refusals).")
@@ -75,14 +84,22 @@ class DataConfig(_Section):
     train: list[DataSource] = Field(default_factory=list)
     eval: list[DataSource] = Field(default_factory=list)
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Held-out share of train when 'eval' is empty.")
-    eval_max_examples: int = Field(64, gt=0)
+    eval_max_examples: int = Field(64, gt=0, description="Eval loss on at most the first N eval examples (logged).")
     harmful: Optional[DataSource] = None
     harmful_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Share of harmful examples in the task data.")
     safety: list[DataSource] = Field(default_factory=list)
     max_length: int = Field(256, gt=8)
     safety_max_length: int = Field(256, gt=8)
-    system_prompt: Optional[str] = None
+    system_prompt: Optional[str] = Field(None, description="System turn for conversations that have none.")
     shuffle: bool = True
+    loss_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="Which assistant turns of a conversation are learned.")
+    overlength: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="Longer than max_length: cut the end (dropped only if no learned token is left), "
+                                "drop the example, or stop with an error. Counts are logged and in summary.json.")
+    packing: bool = Field(False, description="Pack training examples into sequences of max_length (docs/data.md).")
+    num_proc: Optional[int] = Field(None, gt=0, description="Processes for tokenizing (null: all cores for large sets).")
+    cache_dir: Optional[str] = Field(None, description="Tokenized-data cache (default: <SAP_DS_CACHE>/data).")
 
 
 class TrainConfig(_Section):

@@ -11,9 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from sap_ds.data import IGNORE_INDEX
+from sap_ds.data.packing import is_packed, packed_forward, packing_attention
 
 
 def forward_logits(model, batch: dict) -> torch.Tensor:
+    """Logits of a padded batch, or of a packed one (``position_ids``, no padding mask:
+    ``data.packing`` keeps attention within each example, ``sap_ds/data/packing.py``)."""
+    if is_packed(batch):
+        return packed_forward(model, batch, packing_attention(model))
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
 
@@ -27,7 +32,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the response tokens of the micro-batch."""
+    """Mean next-token cross-entropy over the response tokens of the micro-batch (packed or
+    not: a pack's loss is the token mean over all its examples' response tokens, the same
+    number as those examples collated unpacked into one micro-batch)."""
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 

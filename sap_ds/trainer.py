@@ -21,7 +21,7 @@ import torch.distributed as dist
 from sap_ds import checkpoint, resume, sap
 from sap_ds.collectives import all_reduce
 from sap_ds.config import RunConfig, config_to_dict
-from sap_ds.data import RunData, build_run_data, collate, collate_pairs, global_batch_indices
+from sap_ds.data import RunData, build_run_data, collate, collate_pairs, global_batch_indices, packing_attention
 from sap_ds.distributed import barrier, device, is_main
 from sap_ds.errors import TrainingStopped
 from sap_ds.ds_config import load_ds_config, optimizer_choice
@@ -82,6 +82,8 @@ class Trainer:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         self._hf_ds = HfDeepSpeedConfig(ds_config)  # keeps zero.Init active while the model loads
         model = load_model(cfg.model, model_path)
+        if cfg.data.packing:
+            packing_attention(model)  # a model that cannot keep packed examples apart fails here, before step 1
         if cfg.lora.enabled:
             torch.manual_seed(cfg.seed)  # LoRA init depends only on the seed, not on loading
             model = apply_lora(model, cfg.lora)
@@ -431,8 +433,9 @@ class Trainer:
             **self.throughput.summary(),
             "wall_time_s": wall,
             "skipped_steps": self.skipped_steps,
-            "train_examples": len(self.data.train),
+            "train_examples": len(self.data.examples),
             "harmful_examples": self.data.n_harmful,
+            "data": self.data.summary(),
             "export_dir": str(export_dir) if export_dir else None,
             "checkpoint_dir": str(self.ckpt_root),
         }
@@ -447,13 +450,14 @@ class Trainer:
         return summary
 
     def _global_tokens(self, step: int) -> int:
-        """Real (non-padding) tokens in this step's global task batch."""
+        """Real (non-padding) tokens in this step's global task batch (examples or packs)."""
         return sum(self._task_lengths(step))
 
     def _task_lengths(self, step: int) -> list[int]:
-        """Real (non-padding) length of every sequence in this step's global task batch."""
+        """Real (non-padding) length of every sequence (an example, or a pack of them) in this
+        step's global task batch, from the lengths the data cache keeps (no rows read)."""
         idx = global_batch_indices(len(self.data.train), self.global_batch, step, self.cfg.seed, self.cfg.data.shuffle)
-        return [len(self.data.train[i].input_ids) for i in idx]
+        return [int(self.data.train.lengths[i]) for i in idx]
 
     def _safety_lengths(self, step: int, ran: dict) -> list[int]:
         """Real lengths of the safety batch (safe and harmful responses, all ranks) when this

@@ -5,6 +5,10 @@ Written from DESIGN.md section 1, with no DeepSpeed and none of sap-ds's trainin
 whole global batch of every step and reproduces what data parallelism means: rank r's
 micro-batch m is the same slice the trainer gives that rank, each micro-batch loss is a
 token mean, and gradients are averaged over ranks and micro-batches.
+
+With ``data.packing`` the units of a batch are packs, but the reference never runs a packed
+row: it collates each micro-batch's examples unpacked (padded, with a padding mask), so the
+token mean over the same response tokens checks the trainer's packed attention too.
 """
 from __future__ import annotations
 
@@ -27,6 +31,13 @@ def _seq_logp(logits, labels):
     mask = labels != -100
     lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     return (lp * mask).sum(-1)
+
+
+def _micro_batch(data, indices, pad):
+    items = [data.train[i] for i in indices]
+    if data.packed:  # a pack's examples, unpacked
+        items = [member for unit in items for member in unit.members]
+    return collate(items, pad)
 
 
 def _safety(model, batch, form, temperature):
@@ -95,7 +106,7 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
     for step in range(steps):
         idx = global_batch_indices(len(data.train), gb, step, cfg.seed, cfg.data.shuffle)
         micro = [
-            [collate([data.train[i] for i in idx[r * mb * gas + m * mb : r * mb * gas + (m + 1) * mb]], pad) for m in range(gas)]
+            [_micro_batch(data, idx[r * mb * gas + m * mb : r * mb * gas + (m + 1) * mb], pad) for m in range(gas)]
             for r in range(world)
         ]
         gv = None

@@ -1,6 +1,8 @@
-"""Data (sap_ds/data.py): chat formatting and label masks token by token with the tiny
-model's tokenizer (SmolLM2's ChatML template), every format on the shipped files,
-harmful mixing, the epoch order, and error messages on malformed files."""
+"""Data (sap_ds/data/): chat formatting and label masks token by token with the tiny
+model's tokenizer (SmolLM2's ChatML template), every one-turn format on the shipped files,
+harmful mixing, the epoch order, and error messages on malformed files. Conversations,
+sources, the cache and the length limit: tests/test_data_formats.py and
+tests/test_data_prepare.py; packing: tests/test_packing.py."""
 from __future__ import annotations
 
 import gzip
@@ -317,23 +319,23 @@ def test_mix_harmful_needs_enough_harmful():
     assert "needs 10 harmful" in msg and "has 5" in msg and "data.harmful_ratio" in msg and "h.csv" in msg
 
 
-def test_build_run_data_mixes_harmful(tokenizer):
+def test_build_run_data_mixes_harmful(tokenizer, tmp_path):
     cfg = DataConfig(
         train=[_src("data/gsm8k/train.jsonl", "gsm8k", limit=20)],
         harmful=_src("data/advbench/harmful_behaviors.csv", "advbench", limit=10),
-        harmful_ratio=0.25, max_length=512,
+        harmful_ratio=0.25, max_length=512, cache_dir=str(tmp_path),
     )
     data = build_run_data(cfg, tokenizer, seed=0, need_safety=False)
-    assert data.n_harmful == 5 and len(data.train) == 20 and data.safety == []
+    assert data.n_harmful == 5 and len(data.train) == 20 and len(data.safety) == 0
     targets = [tokenizer.decode([t for t in ex.labels if t != IGNORE_INDEX]) for ex in data.train]
     assert sum(t.startswith("Sure, here") for t in targets) == 5
     again = build_run_data(cfg, tokenizer, seed=0, need_safety=False)
     assert [t.input_ids for t in again.train] == [t.input_ids for t in data.train]
 
 
-def test_build_run_data_eval_fraction_and_safety(tokenizer):
+def test_build_run_data_eval_fraction_and_safety(tokenizer, tmp_path):
     cfg = DataConfig(
-        train=[_src("data/gsm8k/train.jsonl", "gsm8k", limit=20)], eval_fraction=0.25, max_length=512,
+        train=[_src("data/gsm8k/train.jsonl", "gsm8k", limit=20)], eval_fraction=0.25, max_length=512, cache_dir=str(tmp_path),
         safety=[_src("data/advbench/harmful_behaviors.csv", "safety_pairs", limit=3)],
     )
     data = build_run_data(cfg, tokenizer, seed=0, need_safety=True)
@@ -496,12 +498,12 @@ def test_empty_prompt_names_the_row(tmp_path):
     assert "row 2" in msg and "empty prompt" in msg
 
 
-@pytest.mark.parametrize("name", ["d.xml", "d.parquet", "data"])
+@pytest.mark.parametrize("name", ["d.xml", "data"])
 def test_unsupported_extension(tmp_path, name):
     path = tmp_path / name
     path.write_text("question,answer\na,b\n")
     msg = _load_error(path)
-    assert str(path) in msg and "unsupported file type" in msg and ".jsonl" in msg
+    assert str(path) in msg and "unsupported file type" in msg and ".jsonl" in msg and ".parquet" in msg
 
 
 def test_csv_and_tsv_and_txt_read(tmp_path):
@@ -523,8 +525,8 @@ def test_offset_past_the_end(tmp_path):
         load_safety_pairs(_src("data/advbench/harmful_behaviors.csv", "safety_pairs", offset=600))
 
 
-def test_eval_fraction_leaving_no_training_rows(tokenizer):
-    cfg = DataConfig(train=[_src("data/gsm8k/test.jsonl", "gsm8k", limit=1)], eval_fraction=0.5)
+def test_eval_fraction_leaving_no_training_rows(tokenizer, tmp_path):
+    cfg = DataConfig(train=[_src("data/gsm8k/test.jsonl", "gsm8k", limit=1)], eval_fraction=0.5, cache_dir=str(tmp_path))
     with pytest.raises(DataError) as info:
         build_run_data(cfg, tokenizer, seed=0, need_safety=False)
     assert "data.eval_fraction=0.5" in str(info.value) and "none to train on" in str(info.value)

@@ -1,0 +1,189 @@
+"""Preparing a run's data once: sources -> formatted tables -> held-out split, harmful mix
+-> tokens (``datasets.map``, batched, ``data.num_proc`` processes) -> packs -> a folder of
+Arrow tables (``cache.build_once`` makes it atomic and runs it on one rank per node).
+
+The selection and its order are those sap-ds always had: the sources of ``data.train``
+in order, the held-out split of ``data.eval_fraction`` (``Random(seed + 1)``), the eval
+cap ``data.eval_max_examples``, the harmful mix (``Random(seed)``, ``mixing``), then the
+length limit, which may drop examples (counted) but never reorders them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from sap_ds.data.formats import Conversation, SafetyPair
+from sap_ds.data.mixing import eval_split, mix_indices
+from sap_ds.data.packing import first_fit_decreasing
+from sap_ds.data.sources import DataError, source_identity
+from sap_ds.data.tables import BATCH, column, pair_table, task_table, turns_of
+from sap_ds.data.tokenize import ChatTokenizer, Status
+
+AUTO_PROC_MIN_ROWS = 20_000  # below this, worker start-up costs more than it saves
+
+
+def num_proc(configured, rows: int):
+    """``datasets.map``'s num_proc: None (this process) for one; else worker processes."""
+    if configured is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        configured = 1 if rows < AUTO_PROC_MIN_ROWS else max(1, min(cores, 16, rows // 5_000))
+    return configured if configured > 1 else None
+
+
+def fingerprint_parts(cfg, tokenizer_id: dict, seed: int, need_safety: bool) -> dict:
+    """Everything that decides the prepared data (``cache`` docstring). ``num_proc``,
+    ``cache_dir`` and ``shuffle`` (the batch order, not the data) are left out."""
+    sources = lambda items: [source_identity(s.path, s.split, s.subset, s.revision) for s in items]  # noqa: E731
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("num_proc", "cache_dir", "shuffle")}
+    return {
+        "settings": settings,
+        "files": {"train": sources(cfg.train), "eval": sources(cfg.eval), "harmful": sources([cfg.harmful] if cfg.harmful else []),
+                  "safety": sources(cfg.safety) if need_safety else []},
+        "need_safety": need_safety,
+        "tokenizer": tokenizer_id,
+        "seed": seed,
+    }
+
+
+def _concat(tables):
+    import datasets
+
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        return None
+    return tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
+
+
+def _counts(statuses) -> dict:
+    return {name: sum(1 for s in statuses if s == code) for code, name in enumerate(Status.NAMES)}
+
+
+def tokenize_tasks(table, chat: ChatTokenizer, procs, what: str):
+    """(tokenized table without the dropped rows, counts): columns ``input_ids``,
+    ``labels``, ``length``, ``origin``."""
+
+    def encode(batch):
+        convs = [Conversation(turns_of(m), lf, o) for m, lf, o in zip(batch["messages"], batch["learn_from"], batch["origin"])]
+        out = {"input_ids": [], "labels": [], "length": [], "status": [], "full_length": [], "origin": batch["origin"]}
+        for tokens, status, full in chat.encode_many(convs):
+            out["input_ids"].append(tokens.input_ids if tokens else [])
+            out["labels"].append(tokens.labels if tokens else [])
+            out["length"].append(len(tokens.input_ids) if tokens else 0)
+            out["status"].append(status)
+            out["full_length"].append(full)
+        return out
+
+    encoded = table.map(encode, batched=True, batch_size=BATCH, num_proc=num_proc(procs, len(table)),
+                        remove_columns=table.column_names, new_fingerprint=f"{what}-tokens")
+    return _finish(encoded, chat, what)
+
+
+def tokenize_pairs(table, chat: ChatTokenizer, procs):
+    """Both answers of each pair; a pair is dropped if either answer is, truncated if
+    either is. Columns ``safe_*``/``harmful_*`` (``input_ids``, ``labels``), ``origin``."""
+
+    def encode(batch):
+        pairs = [SafetyPair(turns_of(m), s, h, o) for m, s, h, o in
+                 zip(batch["messages"], batch["safe"], batch["harmful"], batch["origin"])]
+        convs = []
+        for p in pairs:
+            turns = p.messages
+            convs += [Conversation(turns + (("assistant", p.safe),), len(turns), p.origin),
+                      Conversation(turns + (("assistant", p.harmful),), len(turns), p.origin)]
+        done = chat.encode_many(convs)
+        out = {k: [] for k in ("safe_input_ids", "safe_labels", "harmful_input_ids", "harmful_labels", "length", "status",
+                               "full_length")}
+        out["origin"] = batch["origin"]
+        for (safe, s1, n1), (harm, s2, n2) in zip(done[0::2], done[1::2]):
+            worst = max(s1, s2)
+            usable = worst in (Status.KEPT, Status.TRUNCATED)
+            out["safe_input_ids"].append(safe.input_ids if usable else [])
+            out["safe_labels"].append(safe.labels if usable else [])
+            out["harmful_input_ids"].append(harm.input_ids if usable else [])
+            out["harmful_labels"].append(harm.labels if usable else [])
+            out["length"].append(len(safe.input_ids) + len(harm.input_ids) if usable else 0)
+            out["status"].append(worst)
+            out["full_length"].append(max(n1, n2))
+        return out
+
+    encoded = table.map(encode, batched=True, batch_size=BATCH, num_proc=num_proc(procs, len(table)),
+                        remove_columns=table.column_names, new_fingerprint="safety-tokens")
+    return _finish(encoded, chat, "data.safety")
+
+
+def _finish(encoded, chat: ChatTokenizer, what: str):
+    statuses = column(encoded, "status")
+    too_long = [i for i, s in enumerate(statuses) if s == Status.OVERLENGTH]
+    if too_long:
+        origins, lengths = column(encoded, "origin"), column(encoded, "full_length")
+        raise chat.overlength_error(what, [origins[i] for i in too_long], [lengths[i] for i in too_long], len(statuses))
+    counts = _counts(statuses)
+    keep = [i for i, s in enumerate(statuses) if s != Status.DROPPED]
+    if len(keep) < len(statuses):
+        encoded = encoded.select(keep)
+    return encoded.remove_columns(["status", "full_length"]), counts
+
+
+def build(folder: Path, cfg, tokenizer, seed: int, need_safety: bool) -> None:
+    """Write the run's data into ``folder``: ``train``, ``eval``, ``safety`` and ``packs``
+    tables (those that are not empty) and ``meta.json`` (counts, what was selected)."""
+    if not cfg.train:
+        raise DataError("data.train is empty: give at least one source, e.g. {path: data/gsm8k/train.jsonl, format: gsm8k}")
+    meta: dict = {"skipped_rows": {}}
+    train = _concat([task_table(s, f"train{i}") for i, s in enumerate(cfg.train)])
+    evals = _concat([task_table(s, f"eval{i}") for i, s in enumerate(cfg.eval)])
+    if evals is None and cfg.eval_fraction > 0:
+        held_out, kept = eval_split(len(train), cfg.eval_fraction, seed)
+        evals, train = train.select(held_out), train.select(kept)
+    meta["eval_available"] = len(evals) if evals is not None else 0
+    if evals is not None and len(evals) > cfg.eval_max_examples:
+        evals = evals.select(range(cfg.eval_max_examples))
+    meta["n_harmful"] = 0
+    if cfg.harmful_ratio > 0:
+        harmful = task_table(cfg.harmful, "harmful")
+        mix = mix_indices(len(train), len(harmful), cfg.harmful_ratio, seed, f"data ({cfg.harmful.path})")
+        order = [i if kind == 0 else len(train) + i for kind, i in mix]
+        train = _concat([train, harmful]).select(order)
+        meta["n_harmful"] = round(cfg.harmful_ratio * len(train))
+    chat = ChatTokenizer(tokenizer, cfg.max_length, cfg.system_prompt, cfg.overlength, cfg.loss_on, "data.max_length")
+    tables, counts = {}, {}
+    tables["train"], counts["train"] = tokenize_tasks(train, chat, cfg.num_proc, "data.train")
+    if len(tables["train"]) == 0:
+        raise DataError(
+            f"data.train: every example's prompt is longer than max_length={cfg.max_length} tokens, so no response "
+            f"token is left to learn (data.overlength={cfg.overlength}); raise data.max_length (first: {train[0]['origin']})"
+        )
+    if evals is not None:
+        tables["eval"], counts["eval"] = tokenize_tasks(evals, chat, cfg.num_proc, "data.eval")
+        if len(tables["eval"]) == 0:
+            raise DataError(
+                f"data.eval: every example's prompt is longer than max_length={cfg.max_length} tokens, so no response "
+                f"token is left to score; raise data.max_length (first: {evals[0]['origin']})"
+            )
+    if need_safety and cfg.safety:
+        pairs = []
+        for i, source in enumerate(cfg.safety):
+            table, skipped = pair_table(source, f"safety{i}")
+            pairs.append(table)
+            if skipped:
+                meta["skipped_rows"][source.path] = skipped
+        pairs = _concat(pairs)
+        safety_chat = ChatTokenizer(tokenizer, cfg.safety_max_length, cfg.system_prompt, cfg.overlength, cfg.loss_on,
+                                    "data.safety_max_length")
+        tables["safety"], counts["safety"] = tokenize_pairs(pairs, safety_chat, cfg.num_proc)
+        if len(tables["safety"]) == 0:
+            raise DataError(
+                f"data.safety: every pair is longer than data.safety_max_length={cfg.safety_max_length} tokens before "
+                f"its response starts; raise data.safety_max_length (first: {pairs[0]['origin']})"
+            )
+    if cfg.packing:
+        import datasets
+
+        lengths = column(tables["train"], "length")
+        packs = first_fit_decreasing(lengths, cfg.max_length, seed)
+        tables["packs"] = datasets.Dataset.from_dict({"members": packs})
+    for name, table in tables.items():
+        table.save_to_disk(str(folder / name))
+    meta["counts"] = counts
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
