@@ -44,7 +44,8 @@ def export_model(trainer) -> Path:
 
 
 def _write_export(trainer, state: dict, target: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=trainer.out))
+    target.parent.mkdir(parents=True, exist_ok=True)  # the run folder may not exist yet (export before any step)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
         _save_models(trainer, state, tmp)
     except BaseException:

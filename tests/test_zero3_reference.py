@@ -38,17 +38,24 @@ RTOL = 1e-5
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj,down_proj]"]
 
 
-def _run_zero3(tmp_path, overrides, steps=STEPS, inspect=False, export=False):
-    # Triton runs on CPU only under its interpreter, which must be chosen before import.
-    env = {"TRITON_INTERPRET": "1"} if "sap.kernels=triton" in overrides else None
-    out = tmp_path / "zero3"
-    out.mkdir(parents=True)
-    args = ["tests/zero3_runner.py", "--config", "configs/tiny.yaml", "--steps", str(steps), "--out", str(out)]
-    args += ["--inspect"] if inspect else []
-    args += ["--export"] if export else []
-    proc = launch(args + [f"output_dir={tmp_path / 'run'}", *COMMON, *overrides], env=env)
+def _launch(tmp, variants, triton=False):
+    """Every variant in one 2-rank launch (tests/zero3_runner.py --variants: one Trainer after
+    another in one process), so the start-up of a launch is paid once, not per variant.
+    Triton runs on CPU only under its interpreter, chosen before import: its variants get a
+    launch of their own."""
+    args = ["tests/zero3_runner.py", "--config", "configs/tiny.yaml", "--steps", str(STEPS), "--out", str(tmp),
+            "--variants", json.dumps([{"name": name, **v} for name, v in variants.items()]), *COMMON]
+    proc = launch(args, timeout=1500, env={"TRITON_INTERPRET": "1"} if triton else None)
     assert proc.returncode == 0, "2-rank run failed (output above)"
-    return _load_run(out)
+    return Runs({name: _load_run(tmp / name) for name in variants}, folder=tmp)
+
+
+class Runs(dict):
+    """name -> (result, params, probes) of one launch; ``folder`` holds each run's files."""
+
+    def __init__(self, runs, folder):
+        super().__init__(runs)
+        self.folder = folder
 
 
 def _load_run(out):
@@ -74,8 +81,8 @@ def _assert_close(name, got, ref, rtol=RTOL):
     assert q999 <= rtol, f"{name}: 99.9th percentile error {q999:.2e} of scale > {rtol:.0e}"
 
 
-def _compare(tmp_path, overrides, run=None, rtol=RTOL, export=False, steps=STEPS):
-    result, params, probes = run or _run_zero3(tmp_path, overrides, export=export)
+def _compare(overrides, run, rtol=RTOL, steps=STEPS):
+    result, params, probes = run
     cfg = load_config(REPO / "configs/tiny.yaml", COMMON + overrides + [f"train.max_steps={steps}"])
     ref = run_reference(cfg, world=2, steps=steps)
     assert set(params) == set(ref["params"]), "different trainable parameter sets"
@@ -100,65 +107,109 @@ def _check_export_logits(out):
         (logits[mask] - saved["logits"][mask]).abs().max()
 
 
+SAP = ["method=sap", "sap.probe_lr=0.1", "sap.rho=0.05"]
+# The SAP variants compared with the reference after 3 steps (the first runs in the Triton launch).
+SAP_VARIANTS = {
+    "full-contrastive-triton": ["sap.safety_loss=contrastive", "sap.kernels=triton"],
+    "full-difference-per_tensor": ["sap.safety_loss=difference", "sap.perturb_norm=per_tensor"],
+    # variants: a probe kept across steps at a size relative to ||h||, lr following the schedule
+    "lora-contrastive-kept-scaled-follow": ["sap.safety_loss=contrastive", "sap.probe_reset=false", "sap.probe_scale=0.05",
+                                            "sap.probe_lr_schedule=follow", *LORA],
+    "lora-difference": ["sap.safety_loss=difference", *LORA],  # also exported, and the export reloaded
+    # ablation: a fixed random probe scaled to ||h||, no SAP pass at all
+    "lora-fixed-random-probe": ["sap.probe_train=false", "sap.probe_init=random", "sap.probe_scale=0.1", *LORA],
+}
+TRITON_VARIANT = "full-contrastive-triton"
+EXPORTED = "lora-difference"
+
+# bf16 matmuls are ~100x slower than fp32 on CPUs without AMX: keep the bf16 runs short.
+BF16 = ["model.dtype=bf16", "data.max_length=64", "data.safety_max_length=48", "data.eval=[]",
+        "data.train=[{path: data/alpaca/seed_tasks.jsonl, format: alpaca_seed, limit: 8}]"]
+
+# gradient accumulation: 2 and 3 micro-batches per rank, LoRA and full fine-tuning, and rho = 0.
+# The micro-batches hold different numbers of response tokens (checked below), so a token mean
+# over the whole rank batch would differ from the mean of micro-batch means the engine and the
+# reference compute.
+SAP_GAS = ["method=sap", "sap.probe_lr=0.1"]
+GAS_VARIANTS = {
+    "full-gas2": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=2"],
+    "full-gas3": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=3", "sap.safety_loss=difference"],
+    "lora-gas2": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=2", *LORA],
+    "lora-gas3": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=3", *LORA],
+    "rho0-gas2": [*SAP_GAS, "sap.rho=0.0", "train.grad_accum=2"],
+}
+OFFLOAD = "offload-collectives"
+GAS_STEPS = 2  # the probe after step 1 is already off without the fix (18 %), and step 2 trains with it
+
+
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    """One 2-rank SFT run, shared by the tests that compare against SFT."""
-    return _run_zero3(tmp_path_factory.mktemp("sft"), ["method=sft"])
+def runs(tmp_path_factory):
+    """Every 2-rank run of this module but the Triton ones, in one launch."""
+    tmp = tmp_path_factory.mktemp("zero3")
+    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (tmp / "offload.json").write_text(json.dumps(ds))
+    variants = {"sft": {"overrides": ["method=sft"]}}
+    for name, overrides in SAP_VARIANTS.items():
+        if name != TRITON_VARIANT:
+            variants[name] = {"overrides": [*SAP, *overrides], "export": name == EXPORTED}
+    variants["rho0"] = {"overrides": ["method=sap", "sap.rho=0.0", "sap.probe_lr=0.1"]}
+    variants["probe-off"] = {"overrides": ["method=sap", "sap.probe_enabled=false"]}
+    variants["random-direction"] = {"steps": 2, "overrides": [
+        "method=sap", "sap.direction=random", "sap.rho=0.05", "sap.probe_lr=0.1", "data.safety=[]"]}
+    variants["bf16-falls"] = {"steps": 4, "overrides": [
+        "method=sap", "sap.rho=0.05", *BF16, "data.train.0.limit=4", "data.shuffle=false", "train.lr=1e-2"]}
+    for name, overrides in GAS_VARIANTS.items():
+        variants[name] = {"steps": GAS_STEPS, "overrides": overrides}
+    variants[OFFLOAD] = {"steps": 2, "check_collectives": True, "overrides": [
+        f"deepspeed_config={tmp / 'offload.json'}", "method=sap", "sap.rho=0.05", "train.grad_accum=2",
+        "train.offload_adam=torch"]}
+    return _launch(tmp, variants)
 
 
-def test_zero3_sft_matches_reference_after_3_steps(sft_run):
-    _compare(None, ["method=sft"], run=sft_run)
+@pytest.fixture(scope="module")
+def triton_runs(tmp_path_factory):
+    """The runs through the Triton kernels (interpreted), in one launch."""
+    return _launch(tmp_path_factory.mktemp("zero3_triton"), {
+        TRITON_VARIANT: {"overrides": [*SAP, *SAP_VARIANTS[TRITON_VARIANT]]},
+        "bf16-inspect": {"steps": 1, "inspect": True, "overrides": ["method=sap", "sap.rho=0.05", "sap.kernels=triton", *BF16]},
+    }, triton=True)
 
 
-@pytest.mark.parametrize(
-    "variant",
-    [
-        ["sap.safety_loss=contrastive", "sap.kernels=triton"],
-        ["sap.safety_loss=difference", "sap.perturb_norm=per_tensor"],
-        # variants: a probe kept across steps at a size relative to ||h||, lr following the schedule
-        ["sap.safety_loss=contrastive", "sap.probe_reset=false", "sap.probe_scale=0.05", "sap.probe_lr_schedule=follow", *LORA],
-        ["sap.safety_loss=difference", *LORA],
-        # ablation: a fixed random probe scaled to ||h||, no SAP pass at all
-        ["sap.probe_train=false", "sap.probe_init=random", "sap.probe_scale=0.1", *LORA],
-    ],
-    ids=["full-contrastive-triton", "full-difference-per_tensor", "lora-contrastive-kept-scaled-follow", "lora-difference",
-         "lora-fixed-random-probe"],
-)
-def test_zero3_sap_matches_reference_after_3_steps(tmp_path, variant):
+def test_zero3_sft_matches_reference_after_3_steps(runs):
+    _compare(["method=sft"], runs["sft"])
+
+
+@pytest.mark.parametrize("variant", list(SAP_VARIANTS))
+def test_zero3_sap_matches_reference_after_3_steps(request, variant):
     """Also: the Triton kernels (interpreted) follow the reference like the PyTorch twins,
     and the probe is bitwise identical on both ranks."""
-    overrides = ["method=sap", "sap.probe_lr=0.1", "sap.rho=0.05", *variant]
-    export = "sap.safety_loss=difference" in variant and "lora.enabled=true" in variant
-    result, params, probes, ref = _compare(tmp_path, overrides, rtol=RTOL_SAP, export=export)
-    if export:
-        _check_export_logits(tmp_path / "zero3")
+    found = request.getfixturevalue("triton_runs" if variant == TRITON_VARIANT else "runs")
+    result, params, probes, ref = _compare([*SAP, *SAP_VARIANTS[variant]], found[variant], rtol=RTOL_SAP)
+    if variant == EXPORTED:
+        _check_export_logits(found.folder / variant)
     assert len(probes) == 2
     assert torch.equal(probes[0], probes[1]), "the probe differs between ranks"
     assert ref["probe"].abs().max() > 0, "the probe never moved: the test would not see a probe bug"
     _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
 
 
-def test_rho_zero_and_disabled_probe_reduce_to_sft(tmp_path, sft_run):
+def test_rho_zero_and_disabled_probe_reduce_to_sft(runs):
     """rho = 0: W' = W, so the probe's two gradients cancel and V stays 0: SAP's weights
     follow SFT. With the probe disabled SAP is SFT outright."""
-    sft = sft_run[1]
-    _, rho0, probes = _run_zero3(tmp_path / "rho0", ["method=sap", "sap.rho=0.0", "sap.probe_lr=0.1"])
-    _, off, _ = _run_zero3(tmp_path / "off", ["method=sap", "sap.probe_enabled=false"])
+    sft = runs["sft"][1]
+    _, rho0, probes = runs["rho0"]
+    _, off, _ = runs["probe-off"]
     assert probes[0].abs().max() == 0
     for name in sft:
         assert torch.equal(off[name], sft[name]), f"{name}: probe disabled differs from SFT"
         _assert_close(f"{name} (rho=0)", rho0[name], sft[name])  # same run up to the safety pass: SFT's bound
 
 
-# bf16 matmuls are ~100x slower than fp32 on CPUs without AMX: keep the bf16 runs short.
-BF16 = ["model.dtype=bf16", "data.max_length=64", "data.safety_max_length=48", "data.eval=[]",
-        "data.train=[{path: data/alpaca/seed_tasks.jsonl, format: alpaca_seed, limit: 8}]"]
-
-
-def test_perturb_changes_loss_and_restore_is_bit_exact_bf16(tmp_path):
+def test_perturb_changes_loss_and_restore_is_bit_exact_bf16(triton_runs):
     """Through the Triton kernels (interpreted); the perturbed shards are also compared
     bit for bit with what the PyTorch twin writes from the same inputs."""
-    result, _, _ = _run_zero3(tmp_path, ["method=sap", "sap.rho=0.05", "sap.kernels=triton", *BF16], steps=1, inspect=True)
+    result, _, _ = triton_runs["bf16-inspect"]
     r = result["inspect"]
     assert r["perturb_equals_twin"], "perturbed shards differ from the PyTorch twin's"
     assert r["stats"]["direction_ok"] and r["scale"] > 0
@@ -176,11 +227,9 @@ def test_perturb_changes_loss_and_restore_is_bit_exact_bf16(tmp_path):
     assert abs(r["stats"]["perturb_realized_ratio"] - 1) < 0.1 and r["stats"]["perturb_cosine"] > 0.99, r["stats"]
 
 
-def test_bf16_sap_loss_is_finite_and_falls(tmp_path):
+def test_bf16_sap_loss_is_finite_and_falls(runs):
     """Four bf16 SAP steps on the same 4 examples (one global batch): the loss must fall."""
-    result, _, probes = _run_zero3(
-        tmp_path, ["method=sap", "sap.rho=0.05", *BF16, "data.train.0.limit=4", "data.shuffle=false", "train.lr=1e-2"], steps=4
-    )
+    result, _, probes = runs["bf16-falls"]
     means = [sum(step) / len(step) for step in result["losses"]]
     assert all(map(math.isfinite, means)), means
     assert means[-1] < means[0] - 0.05, f"bf16 SAP loss did not fall: {means}"
@@ -191,12 +240,11 @@ def test_bf16_sap_loss_is_finite_and_falls(tmp_path):
         assert 0 < stats["perturb_changed_fraction"] <= 1, stats
 
 
-def test_random_direction_ablation(tmp_path):
+def test_random_direction_ablation(runs):
     """sap.direction=random: a standard Gaussian over exactly the trainable elements of all
     ranks' shards (||d||^2 = N within 1 %, where sqrt(2N) is the spread), no safety pass,
     and the probe still trains and stays identical on the ranks."""
-    result, params, probes = _run_zero3(tmp_path, ["method=sap", "sap.direction=random", "sap.rho=0.05", "sap.probe_lr=0.1",
-                                                   "data.safety=[]"], steps=2)
+    result, params, probes = runs["random-direction"]
     n = sum(t.numel() for t in params.values())
     assert len(result["sap_stats"]) == 2
     for stats in result["sap_stats"]:
@@ -207,47 +255,12 @@ def test_random_direction_ablation(tmp_path):
 
 # --------------------------------------------------------------------------- gradient accumulation
 
-# One launch runs every variant (a Trainer after another in one process): 2 and 3 micro-batches
-# per rank, LoRA and full fine-tuning, and rho = 0. The micro-batches hold different numbers of
-# response tokens (checked below), so a token mean over the whole rank batch would differ from
-# the mean of micro-batch means the engine and the reference compute.
-SAP_GAS = ["method=sap", "sap.probe_lr=0.1"]
-GAS_VARIANTS = {
-    "full-gas2": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=2"],
-    "full-gas3": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=3", "sap.safety_loss=difference"],
-    "lora-gas2": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=2", *LORA],
-    "lora-gas3": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=3", *LORA],
-    "rho0-gas2": [*SAP_GAS, "sap.rho=0.0", "train.grad_accum=2"],
-}
-
-
-OFFLOAD = "offload-collectives"
-GAS_STEPS = 2  # the probe after step 1 is already off without the fix (18 %), and step 2 trains with it
-
-
-@pytest.fixture(scope="module")
-def gas_runs(tmp_path_factory):
-    """The GAS variants, and (same launch) a ZeRO-Offload SAP run under the collective checker."""
-    tmp = tmp_path_factory.mktemp("gas")
-    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
-    ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    (tmp / "offload.json").write_text(json.dumps(ds))
-    variants = [{"name": name, "overrides": overrides} for name, overrides in GAS_VARIANTS.items()]
-    variants.append({"name": OFFLOAD, "steps": 2, "check_collectives": True, "overrides": [
-        f"deepspeed_config={tmp / 'offload.json'}", "method=sap", "sap.rho=0.05", "train.grad_accum=2",
-        "train.offload_adam=torch"]})
-    args = ["tests/zero3_runner.py", "--config", "configs/tiny.yaml", "--steps", str(GAS_STEPS), "--out", str(tmp),
-            "--variants", json.dumps(variants), f"output_dir={tmp / 'run'}", *COMMON]
-    proc = launch(args, timeout=900)
-    assert proc.returncode == 0, "2-rank run failed (output above)"
-    return {name: _load_run(tmp / name) for name in [*GAS_VARIANTS, OFFLOAD]}
-
 
 @pytest.mark.parametrize("name", [n for n in GAS_VARIANTS if not n.startswith("rho0")])
-def test_zero3_sap_with_grad_accum_matches_reference(gas_runs, name):
+def test_zero3_sap_with_grad_accum_matches_reference(runs, name):
     """grad_accum 2 and 3: the probe gradient at W' and the main pass's at W are both means
     over the micro-batches (DeepSpeed's output hook must not scale the probe pass again)."""
-    result, _, probes, ref = _compare(None, GAS_VARIANTS[name], run=gas_runs[name], rtol=RTOL_SAP, steps=GAS_STEPS)
+    result, _, probes, ref = _compare(GAS_VARIANTS[name], runs[name], rtol=RTOL_SAP, steps=GAS_STEPS)
     gas = int(name[-1])
     for step in result["micro_batch_tokens"]:
         assert all(len(rank) == gas for rank in step)
@@ -258,12 +271,12 @@ def test_zero3_sap_with_grad_accum_matches_reference(gas_runs, name):
     _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
 
 
-def test_rho_zero_with_grad_accum_keeps_the_probe_at_zero(gas_runs):
+def test_rho_zero_with_grad_accum_keeps_the_probe_at_zero(runs):
     """rho = 0 and 2 micro-batches: -grad_V L(W) of the probe pass and +grad_V L(W) of the main
     pass cancel exactly, so V stays 0 and the weights follow SFT with the same accumulation
     (compared with the reference's SFT: its own SAP at rho = 0 does not cancel exactly, since
     it sums the two terms in another order, and Adam turns that noise into a probe of 1e-5)."""
-    result, params, probes = gas_runs["rho0-gas2"]
+    result, params, probes = runs["rho0-gas2"]
     assert probes[0].abs().max() == 0 and probes[1].abs().max() == 0, float(probes[0].abs().max())
     cfg = load_config(REPO / "configs/tiny.yaml", COMMON + ["method=sft", "train.grad_accum=2", f"train.max_steps={GAS_STEPS}"])
     ref = run_reference(cfg, world=2, steps=GAS_STEPS)
@@ -273,14 +286,14 @@ def test_rho_zero_with_grad_accum_keeps_the_probe_at_zero(gas_runs):
         assert got == pytest.approx(want, rel=1e-5), f"step {step} losses differ"
 
 
-def test_offload_sap_run_issues_every_collective_on_the_groups_device(gas_runs):
+def test_offload_sap_run_issues_every_collective_on_the_groups_device(runs):
     """ZeRO-Offload (the fp32 master, direction and sums on the CPU): every tensor collective
     sap_ds issues goes through sap_ds.collectives with its tensor on the group's device
     (tests/collective_checker.py; on gloo that is the CPU, so what this run proves is the
     routing: test_collectives.py checks the device choice under NCCL). The same run proves
     the offloaded gradient layout (per-group copy equals DeepSpeed's per-parameter accessor)
     and that train.offload_adam=torch steps torch AdamW."""
-    result = gas_runs[OFFLOAD][0]
+    result = runs[OFFLOAD][0]
     for rank in result["collectives"]:
         assert rank["violations"] == [], rank["violations"]
         assert rank["sap_ds_calls"] >= 8, rank  # norms, fidelity, probe update, hidden norms, rank checks, eval
