@@ -1,4 +1,5 @@
-"""One Safety-Aware Probing step on ZeRO-3 shards (DESIGN.md sections 1-2).
+"""One Safety-Aware Probing step on ZeRO-3 shards (docs/algorithm.md: "One step", "The
+phases on ZeRO-3 shards").
 
 Each phase is one function; ``sap_step`` runs them in order:
 

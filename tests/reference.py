@@ -1,6 +1,6 @@
 """Plain-PyTorch, single-process SFT and SAP: the independent reference.
 
-Written from DESIGN.md section 1, with no DeepSpeed and none of sap-ds's training code
+Written from docs/algorithm.md ("One step"), with no DeepSpeed and none of sap-ds's training code
 (only its data pipeline, which has tests of its own, and the LR schedule). It sees the
 whole global batch of every step and reproduces what data parallelism means: rank r's
 micro-batch m is the same slice the trainer gives that rank, each micro-batch loss is a

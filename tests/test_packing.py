@@ -2,7 +2,8 @@
 an example (packed loss and gradients equal the unpacked ones, fp32, 1e-5, for every
 attention path, and a packed row without restarting positions does not), the error for a
 model that can do none of it, and SAP on packed batches: 2-rank ZeRO-3 against the
-plain-PyTorch reference, which runs every pack's examples unpacked."""
+plain-PyTorch reference, which runs every pack's examples unpacked (in
+tests/test_zero3_reference.py, whose single launch runs it with the other reference runs)."""
 from __future__ import annotations
 
 import types
@@ -18,7 +19,6 @@ from sap_ds.data.packing import first_fit_decreasing
 from sap_ds.losses import forward_logits, task_loss
 from sap_ds.modeling import ModelError, load_model
 from tests.conftest import REPO
-from tests.test_zero3_reference import RTOL_SAP, _assert_close, _compare
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -105,20 +105,3 @@ def test_run_data_packs_every_example_once(tokenizer, tmp_path):
     assert all(isinstance(p, Packed) and len(p.input_ids) <= 256 for p in data.train)
     assert int(data.train.lengths.sum()) == int(plain.train.lengths.sum())
     assert data.summary()["packs"] == len(data.train) and 0.5 < data.summary()["pack_fill"] <= 1.0
-
-
-# SST-2 examples (50-80 tokens) in packs of <= 128: about two per pack, so a micro-batch of 2
-# packs holds about the tokens of tiny.yaml's unpacked micro-batches (the other reference tests).
-PACKED = ["data.packing=true", "data.max_length=128", "data.train=[{path: data/sst2/train.tsv, format: sst2, limit: 24}]"]
-
-
-def test_zero3_sap_on_packed_batches_matches_reference(tmp_path, tokenizer):
-    """SAP's safety, probe and main passes with packed task batches (the safety batch stays
-    unpacked) on 2 ZeRO-3 ranks, against the reference run on the same examples unpacked."""
-    overrides = ["method=sap", "sap.probe_lr=0.1", "sap.rho=0.05", "sap.safety_loss=contrastive", *PACKED]
-    result, params, probes, ref = _compare(tmp_path, overrides, rtol=RTOL_SAP)
-    assert torch.equal(probes[0], probes[1]) and ref["probe"].abs().max() > 0
-    _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
-    cfg = load_config(REPO / "configs/tiny.yaml", overrides)
-    data = build_run_data(cfg.data, tokenizer, cfg.seed, need_safety=True)
-    assert data.packed and len(data.train) < len(data.examples) * 2 // 3, "the run hardly packed"

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from sap_ds.config import load_config
+from sap_ds.data import build_run_data
 from tests.conftest import REPO, launch
 from tests.reference import run_reference
 
@@ -138,6 +139,12 @@ GAS_VARIANTS = {
     "lora-gas3": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=3", *LORA],
     "rho0-gas2": [*SAP_GAS, "sap.rho=0.0", "train.grad_accum=2"],
 }
+# SST-2 examples (50-80 tokens) in packs of <= 128: about two per pack, so a micro-batch of 2
+# packs holds about the tokens of tiny.yaml's unpacked micro-batches (the other reference tests).
+PACKED = ["data.packing=true", "data.max_length=128", "data.train=[{path: data/sst2/train.tsv, format: sst2, limit: 24}]"]
+PACKED_SAP = ["method=sap", "sap.probe_lr=0.1", "sap.rho=0.05", "sap.safety_loss=contrastive", *PACKED]
+
+
 OFFLOAD = "offload-collectives"
 GAS_STEPS = 2  # the probe after step 1 is already off without the fix (18 %), and step 2 trains with it
 
@@ -161,6 +168,7 @@ def runs(tmp_path_factory):
         "method=sap", "sap.rho=0.05", *BF16, "data.train.0.limit=4", "data.shuffle=false", "train.lr=1e-2"]}
     for name, overrides in GAS_VARIANTS.items():
         variants[name] = {"steps": GAS_STEPS, "overrides": overrides}
+    variants["packed"] = {"overrides": PACKED_SAP}
     variants[OFFLOAD] = {"steps": 2, "check_collectives": True, "overrides": [
         f"deepspeed_config={tmp / 'offload.json'}", "method=sap", "sap.rho=0.05", "train.grad_accum=2",
         "train.offload_adam=torch"]}
@@ -301,3 +309,17 @@ def test_offload_sap_run_issues_every_collective_on_the_groups_device(runs):
     assert r["grads_copied_per_group"] and r["grads_flat_equal_per_param"], "offloaded gradient layout"
     assert r["all_ok"], r
     assert result["optimizer"] == "AdamW" and math.isfinite(result["eval_loss"])
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def test_zero3_sap_on_packed_batches_matches_reference(runs, tokenizer):
+    """SAP's safety, probe and main passes with packed task batches (the safety batch stays
+    unpacked) on 2 ZeRO-3 ranks, against the reference run on the same examples unpacked."""
+    result, params, probes, ref = _compare(PACKED_SAP, runs["packed"], rtol=RTOL_SAP)
+    assert torch.equal(probes[0], probes[1]) and ref["probe"].abs().max() > 0
+    _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
+    cfg = load_config(REPO / "configs/tiny.yaml", PACKED_SAP)
+    data = build_run_data(cfg.data, tokenizer, cfg.seed, need_safety=True)
+    assert data.packed and len(data.train) < len(data.examples) * 2 // 3, "the run hardly packed"
