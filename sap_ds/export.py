@@ -44,6 +44,7 @@ def export_model(trainer) -> Path:
 
 
 def _write_export(trainer, state: dict, target: Path) -> None:
+    trainer.out.mkdir(parents=True, exist_ok=True)  # a Trainer driven step by step (tests, bench) has not made it
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=trainer.out))
     try:
         _save_models(trainer, state, tmp)

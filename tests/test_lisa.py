@@ -107,3 +107,27 @@ def test_lisa_config_errors():
         load_config(REPO / "configs/tiny.yaml", ["method=lisa", "data.safety=[]"])
     with pytest.raises(ConfigError, match="lisa"):
         load_config(REPO / "configs/tiny.yaml", ["method=dpo"])
+
+
+def test_lisa_anchor_resumes_on_another_world_size_only_at_a_switch():
+    from sap_ds.checkpoint import CheckpointError
+
+    cfg = load_config(REPO / "configs/tiny.yaml", ["method=lisa", "lisa.align_steps=2", "lisa.finetune_steps=3"])
+    method = LisaMethod(cfg)
+    method.load_state_dict({"meta": {"step": 2}, "tensors": {}}, resharded=True)  # a switch: the anchor is renewed
+    with pytest.raises(CheckpointError, match="step 3 is not a phase switch"):
+        method.load_state_dict({"meta": {"step": 3}, "tensors": {}}, resharded=True)
+
+
+def test_lisa_keys_do_not_change_other_methods_runs():
+    """A run saved before the lisa section existed (no lisa.* keys) is the same SFT/SAP run;
+    for a Lisa run, a changed lisa key is a change."""
+    from sap_ds.config import config_changes, config_to_dict
+
+    for method in ("sft", "sap"):
+        cfg = load_config(REPO / "configs/tiny.yaml", [f"method={method}"])
+        saved = {k: v for k, v in config_to_dict(cfg).items() if k != "lisa"}
+        assert config_changes(saved, cfg) == []
+    cfg = load_config(REPO / "configs/tiny.yaml", ["method=lisa"])
+    saved = config_to_dict(load_config(REPO / "configs/tiny.yaml", ["method=lisa", "lisa.rho=0.1"]))
+    assert config_changes(saved, cfg) == ["lisa.rho: trained with 0.1, now 1.0"]
