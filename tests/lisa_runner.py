@@ -1,4 +1,4 @@
-"""Lisa on 2 ZeRO-3 ranks, full fine-tuning and LoRA in one launch (tests/test_lisa.py).
+"""Lisa on 2 ZeRO-3 ranks, full fine-tuning and LoRA in one launch (tests/test_methods.py).
 
     deepspeed --num_gpus 2 tests/lisa_runner.py --config C --steps N --out DIR --variants JSON [key=value ...]
 

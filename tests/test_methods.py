@@ -1,14 +1,15 @@
-"""Lisa (sap_ds/methods/lisa.py) against the authors' algorithm, and the method registry.
+"""The method interface (sap_ds/methods/), and Lisa against the authors' algorithm.
 
 The 2-rank test runs Lisa on ZeRO-3 for full fine-tuning and for LoRA in one launch and
 compares every trainable parameter with the plain-PyTorch reference (tests/reference.py,
 the authors' LisaTrainer bookkeeping), at the tolerances of tests/test_zero3_reference.py
-(fp32, Adam eps 1e-4). Six steps with lisa.align_steps = finetune_steps = 2 cover two
-phase switches (steps 2 and 4), the first step without the proximal term and the rest
-with it, and gradient clipping of the total gradient. The LoRA run is checkpointed after
-step 3 (inside a fine-tuning phase, whose anchor is not the initial weights) and resumed
-in a new Trainer. rho is raised to 20 so that the proximal term moves the weights far
-beyond the tolerance (checked: the run with rho = 0 is far from it).
+(fp32, Adam eps 1e-4; LoRA see RTOL_LORA). Five steps with lisa.align_steps =
+finetune_steps = 2 (phases A A F F A) cover two phase switches (steps 2 and 4), the first
+step without the proximal term (proximal_after 0.1 of 5 steps) and the rest with it, and
+gradient clipping of the total gradient. The LoRA run is checkpointed after step 3 (inside
+a fine-tuning phase, whose anchor is not the initial weights) and resumed in a new
+Trainer. rho is raised to 20 so that the proximal term moves the weights far beyond the
+tolerance (checked on LoRA: the reference with rho = 0 is ~1 of scale away).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from sap_ds.methods.lisa import LisaMethod
 from tests.conftest import REPO, launch
 from tests.reference import _RefLisa, run_reference
 
-STEPS = 6
+STEPS = 5
 COMMON = ["train.adam_eps=1e-4", "method=lisa", "lisa.align_steps=2", "lisa.finetune_steps=2", "lisa.rho=20",
           "export.enabled=false"]
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj,down_proj]"]
@@ -36,7 +37,8 @@ RTOL = 1e-5  # as tests/test_zero3_reference.py
 # sum of a few such updates: reduction-order noise is amplified, as SAP's is with LoRA
 # (tests/test_zero3_reference.py, RTOL_SAP). A wrong term moves them by ~1 of scale.
 RTOL_LORA = 5e-5
-VARIANTS = [{"name": "full", "overrides": [], "rtol": RTOL}, {"name": "lora", "overrides": LORA, "resume_at": 3, "rtol": RTOL_LORA}]
+VARIANTS = [{"name": "full", "overrides": [], "rtol": RTOL},
+            {"name": "lora", "overrides": LORA, "resume_at": 3, "rtol": RTOL_LORA, "check_rho_matters": True}]
 
 
 def _relative_errors(got, ref):
@@ -72,6 +74,8 @@ def test_zero3_lisa_matches_reference(lisa_runs, variant):
         assert worst <= 10 * rtol and q999 <= rtol, f"{name}: |zero3 - reference| max {worst:.2e}, q99.9 {q999:.2e}"
     for step, (got, want) in enumerate(zip(result["losses"], ref["losses"])):
         assert got == pytest.approx(want, rel=1e-5), f"step {step} losses differ"
+    if not variant.get("check_rho_matters"):
+        return
     # The comparison can fail: without the proximal term the weights end far from these.
     plain = run_reference(load_config(REPO / "configs/tiny.yaml", overrides + ["lisa.rho=0"]), world=2, steps=STEPS)
     moved = max(_relative_errors(params[n], t)[0] for n, t in plain["params"].items())
@@ -131,3 +135,24 @@ def test_lisa_keys_do_not_change_other_methods_runs():
     cfg = load_config(REPO / "configs/tiny.yaml", ["method=lisa"])
     saved = config_to_dict(load_config(REPO / "configs/tiny.yaml", ["method=lisa", "lisa.rho=0.1"]))
     assert config_changes(saved, cfg) == ["lisa.rho: trained with 0.1, now 1.0"]
+
+
+def test_sap_export_transform_is_keep_probe():
+    """SAP's export hook writes the probe into the model only with export.keep_probe."""
+    import types
+
+    from sap_ds.methods.sap import SapMethod
+    from sap_ds.probe import Probe
+    from tests.test_probe import CPU, HIDDEN, _model
+
+    model = _model("llama", layers=3)
+    probe = Probe(model, [0, 2], HIDDEN, CPU)
+    probe.init_random(3.0, seed=0)
+    probe.remove()
+    for keep in (False, True):
+        method = SapMethod(load_config(REPO / "configs/tiny.yaml", ["method=sap", f"export.keep_probe={str(keep).lower()}"]))
+        method.state = types.SimpleNamespace(probe=probe)
+        out = method.export_transform(None, model)
+        assert (out is model) != keep
+        if keep:
+            assert out.model.layers[2].mlp.down_proj.bias.equal(probe.vectors[1].detach())
