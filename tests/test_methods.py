@@ -3,7 +3,8 @@
 The 2-rank test runs Lisa on ZeRO-3 for full fine-tuning and for LoRA in one launch and
 compares every trainable parameter with the plain-PyTorch reference (tests/reference.py,
 the authors' LisaTrainer bookkeeping), at the tolerances of tests/test_zero3_reference.py
-(fp32, Adam eps 1e-4; LoRA see RTOL_LORA). Five steps with lisa.align_steps =
+(fp32, Adam eps 1e-4; LoRA see RTOL_LORA). Full fine-tuning runs on ZeRO-Offload with 2
+micro-batches per rank, LoRA on the default engine. Five steps with lisa.align_steps =
 finetune_steps = 2 (phases A A F F A) cover two phase switches (steps 2 and 4), the first
 step without the proximal term (proximal_after 0.1 of 5 steps) and the rest with it, and
 gradient clipping of the total gradient. The LoRA run is checkpointed after step 3 (inside
@@ -37,7 +38,11 @@ RTOL = 1e-5  # as tests/test_zero3_reference.py
 # sum of a few such updates: reduction-order noise is amplified, as SAP's is with LoRA
 # (tests/test_zero3_reference.py, RTOL_SAP). A wrong term moves them by ~1 of scale.
 RTOL_LORA = 5e-5
-VARIANTS = [{"name": "full", "overrides": [], "rtol": RTOL},
+# Full fine-tuning on ZeRO-Offload (the gradient in the offloaded fp32 buffer, clipping from
+# the per-parameter norms DeepSpeed keeps, which add_to_local_grads must update) with 2
+# micro-batches per rank; LoRA on the default engine (the flat gradient buffer).
+OFFLOAD = ["deepspeed_config={tmp}/offload.json", "train.offload_adam=torch", "train.grad_accum=2"]
+VARIANTS = [{"name": "full", "overrides": OFFLOAD, "rtol": RTOL},
             {"name": "lora", "overrides": LORA, "resume_at": 3, "rtol": RTOL_LORA, "check_rho_matters": True}]
 
 
@@ -50,19 +55,28 @@ def _relative_errors(got, ref):
     return err.max().item() / scale, q999 / scale
 
 
+def _variants(tmp):
+    return [{**v, "overrides": [o.format(tmp=tmp) for o in v["overrides"]]} for v in VARIANTS]
+
+
 @pytest.fixture(scope="module")
 def lisa_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("lisa")
+    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (out / "offload.json").write_text(json.dumps(ds))
     proc = launch(["tests/lisa_runner.py", "--config", "configs/tiny.yaml", "--steps", str(STEPS), "--out", str(out),
-                   "--variants", json.dumps(VARIANTS), *COMMON])
+                   "--variants", json.dumps(_variants(out)), *COMMON])
     assert proc.returncode == 0, "2-rank Lisa run failed (output above)"
-    return {v["name"]: (json.loads((out / v["name"] / "result.json").read_text()),
-                        load_file(str(out / v["name"] / "params.safetensors"))) for v in VARIANTS}
+    return out, {v["name"]: (json.loads((out / v["name"] / "result.json").read_text()),
+                             load_file(str(out / v["name"] / "params.safetensors"))) for v in VARIANTS}
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v["name"] for v in VARIANTS])
 def test_zero3_lisa_matches_reference(lisa_runs, variant):
-    result, params = lisa_runs[variant["name"]]
+    tmp, runs = lisa_runs
+    result, params = runs[variant["name"]]
+    variant = next(v for v in _variants(tmp) if v["name"] == variant["name"])
     if "resume_at" in variant:
         assert result["resumed_at"] == variant["resume_at"], "the run did not resume from its checkpoint"
     overrides = COMMON + variant["overrides"] + [f"train.max_steps={STEPS}"]
