@@ -139,7 +139,7 @@ class DistributedConfig(_Section):
 
 
 class SapConfig(_Section):
-    """Safety-Aware Probing (docs/algorithm.md). Ignored when method is 'sft'."""
+    """Safety-Aware Probing (docs/algorithm.md). Ignored unless method is 'sap'."""
 
     rho: float = Field(2e-5, ge=0.0, description="Perturbation radius relative to ||W|| (authors' grad_rate).")
     probe_layers: list[int] = Field(default_factory=lambda: [3, 9])
@@ -172,13 +172,32 @@ class SapConfig(_Section):
     def unused_keys(self, method: str) -> set[str]:
         """The keys that cannot change a run of ``method`` with these settings: all of them
         for SFT; for a fixed probe (``probe_train: false``) the ones of the passes it skips."""
-        if method == "sft":
+        if method != "sap":
             return set(type(self).model_fields)
         if not self.probe_train:
             return {"rho", "probe_lr", "probe_adam_eps", "probe_reset", "probe_lr_schedule", "safety_loss", "temperature",
                     "safety_batch_size", "safety_every", "perturb_norm", "probe_fraction", "direction", "kernels",
                     "resolution_check"}
         return set()
+
+
+class LisaConfig(_Section):
+    """Lisa (Huang et al., NeurIPS 2024; docs/algorithm.md, "Lisa"): alternating phases of
+    alignment-data steps (the safe responses of data.safety) and task-data steps, with a
+    proximal term toward the other phase's last weights. Ignored unless method is 'lisa'.
+    Defaults: the authors' script/finetune/lisa_poison_ratio.sh."""
+
+    align_steps: int = Field(100, ge=0, description="Optimizer steps on alignment data per cycle (authors: 100).")
+    finetune_steps: int = Field(900, ge=0, description="Optimizer steps on task data per cycle (authors: 900).")
+    rho: float = Field(1.0, ge=0.0, description="Proximal strength: rho/2 ||w - w_other||^2 (authors' script: 1).")
+    proximal_after: float = Field(0.1, ge=0.0, le=1.0, description="No proximal term for this fraction of the "
+                                  "run's steps (authors' code: 0.1, hard-coded).")
+
+    @model_validator(mode="after")
+    def _some_steps(self) -> "LisaConfig":
+        if self.align_steps == 0 and self.finetune_steps == 0:
+            raise ValueError("lisa.align_steps and lisa.finetune_steps are both 0: give at least one a step count")
+        return self
 
 
 class SafeLoraExportConfig(_Section):
@@ -233,7 +252,7 @@ class RunConfig(_Section):
     run_name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 42
-    method: Literal["sft", "sap"] = "sft"
+    method: Literal["sft", "sap", "lisa"] = Field("sft", description="sap_ds/methods/: sft, sap or lisa.")
     deepspeed_config: str = Field("ds_configs/zero3_cpu.json", json_schema_extra=CONFIG_PATH,
                                   description="DeepSpeed JSON: a path, or a shipped one's name (zero3_bf16.json).")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -241,6 +260,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sap: SapConfig = Field(default_factory=SapConfig)
+    lisa: LisaConfig = Field(default_factory=LisaConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -265,6 +285,9 @@ class RunConfig(_Section):
         needs_safety = self.sap.direction == "safety" and self.sap.probe_train and self.sap.probe_enabled
         if self.method == "sap" and needs_safety and not self.data.safety:
             raise ValueError("method 'sap' needs safety pairs: set data.safety to a list of sources")
+        if self.method == "lisa" and self.lisa.align_steps > 0 and not self.data.safety:
+            raise ValueError("method 'lisa' aligns on the safe responses of data.safety: set data.safety to a list of "
+                             "sources (or lisa.align_steps: 0)")
         if not self.sap.probe_train and self.sap.probe_init == "zeros":
             raise ValueError("sap.probe_train false keeps the probe at its initial value, which is zero: "
                              "set sap.probe_init: random (the fixed-random-probe ablation)")
@@ -549,6 +572,8 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
     # sap.resolution_check only decides whether a run may start: it never changes what is trained.
     ignore = NOT_TRAINING_KEYS | {"sap.resolution_check"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
     ignore |= {f"distributed.{key}" for key in DistributedConfig.model_fields}
+    if cfg.method != "lisa":  # also: a run from before the lisa section existed has none
+        ignore |= {f"lisa.{key}" for key in LisaConfig.model_fields}
     return [f"{key}: trained with {old.get(key)!r}, now {new.get(key)!r}"
             for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key) and key not in ignore and not key.startswith("logging.")]

@@ -80,8 +80,7 @@ def _save_models(trainer, state: dict, tmp: Path) -> None:
         if cfg.export.merge_lora:
             model = model.merge_and_unload()
     if not cfg.lora.enabled or cfg.export.merge_lora:
-        if cfg.export.keep_probe and trainer.sap_state is not None:
-            model = with_probe_as_bias(model, trainer.sap_state.probe)
+        model = trainer.method.export_transform(trainer, model)  # SAP's export.keep_probe
         model.save_pretrained(tmp / "model", safe_serialization=True)
         trainer.tokenizer.save_pretrained(tmp / "model")
     if trainer.sap_state is not None:

@@ -1,7 +1,7 @@
-"""The training loop: one DeepSpeed ZeRO-3 engine, SFT or SAP, same data and logging.
+"""The training loop: one DeepSpeed ZeRO-3 engine, any method, same data and logging.
 
 Read top to bottom: ``Trainer.__init__`` builds data, model and engine;
-``Trainer.train`` runs the steps (``_sft_step`` or ``sap.sap_step``), evaluates, logs,
+``Trainer.train`` runs the steps (the method's, ``sap_ds/methods/``), evaluates, logs,
 checkpoints and exports; a signal or stop file ends it cleanly with a checkpoint.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from sap_ds.distributed import barrier, device, is_main
 from sap_ds.errors import TrainingStopped
 from sap_ds.ds_config import load_ds_config, optimizer_choice
 from sap_ds.losses import forward_logits, task_loss
+from sap_ds.methods import build_method
 from sap_ds.metrics import MetricsLogger
 from sap_ds.throughput import Throughput
 from sap_ds.modeling import apply_lora, load_model, load_tokenizer, resolve_model_path
@@ -67,7 +68,8 @@ class Trainer:
         model_path = resolve_model_path(cfg.model)
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-        self.data: RunData = build_run_data(cfg.data, self.tokenizer, cfg.seed, need_safety=cfg.method == "sap")
+        self.method = build_method(cfg)
+        self.data: RunData = build_run_data(cfg.data, self.tokenizer, cfg.seed, need_safety=self.method.needs_safety)
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
         if cfg.train.max_steps:
             self.total_steps = cfg.train.max_steps
@@ -97,9 +99,8 @@ class Trainer:
         if is_main():
             log.info("optimizer: %s; %s", type(self.engine.basic_optimizer).__name__, optimizer_choice(cfg, ds_config)[1])
         self.shards = sap.Zero3Shards(self.engine)
-        self.sap_state = None
-        if cfg.method == "sap":
-            self.sap_state = sap.make_state(self.engine, self.shards, cfg.sap, self.hidden_size, seed=cfg.seed)
+        self.sap_state = None  # SAP's state (set by its method's setup), read by export, bench and diagnostics
+        self.method.setup(self)
         self.timer = sap.PhaseTimer()
         self.step = 0
         self.tokens_seen = 0
@@ -136,8 +137,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def main_pass(self, micro_batches: list[dict]) -> list[float]:
-        """Forward/backward of the task loss per micro-batch, then one optimizer step."""
+    def main_pass(self, micro_batches: list[dict], before_step=None) -> list[float]:
+        """Forward/backward of the task loss per micro-batch, then one optimizer step;
+        ``before_step()`` runs between the two when the step is finite (a method's edit of
+        the reduced gradients, e.g. Lisa's proximal term)."""
         losses = []
         for m, batch in enumerate(micro_batches):
             self.engine.set_gradient_accumulation_boundary(m == len(micro_batches) - 1)
@@ -146,6 +149,8 @@ class Trainer:
             losses.append(loss.detach().float())
         finite = self._all_finite(torch.stack(losses), self.shards.local_grads_finite())
         if finite:
+            if before_step is not None:
+                before_step()
             self.engine.step()
         else:
             self.shards.drop_grads()
@@ -159,16 +164,7 @@ class Trainer:
         return all_reduce(flag).item() == 0
 
     def train_step(self, step: int) -> list[float]:
-        micro_batches = self.task_micro_batches(step)
-        if self.sap_state is None:
-            with self.timer("main"):
-                return self.main_pass(micro_batches)
-        due = sap.direction_due(self.sap_state, step, self.cfg.sap.safety_every)
-        # The random-direction ablation needs no safety batch, only the signal that a new
-        # direction is due (an empty batch).
-        safety = (self.safety_batch(step) if self.cfg.sap.direction == "safety" else {}) if due else None
-        return sap.sap_step(self.engine, self.shards, self.sap_state, self.cfg.sap, step, micro_batches, safety,
-                            self.main_pass, self.timer, lr_factor=self.lr_factor(step))
+        return self.method.step(self, step, self.task_micro_batches(step))
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -192,40 +188,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def _sap_tensors(self) -> dict[str, torch.Tensor]:
-        if self.sap_state is None:
-            return {}
-        s = self.sap_state
-        out = {"sap.probe": s.probe.vectors.detach(), "sap.scale": s.scale.reshape(1)}
-        out.update({f"sap.direction.{i}": d for i, d in enumerate(s.direction)})
-        opt_state = s.probe_optimizer.state.get(s.probe.vectors, {})
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            if key in opt_state:
-                out[f"sap.opt.{key}"] = torch.as_tensor(opt_state[key]).reshape(-1).float() if key == "step" else opt_state[key]
-        return out
-
-    def _restore_sap(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        if self.sap_state is None:
-            return
-        s = self.sap_state
-        with torch.no_grad():
-            s.probe.vectors.copy_(tensors["sap.probe"])
-            s.scale.copy_(tensors["sap.scale"].reshape(()))
-            resharded = bool(s.direction) and "sap.direction.0" not in tensors
-            for i, d in enumerate(s.direction):
-                # Re-sharded (another world size): the direction is shard-shaped, so a new one
-                # is made due at the next step instead; the probe and its optimizer are replicated.
-                d.zero_() if resharded else d.copy_(tensors[f"sap.direction.{i}"])
-            if resharded:
-                s.scale.zero_()
-        if "sap.opt.exp_avg" in tensors:
-            s.probe_optimizer.state[s.probe.vectors] = {
-                "exp_avg": tensors["sap.opt.exp_avg"].to(s.probe.vectors.device),
-                "exp_avg_sq": tensors["sap.opt.exp_avg_sq"].to(s.probe.vectors.device),
-                "step": tensors["sap.opt.step"].reshape(()).clone(),
-            }
-        s.direction_step = None if resharded else meta.get("direction_step")
-
     def checkpoint_identity(self) -> dict:
         trainable = sum(p.ds_numel for p in self.engine.module.parameters() if p.requires_grad)
         return {"method": self.cfg.method, "model_path": str(self.cfg.model.path), "trainable_params": trainable,
@@ -234,11 +196,10 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         # world_size and the global batches are not part of the identity: another number of
         # ranks may resume the run (resume.check_batch_on_new_world says on what terms).
+        state = self.method.state_dict()
         meta = {**self.checkpoint_identity(), "world_size": self.world, "global_batch": self.global_batch,
-                "safety_global_batch": self.cfg.sap.safety_batch_size * self.world if self.sap_state else None,
-                "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
-                "direction_step": self.sap_state.direction_step if self.sap_state else None}
-        return checkpoint.save(self.engine, self.ckpt_root, self.step, meta, self._sap_tensors(), self.cfg.train.save_total_limit)
+                "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps, **state["meta"]}
+        return checkpoint.save(self.engine, self.ckpt_root, self.step, meta, state["tensors"], self.cfg.train.save_total_limit)
 
     def maybe_resume(self) -> None:
         if self.cfg.train.resume == "never":
@@ -259,7 +220,7 @@ class Trainer:
             # Per-rank RNG streams cannot be mapped onto another number of ranks: every rank
             # starts a new one from (seed, step, rank), the same on every resume of this kind.
             torch.manual_seed(hash((self.cfg.seed, self.step, self.rank)) % 2**63)
-        self._restore_sap(tensors, meta)
+        self.method.load_state_dict({"meta": meta, "tensors": tensors}, resharded)
         self.shards.zero_padding()
         self.shards.refresh_gathered()
         if is_main():
@@ -267,14 +228,10 @@ class Trainer:
             log.info("resumed from %s at step %d%s", checkpoint.latest_tag(self.ckpt_root), self.step, how)
 
     def preflight(self) -> None:
-        """Checks before step 1 that need the engine: whether the working dtype can hold
-        SAP's perturbation (``sap.preflight``; ConfigError on every rank alike)."""
-        if self.sap_state is None or self.step != 0:
-            return
-        safety = (self.safety_batch(0) if self.cfg.sap.direction == "safety" else {}) \
-            if sap.direction_due(self.sap_state, 0, self.cfg.sap.safety_every) else None
-        with self.timer("safety"):  # step 1's safety pass, run here: logged with step 1
-            sap.preflight(self.engine, self.shards, self.sap_state, self.cfg.sap, safety, self.cfg.model.dtype)
+        """Checks before step 1 that need the engine, the method's (SAP: whether the working
+        dtype can hold its perturbation; ConfigError on every rank alike)."""
+        if self.step == 0:
+            self.method.preflight(self)
 
     def _watch_resolution(self, record: dict) -> None:
         """The check before step 1 sees only the first direction; a LoRA run starts with B = 0,
@@ -359,7 +316,7 @@ class Trainer:
         while self.step < self.total_steps:
             step_start = time.perf_counter()
             losses = self.train_step(self.step)
-            task_lengths = self._task_lengths(self.step)
+            task_lengths = self.method.trained_lengths(self, self.step)
             tokens = sum(task_lengths)
             self.tokens_seen += tokens
             run_tokens += tokens
@@ -384,9 +341,7 @@ class Trainer:
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 record.update({f"time/{k}": v for k, v in self.timer.pop().items() if v})
-                if self.sap_state is not None:
-                    record.update({f"sap/{k}": float(v) for k, v in sap.stats_as_floats(self.sap_state).items()})
-                    self._watch_resolution(record)
+                record.update(self.method.log_stats(self))
                 if evaluating:
                     eval_loss = record["eval_loss"] = self.evaluate()
                 self.metrics.log(record)

@@ -218,6 +218,21 @@ class Zero3Shards:
                 else:
                     buf.narrow(0, offset, grad.numel()).copy_(grad.reshape(-1))
 
+    @torch.no_grad()
+    def add_to_local_grads(self, deltas: list[torch.Tensor]) -> None:
+        """grad += delta on this rank's reduced gradient shards (``deltas``: flat fp32 buffers
+        laid out like the master), before ``engine.step``. Through DeepSpeed's
+        ``safe_get_local_grad``/``safe_set_local_grad``: the sum is taken in fp32 and written
+        in the gradient's own dtype, and with an offloaded optimizer the per-parameter norms
+        that gradient clipping reads are updated too (a write into the flat buffer would
+        leave them stale)."""
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        for gi, p, offset, _ in self.param_slices():
+            grad = safe_get_local_grad(p)
+            delta = deltas[gi].narrow(0, offset, p.partition_numel()).to(grad.device)
+            safe_set_local_grad(p, grad.reshape(-1) + delta)
+
     @property
     def grads_copied_per_group(self) -> bool:
         """Whether ``copy_local_grads`` uses the flat per-group views (after its first call)."""

@@ -1,4 +1,4 @@
-"""Plain-PyTorch, single-process SFT and SAP: the independent reference.
+"""Plain-PyTorch, single-process SFT, SAP and Lisa: the independent reference.
 
 Written from docs/algorithm.md ("One step"), with no DeepSpeed and none of sap-ds's training code
 (only its data pipeline, which has tests of its own, and the LR schedule). It sees the
@@ -9,6 +9,10 @@ token mean, and gradients are averaged over ranks and micro-batches.
 With ``data.packing`` the units of a batch are packs, but the reference never runs a packed
 row: it collates each micro-batch's examples unpacked (padded, with a padding mask), so the
 token mean over the same response tokens checks the trainer's packed attention too.
+
+Lisa follows the authors' ``LisaTrainer`` (git-disl/Lisa, ``trainer.py``) line by line: a
+status and a clock switched by ``check_mode``, both phases' weights kept as in
+``switch_model``, and the proximal term added to the loss, not to the gradient.
 """
 from __future__ import annotations
 
@@ -74,11 +78,37 @@ class _RefProbe:
         return hook
 
 
+class _RefLisa:
+    """The authors' phase bookkeeping: ``init``, ``check_mode`` and ``switch_model``."""
+
+    def __init__(self, cfg, params):
+        self.a, self.f = cfg.lisa.align_steps, cfg.lisa.finetune_steps
+        self.status = "alignment" if self.a != 0 else "finetune"
+        self.alignment_weights = [p.detach().clone() for p in params]
+        self.finetune_weights = [p.detach().clone() for p in params]
+        self.clock = 0
+        self.aligned = 0  # alignment batches drawn so far
+
+    def check_mode(self, steps: int, params) -> bool:
+        """Switch the status where the authors' code does; True on an alignment step."""
+        if self.status == "alignment":
+            if self.clock % self.a == 0 and steps != 0 and self.f != 0:
+                self.status = "finetune"
+                self.alignment_weights = [p.detach().clone() for p in params]
+                self.clock = 0
+        elif self.clock % self.f == 0 and steps != 0 and self.a != 0:
+            self.status = "alignment"
+            self.finetune_weights = [p.detach().clone() for p in params]
+            self.clock = 0
+        self.clock += 1
+        return self.status == "alignment"
+
+
 def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
     torch.manual_seed(cfg.seed)
     path = resolve_model_path(cfg.model)
     tok = load_tokenizer(path)
-    data = build_run_data(cfg.data, tok, cfg.seed, need_safety=cfg.method == "sap")
+    data = build_run_data(cfg.data, tok, cfg.seed, need_safety=cfg.method in ("sap", "lisa"))
     model = load_model(cfg.model, path)
     if cfg.lora.enabled:
         torch.manual_seed(cfg.seed)
@@ -103,12 +133,18 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
     pad = tok.pad_token_id
     losses = []
     direction = None
+    lisa = _RefLisa(cfg, params) if cfg.method == "lisa" else None
     for step in range(steps):
         idx = global_batch_indices(len(data.train), gb, step, cfg.seed, cfg.data.shuffle)
         micro = [
             [_micro_batch(data, idx[r * mb * gas + m * mb : r * mb * gas + (m + 1) * mb], pad) for m in range(gas)]
             for r in range(world)
         ]
+        if lisa is not None and lisa.check_mode(step, params):  # an alignment batch replaces the task batch
+            aidx = global_batch_indices(len(data.safety), gb, lisa.aligned, cfg.seed + 11)
+            lisa.aligned += 1
+            micro = [[collate([data.safety[i].safe for i in aidx[r * mb * gas + m * mb : r * mb * gas + (m + 1) * mb]], pad)
+                      for m in range(gas)] for r in range(world)]
         gv = None
         probing = sap and s.probe_enabled and s.probe_train
         if probing:
@@ -164,6 +200,9 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
             if probe is not None:
                 rank_norms.append(probe.norms.clone())
         losses.append(step_losses)
+        if lisa is not None and step > cfg.lisa.proximal_after * steps and cfg.lisa.rho > 0:
+            anchor = lisa.finetune_weights if lisa.status == "alignment" else lisa.alignment_weights
+            (cfg.lisa.rho / 2 * sum(torch.norm(p - a) ** 2 for p, a in zip(params, anchor))).backward()
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         opt.step()

@@ -173,7 +173,7 @@ def test_unknown_key_in_file(tmp_path):
     ("data.harmful_ratio=1.5", "data.harmful_ratio", "less than or equal to 1"),
     ("data.harmful_ratio=-0.1", "data.harmful_ratio", "greater than or equal to 0"),
     ("model.dtype=fp16", "model.dtype", "'bf16' or 'fp32'"),
-    ("method=foo", "method", "'sft' or 'sap'"),
+    ("method=foo", "method", "'sft', 'sap' or 'lisa'"),
     ("train.micro_batch_size=0", "train.micro_batch_size", "greater than 0"),
     ("train.micro_batch_size=abc", "train.micro_batch_size", "valid integer"),
     ("lora.enabled=maybe", "lora.enabled", "valid boolean"),

@@ -1,0 +1,53 @@
+"""What a training method is to the shared loop (``sap_ds/trainer.py``).
+
+The trainer owns the loop, the data, the engine, logging, evaluation, checkpoints and
+export; a method owns one optimizer step and the state it keeps between steps. The hooks,
+in the order the trainer calls them:
+
+* ``setup(trainer)``: once, after the engine and ``trainer.shards`` exist.
+* ``preflight(trainer)``: before step 1 of a fresh run (checks that need the engine).
+* ``step(trainer, step, micro_batches)``: forward/backward/``engine.step`` of one global
+  step (``micro_batches``: this rank's task micro-batches); returns the micro-batch losses.
+* ``trained_lengths(trainer, step)``: the real lengths of what that step trained on (all
+  ranks), for tokens/s and the FLOPs model.
+* ``log_stats(trainer)``: extra record entries, on logged steps only (device reads).
+* ``state_dict()`` / ``load_state_dict(state, resharded)``: what a checkpoint keeps,
+  ``{"meta": JSON-able, "tensors": {name: tensor}}`` (tensors are saved per rank; on
+  loading, "meta" is the whole checkpoint metadata, with "step").
+* ``export_transform(trainer, model)``: the HF model to write, given the trained one.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Method:
+    name = "base"
+    needs_safety = False  # whether the run data must include data.safety
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def setup(self, trainer) -> None:
+        pass
+
+    def preflight(self, trainer) -> None:
+        pass
+
+    def step(self, trainer, step: int, micro_batches: list[dict]) -> list[float]:
+        raise NotImplementedError
+
+    def trained_lengths(self, trainer, step: int) -> list[int]:
+        return trainer._task_lengths(step)
+
+    def log_stats(self, trainer) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"meta": {}, "tensors": {}}
+
+    def load_state_dict(self, state: dict, resharded: bool) -> None:
+        pass
+
+    def export_transform(self, trainer, model: torch.nn.Module) -> torch.nn.Module:
+        return model
