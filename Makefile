@@ -31,8 +31,12 @@ $(STAMP): setup.py requirements-cpu.txt
 demo: $(STAMP)
 	$(RUN_ENV) VENV=$(VENV) NPROC=$(NPROC) bash scripts/demo.sh
 
+# Two pytest workers, each taking whole files (module fixtures run once): most tests are one
+# process on one core, so two keep both cores of a small machine busy.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(RUN_ENV) $(PY) -m pytest -q tests
+	$(RUN_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -78,7 +78,7 @@ setup(
         "flash": ["flash-attn>=2.6"],
         "vllm": ["vllm>=0.6"],  # sap-ds eval backend: vllm (CUDA only); docs/evaluation.md
         "wandb": ["wandb>=0.19"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.19"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "wandb>=0.19"],
     },
     entry_points={"console_scripts": ["sap-ds=sap_ds.cli:main"]},
 )
