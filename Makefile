@@ -31,9 +31,10 @@ $(STAMP): setup.py requirements-cpu.txt
 demo: $(STAMP)
 	$(RUN_ENV) VENV=$(VENV) NPROC=$(NPROC) bash scripts/demo.sh
 
-# Two pytest workers, each taking whole files (module fixtures run once): most tests are one
-# process on one core, so two keep both cores of a small machine busy.
-TEST_WORKERS ?= 2
+# Three pytest workers, each taking whole files (module fixtures run once), longest first
+# (tests/conftest.py): many tests are one process waiting on start-up or files, so three keep
+# the two cores of a small machine busier than two do.
+TEST_WORKERS ?= 3
 
 test: $(STAMP)
 	$(RUN_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests

@@ -169,6 +169,8 @@ def runs(tmp_path_factory):
     for name, overrides in GAS_VARIANTS.items():
         variants[name] = {"steps": GAS_STEPS, "overrides": overrides}
     variants["packed"] = {"overrides": PACKED_SAP}
+    # the planner's model-state bytes against this engine's buffers (below)
+    variants["memory"] = {"steps": 1, "memory": True, "overrides": ["model.dtype=bf16", "data.max_length=64", "data.eval=[]"]}
     variants[OFFLOAD] = {"steps": 2, "check_collectives": True, "overrides": [
         f"deepspeed_config={tmp / 'offload.json'}", "method=sap", "sap.rho=0.05", "train.grad_accum=2",
         "train.offload_adam=torch"]}
@@ -323,3 +325,28 @@ def test_zero3_sap_on_packed_batches_matches_reference(runs, tokenizer):
     cfg = load_config(REPO / "configs/tiny.yaml", PACKED_SAP)
     data = build_run_data(cfg.data, tokenizer, cfg.seed, need_safety=True)
     assert data.packed and len(data.train) < len(data.examples) * 2 // 3, "the run hardly packed"
+
+
+# --------------------------------------------------------------------------- the planner, measured
+
+
+def test_model_states_match_a_live_zero3_engine_on_2_cpu_ranks(runs, tiny_model_path):
+    """sap-ds plan's per-rank parameter, gradient and optimizer bytes against what a real
+    2-rank bf16 ZeRO-3 engine holds (read from its buffers after one step). Equal up to
+    ZeRO-3's padding of each parameter to a multiple of the world size."""
+    from tests.test_plan import _plan
+
+    measured = runs["memory"][0]["memory"]
+    r = _plan(model=str(tiny_model_path / "config.json"), nodes=1, gpus_per_node=2, method="sft", probe_layers=(1, 2))
+    mem = r.gpu_memory_sft
+    expected = {
+        "params": mem["params (bf16, 2 B/param / world)"],
+        "grads": mem["grads (bf16, 2 B/trainable / world)"],
+        "optimizer": mem["optimizer (fp32 master+m+v, 12 B/trainable / world)"],
+    }
+    n_tensors = 4 * 9 + 2  # tiny Llama: 9 tensors per layer, embeddings, final norm
+    assert len(measured) == 2
+    for rank in measured:
+        for key, want in expected.items():
+            per_element = {"params": 2, "grads": 2, "optimizer": 12}[key]
+            assert abs(rank[key] - want) <= per_element * n_tensors, (key, rank[key], want)

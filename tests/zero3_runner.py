@@ -149,7 +149,7 @@ def main() -> int:
     parser.add_argument("--export", action="store_true", help="after training: logits of the engine, then export")
     parser.add_argument("--check-collectives", action="store_true",
                         help="inspect step 0, train, check ranks and evaluate under tests/collective_checker.py")
-    parser.add_argument("--variants", help="JSON list of {name, overrides[, steps, inspect, export, check_collectives]}: "
+    parser.add_argument("--variants", help="JSON list of {name, overrides[, steps, inspect, memory, export, check_collectives]}: "
                                            "one Trainer after another in this process, each writing to OUT/name (saves "
                                            "a launch per variant)")
     parser.add_argument("--local_rank", type=int, default=None)
@@ -173,7 +173,7 @@ def main() -> int:
         overrides = [*args.overrides, *variant["overrides"], f"train.max_steps={steps}",
                      f"output_dir={os.path.join(args.out, variant['name'], 'run')}"]
         run_one(load_config(args.config, overrides), rank, world, steps, os.path.join(args.out, variant["name"]),
-                inspect=variant.get("inspect", False), export=variant.get("export", False),
+                inspect=variant.get("inspect", False), memory=variant.get("memory", False), export=variant.get("export", False),
                 check_collectives=variant.get("check_collectives", False))
         release_deepspeed_globals()
         gc.collect()
