@@ -291,13 +291,9 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
     lowest = min(trainer.sap_state.probe.layers) if trainer.sap_state is not None else 0
 
     # Tear down so the next variant's deepspeed.initialize starts clean.
-    if trainer.sap_state is not None:
-        trainer.sap_state.probe.remove()
-    trainer.metrics.close()
-    trainer.engine.destroy()
     engine_ref = weakref.ref(trainer.engine)
+    trainer.close()
     del trainer
-    release_deepspeed_globals()
     gc.collect()
     released = engine_ref() is None
     if not released and rank == 0:

@@ -285,6 +285,19 @@ class Trainer:
     def _stop_file(self) -> Path:
         return Path(os.environ.get("SAP_DS_STOP_FILE", self.out / "STOP"))
 
+    def close(self) -> None:
+        """Tear the engine down so that another Trainer in this process starts clean (bench
+        variants, the GPU check, the shipped-config runner): the probe hooks, the metrics
+        files, the engine, and DeepSpeed's module-level references to it. The caller drops
+        its reference and collects."""
+        from sap_ds.bench import release_deepspeed_globals
+
+        if self.sap_state is not None:
+            self.sap_state.probe.remove()
+        self.metrics.close()
+        self.engine.destroy()
+        release_deepspeed_globals()
+
     def should_stop(self) -> bool:
         """All ranks agree: one rank's signal stops every rank at the same step."""
         local = self.stop_requested or self._stop_file().exists()

@@ -117,7 +117,6 @@ class Runner:
     def _train(self, cfg) -> list[str]:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        from sap_ds.bench import release_deepspeed_globals
         from sap_ds.ds_config import load_ds_config
         from sap_ds.metrics import check_logging
         from sap_ds.modeling import check_attention
@@ -134,12 +133,8 @@ class Runner:
         try:
             summary = trainer.train()
         finally:
-            if trainer.sap_state is not None:
-                trainer.sap_state.probe.remove()
-            trainer.metrics.close()
-            trainer.engine.destroy()
+            trainer.close()
             del trainer
-            release_deepspeed_globals()
             unset_hf_deepspeed_config()  # a later eval must load a whole model, not a ZeRO-3 partitioned one
             gc.collect()
         assert summary.get("final_step") == STEPS, f"trained to step {summary.get('final_step')}, not {STEPS}"

@@ -53,14 +53,8 @@ class Context:
 
 def close(trainer) -> None:
     """Tear an engine down so the next one starts clean (as sap-ds bench does)."""
-    from sap_ds.bench import release_deepspeed_globals
-
-    if trainer.sap_state is not None:
-        trainer.sap_state.probe.remove()
-    trainer.metrics.close()
-    trainer.engine.destroy()
+    trainer.close()
     del trainer
-    release_deepspeed_globals()
     gc.collect()
     import torch
 
