@@ -28,16 +28,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sap_ds.errors import CheckpointError  # noqa: F401 - defined there, raised and imported from here
 from sap_ds.distributed import barrier, is_main
 
 LATEST = "latest"
 STAGING = ".staging"
 META = "sap_ds_meta.json"
 UNIVERSAL = "universal"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from; the message says which and why."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -156,6 +153,23 @@ def check_identity(folder: Path, meta: dict, expect: dict) -> None:
                 f"it belongs to another run and was neither loaded nor changed. Use a new output_dir, or set "
                 f"train.resume=never to start this one over (which deletes the old run's checkpoints)"
             )
+
+
+def config_identity(cfg) -> dict:
+    """The part of ``Trainer.checkpoint_identity`` a run config fixes on its own (the
+    trainable parameter count needs the model)."""
+    return {"method": cfg.method, "model_path": str(cfg.model.path), "lora": cfg.lora.enabled}
+
+
+def check_resumable(cfg) -> None:
+    """Before the model loads: a checkpoint in output_dir of another method, model or LoRA
+    setting is refused in seconds, not after a 70B model has been loaded and sharded.
+    Unreadable metadata is left to ``Trainer.maybe_resume``, which checks the full identity
+    again and reports it after the config's own errors."""
+    root = Path(cfg.output_dir) / "checkpoints"
+    meta = peek_meta(root) if cfg.train.resume != "never" else None
+    if meta is not None:
+        check_identity(root / latest_tag(root), meta, config_identity(cfg))
 
 
 def convert_to_universal(folder: Path, workers: int = 1) -> Path:

@@ -1,13 +1,29 @@
-"""The errors a user can fix, and how they are reported: one clear line, exit code 2."""
+"""The errors a user can fix, and how they are reported: one clear line, exit code 2.
+
+Defined here, not in the modules that raise them (which re-export them), so that a bad
+config is reported without importing torch: seconds less for every mistyped key."""
 from __future__ import annotations
 
 import sys
 
-from sap_ds.checkpoint import CheckpointError
 from sap_ds.config import ConfigError
-from sap_ds.data import DataError
-from sap_ds.modeling import ModelError
-from sap_ds.probe import ProbeError
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded as configured; the message says what to change."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message says which and why."""
+
+
+class DataError(ValueError):
+    """A bad data file: the message names the file, the row or line, and the fix."""
+
+
+class ProbeError(ValueError):
+    """A probe that cannot be placed: unknown architecture or layer out of range."""
+
 
 USER_ERRORS = (ConfigError, DataError, ModelError, ProbeError, CheckpointError)
 EXIT_USER_ERROR = 2

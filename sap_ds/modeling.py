@@ -11,14 +11,11 @@ from pathlib import Path
 
 import torch
 
+from sap_ds.errors import ModelError  # noqa: F401 - defined there, raised and imported from here
 from sap_ds.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 WEIGHT_FILES = ("*.safetensors", "*.bin")
-
-
-class ModelError(ValueError):
-    """A model that cannot be loaded as configured; the message says what to change."""
 
 
 def resolve_model_path(cfg: ModelConfig) -> Path:

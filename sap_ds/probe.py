@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sap_ds.errors import ProbeError  # noqa: F401 - defined there, raised and imported from here
+
 # Where the decoder blocks live, per architecture family (first match wins).
 DECODER_LAYER_PATHS = (
     "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi-3, SmolLM
@@ -19,10 +21,6 @@ DECODER_LAYER_PATHS = (
     "model.decoder.layers",  # OPT
     "transformer.layers",
 )
-
-
-class ProbeError(ValueError):
-    """A probe that cannot be placed: unknown architecture or layer out of range."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

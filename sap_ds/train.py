@@ -65,9 +65,11 @@ def main(argv=None) -> int:
 
 def fail_fast(cfg) -> None:
     """Checks that need no process group: a bad model path, attention backend or DeepSpeed
-    file should fail in seconds, before ranks start and data loads."""
+    file, or a checkpoint of another run in output_dir, should fail in seconds, before
+    ranks start and data loads."""
     import torch
 
+    from sap_ds.checkpoint import check_resumable
     from sap_ds.distributed import prepare_environment
     from sap_ds.ds_config import load_ds_config
     from sap_ds.metrics import check_logging
@@ -80,6 +82,7 @@ def fail_fast(cfg) -> None:
     check_safelora_models(cfg)
     check_logging(cfg)
     load_ds_config(cfg, int(os.environ["WORLD_SIZE"]), on_gpu=torch.cuda.is_available())
+    check_resumable(cfg)
 
 
 def check_inputs(cfg) -> None:

@@ -190,8 +190,7 @@ class Trainer:
 
     def checkpoint_identity(self) -> dict:
         trainable = sum(p.ds_numel for p in self.engine.module.parameters() if p.requires_grad)
-        return {"method": self.cfg.method, "model_path": str(self.cfg.model.path), "trainable_params": trainable,
-                "lora": self.cfg.lora.enabled}
+        return {**checkpoint.config_identity(self.cfg), "trainable_params": trainable}
 
     def save_checkpoint(self) -> Path:
         # world_size and the global batches are not part of the identity: another number of

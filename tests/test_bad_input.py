@@ -3,9 +3,10 @@ with code 2, prints one ``sap-ds: error:`` message to stderr that names the key,
 line and what would be valid, prints no traceback, and leaves an existing output_dir
 (a previous run's files and checkpoints) exactly as it was.
 
-Config errors fail before any process group exists (a few seconds each); model, data
-and DeepSpeed-config errors after the process group starts; the probe-layer error after
-the engine is built. Each case is its own short process; the selected cases run two at a
+Config errors fail before torch is even imported (under a second each); model, data-file,
+DeepSpeed-config and checkpoint errors in sap_ds.train.fail_fast, before any process group
+exists; a malformed data file once the data is read, and the probe-layer error after the
+engine is built. Each case is its own short process; the selected cases run two at a
 time (they are import-bound), which halves the wall time on an otherwise idle 2-core machine."""
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ CASES = [
     Case("malformed_override", _overrides(["train.lr"], "'train.lr'", "key=value")),
     Case("missing_config_file", _missing_config),
     Case("invalid_yaml_config", _broken_yaml),
-    # ---- model, data, DeepSpeed config: after the process group starts
+    # ---- model, data, DeepSpeed config, output_dir's checkpoint: sap_ds.train.fail_fast (most)
     Case("missing_model_path", _overrides(["model.path=/nonexistent"], "model.path", "'/nonexistent'", "not a local folder",
                                           "embedded")),
     Case("model_folder_without_config_json", _model_without_config),
@@ -175,8 +176,8 @@ CASES = [
     Case("zero_plus_plus_hpz_with_sap", _zero_plus_plus_with_sap),
     Case("offload_with_triton_kernels", _offload_with_triton),
     Case("ds_batch_size_no_grad_accum_gives", _ds_batch_not_a_multiple),
-    # ---- after the engine is built
     Case("checkpoint_of_another_model", _checkpoint_of_another_model),
+    # ---- after the engine is built
     Case("probe_layer_out_of_range", _overrides(["method=sap", "sap.probe_layers=[0,99]"], "sap.probe_layers", "[99]",
                                                 "4 decoder layers", "0..3")),
 ]

@@ -123,7 +123,14 @@ def test_sigkill_at_20_moments_during_saving_never_loses_a_checkpoint(tmp_path):
     assert last_step >= 0, "no checkpoint ever completed"
 
 
-def test_corrupt_checkpoint_and_checkpoints_of_another_model_or_method_are_refused(tmp_path):
+def test_corrupt_checkpoint_and_checkpoints_of_another_model_or_method_are_refused(tmp_path, monkeypatch, capsys):
+    """Another method or LoRA setting is refused before the model loads (sap_ds.train.fail_fast:
+    here through sap_ds.train.main in this process, which returns before any process group
+    exists), another trainable-parameter count once the engine exists, and a damaged
+    checkpoint when it is loaded; none of them touches the checkpoint."""
+    from sap_ds.checkpoint import CheckpointError, check_identity
+    from sap_ds.train import main
+
     out = tmp_path / "run"
     out.mkdir()
     (out / "STOP").touch()  # an unfinished run (a finished one is refused earlier: tests/test_resume.py)
@@ -132,10 +139,21 @@ def test_corrupt_checkpoint_and_checkpoints_of_another_model_or_method_are_refus
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     before = sorted(p.name for p in latest.iterdir())
 
-    other = run_single([*BASE, f"output_dir={out}", "train.max_steps=2", "lora.enabled=true"])
-    assert other.returncode == 2 and "trainable_params" in other.stderr and "train.resume=never" in other.stderr
-    other_method = run_single([*BASE, f"output_dir={out}", "train.max_steps=2", "method=sap"])
-    assert other_method.returncode == 2 and "method='sft'" in other_method.stderr
+    monkeypatch.chdir(REPO)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu"}.items():
+        monkeypatch.setenv(key, value)  # what prepare_environment would set, undone after the test
+    capsys.readouterr()
+    assert main([*BASE, f"output_dir={out}", "train.max_steps=2", "lora.enabled=true"]) == 2
+    err = capsys.readouterr().err
+    assert str(latest) in err and "lora=False" in err and "lora=True" in err and "train.resume=never" in err
+    assert main([*BASE, f"output_dir={out}", "train.max_steps=2", "method=sap"]) == 2
+    assert "method='sft'" in capsys.readouterr().err
+    import torch.distributed as dist
+
+    assert not dist.is_initialized(), "refused after a process group started"
+    meta = json.loads((latest / "sap_ds_meta.json").read_text())
+    with pytest.raises(CheckpointError, match=r"trainable_params=\d+, this run has trainable_params=7"):
+        check_identity(latest, meta, {**{k: meta[k] for k in ("method", "model_path", "lora")}, "trainable_params": 7})
 
     (latest / "sap_ds_rank00000.safetensors").write_bytes(b"not a safetensors file")
     corrupt = run_single([*BASE, f"output_dir={out}", "train.max_steps=2"])

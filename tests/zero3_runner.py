@@ -164,8 +164,6 @@ def main() -> int:
         cfg = load_config(args.config, args.overrides + [f"train.max_steps={args.steps}"])
         run_one(cfg, rank, world, args.steps, args.out, args.inspect, args.memory, args.export, args.check_collectives)
         return 0
-    import gc
-
     from sap_ds.bench import release_deepspeed_globals
 
     for variant in json.loads(args.variants):  # each: name, overrides, optional steps and flags
@@ -175,8 +173,7 @@ def main() -> int:
         run_one(load_config(args.config, overrides), rank, world, steps, os.path.join(args.out, variant["name"]),
                 inspect=variant.get("inspect", False), memory=variant.get("memory", False), export=variant.get("export", False),
                 check_collectives=variant.get("check_collectives", False))
-        release_deepspeed_globals()
-        gc.collect()
+        release_deepspeed_globals()  # no gc.collect here: the next engine's set-up collects (zero.utils.defragment)
     return 0
 
 

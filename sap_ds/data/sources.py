@@ -13,12 +13,10 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from sap_ds.errors import DataError  # noqa: F401 - defined there, raised and imported from here
+
 HUB_PREFIX = "hf://"
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
-
-
-class DataError(ValueError):
-    """A bad data file: the message names the file, the row or line, and the fix."""
 
 
 def check_text_file(path: Path) -> None:
