@@ -8,6 +8,8 @@ in a cache; later loads take well under a second. Nothing is downloaded.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -34,12 +36,17 @@ def gguf_package_dir() -> Path:
 
 
 def embedded_model_dir() -> Path:
-    """Path of the converted plain Hugging Face folder, converting on first use.
-
-    """
+    """Path of the converted plain Hugging Face folder, converting on first use (one
+    process converts; the others wait for its folder)."""
     target = cache_root() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    ready = lambda: (target / "config.json").is_file() and (target / "model.safetensors").is_file()  # noqa: E731
+    if ready():
         return target
+    with _building(target):
+        return target if ready() else _convert_gguf(target)
+
+
+def _convert_gguf(target: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -54,6 +61,19 @@ def embedded_model_dir() -> Path:
         raise RuntimeError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     plain.tie_weights()
     return _save_folder_atomically(plain, tokenizer, target)
+
+
+@contextlib.contextmanager
+def _building(target: Path):
+    """One process builds ``target`` while the others (the ranks of a first run, the test
+    workers) wait for it instead of doing the same minute of work at the same time."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _save_folder_atomically(model, tokenizer, target: Path) -> Path:
@@ -82,10 +102,17 @@ def tiny_model_dir() -> Path:
     target = cache_root() / "tiny-random-llama"
     if (target / "model.safetensors").is_file():
         return target
+    with _building(target):
+        return target if (target / "model.safetensors").is_file() else _build_tiny(target)
+
+
+def _build_tiny(target: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    # the tokenizer straight from the GGUF file's metadata: the same call that makes the
+    # embedded folder's tokenizer, without dequantizing and saving its 135M weights first
+    tokenizer = AutoTokenizer.from_pretrained(gguf_package_dir(), gguf_file=GGUF_FILE)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
