@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sap_ds.errors import CheckpointError  # noqa: F401 - defined there, raised and imported from here
 from sap_ds.distributed import barrier, is_main
+from sap_ds.errors import CheckpointError  # noqa: F401 - defined there, raised and imported from here
 
 LATEST = "latest"
 STAGING = ".staging"

@@ -39,11 +39,14 @@ def embedded_model_dir() -> Path:
     """Path of the converted plain Hugging Face folder, converting on first use (one
     process converts; the others wait for its folder)."""
     target = cache_root() / "smollm2-135m-instruct"
-    ready = lambda: (target / "config.json").is_file() and (target / "model.safetensors").is_file()  # noqa: E731
-    if ready():
+    if _complete(target):
         return target
     with _building(target):
-        return target if ready() else _convert_gguf(target)
+        return target if _complete(target) else _convert_gguf(target)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 def _convert_gguf(target: Path) -> Path:
@@ -100,10 +103,10 @@ def tiny_model_dir() -> Path:
     chat template: the model of the test suite and of ``configs/tiny.yaml``. Weights are
     seeded, so every machine builds the same model."""
     target = cache_root() / "tiny-random-llama"
-    if (target / "model.safetensors").is_file():
+    if _complete(target):
         return target
     with _building(target):
-        return target if (target / "model.safetensors").is_file() else _build_tiny(target)
+        return target if _complete(target) else _build_tiny(target)
 
 
 def _build_tiny(target: Path) -> Path:

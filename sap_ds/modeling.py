@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from sap_ds.errors import ModelError  # noqa: F401 - defined there, raised and imported from here
 from sap_ds.config import EMBEDDED_MODEL, LoraConfig, ModelConfig
+from sap_ds.errors import ModelError  # noqa: F401 - defined there, raised and imported from here
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 WEIGHT_FILES = ("*.safetensors", "*.bin")
