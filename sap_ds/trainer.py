@@ -289,7 +289,7 @@ class Trainer:
         variants, the GPU check, the shipped-config runner): the probe hooks, the metrics
         files, the engine, and DeepSpeed's module-level references to it. The caller drops
         its reference and collects."""
-        from sap_ds.bench import release_deepspeed_globals
+        from sap_ds.zero3 import release_deepspeed_globals
 
         if self.sap_state is not None:
             self.sap_state.probe.remove()

@@ -305,3 +305,26 @@ class Zero3Shards:
             stream.wait_stream(torch.cuda.current_stream())
         else:
             torch.cuda.current_stream().synchronize()
+
+
+def release_deepspeed_globals() -> None:
+    """Drop the two module-level references through which DeepSpeed 0.19 keeps a
+    destroyed ZeRO-3 engine (and its model) alive: the forward module stack of
+    ``parameter_offload`` and the class-level ``lru_cache`` of
+    ``PartitionedParameterCoordinator.__params_to_release`` (its keys hold the modules).
+    Without this every variant leaks its model; on a GPU the next variant would OOM."""
+    try:
+        from deepspeed.runtime.zero import parameter_offload
+
+        parameter_offload.FWD_MODULE_STACK.clear()
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+        for value in vars(PartitionedParameterCoordinator).values():
+            for fn in (value, *(c.cell_contents for c in (getattr(value, "__closure__", None) or ()))):
+                if hasattr(fn, "cache_clear"):
+                    fn.cache_clear()
+    except (ImportError, ValueError):  # ValueError: an empty closure cell
+        pass

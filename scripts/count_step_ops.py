@@ -163,7 +163,7 @@ def count(cfg, rank, world, warmup: int) -> dict:
         log_reads(trainer)
     del trainer
     try:
-        from sap_ds.bench import release_deepspeed_globals
+        from sap_ds.zero3 import release_deepspeed_globals
 
         release_deepspeed_globals()
     except ImportError:

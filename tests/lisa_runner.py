@@ -29,7 +29,7 @@ def run_variant(cfg, rank: int, world: int, steps: int, out: str, resume_at: int
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from sap_ds.bench import release_deepspeed_globals
+    from sap_ds.zero3 import release_deepspeed_globals
     from sap_ds.trainer import Trainer
 
     os.makedirs(out, exist_ok=True)

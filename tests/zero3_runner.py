@@ -164,7 +164,7 @@ def main() -> int:
         cfg = load_config(args.config, args.overrides + [f"train.max_steps={args.steps}"])
         run_one(cfg, rank, world, args.steps, args.out, args.inspect, args.memory, args.export, args.check_collectives)
         return 0
-    from sap_ds.bench import release_deepspeed_globals
+    from sap_ds.zero3 import release_deepspeed_globals
 
     for variant in json.loads(args.variants):  # each: name, overrides, optional steps and flags
         steps = variant.get("steps", args.steps)
