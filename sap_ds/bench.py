@@ -1,4 +1,4 @@
-"""``sap-ds bench``: throughput of vanilla SFT and SAP variants, back to back, in one launch.
+"""``sap-ds bench``: throughput of vanilla SFT, SAP variants and the other methods, back to back, in one launch.
 
     sap-ds bench --config configs/bench_cpu.yaml --out runs/bench_cpu/bench.json
     deepspeed --num_gpus 8 sap_ds/bench.py --config C --out F.json [--warmup N] [--steps N]
@@ -6,7 +6,7 @@
 
 The config is a run config (the same file train.py takes) with an optional ``bench:``
 section (warm-up and timed steps, the variants and their dotted overrides; without it:
-sft, paper and fast). ``key=value`` arguments override the base config for every
+sft, paper, fast and lisa). ``key=value`` arguments override the base config for every
 variant. Each variant builds a fresh Trainer on the same model, data and DeepSpeed
 config, runs W warm-up and N timed optimizer steps, and is torn down (a second
 ``deepspeed.initialize`` in the same process works: checked by the tests, and the SFT
@@ -50,6 +50,10 @@ SCHEMA = "sap-ds-bench/1"
 PAPER_OVERRIDES = ["method=sap", "sap.safety_every=1", "sap.probe_fraction=1.0"]
 FAST_OVERRIDES = ["method=sap", "sap.safety_every=16", "sap.probe_fraction=0.125", "data.safety_max_length=64"]
 
+# Lisa at the authors' 1:9 share of alignment steps is 100 of every 1,000; a bench times ~16
+# steps, so a 16-step cycle with 2 alignment steps (12.5 %) puts both kinds in the timed window.
+LISA_OVERRIDES = ["method=lisa", "lisa.align_steps=2", "lisa.finetune_steps=14"]
+
 PHASES = ("safety", "perturb", "probe", "restore", "main")
 
 
@@ -61,7 +65,7 @@ class Variant(BaseModel):
 
 def _default_variants() -> list[Variant]:
     return [Variant(name="sft", overrides=["method=sft"]), Variant(name="paper", overrides=PAPER_OVERRIDES),
-            Variant(name="fast", overrides=FAST_OVERRIDES)]
+            Variant(name="fast", overrides=FAST_OVERRIDES), Variant(name="lisa", overrides=LISA_OVERRIDES)]
 
 
 class BenchSection(BaseModel):
@@ -255,14 +259,14 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
     # real tokens per example (a packed row holds several) and the padded size of the batches.
     mine = []
     for step in range(W, W + N):
-        task = trainer.task_micro_batches(step)
+        task = trainer.method.trained_micro_batches(trainer, step)  # Lisa: an alignment step's batches
         task_len = [n for b in task for n in sequence_lengths(b)]
         padded = sum(int(b["input_ids"].numel()) for b in task)
         safety_len = []
         if trainer.sap_state is not None:
             safety_len = [int(n) for n in trainer.safety_batch(step)["attention_mask"].sum(1).tolist()]
-        mine.append({"task": task_len, "padded": padded, "safety": safety_len,
-                     "global_tokens": trainer._global_tokens(step)})
+        mine.append({"task": task_len, "padded": padded, "safety": safety_len, "trains_on": trainer.method.trains_on(step),
+                     "global_tokens": sum(trainer.method.trained_lengths(trainer, step))})
     gathered = _gather({"steps": mine, "times": step_times, "phases": phases, "mem": mem})
     fm = flops_mod.from_run_config(cfg, trainer.model_path)
     lowest = min(trainer.sap_state.probe.layers) if trainer.sap_state is not None else 0
@@ -295,6 +299,7 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
     phase_sums = {p: 0.0 for p in PHASES}
     total, sft_equiv = flops_mod.StepFlops(), flops_mod.StepFlops()
     real_tokens = padded_tokens = safety_passes = probe_passes = skipped = 0
+    task_step_tokens = other_steps = 0  # Lisa: tokens of the steps that trained on task data; alignment steps
     safety_lengths_all, task_lengths_all = [], []
     for raw in raws:
         gathered = raw["gathered"]
@@ -313,6 +318,10 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
             safety_passes += ran_safety
             probe_passes += ran_probe
             real_tokens += sum(task_len)
+            if gathered[0]["steps"][i]["trains_on"] == "task":
+                task_step_tokens += sum(task_len)
+            else:
+                other_steps += 1
             round_tokens += sum(task_len)
             round_time += step_time
             padded_tokens += sum(g["steps"][i]["padded"] for g in gathered)
@@ -332,6 +341,8 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
     is_sap = cfg.method == "sap"
     settings = {"micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
                 "max_length": cfg.data.max_length, "packing": cfg.data.packing}
+    if cfg.method == "lisa":
+        settings.update(align_steps=cfg.lisa.align_steps, finetune_steps=cfg.lisa.finetune_steps, rho=cfg.lisa.rho)
     if is_sap:
         settings.update(safety_every=cfg.sap.safety_every, probe_fraction=cfg.sap.probe_fraction,
                         safety_batch_size=cfg.sap.safety_batch_size, safety_max_length=cfg.data.safety_max_length,
@@ -345,6 +356,10 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
         "timed_steps": N,
         "rounds": len(raws),
         "tokens_per_s": real_tokens / wall,
+        # the tokens of task-data steps only: below tokens_per_s when a method trains some
+        # steps on other data (Lisa's alignment steps, counted in steps_on_other_data)
+        "task_tokens_per_s": task_step_tokens / wall,
+        "steps_on_other_data": other_steps,
         "tokens_per_s_per_round": round_tps,
         "padded_tokens_per_s": padded_tokens / wall,
         "task_tokens_per_step": real_tokens / steps,
@@ -388,10 +403,11 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
 
 
 def add_ratios(records: list[dict]) -> None:
-    """ratio_vs_sft: tokens/s over the first SFT variant's; efficiency: measured / ideal."""
+    """ratio_vs_sft: task tokens/s over the first SFT variant's (a Lisa alignment step
+    trains, but not on the user's task); efficiency: measured / ideal."""
     base = next((r for r in records if r["method"] == "sft"), None)
     for r in records:
-        r["ratio_vs_sft"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+        r["ratio_vs_sft"] = r["task_tokens_per_s"] / base["task_tokens_per_s"] if base else None
         if r["method"] == "sap" and r["ratio_vs_sft"] is not None:
             r["efficiency_vs_ideal"] = r["ratio_vs_sft"] / r["ideal_ratio"]
 
@@ -406,7 +422,7 @@ def plot(result: dict, path: Path) -> None:
     names = [r["variant"] for r in records]
     x = range(len(records))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(records)), 4.5))
-    bars = ax1.bar(x, [r["tokens_per_s"] for r in records], color=["#4c72b0" if r["method"] == "sft" else "#dd8452" for r in records])
+    bars = ax1.bar(x, [r["task_tokens_per_s"] for r in records], color=["#4c72b0" if r["method"] == "sft" else "#dd8452" for r in records])
     for bar, r in zip(bars, records):
         label = ""
         if r.get("ratio_vs_sft") is not None:
@@ -436,11 +452,11 @@ def plot(result: dict, path: Path) -> None:
 
 
 def format_table(result: dict) -> str:
-    rows = [("variant", "tokens/s", "pad %", "vs SFT", "in-run", "ideal", "step s (med)", "safety", "perturb", "probe", "restore",
+    rows = [("variant", "task tokens/s", "pad %", "vs SFT", "in-run", "ideal", "step s (med)", "safety", "perturb", "probe", "restore",
              "main", "MFU", "peak mem GiB")]
     for r in result["variants"]:
         p = r["phase_time_s"]
-        rows.append((r["variant"], f"{r['tokens_per_s']:.1f}",
+        rows.append((r["variant"], f"{r['task_tokens_per_s']:.1f}",
                      f"{100 * r['padding_fraction']:.1f}" if r.get("padding_fraction") is not None else "-",
                      f"{r['ratio_vs_sft']:.3f}" if r.get("ratio_vs_sft") is not None else "-",
                      f"{r['ratio_vs_main_phase']:.3f}" if r.get("ratio_vs_main_phase") else "-",

@@ -6,7 +6,7 @@ import sys
 COMMANDS = {
     "train": ("sap_ds.train", "fine-tune (SFT, SAP or Lisa: method=...); also: deepspeed sap_ds/train.py --config ..."),
     "eval": ("sap_ds.eval", "harmful score and task metrics of one model (docs/evaluation.md)"),
-    "compare": ("sap_ds.compare", "SFT vs SAP from one model: train both, evaluate, table + plot"),
+    "compare": ("sap_ds.compare", "methods from one model (SFT, SAP, Lisa, ...): train each, evaluate, table + plot"),
     "sweep": ("sap_ds.sweep", "train + evaluate a grid/random search over config keys and seeds; Pareto front"),
     "bench": ("sap_ds.bench", "throughput of SFT vs SAP variants (tokens/s, phase split, MFU, memory)"),
     "safelora": ("sap_ds.safelora_cli", "project a LoRA adapter onto the alignment subspace (SafeLoRA), post hoc"),

@@ -248,11 +248,16 @@ class ExportConfig(_Section):
     safelora: SafeLoraExportConfig = Field(default_factory=SafeLoraExportConfig)
 
 
+# The training methods (sap_ds/methods/; tests/test_methods.py checks the two lists agree).
+# Kept here as a Literal so a config error names them without importing torch.
+MethodName = Literal["sft", "sap", "lisa"]
+
+
 class RunConfig(_Section):
     run_name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 42
-    method: Literal["sft", "sap", "lisa"] = Field("sft", description="sap_ds/methods/: sft, sap or lisa.")
+    method: MethodName = Field("sft", description="sap_ds/methods/: one of MethodName.")
     deepspeed_config: str = Field("ds_configs/zero3_cpu.json", json_schema_extra=CONFIG_PATH,
                                   description="DeepSpeed JSON: a path, or a shipped one's name (zero3_bf16.json).")
     model: ModelConfig = Field(default_factory=ModelConfig)

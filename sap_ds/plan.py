@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 GIB = 2**30
+# The headline choices: every training method (tests/test_plan.py checks them against the config's).
+METHODS = ("sap", "sft", "lisa", "safety_mix")
 
 # --------------------------------------------------------------------------- models
 
@@ -268,13 +270,17 @@ class PlanResult:
     largest_layer_params: int
     gpu_memory_sft: dict[str, float]  # item -> bytes per GPU
     gpu_memory_sap: dict[str, float]
+    gpu_memory_lisa: dict[str, float]  # SFT's plus the anchor (safety_mix: SFT's exactly)
     gpu_total_sft: float
     gpu_total_sap: float
+    gpu_total_lisa: float
     cpu_memory_per_node_sft: float
     cpu_memory_per_node_sap: float
+    cpu_memory_per_node_lisa: float
     gpu_capacity: int
     fits_sft: bool
     fits_sap: bool
+    fits_lisa: bool
     sft: StepEstimate
     sap: StepEstimate
     sap_over_sft_throughput: float
@@ -346,8 +352,8 @@ def plan(inp: PlanInputs) -> PlanResult:
         raise PlanError(f"unknown GPU '{inp.gpu}'; valid: {', '.join(GPUS)}")
     if inp.offload not in ("none", "optimizer", "all"):
         raise PlanError(f"unknown offload '{inp.offload}'; valid: none, optimizer, all")
-    if inp.method not in ("sap", "sft"):
-        raise PlanError(f"unknown method '{inp.method}'; valid: sap, sft")
+    if inp.method not in METHODS:
+        raise PlanError(f"unknown method '{inp.method}'; valid: {', '.join(METHODS)}")
     if not 0 < inp.mfu <= 1:
         raise PlanError(f"--mfu must be in (0, 1] (got {inp.mfu})")
     if not 0 <= inp.overlap <= 1:
@@ -428,9 +434,16 @@ def plan(inp: PlanInputs) -> PlanResult:
         sap_mem["SAP direction buffer (on CPU with the master)"] = 0
         cpu_rank_sap = cpu_rank + direction
     sap_mem["SAP probe (layers*hidden*4 B * 3: value, Adam m, v)"] = probe
+    # Lisa: one fp32 anchor per flat group, shaped like the master shard (sap_ds/methods/lisa.py)
+    lisa_mem = dict(mem)
+    anchor = _div(4 * trainable, world)
+    lisa_mem["Lisa anchor (fp32, 4 B/trainable / world)" if inp.offload == "none" else "Lisa anchor (on CPU with the master)"] = \
+        anchor if inp.offload == "none" else 0
+    cpu_rank_lisa = cpu_rank + (anchor if inp.offload != "none" else 0)
 
     total_sft = float(sum(sft_mem.values()))
     total_sap = float(sum(sap_mem.values()))
+    total_lisa = float(sum(lisa_mem.values()))
     usable = gpu.memory_bytes - inp.reserve_gib * GIB
 
     # ---- step time
@@ -510,15 +523,20 @@ def plan(inp: PlanInputs) -> PlanResult:
         "grads, each 2 B * N * (world-1)/world per GPU; SAP adds 2 gathers + 1 reduce-scatter (safety pass) and "
         "1 + (fraction above the lowest probe layer) gathers (probe pass)",
         f"bandwidth: {bw_note}",
+        "Lisa: SFT's step (an alignment step trains on an alignment batch of the task batch's size instead; the "
+        "proximal term is element-wise on the local shards, no collective) + the anchor, fp32 4 B/trainable/world; "
+        "safety_mix: SFT's memory and step (its demonstrations are extra rows of the task data)",
         f"step time = compute + {1 - inp.overlap:g} * comm (overlap {inp.overlap:g}); the fully-overlapped bound max(compute, comm) is shown too",
     ]
 
     return PlanResult(
         inputs=inp, model=m, gpu=gpu, world_size=world, total_params=total, trainable_params=trainable,
         lora_params=n_lora, largest_layer_params=largest,
-        gpu_memory_sft=sft_mem, gpu_memory_sap=sap_mem, gpu_total_sft=total_sft, gpu_total_sap=total_sap,
-        cpu_memory_per_node_sft=cpu_rank * G, cpu_memory_per_node_sap=cpu_rank_sap * G,
+        gpu_memory_sft=sft_mem, gpu_memory_sap=sap_mem, gpu_memory_lisa=lisa_mem, gpu_total_sft=total_sft,
+        gpu_total_sap=total_sap, gpu_total_lisa=total_lisa, cpu_memory_per_node_sft=cpu_rank * G,
+        cpu_memory_per_node_sap=cpu_rank_sap * G, cpu_memory_per_node_lisa=cpu_rank_lisa * G,
         gpu_capacity=gpu.memory_bytes, fits_sft=total_sft <= usable, fits_sap=total_sap <= usable,
+        fits_lisa=total_lisa <= usable,
         sft=sft, sap=sap, sap_over_sft_throughput=sap.tokens_per_s / sft.tokens_per_s,
         assumptions=assumptions,
     )
@@ -541,16 +559,19 @@ def format_table(r: PlanResult) -> str:
         f"params: total {r.total_params:,}  trainable {r.trainable_params:,}"
         + (f"  (LoRA {r.lora_params:,})" if i.lora else "") + f"  largest module {r.largest_layer_params:,}",
         "",
-        f"{'per-GPU memory':<82} {'SFT':>13} {'SAP':>13}",
+        f"{'per-GPU memory':<82} {'SFT':>13} {'SAP':>13} {'Lisa':>13}",
     ]
-    for key in r.gpu_memory_sap:
-        sft = r.gpu_memory_sft.get(key)
-        lines.append(f"  {key:<80} {(_gib(sft) if sft is not None else '-'):>13} {_gib(r.gpu_memory_sap[key]):>13}")
+    cell = lambda table, key: _gib(table[key]) if key in table else "-"  # noqa: E731
+    for key in dict.fromkeys([*r.gpu_memory_sap, *r.gpu_memory_lisa]):
+        lines.append(f"  {key:<80} {cell(r.gpu_memory_sft, key):>13} {cell(r.gpu_memory_sap, key):>13} "
+                     f"{cell(r.gpu_memory_lisa, key):>13}")
     cap = f"{r.gpu_capacity / GIB:.1f} GiB - {i.reserve_gib:g} reserve"
-    lines.append(f"  {'TOTAL per GPU (capacity ' + cap + ')':<80} {_gib(r.gpu_total_sft):>13} {_gib(r.gpu_total_sap):>13}")
-    lines.append(f"  {'fits':<80} {('yes' if r.fits_sft else 'NO'):>13} {('yes' if r.fits_sap else 'NO'):>13}")
+    yes = lambda fits: "yes" if fits else "NO"  # noqa: E731
+    lines.append(f"  {'TOTAL per GPU (capacity ' + cap + ')':<80} {_gib(r.gpu_total_sft):>13} {_gib(r.gpu_total_sap):>13} "
+                 f"{_gib(r.gpu_total_lisa):>13}")
+    lines.append(f"  {'fits':<80} {yes(r.fits_sft):>13} {yes(r.fits_sap):>13} {yes(r.fits_lisa):>13}")
     lines.append(f"  {'CPU memory per node (offloaded states)':<80} {_gib(r.cpu_memory_per_node_sft):>13} "
-                 f"{_gib(r.cpu_memory_per_node_sap):>13}")
+                 f"{_gib(r.cpu_memory_per_node_sap):>13} {_gib(r.cpu_memory_per_node_lisa):>13}")
     lines += ["", f"{'step estimate':<40} {'SFT':>14} {'SAP':>14}"]
     rows = [
         ("compute per step (s)", lambda s: f"{s.compute_s:14.3f}"),
@@ -566,7 +587,7 @@ def format_table(r: PlanResult) -> str:
         lines.append(f"  {name:<38} {fmt(r.sft)} {fmt(r.sap)}")
     lines.append(f"  {'SAP/SFT throughput':<38} {'':>14} {r.sap_over_sft_throughput:14.3f}")
     lines += ["", "assumptions:"] + [f"  - {a}" for a in r.assumptions]
-    headline = r.gpu_total_sap if i.method == "sap" else r.gpu_total_sft
+    headline = {"sap": r.gpu_total_sap, "lisa": r.gpu_total_lisa}.get(i.method, r.gpu_total_sft)
     lines += ["", f"=> {i.method.upper()} needs {headline / GIB:.1f} GiB per GPU "
               f"({'fits' if headline <= r.gpu_capacity - i.reserve_gib * GIB else 'does NOT fit'} on {r.gpu.name})"]
     return "\n".join(lines)
@@ -580,7 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu", default="h100-80gb", help=f"one of: {', '.join(GPUS)}")
     p.add_argument("--offload", default="none", help="none | optimizer | all")
-    p.add_argument("--method", default="sap", help="sap | sft (the headline; both are always shown)")
+    p.add_argument("--method", default="sap", help=f"{' | '.join(METHODS)}: the headline (SFT, SAP and Lisa are always "
+                   "shown; safety_mix costs what SFT costs)")
     p.add_argument("--lora", action="store_true")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-targets", default="q_proj,v_proj")

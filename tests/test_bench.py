@@ -118,7 +118,7 @@ def test_bench_config_errors(tmp_path):
     assert [v.name for v in picked.variants] == ["paper", "sft"] and picked.timed_steps == 3
 
 
-RECORD_FIELDS = {"variant", "method", "overrides", "tokens_per_s", "padded_tokens_per_s", "step_time_s", "phase_time_s",
+RECORD_FIELDS = {"variant", "method", "overrides", "tokens_per_s", "task_tokens_per_s", "padded_tokens_per_s", "step_time_s", "phase_time_s",
                  "mfu", "model_flops_per_step", "model_flops_breakdown", "peak_mem_bytes", "ratio_vs_sft",
                  "safety_passes", "probe_passes"}
 TOP_FIELDS = {"schema", "date_utc", "git_commit", "versions", "machine", "world_size", "peak_flops_per_s", "config",
@@ -126,17 +126,17 @@ TOP_FIELDS = {"schema", "date_utc", "git_commit", "versions", "machine", "world_
 
 
 def test_bench_end_to_end_two_ranks(tmp_path):
-    """Two variants in one 2-rank launch (so a second deepspeed.initialize runs in the
+    """Three variants in one 2-rank launch (so a second deepspeed.initialize runs in the
     same processes); the JSON has its fields and one record per variant; no timing asserted."""
     out = tmp_path / "bench.json"
     proc = launch(["sap_ds/bench.py", "--config", "configs/tiny.yaml", "--out", str(out), "--warmup", "1", "--steps", "2",
-                   "--variants", "sft,paper"], timeout=240)
+                   "--variants", "sft,paper,lisa"], timeout=300)
     assert proc.returncode == 0
     result = json.loads(out.read_text())
     assert TOP_FIELDS <= set(result) and result["world_size"] == 2
     assert result["versions"]["torch"] and result["versions"]["deepspeed"]
     assert result["machine"]["device"] == "cpu" and result["peak_flops_per_s"]["total"] > 0
-    sft, paper = result["variants"]
+    sft, paper, lisa = result["variants"]
     assert (sft["variant"], sft["method"], paper["variant"], paper["method"]) == ("sft", "sft", "paper", "sap")
     for r in (sft, paper):
         assert RECORD_FIELDS <= set(r)
@@ -151,5 +151,11 @@ def test_bench_end_to_end_two_ranks(tmp_path):
     # the same task batches: SFT's FLOPs are the first two parts of SAP's
     assert paper["model_flops_breakdown"]["task_forward"] == sft["model_flops_breakdown"]["task_forward"]
     assert paper["phase_time_s"]["safety"] > 0 and sft["phase_time_s"]["safety"] == 0
+    # Lisa (2 alignment steps, then 14 task steps): timed steps 1 and 2 are one alignment step
+    # (its safe responses counted as trained tokens, not task tokens) and one task step
+    assert lisa["method"] == "lisa" and lisa["steps_on_other_data"] == 1 and RECORD_FIELDS <= set(lisa)
+    assert 0 < lisa["task_tokens_per_s"] < lisa["tokens_per_s"]
+    assert lisa["ratio_vs_sft"] == pytest.approx(lisa["task_tokens_per_s"] / sft["task_tokens_per_s"])
+    assert sft["task_tokens_per_s"] == sft["tokens_per_s"] and lisa["phase_time_s"]["probe"] == 0
     assert out.with_suffix(".png").stat().st_size > 1000
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]

@@ -201,6 +201,32 @@ def test_sap_adds_exactly_direction_and_probe(lora):
     assert r_off.cpu_memory_per_node_sap - r_off.cpu_memory_per_node_sft == pytest.approx(direction * 8, abs=1)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_lisa_adds_exactly_its_anchor(lora):
+    """Lisa keeps one fp32 anchor shaped like the master shard: 4 B per trainable parameter
+    over the world, on the GPU, or in CPU RAM next to an offloaded master; its step is SFT's."""
+    kw = dict(model="llama2-7b", nodes=2, gpus_per_node=8, micro_batch=4, seq_len=2048, lora=lora)
+    r = _plan(method="lisa", **kw)
+    anchor = 4 * r.trainable_params / 16
+    assert r.gpu_total_lisa - r.gpu_total_sft == pytest.approx(anchor, abs=1)
+    assert r.cpu_memory_per_node_lisa == r.cpu_memory_per_node_sft
+    r_off = _plan(method="lisa", offload="optimizer", **kw)
+    assert r_off.gpu_total_lisa == r_off.gpu_total_sft
+    assert r_off.cpu_memory_per_node_lisa - r_off.cpu_memory_per_node_sft == pytest.approx(anchor * 8, abs=1)
+    out = P.format_table(r)
+    assert "Lisa anchor (fp32, 4 B/trainable / world)" in out and f"=> LISA needs {r.gpu_total_lisa / P.GIB:.1f} GiB" in out
+
+
+def test_plan_methods_are_the_trainers():
+    import typing
+
+    from sap_ds.config import MethodName
+
+    assert set(P.METHODS) == set(typing.get_args(MethodName))
+    with pytest.raises(P.PlanError, match="unknown method 'dpo'; valid: sap, sft, lisa"):
+        _plan(model="llama2-7b", nodes=1, gpus_per_node=8, method="dpo")
+
+
 def test_sap_costs_more_time_than_sft():
     r = _plan(model="llama2-7b", nodes=1, gpus_per_node=8, seq_len=2048, micro_batch=4, safety_batch=2,
               safety_seq_len=2048)

@@ -188,6 +188,17 @@ def test_templates_parse_and_declare_requeue():
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "70b").glob("*.yaml")), ids=lambda p: p.name)
+def test_70b_configs_take_every_method(path):
+    """The templates pass EXTRA_ARGS through: "method=<m>" must give a valid run of every
+    method from each shipped 70B config (its data.safety serves SAP, Lisa and the mixes)."""
+    import typing
+
+    from sap_ds.config import MethodName, load_config
+    for method in typing.get_args(MethodName):
+        assert load_config(path, [f"method={method}"]).method == method
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "70b").glob("*.yaml")), ids=lambda p: p.name)
 def test_70b_configs_validate(path):
     from sap_ds.config import load_config
     cfg = load_config(path)

@@ -8,6 +8,11 @@ in the order the trainer calls them:
 * ``preflight(trainer)``: before step 1 of a fresh run (checks that need the engine).
 * ``step(trainer, step, micro_batches)``: forward/backward/``engine.step`` of one global
   step (``micro_batches``: this rank's task micro-batches); returns the micro-batch losses.
+* ``trained_micro_batches(trainer, step)``: this rank's micro-batches that step trains on
+  (the task batch, unless the method swaps it, as Lisa's alignment steps do); the bench
+  counts its tokens from them.
+* ``trains_on(step)``: "task", or the name of the data a step trains on instead ("alignment"
+  for Lisa's alignment steps); the bench reports task tokens/s from it.
 * ``trained_lengths(trainer, step)``: the real lengths of what that step trained on (all
   ranks), for tokens/s and the FLOPs model.
 * ``log_stats(trainer)``: extra record entries, on logged steps only (device reads).
@@ -36,6 +41,12 @@ class Method:
 
     def step(self, trainer, step: int, micro_batches: list[dict]) -> list[float]:
         raise NotImplementedError
+
+    def trains_on(self, step: int) -> str:
+        return "task"
+
+    def trained_micro_batches(self, trainer, step: int) -> list[dict]:
+        return trainer.task_micro_batches(step)
 
     def trained_lengths(self, trainer, step: int) -> list[int]:
         return trainer._task_lengths(step)

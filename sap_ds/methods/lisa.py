@@ -105,6 +105,12 @@ class LisaMethod(Method):
         rho = self.cfg.lisa.rho
         trainer.shards.add_to_local_grads([(g.master - a).mul_(rho) for g, a in zip(trainer.shards.groups, self.anchor)])
 
+    def trains_on(self, step: int) -> str:
+        return "alignment" if self.aligning(step) else "task"
+
+    def trained_micro_batches(self, trainer, step: int) -> list[dict]:
+        return self.alignment_micro_batches(trainer, step) if self.aligning(step) else trainer.task_micro_batches(step)
+
     def trained_lengths(self, trainer, step: int) -> list[int]:
         if not self.aligning(step):
             return trainer._task_lengths(step)
