@@ -1,4 +1,4 @@
-"""``sap-ds bench``: throughput of vanilla SFT and SAP variants, back to back, in one launch.
+"""``sap-ds bench``: throughput of vanilla SFT, SAP and baseline variants, back to back, in one launch.
 
     sap-ds bench --config configs/bench_cpu.yaml --out runs/bench_cpu/bench.json
     deepspeed --num_gpus 8 sap_ds/bench.py --config C --out F.json [--warmup N] [--steps N]
@@ -6,7 +6,7 @@
 
 The config is a run config (the same file train.py takes) with an optional ``bench:``
 section (warm-up and timed steps, the variants and their dotted overrides; without it:
-sft, paper and fast). ``key=value`` arguments override the base config for every
+sft, paper, fast and safety_mix). ``key=value`` arguments override the base config for every
 variant. Each variant builds a fresh Trainer on the same model, data and DeepSpeed
 config, runs W warm-up and N timed optimizer steps, and is torn down (a second
 ``deepspeed.initialize`` in the same process works: checked by the tests, and the SFT
@@ -50,6 +50,10 @@ SCHEMA = "sap-ds-bench/1"
 PAPER_OVERRIDES = ["method=sap", "sap.safety_every=1", "sap.probe_fraction=1.0"]
 FAST_OVERRIDES = ["method=sap", "sap.safety_every=16", "sap.probe_fraction=0.125", "data.safety_max_length=64"]
 
+# Safety-data mixing (method safety_mix) runs SFT's step on the task batches with refusal
+# demonstrations among them: measured, not assumed, like every other variant.
+SAFETY_MIX_OVERRIDES = ["method=safety_mix"]
+
 PHASES = ("safety", "perturb", "probe", "restore", "main")
 
 
@@ -61,7 +65,7 @@ class Variant(BaseModel):
 
 def _default_variants() -> list[Variant]:
     return [Variant(name="sft", overrides=["method=sft"]), Variant(name="paper", overrides=PAPER_OVERRIDES),
-            Variant(name="fast", overrides=FAST_OVERRIDES)]
+            Variant(name="fast", overrides=FAST_OVERRIDES), Variant(name="safety_mix", overrides=SAFETY_MIX_OVERRIDES)]
 
 
 class BenchSection(BaseModel):
@@ -266,6 +270,7 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
     gathered = _gather({"steps": mine, "times": step_times, "phases": phases, "mem": mem})
     fm = flops_mod.from_run_config(cfg, trainer.model_path)
     lowest = min(trainer.sap_state.probe.layers) if trainer.sap_state is not None else 0
+    n_safety_mix = trainer.data.n_safety_mix
 
     # Tear down so the next variant's deepspeed.initialize starts clean.
     engine_ref = weakref.ref(trainer.engine)
@@ -282,6 +287,7 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
     if rank != 0:
         return None
     return {"cfg": cfg, "fm": fm, "lowest": lowest, "gathered": gathered, "released": released, "finite": finite, "init_s": init_s,
+            "safety_mix_examples": n_safety_mix,
             "mem_kind": mem_kind, "load_avg_1m": [load_before[0], os.getloadavg()[0]], "W": W, "N": N}
 
 
@@ -332,6 +338,8 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
     is_sap = cfg.method == "sap"
     settings = {"micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
                 "max_length": cfg.data.max_length, "packing": cfg.data.packing}
+    if cfg.method == "safety_mix":
+        settings.update(safety_mix_ratio=cfg.safety_mix.ratio, safety_mix_examples=raws[0]["safety_mix_examples"])
     if is_sap:
         settings.update(safety_every=cfg.sap.safety_every, probe_fraction=cfg.sap.probe_fraction,
                         safety_batch_size=cfg.sap.safety_batch_size, safety_max_length=cfg.data.safety_max_length,

@@ -1,7 +1,8 @@
 """Entry point: ``sap-ds compare --config COMPARE_YAML [key=value ...]``.
 
 The experiment of the paper in one command: fine-tune the same (aligned) starting model
-with each method (SFT, SAP) on the same data, seed and budget, for every attack setting
+with each method (SFT, SAP, or any other ``method:``, e.g. the safety_mix baseline) on the
+same data, seed and budget, for every attack setting
 and seed; evaluate the starting model and every exported model with one eval config;
 write ``comparison.json``, ``comparison.md`` and ``comparison.png`` to ``out_dir``.
 
@@ -24,14 +25,14 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pydantic import Field, model_validator
 
-from sap_ds.config import CONFIG_PATH
+from sap_ds.config import CONFIG_PATH, MethodName
 from sap_ds.evaluation.config import _Section
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -41,7 +42,8 @@ class CompareConfig(_Section):
     train_config: str = Field(json_schema_extra=CONFIG_PATH, description="Base run config, e.g. configs/demo.yaml.")
     eval_config: str = Field(json_schema_extra=CONFIG_PATH, description="Eval config, e.g. configs/eval/demo.yaml.")
     start_model: Optional[str] = Field(None, description="Model every run starts from (default: the train config's model.path).")
-    methods: list[Literal["sft", "sap"]] = Field(default_factory=lambda: ["sft", "sap"])
+    methods: list[MethodName] = Field(default_factory=lambda: ["sft", "sap"],
+                                      description="Run config 'method:' values, e.g. [sft, safety_mix, sap].")
     seeds: Optional[list[int]] = Field(None, description="Default: the train config's seed.")
     settings: dict[str, list[str]] = Field(default_factory=lambda: {"default": []},
                                            description="Attack setting name -> train overrides.")
@@ -297,7 +299,9 @@ def markdown(report: dict) -> str:
     rows = report["rows"]
     names = list(dict.fromkeys(k for r in rows for k in r["columns"]))
     head = "| model | seeds | " + " | ".join(names) + " |"
-    lines = [f"# SFT vs SAP from `{report['start_model']}`", "", f"{report['date']}; lower harmful score is safer; "
+    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("method")))
+    title = " vs ".join(m.upper() if m in ("sft", "sap") else m for m in methods) or "SFT vs SAP"
+    lines = [f"# {title} from `{report['start_model']}`", "", f"{report['date']}; lower harmful score is safer; "
              "over-refusal is the % of benign requests refused (lower is more helpful; a model that refuses "
              "everything scores 0 harmful and 100 over-refusal); values are mean ± std over seeds.", "", head,
              "|" + "---|" * (len(names) + 2)]

@@ -1,4 +1,4 @@
-"""``sap-ds plan``: size a ZeRO-3 (SFT or SAP) job before spending a GPU hour.
+"""``sap-ds plan``: size a ZeRO-3 (SFT, SAP or safety_mix) job before spending a GPU hour.
 
 Given a model (a Hugging Face ``config.json`` or a named size), a cluster shape and the
 training settings, it prints the per-GPU memory (model states, ZeRO-3 working set,
@@ -22,6 +22,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 GIB = 2**30
+# Methods whose step is SFT's: their memory and step time are the SFT column. safety_mix's
+# refusal demonstrations are task examples (sap_ds/methods/safety_mix.py): the same step on
+# other batches, with round(ratio x N) more examples per epoch.
+SFT_STEP_METHODS = ("sft", "safety_mix")
+METHOD_NAMES = ("sap", *SFT_STEP_METHODS)
 
 # --------------------------------------------------------------------------- models
 
@@ -220,7 +225,7 @@ class PlanInputs:
     gpus_per_node: int
     gpu: str = "h100-80gb"
     offload: str = "none"  # none | optimizer | all
-    method: str = "sap"  # which method's memory is the headline
+    method: str = "sap"  # which method's memory is the headline (METHOD_NAMES)
     lora: bool = False
     lora_r: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -346,8 +351,8 @@ def plan(inp: PlanInputs) -> PlanResult:
         raise PlanError(f"unknown GPU '{inp.gpu}'; valid: {', '.join(GPUS)}")
     if inp.offload not in ("none", "optimizer", "all"):
         raise PlanError(f"unknown offload '{inp.offload}'; valid: none, optimizer, all")
-    if inp.method not in ("sap", "sft"):
-        raise PlanError(f"unknown method '{inp.method}'; valid: sap, sft")
+    if inp.method not in METHOD_NAMES:
+        raise PlanError(f"unknown method '{inp.method}'; valid: {', '.join(METHOD_NAMES)}")
     if not 0 < inp.mfu <= 1:
         raise PlanError(f"--mfu must be in (0, 1] (got {inp.mfu})")
     if not 0 <= inp.overlap <= 1:
@@ -512,6 +517,9 @@ def plan(inp: PlanInputs) -> PlanResult:
         f"bandwidth: {bw_note}",
         f"step time = compute + {1 - inp.overlap:g} * comm (overlap {inp.overlap:g}); the fully-overlapped bound max(compute, comm) is shown too",
     ]
+    if inp.method == "safety_mix":
+        assumptions.append("safety_mix: SFT's step (the SFT column); its refusal demonstrations are task examples, so an "
+                           "epoch holds (1 + safety_mix.ratio) x the task examples and takes that many more steps")
 
     return PlanResult(
         inputs=inp, model=m, gpu=gpu, world_size=world, total_params=total, trainable_params=trainable,
@@ -566,7 +574,7 @@ def format_table(r: PlanResult) -> str:
         lines.append(f"  {name:<38} {fmt(r.sft)} {fmt(r.sap)}")
     lines.append(f"  {'SAP/SFT throughput':<38} {'':>14} {r.sap_over_sft_throughput:14.3f}")
     lines += ["", "assumptions:"] + [f"  - {a}" for a in r.assumptions]
-    headline = r.gpu_total_sap if i.method == "sap" else r.gpu_total_sft
+    headline = r.gpu_total_sft if i.method in SFT_STEP_METHODS else r.gpu_total_sap
     lines += ["", f"=> {i.method.upper()} needs {headline / GIB:.1f} GiB per GPU "
               f"({'fits' if headline <= r.gpu_capacity - i.reserve_gib * GIB else 'does NOT fit'} on {r.gpu.name})"]
     return "\n".join(lines)
@@ -580,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu", default="h100-80gb", help=f"one of: {', '.join(GPUS)}")
     p.add_argument("--offload", default="none", help="none | optimizer | all")
-    p.add_argument("--method", default="sap", help="sap | sft (the headline; both are always shown)")
+    p.add_argument("--method", default="sap", help="sap | sft | safety_mix (the headline; SFT and SAP are always "
+                   "shown, and safety_mix is SFT's column)")
     p.add_argument("--lora", action="store_true")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
