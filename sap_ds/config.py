@@ -205,13 +205,15 @@ class SafetyMixConfig(_Section):
     the harmful prompts of data.safety answered with their safe responses, added to the task
     data, which is then fine-tuned as plain SFT. SafeInstr (Bianchi et al., "Safety-Tuned
     LLaMAs", ICLR 2024) adds safety examples to the user's data rather than replacing any, so
-    round(ratio x N) demonstrations join the N task examples (harmful ones included). Default
+    round(ratio x N) demonstrations join the N task examples the run trains on (after the
+    length limit; harmful ones included), drawn without replacement (seed + 13). Default
     0.03: the paper's headline, "adding just 3% safety examples (a few hundred demonstrations)"
     improves safety substantially (more brings exaggerated refusals). Ignored unless method is
     'safety_mix'."""
 
     ratio: float = Field(0.03, gt=0.0, description="Demonstrations added per task example: round(ratio x N) of "
-                         "data.safety's pairs, drawn without replacement (SafeInstr's headline: 0.03).")
+                         "data.safety's pairs for N task examples (SafeInstr's headline: 0.03); more than "
+                         "data.safety holds is an error.")
 
     def unused_keys(self, method: str) -> set[str]:
         """The keys that cannot change a run of ``method``: all of them unless it is safety_mix."""
