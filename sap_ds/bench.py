@@ -6,7 +6,7 @@
 
 The config is a run config (the same file train.py takes) with an optional ``bench:``
 section (warm-up and timed steps, the variants and their dotted overrides; without it:
-sft, paper, fast and lisa). ``key=value`` arguments override the base config for every
+sft, paper, fast, lisa and safety_mix). ``key=value`` arguments override the base config for every
 variant. Each variant builds a fresh Trainer on the same model, data and DeepSpeed
 config, runs W warm-up and N timed optimizer steps, and is torn down (a second
 ``deepspeed.initialize`` in the same process works: checked by the tests, and the SFT
@@ -53,6 +53,9 @@ FAST_OVERRIDES = ["method=sap", "sap.safety_every=16", "sap.probe_fraction=0.125
 # Lisa at the authors' 1:9 share of alignment steps is 100 of every 1,000; a bench times ~16
 # steps, so a 16-step cycle with 2 alignment steps (12.5 %) puts both kinds in the timed window.
 LISA_OVERRIDES = ["method=lisa", "lisa.align_steps=2", "lisa.finetune_steps=14"]
+# Safety-data mixing (method safety_mix) runs SFT's step on the task batches with refusal
+# demonstrations among them: measured, not assumed, like every other variant.
+SAFETY_MIX_OVERRIDES = ["method=safety_mix"]
 
 PHASES = ("safety", "perturb", "probe", "restore", "main")
 
@@ -65,7 +68,8 @@ class Variant(BaseModel):
 
 def _default_variants() -> list[Variant]:
     return [Variant(name="sft", overrides=["method=sft"]), Variant(name="paper", overrides=PAPER_OVERRIDES),
-            Variant(name="fast", overrides=FAST_OVERRIDES), Variant(name="lisa", overrides=LISA_OVERRIDES)]
+            Variant(name="fast", overrides=FAST_OVERRIDES), Variant(name="lisa", overrides=LISA_OVERRIDES),
+            Variant(name="safety_mix", overrides=SAFETY_MIX_OVERRIDES)]
 
 
 class BenchSection(BaseModel):
@@ -270,6 +274,7 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
     gathered = _gather({"steps": mine, "times": step_times, "phases": phases, "mem": mem})
     fm = flops_mod.from_run_config(cfg, trainer.model_path)
     lowest = min(trainer.sap_state.probe.layers) if trainer.sap_state is not None else 0
+    n_safety_mix = trainer.data.n_safety_mix
 
     # Tear down so the next variant's deepspeed.initialize starts clean.
     engine_ref = weakref.ref(trainer.engine)
@@ -286,6 +291,7 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
     if rank != 0:
         return None
     return {"cfg": cfg, "fm": fm, "lowest": lowest, "gathered": gathered, "released": released, "finite": finite, "init_s": init_s,
+            "safety_mix_examples": n_safety_mix,
             "mem_kind": mem_kind, "load_avg_1m": [load_before[0], os.getloadavg()[0]], "W": W, "N": N}
 
 
@@ -343,6 +349,8 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
                 "max_length": cfg.data.max_length, "packing": cfg.data.packing}
     if cfg.method == "lisa":
         settings.update(align_steps=cfg.lisa.align_steps, finetune_steps=cfg.lisa.finetune_steps, rho=cfg.lisa.rho)
+    if cfg.method == "safety_mix":
+        settings.update(safety_mix_ratio=cfg.safety_mix.ratio, safety_mix_examples=raws[0]["safety_mix_examples"])
     if is_sap:
         settings.update(safety_every=cfg.sap.safety_every, probe_fraction=cfg.sap.probe_fraction,
                         safety_batch_size=cfg.sap.safety_batch_size, safety_max_length=cfg.data.safety_max_length,

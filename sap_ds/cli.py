@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "train": ("sap_ds.train", "fine-tune (SFT, SAP or Lisa: method=...); also: deepspeed sap_ds/train.py --config ..."),
+    "train": ("sap_ds.train", "fine-tune (SFT, SAP, Lisa or safety_mix: method=...); also: deepspeed sap_ds/train.py --config ..."),
     "eval": ("sap_ds.eval", "harmful score and task metrics of one model (docs/evaluation.md)"),
     "compare": ("sap_ds.compare", "methods from one model (SFT, SAP, Lisa, ...): train each, evaluate, table + plot"),
     "sweep": ("sap_ds.sweep", "train + evaluate a grid/random search over config keys and seeds; Pareto front"),

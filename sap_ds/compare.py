@@ -1,7 +1,8 @@
 """Entry point: ``sap-ds compare --config COMPARE_YAML [key=value ...]``.
 
 The experiment of the paper in one command: fine-tune the same (aligned) starting model
-with each method (SFT, SAP, Lisa, ...) on the same data, seed and budget, for every attack setting
+with each method (SFT, SAP, or any other ``method:``, e.g. the safety_mix baseline) on the
+same data, seed and budget, for every attack setting
 and seed; evaluate the starting model and every exported model with one eval config;
 write ``comparison.json``, ``comparison.md`` and ``comparison.png`` to ``out_dir``.
 
@@ -42,7 +43,7 @@ class CompareConfig(_Section):
     eval_config: str = Field(json_schema_extra=CONFIG_PATH, description="Eval config, e.g. configs/eval/demo.yaml.")
     start_model: Optional[str] = Field(None, description="Model every run starts from (default: the train config's model.path).")
     methods: list[MethodName] = Field(default_factory=lambda: ["sft", "sap"],
-                                     description="Methods to train, each on every setting and seed (sap_ds/methods/).")
+                                      description="Run config 'method:' values, e.g. [sft, safety_mix, sap].")
     seeds: Optional[list[int]] = Field(None, description="Default: the train config's seed.")
     settings: dict[str, list[str]] = Field(default_factory=lambda: {"default": []},
                                            description="Attack setting name -> train overrides.")
@@ -298,8 +299,9 @@ def markdown(report: dict) -> str:
     rows = report["rows"]
     names = list(dict.fromkeys(k for r in rows for k in r["columns"]))
     head = "| model | seeds | " + " | ".join(names) + " |"
-    methods = list(dict.fromkeys(r["method"].upper() for r in rows if r.get("method")))
-    lines = [f"# {' vs '.join(methods) or 'Models'} from `{report['start_model']}`", "", f"{report['date']}; lower harmful score is safer; "
+    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("method")))
+    title = " vs ".join(m.upper() if m in ("sft", "sap") else m for m in methods) or "SFT vs SAP"
+    lines = [f"# {title} from `{report['start_model']}`", "", f"{report['date']}; lower harmful score is safer; "
              "over-refusal is the % of benign requests refused (lower is more helpful; a model that refuses "
              "everything scores 0 harmful and 100 over-refusal); values are mean ± std over seeds.", "", head,
              "|" + "---|" * (len(names) + 2)]

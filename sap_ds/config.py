@@ -200,6 +200,26 @@ class LisaConfig(_Section):
         return self
 
 
+class SafetyMixConfig(_Section):
+    """Safety-data mixing (docs/algorithm.md, "Safety-data mixing"): refusal demonstrations,
+    the harmful prompts of data.safety answered with their safe responses, added to the task
+    data, which is then fine-tuned as plain SFT. SafeInstr (Bianchi et al., "Safety-Tuned
+    LLaMAs", ICLR 2024) adds safety examples to the user's data rather than replacing any, so
+    round(ratio x N) demonstrations join the N task examples the run trains on (after the
+    length limit; harmful ones included), drawn without replacement (seed + 13). Default
+    0.03: the paper's headline, "adding just 3% safety examples (a few hundred demonstrations)"
+    improves safety substantially (more brings exaggerated refusals). Ignored unless method is
+    'safety_mix'."""
+
+    ratio: float = Field(0.03, gt=0.0, description="Demonstrations added per task example: round(ratio x N) of "
+                         "data.safety's pairs for N task examples (SafeInstr's headline: 0.03); more than "
+                         "data.safety holds is an error.")
+
+    def unused_keys(self, method: str) -> set[str]:
+        """The keys that cannot change a run of ``method``: all of them unless it is safety_mix."""
+        return set(type(self).model_fields) if method != "safety_mix" else set()
+
+
 class SafeLoraExportConfig(_Section):
     """SafeLoRA at export (docs/algorithm.md, "SafeLoRA"); defaults are IBM/SafeLoRA's."""
 
@@ -248,16 +268,16 @@ class ExportConfig(_Section):
     safelora: SafeLoraExportConfig = Field(default_factory=SafeLoraExportConfig)
 
 
-# The training methods (sap_ds/methods/; tests/test_methods.py checks the two lists agree).
-# Kept here as a Literal so a config error names them without importing torch.
-MethodName = Literal["sft", "sap", "lisa"]
+# The ``method:`` values: sap_ds/methods/ has one class for each (tests/test_methods.py checks
+# that METHODS and this list agree); compare.py's ``methods`` takes the same names.
+MethodName = Literal["sft", "sap", "lisa", "safety_mix"]
 
 
 class RunConfig(_Section):
     run_name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 42
-    method: MethodName = Field("sft", description="sap_ds/methods/: one of MethodName.")
+    method: MethodName = Field("sft", description="sap_ds/methods/: sft, sap, lisa or safety_mix.")
     deepspeed_config: str = Field("ds_configs/zero3_cpu.json", json_schema_extra=CONFIG_PATH,
                                   description="DeepSpeed JSON: a path, or a shipped one's name (zero3_bf16.json).")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -266,6 +286,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sap: SapConfig = Field(default_factory=SapConfig)
     lisa: LisaConfig = Field(default_factory=LisaConfig)
+    safety_mix: SafetyMixConfig = Field(default_factory=SafetyMixConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -293,6 +314,9 @@ class RunConfig(_Section):
         if self.method == "lisa" and self.lisa.align_steps > 0 and not self.data.safety:
             raise ValueError("method 'lisa' aligns on the safe responses of data.safety: set data.safety to a list of "
                              "sources (or lisa.align_steps: 0)")
+        if self.method == "safety_mix" and not self.data.safety:
+            raise ValueError("method 'safety_mix' adds refusal demonstrations (the prompts of data.safety with their "
+                             "safe responses) to the task data: set data.safety to a list of sources")
         if not self.sap.probe_train and self.sap.probe_init == "zeros":
             raise ValueError("sap.probe_train false keeps the probe at its initial value, which is zero: "
                              "set sap.probe_init: random (the fixed-random-probe ablation)")
@@ -572,13 +596,15 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
 
     The output folder is not compared (a moved run is the same run), nor the timeouts of the
     ``distributed`` section, nor the keys this run cannot read (``SapConfig.unused_keys``: the
-    ``sap`` section of an SFT run), so that only a change that alters what is trained is reported."""
+    ``sap`` section of an SFT run; the ``lisa`` and ``safety_mix`` sections of other methods),
+    so that only a change that alters what is trained is reported."""
     old, new = flatten(saved), flatten(config_to_dict(cfg))
     # sap.resolution_check only decides whether a run may start: it never changes what is trained.
     ignore = NOT_TRAINING_KEYS | {"sap.resolution_check"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
     ignore |= {f"distributed.{key}" for key in DistributedConfig.model_fields}
     if cfg.method != "lisa":  # also: a run from before the lisa section existed has none
         ignore |= {f"lisa.{key}" for key in LisaConfig.model_fields}
+    ignore |= {f"safety_mix.{key}" for key in cfg.safety_mix.unused_keys(cfg.method)}  # likewise
     return [f"{key}: trained with {old.get(key)!r}, now {new.get(key)!r}"
             for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key) and key not in ignore and not key.startswith("logging.")]

@@ -1,4 +1,4 @@
-"""``sap-ds plan``: size a ZeRO-3 (SFT or SAP) job before spending a GPU hour.
+"""``sap-ds plan``: size a ZeRO-3 (SFT, SAP or safety_mix) job before spending a GPU hour.
 
 Given a model (a Hugging Face ``config.json`` or a named size), a cluster shape and the
 training settings, it prints the per-GPU memory (model states, ZeRO-3 working set,
@@ -22,8 +22,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 GIB = 2**30
-# The headline choices: every training method (tests/test_plan.py checks them against the config's).
-METHODS = ("sap", "sft", "lisa", "safety_mix")
+# The headline choices: every training method (tests/test_plan.py checks them against the
+# config's). Methods whose step is SFT's take the SFT column: safety_mix's refusal
+# demonstrations are task examples (sap_ds/methods/safety_mix.py), the same step on other
+# batches, with round(ratio x N) more examples per epoch.
+SFT_STEP_METHODS = ("sft", "safety_mix")
+METHODS = ("sap", "lisa", *SFT_STEP_METHODS)
 
 # --------------------------------------------------------------------------- models
 
@@ -222,7 +226,7 @@ class PlanInputs:
     gpus_per_node: int
     gpu: str = "h100-80gb"
     offload: str = "none"  # none | optimizer | all
-    method: str = "sap"  # which method's memory is the headline
+    method: str = "sap"  # which method's memory is the headline (METHODS)
     lora: bool = False
     lora_r: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
@@ -524,10 +528,12 @@ def plan(inp: PlanInputs) -> PlanResult:
         "1 + (fraction above the lowest probe layer) gathers (probe pass)",
         f"bandwidth: {bw_note}",
         "Lisa: SFT's step (an alignment step trains on an alignment batch of the task batch's size instead; the "
-        "proximal term is element-wise on the local shards, no collective) + the anchor, fp32 4 B/trainable/world; "
-        "safety_mix: SFT's memory and step (its demonstrations are extra rows of the task data)",
+        "proximal term is element-wise on the local shards, no collective) + the anchor, fp32 4 B/trainable/world",
         f"step time = compute + {1 - inp.overlap:g} * comm (overlap {inp.overlap:g}); the fully-overlapped bound max(compute, comm) is shown too",
     ]
+    if inp.method == "safety_mix":
+        assumptions.append("safety_mix: SFT's step (the SFT column); its refusal demonstrations are task examples, so an "
+                           "epoch holds (1 + safety_mix.ratio) x the task examples and takes that many more steps")
 
     return PlanResult(
         inputs=inp, model=m, gpu=gpu, world_size=world, total_params=total, trainable_params=trainable,
@@ -602,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="h100-80gb", help=f"one of: {', '.join(GPUS)}")
     p.add_argument("--offload", default="none", help="none | optimizer | all")
     p.add_argument("--method", default="sap", help=f"{' | '.join(METHODS)}: the headline (SFT, SAP and Lisa are always "
-                   "shown; safety_mix costs what SFT costs)")
+                   "shown; safety_mix is SFT's column)")
     p.add_argument("--lora", action="store_true")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-targets", default="q_proj,v_proj")

@@ -69,7 +69,8 @@ class Trainer:
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         self.method = build_method(cfg)
-        self.data: RunData = build_run_data(cfg.data, self.tokenizer, cfg.seed, need_safety=self.method.needs_safety)
+        self.data: RunData = build_run_data(cfg.data, self.tokenizer, cfg.seed, need_safety=self.method.needs_safety,
+                                            safety_mix=self.method.safety_mix)
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
         if cfg.train.max_steps:
             self.total_steps = cfg.train.max_steps

@@ -1,4 +1,4 @@
-"""Plain-PyTorch, single-process SFT, SAP and Lisa: the independent reference.
+"""Plain-PyTorch, single-process SFT, SAP, Lisa and safety-data mixing: the independent reference.
 
 Written from docs/algorithm.md ("One step"), with no DeepSpeed and none of sap-ds's training code
 (only its data pipeline, which has tests of its own, and the LR schedule). It sees the
@@ -13,6 +13,11 @@ token mean over the same response tokens checks the trainer's packed attention t
 Lisa follows the authors' ``LisaTrainer`` (git-disl/Lisa, ``trainer.py``) line by line: a
 status and a clock switched by ``check_mode``, both phases' weights kept as in
 ``switch_model``, and the proximal term added to the loss, not to the gradient.
+
+Safety-data mixing (``method: safety_mix``) is SFT on the task data with the refusal
+demonstrations added by the data pipeline (whose mix tests/test_data.py recomputes from the
+raw rows); ``examples_trained`` says which examples each step saw, so a test can check that
+the steps it compares trained on demonstrations at all.
 """
 from __future__ import annotations
 
@@ -108,7 +113,8 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
     torch.manual_seed(cfg.seed)
     path = resolve_model_path(cfg.model)
     tok = load_tokenizer(path)
-    data = build_run_data(cfg.data, tok, cfg.seed, need_safety=cfg.method in ("sap", "lisa"))
+    mix = cfg.safety_mix.ratio if cfg.method == "safety_mix" else 0.0
+    data = build_run_data(cfg.data, tok, cfg.seed, need_safety=cfg.method in ("sap", "lisa"), safety_mix=mix)
     model = load_model(cfg.model, path)
     if cfg.lora.enabled:
         torch.manual_seed(cfg.seed)
@@ -134,8 +140,10 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
     losses = []
     direction = None
     lisa = _RefLisa(cfg, params) if cfg.method == "lisa" else None
+    examples_trained = []  # per step: the indices in data.examples of its task batch (a pack's members)
     for step in range(steps):
         idx = global_batch_indices(len(data.train), gb, step, cfg.seed, cfg.data.shuffle)
+        examples_trained.append([j for i in idx for j in (data.train.members[i] if data.packed else [i])])
         micro = [
             [_micro_batch(data, idx[r * mb * gas + m * mb : r * mb * gas + (m + 1) * mb], pad) for m in range(gas)]
             for r in range(world)
@@ -228,4 +236,6 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
         "params": {n: p.detach().clone() for n, p in zip(names, params)},
         "probe": probe.v.detach().clone() if probe is not None else None,
         "losses": losses,
+        "examples_trained": examples_trained,
+        "safety_mix_rows": data.safety_mix_rows,
     }

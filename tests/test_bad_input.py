@@ -158,6 +158,8 @@ CASES = [
     Case("harmful_ratio_above_1", _overrides(["data.harmful_ratio=1.5"], "data.harmful_ratio", "less than or equal to 1", "1.5")),
     Case("negative_rho", _overrides(["method=sap", "sap.rho=-0.1"], "sap.rho", "greater than or equal to 0", "-0.1")),
     Case("malformed_override", _overrides(["train.lr"], "'train.lr'", "key=value")),
+    Case("safety_mix_without_safety_data", _overrides(["method=safety_mix", "data.safety=[]"], "method 'safety_mix'",
+                                                      "set data.safety")),
     Case("missing_config_file", _missing_config),
     Case("invalid_yaml_config", _broken_yaml),
     # ---- model, data, DeepSpeed config, output_dir's checkpoint: sap_ds.train.fail_fast (most)

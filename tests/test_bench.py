@@ -112,6 +112,7 @@ def test_bench_config_errors(tmp_path):
         load_bench_config(str(bad), [])
     bench, base, _ = load_bench_config(str(REPO / "configs/bench_cpu.yaml"), [])
     assert base.model.dtype == "fp32" and base.lora.enabled and [v.name for v in bench.variants][:3] == ["sft", "paper", "fast"]
+    assert "safety_mix" in [v.name for v in bench.variants]
     with pytest.raises(ConfigError, match="unknown"):
         select(bench, parse_args(["--config", "c", "--out", "o", "--variants", "sft,nope"]))
     picked = select(bench, parse_args(["--config", "c", "--out", "o", "--variants", "paper,sft", "--steps", "3"]))
@@ -126,19 +127,22 @@ TOP_FIELDS = {"schema", "date_utc", "git_commit", "versions", "machine", "world_
 
 
 def test_bench_end_to_end_two_ranks(tmp_path):
-    """Three variants in one 2-rank launch (so a second deepspeed.initialize runs in the
-    same processes); the JSON has its fields and one record per variant; no timing asserted."""
+    """Four variants in one 2-rank launch (so later deepspeed.initialize calls run in the
+    same processes); the JSON has its fields and one record per variant; no timing asserted.
+    safety_mix (the data-mixing baseline) is SFT's step on other batches: measured all the same."""
     out = tmp_path / "bench.json"
     proc = launch(["sap_ds/bench.py", "--config", "configs/tiny.yaml", "--out", str(out), "--warmup", "1", "--steps", "2",
-                   "--variants", "sft,paper,lisa"], timeout=300)
+                   "--variants", "sft,paper,lisa,safety_mix"], timeout=360)
     assert proc.returncode == 0
     result = json.loads(out.read_text())
     assert TOP_FIELDS <= set(result) and result["world_size"] == 2
     assert result["versions"]["torch"] and result["versions"]["deepspeed"]
     assert result["machine"]["device"] == "cpu" and result["peak_flops_per_s"]["total"] > 0
-    sft, paper, lisa = result["variants"]
+    sft, paper, lisa, mix = result["variants"]
     assert (sft["variant"], sft["method"], paper["variant"], paper["method"]) == ("sft", "sft", "paper", "sap")
-    for r in (sft, paper):
+    assert (mix["variant"], mix["method"]) == ("safety_mix", "safety_mix") and mix["settings"]["safety_mix_examples"] == 1
+    assert mix["ratio_vs_sft"] == pytest.approx(mix["tokens_per_s"] / sft["tokens_per_s"]) and mix["safety_passes"] == 0
+    for r in (sft, paper, mix):
         assert RECORD_FIELDS <= set(r)
         assert r["tokens_per_s"] > 0 and r["padded_tokens_per_s"] >= r["tokens_per_s"]
         assert len(r["step_time_s"]["per_step"]) == 2 and r["peak_mem_bytes"] > 0 and 0 < r["mfu"]

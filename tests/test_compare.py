@@ -91,3 +91,21 @@ def test_method_overrides_apply_to_that_method_only(monkeypatch):
     assert "sap.probe_fraction=0.125" in runs["sap"] and "sap.probe_fraction=0.125" not in runs["sft"]
     with pytest.raises(ValidationError, match="not among methods"):
         CompareConfig(train_config="x", eval_config="y", methods=["sft"], method_overrides={"sap": []})
+
+
+def test_any_method_is_a_compared_method(monkeypatch):
+    """methods takes the run config's method names (the safety_mix baseline among them) and
+    nothing else; each run trains its method."""
+    from sap_ds.compare import CompareConfig, Plan
+
+    monkeypatch.chdir(REPO)
+    cfg = CompareConfig(train_config="configs/tiny.yaml", eval_config="configs/eval/tiny.yaml", start_model="tiny-random",
+                        methods=["sft", "safety_mix", "sap"], method_overrides={"safety_mix": ["safety_mix.ratio=0.1"]},
+                        out_dir="runs/unused")
+    runs = {r["method"]: r["overrides"] for r in Plan(cfg).runs}
+    assert list(runs) == ["sft", "safety_mix", "sap"]
+    mix = runs["safety_mix"]
+    assert "safety_mix.ratio=0.1" in mix and mix.index("method=safety_mix") > mix.index("safety_mix.ratio=0.1")
+    assert "safety_mix.ratio=0.1" not in runs["sft"] and "method=sap" in runs["sap"]
+    with pytest.raises(ValidationError, match="'safety_mix'"):
+        CompareConfig(train_config="x", eval_config="y", methods=["sft", "dpo"])

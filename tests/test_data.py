@@ -1,6 +1,7 @@
 """Data (sap_ds/data/): chat formatting and label masks token by token with the tiny
 model's tokenizer (SmolLM2's ChatML template), every one-turn format on the shipped files,
-harmful mixing, the epoch order, and error messages on malformed files. Conversations,
+harmful mixing, the refusal demonstrations of method safety_mix, the epoch order, and error
+messages on malformed files. Conversations,
 sources, the cache and the length limit: tests/test_data_formats.py and
 tests/test_data_prepare.py; packing: tests/test_packing.py."""
 from __future__ import annotations
@@ -346,6 +347,99 @@ def test_build_run_data_eval_fraction_and_safety(tokenizer, tmp_path):
 def test_build_run_data_without_train():
     with pytest.raises(DataError, match="data.train is empty"):
         build_run_data(DataConfig(), tokenizer=None, seed=0, need_safety=False)
+
+
+# --------------------------------------------------------------------------- safety-data mixing
+
+ADVBENCH = REPO / "data/advbench/harmful_behaviors.csv"
+
+
+def _mix_cfg(tmp_path, **kw) -> DataConfig:
+    """16 GSM8K examples and 4 harmful ones (AdvBench rows 31-40, targets "Sure, here..."),
+    12 safety pairs (AdvBench rows 1-12), nothing cut by the length limit."""
+    return DataConfig(train=[_src("data/gsm8k/train.jsonl", "gsm8k", limit=20)],
+                      harmful=_src("data/advbench/harmful_behaviors.csv", "advbench", offset=30, limit=10),
+                      harmful_ratio=0.2, safety=[_src("data/advbench/harmful_behaviors.csv", "safety_pairs", limit=12)],
+                      max_length=512, cache_dir=str(tmp_path), **kw)
+
+
+def _expected_demonstrations(tokenizer, limit: int) -> dict[str, str]:
+    """Recomputed from the raw CSV, not through sap_ds.data: rendered demonstration -> the text
+    that must carry the labels (the refusal and its end of turn). A safety_pairs row without a
+    safe column is answered with a built-in refusal picked by the prompt's SHA-256."""
+    import csv
+    import hashlib
+
+    with open(ADVBENCH, newline="", encoding="utf-8") as handle:
+        goals = [row["goal"].strip() for row in csv.DictReader(handle)][:limit]
+    out = {}
+    for goal in goals:
+        refusal = REFUSALS[int(hashlib.sha256(goal.encode("utf-8")).hexdigest(), 16) % len(REFUSALS)]
+        head, full = _chat(tokenizer, (("user", goal),)), _chat(tokenizer, (("user", goal),), refusal)
+        assert full.startswith(head) and full[len(head):].startswith(refusal)
+        out[full] = full[len(head):]
+    return out
+
+
+def _demonstrations(tokenizer, data, expected) -> dict[int, str]:
+    """Row -> rendered text of each training example that is a demonstration, checking its labels:
+    exactly its last tokens, those of the refusal and its end of turn, equal to its inputs."""
+    found = {}
+    for i, ex in enumerate(data.examples):
+        text = tokenizer.decode(ex.input_ids)
+        if text not in expected:
+            continue
+        learned = [j for j, label in enumerate(ex.labels) if label != IGNORE_INDEX]
+        assert learned == list(range(learned[0], len(ex.labels))), f"row {i}: labels are not one final span"
+        assert [ex.labels[j] for j in learned] == [ex.input_ids[j] for j in learned]
+        assert tokenizer.decode([ex.input_ids[j] for j in learned]) == expected[text], f"row {i}: not the refusal"
+        found[i] = text
+    return found
+
+
+def test_safety_mix_adds_refusal_demonstrations(tokenizer, tmp_path):
+    """round(ratio x N) demonstrations join the N task examples: data.safety prompts with their
+    safe responses, loss on the response only, distinct; the task examples (harmful mix
+    included) are those of the run without them; seeded; the ratio is part of the cache key."""
+    plain = build_run_data(_mix_cfg(tmp_path), tokenizer, seed=0, need_safety=False)
+    mixed = build_run_data(_mix_cfg(tmp_path), tokenizer, seed=0, need_safety=False, safety_mix=0.25)
+    expected = _expected_demonstrations(tokenizer, 12)
+    n = len(plain.examples)
+    assert n == 20 and plain.n_harmful == 4 and plain.n_safety_mix == 0
+    found = _demonstrations(tokenizer, mixed, expected)
+    assert len(found) == round(0.25 * n) == 5 == mixed.n_safety_mix and len(set(found.values())) == 5
+    assert sorted(found) == mixed.safety_mix_rows and len(mixed.examples) == n + 5
+    assert mixed.summary()["safety_mix_examples"] == 5 and mixed.counts["safety_mix"]["kept"] == 5
+    assert not _demonstrations(tokenizer, plain, expected)
+    task = sorted(tuple(ex.input_ids) for i, ex in enumerate(mixed.examples) if i not in found)
+    assert task == sorted(tuple(ex.input_ids) for ex in plain.examples)  # the same task data and harmful mix
+    assert mixed.cache_dir != plain.cache_dir and not mixed.cache_hit
+
+    again = build_run_data(_mix_cfg(tmp_path / "again"), tokenizer, seed=0, need_safety=False, safety_mix=0.25)
+    assert [ex.input_ids for ex in again.examples] == [ex.input_ids for ex in mixed.examples]  # same seed: same set, order
+    other = build_run_data(_mix_cfg(tmp_path), tokenizer, seed=1, need_safety=False, safety_mix=0.25)
+    other_found = _demonstrations(tokenizer, other, expected)
+    assert len(other_found) == 5 and (set(other_found.values()), sorted(other_found)) != (set(found.values()), sorted(found))
+    more = build_run_data(_mix_cfg(tmp_path), tokenizer, seed=0, need_safety=False, safety_mix=0.5)
+    assert more.cache_dir != mixed.cache_dir and len(_demonstrations(tokenizer, more, expected)) == 10
+
+
+def test_safety_mix_demonstrations_are_packed(tokenizer, tmp_path):
+    """With data.packing the packs hold every example once, the demonstrations included."""
+    data = build_run_data(_mix_cfg(tmp_path, packing=True), tokenizer, seed=0, need_safety=False, safety_mix=0.25)
+    members = [j for pack in data.train.members for j in pack]
+    assert data.packed and sorted(members) == list(range(25)) and len(data.train) < 25
+    found = _demonstrations(tokenizer, data, _expected_demonstrations(tokenizer, 12))
+    assert sorted(found) == data.safety_mix_rows and len(found) == 5
+
+
+def test_safety_mix_needs_enough_pairs(tokenizer, tmp_path):
+    with pytest.raises(DataError) as info:
+        build_run_data(_mix_cfg(tmp_path), tokenizer, seed=0, need_safety=False, safety_mix=1.0)
+    msg = str(info.value)
+    assert "safety_mix.ratio=1.0 of 20 task examples needs 20 refusal demonstrations" in msg and "has 12 pairs" in msg
+    with pytest.raises(DataError, match="rounds to 0 refusal demonstrations"):
+        build_run_data(_mix_cfg(tmp_path), tokenizer, seed=0, need_safety=False, safety_mix=0.01)
 
 
 # --------------------------------------------------------------------------- epoch order

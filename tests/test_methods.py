@@ -1,4 +1,6 @@
-"""The method interface (sap_ds/methods/), and Lisa against the authors' algorithm.
+"""The method interface (sap_ds/methods/), Lisa against the authors' algorithm, and the
+config of safety-data mixing (its data: tests/test_data.py; its 2-rank run against the
+reference: tests/test_zero3_reference.py, in that module's shared launch).
 
 The 2-rank test runs Lisa on ZeRO-3 for full fine-tuning and for LoRA in one launch and
 compares every trainable parameter with the plain-PyTorch reference (tests/reference.py,
@@ -182,6 +184,46 @@ def test_lisa_keys_do_not_change_other_methods_runs():
     cfg = load_config(REPO / "configs/tiny.yaml", ["method=lisa"])
     saved = config_to_dict(load_config(REPO / "configs/tiny.yaml", ["method=lisa", "lisa.rho=0.1"]))
     assert config_changes(saved, cfg) == ["lisa.rho: trained with 0.1, now 1.0"]
+
+
+def test_safety_mix_is_sft_on_mixed_data():
+    """method safety_mix: SFT's step, no pair table or state; its ratio reaches the data
+    pipeline (Method.safety_mix), every other method's is 0 whatever safety_mix.ratio says."""
+    from sap_ds.methods import build_method
+    from sap_ds.methods.safety_mix import SafetyMixMethod
+    from sap_ds.methods.sft import SftMethod
+
+    method = build_method(load_config(REPO / "configs/tiny.yaml", ["method=safety_mix", "safety_mix.ratio=0.1"]))
+    assert isinstance(method, SafetyMixMethod) and method.step.__func__ is SftMethod.step
+    assert method.safety_mix == 0.1 and not method.needs_safety and method.state_dict() == {"meta": {}, "tensors": {}}
+    assert load_config(REPO / "configs/tiny.yaml", ["method=safety_mix"]).safety_mix.ratio == 0.03  # SafeInstr's 3 %
+    for other in ("sft", "sap", "lisa"):
+        assert build_method(load_config(REPO / "configs/tiny.yaml", [f"method={other}", "safety_mix.ratio=0.5"])).safety_mix == 0
+
+
+def test_safety_mix_config_errors():
+    with pytest.raises(ConfigError, match="method 'safety_mix' adds refusal demonstrations .*set data.safety"):
+        load_config(REPO / "configs/tiny.yaml", ["method=safety_mix", "data.safety=[]"])
+    for bad in ("0", "-0.1"):
+        with pytest.raises(ConfigError, match="key 'safety_mix.ratio': Input should be greater than 0"):
+            load_config(REPO / "configs/tiny.yaml", ["method=safety_mix", f"safety_mix.ratio={bad}"])
+
+
+def test_safety_mix_keys_do_not_change_other_methods_runs():
+    """A run saved before the safety_mix section existed is the same SFT/SAP/Lisa run, and so is
+    one whose unread safety_mix.ratio changed; for a safety_mix run, a changed ratio is a change."""
+    from sap_ds.config import config_changes, config_to_dict
+
+    for method in ("sft", "sap", "lisa"):
+        cfg = load_config(REPO / "configs/tiny.yaml", [f"method={method}"])
+        saved = config_to_dict(cfg)
+        assert config_changes({k: v for k, v in saved.items() if k != "safety_mix"}, cfg) == []
+        assert config_changes(saved, load_config(REPO / "configs/tiny.yaml", [f"method={method}", "safety_mix.ratio=0.5"])) == []
+    cfg = load_config(REPO / "configs/tiny.yaml", ["method=safety_mix"])
+    saved = config_to_dict(load_config(REPO / "configs/tiny.yaml", ["method=safety_mix", "safety_mix.ratio=0.1"]))
+    assert config_changes(saved, cfg) == ["safety_mix.ratio: trained with 0.1, now 0.03"]
+    assert config_changes(config_to_dict(load_config(REPO / "configs/tiny.yaml", ["method=sft"])), cfg) == \
+        ["method: trained with 'sft', now 'safety_mix'"]
 
 
 def test_sap_export_transform_is_keep_probe():

@@ -223,7 +223,7 @@ def test_plan_methods_are_the_trainers():
     from sap_ds.config import MethodName
 
     assert set(P.METHODS) == set(typing.get_args(MethodName))
-    with pytest.raises(P.PlanError, match="unknown method 'dpo'; valid: sap, sft, lisa"):
+    with pytest.raises(P.PlanError, match="unknown method 'dpo'; valid: sap, lisa, sft, safety_mix"):
         _plan(model="llama2-7b", nodes=1, gpus_per_node=8, method="dpo")
 
 
@@ -312,7 +312,18 @@ def test_module_entry_point_runs():
     assert json.loads(out.stdout)["total_params"] == 134_515_008
 
 
+def test_safety_mix_is_sfts_memory_and_step(capsys):
+    """safety_mix runs SFT's step: its headline is the SFT column, with the assumption said."""
+    mix, sft = _plan(model="llama2-7b", nodes=1, gpus_per_node=8, method="safety_mix"), _plan(
+        model="llama2-7b", nodes=1, gpus_per_node=8, method="sft")
+    assert mix.gpu_total_sft == sft.gpu_total_sft and mix.sft == sft.sft
+    assert any(a.startswith("safety_mix: SFT's step") for a in mix.assumptions)
+    assert P.main(["--model", "llama2-7b", "--nodes", "1", "--gpus-per-node", "8", "--method", "safety_mix"]) == 0
+    assert f"=> SAFETY_MIX needs {sft.gpu_total_sft / P.GIB:.1f} GiB per GPU" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,needle", [
+    (["--model", "llama2-7b", "--method", "dpo"], "valid: sap, lisa, sft, safety_mix"),
     (["--model", "llama9-1t"], "llama2-7b"),  # lists the valid names
     (["--model", "llama2-7b", "--gpu", "tpu-v5"], "h100-80gb"),
     (["--model", "llama2-7b", "--nodes", "0"], "--nodes must be a positive integer"),

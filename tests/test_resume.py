@@ -1,5 +1,11 @@
 """Exact resume: a run stopped at step k and resumed ends bitwise where an uninterrupted
-run ends (fp32, CPU), for SFT and SAP (probe, probe optimizer, direction, RNG, data order)."""
+run ends (fp32, CPU), for SFT and SAP (probe, probe optimizer, direction, RNG, data order).
+
+method safety_mix has no case of its own: its step is SFT's (SafetyMixMethod subclasses
+SftMethod and keeps no state, tests/test_methods.py), and its refusal demonstrations are
+rows of the cached training table, the same set in the same order for the same seed
+(tests/test_data.py), so its checkpoint and resume are SFT's, tested here. Lisa's anchor
+resume: tests/test_methods.py."""
 from __future__ import annotations
 
 import json

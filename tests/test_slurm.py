@@ -187,6 +187,17 @@ def test_templates_parse_and_declare_requeue():
     assert 'BENCH_CMD="${BENCH_CMD:-' in (REPO / "slurm" / "bench.sbatch").read_text()
 
 
+def test_baseline_template_takes_any_method():
+    """sft_baseline.sbatch puts method=sft before EXTRA_ARGS, so EXTRA_ARGS=method=safety_mix
+    (or lisa) runs that baseline from the same template (a later override wins), and every
+    70B config is a valid safety_mix run (it has data.safety)."""
+    from sap_ds.config import load_config
+
+    assert 'EXTRA_ARGS="method=sft $EXTRA_ARGS"' in (REPO / "slurm" / "sft_baseline.sbatch").read_text()
+    for path in sorted((REPO / "configs" / "70b").glob("*.yaml")):
+        assert load_config(path, ["method=sft", "method=safety_mix"]).method == "safety_mix", path.name
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "70b").glob("*.yaml")), ids=lambda p: p.name)
 def test_70b_configs_take_every_method(path):
     """The templates pass EXTRA_ARGS through: "method=<m>" must give a valid run of every

@@ -106,6 +106,22 @@ def test_expand_points_grid_and_random():
         assert 0.01 <= lr <= 1.0
 
 
+def test_a_safety_mix_ratio_grid_is_a_sweep(tmp_path, monkeypatch, capsys):
+    """Any method is a sweep point: SafeInstr's ratio grid (method safety_mix) against SFT
+    validates against the train config and lists its runs; a bad ratio names its point."""
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, grid={"safety_mix.ratio": [0.03, 0.1]},
+                                                search_overrides=["method=safety_mix"])))
+    assert main(["--config", str(config), "--list"]) == 0
+    listed = [line.split("\t")[:2] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [["0", "sft"], ["1", "safety_mix.ratio=0.03"], ["2", "safety_mix.ratio=0.1"]]
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, grid={"safety_mix.ratio": [0.0]},
+                                                search_overrides=["method=safety_mix"])))
+    assert main(["--config", str(config), "--list"]) == 2
+    assert "sweep point 'safety_mix.ratio=0.0'" in capsys.readouterr().err
+
+
 def test_point_name_and_pareto():
     assert point_name({"data.harmful_ratio": 0.2, "sap.kernels": "torch"}) == "data.harmful_ratio=0.2,sap.kernels=torch"
     front = pareto_front([("a", 10.0, 1.0), ("b", 5.0, 1.2), ("c", 12.0, 1.1), ("d", 5.0, 1.3), ("e", 1.0, 2.0)])

@@ -145,6 +145,10 @@ PACKED = ["data.packing=true", "data.max_length=128", "data.train=[{path: data/s
 PACKED_SAP = ["method=sap", "sap.probe_lr=0.1", "sap.rho=0.05", "sap.safety_loss=contrastive", *PACKED]
 
 
+# Safety-data mixing: SFT on the task data plus round(0.25 x 37) = 9 refusal demonstrations of
+# tiny.yaml's 16 pairs, LoRA with 2 micro-batches per rank (the SFT variant is full fine-tuning).
+SAFETY_MIX = ["method=safety_mix", "safety_mix.ratio=0.25", "train.grad_accum=2", *LORA]
+
 OFFLOAD = "offload-collectives"
 GAS_STEPS = 2  # the probe after step 1 is already off without the fix (18 %), and step 2 trains with it
 
@@ -169,6 +173,7 @@ def runs(tmp_path_factory):
     for name, overrides in GAS_VARIANTS.items():
         variants[name] = {"steps": GAS_STEPS, "overrides": overrides}
     variants["packed"] = {"overrides": PACKED_SAP}
+    variants["safety_mix"] = {"steps": GAS_STEPS, "overrides": SAFETY_MIX}
     # the planner's model-state bytes against this engine's buffers (below)
     variants["memory"] = {"steps": 1, "memory": True, "overrides": ["model.dtype=bf16", "data.max_length=64", "data.eval=[]"]}
     variants[OFFLOAD] = {"steps": 2, "check_collectives": True, "overrides": [
@@ -311,6 +316,21 @@ def test_offload_sap_run_issues_every_collective_on_the_groups_device(runs):
     assert r["grads_copied_per_group"] and r["grads_flat_equal_per_param"], "offloaded gradient layout"
     assert r["all_ok"], r
     assert result["optimizer"] == "AdamW" and math.isfinite(result["eval_loss"])
+
+
+# --------------------------------------------------------------------------- safety-data mixing
+
+
+def test_zero3_safety_mix_matches_reference(runs):
+    """method safety_mix on 2 ZeRO-3 ranks (LoRA, grad_accum 2) is the reference's SFT on the
+    same mixed data, and the compared steps trained on demonstrations (else a run that
+    dropped them, or trained another table, could still pass)."""
+    result, params, probes, ref = _compare(SAFETY_MIX, runs["safety_mix"], steps=GAS_STEPS)
+    demos = set(ref["safety_mix_rows"])
+    assert len(demos) == 9
+    seen = [demos & set(step) for step in ref["examples_trained"]]
+    assert any(seen), "no compared step trained on a refusal demonstration: the test would not see a mixing bug"
+    assert probes == []  # no method state beyond SFT's
 
 
 # --------------------------------------------------------------------------- packing

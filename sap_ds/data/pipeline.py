@@ -5,7 +5,9 @@ Arrow tables (``cache.build_once`` makes it atomic and runs it on one rank per n
 The selection and its order are those sap-ds always had: the sources of ``data.train``
 in order, the held-out split of ``data.eval_fraction`` (``Random(seed + 1)``), the eval
 cap ``data.eval_max_examples``, the harmful mix (``Random(seed)``, ``mixing``), then the
-length limit, which may drop examples (counted) but never reorders them.
+length limit, which may drop examples (counted) but never reorders them. With
+``method: safety_mix`` the refusal demonstrations are added last, after the length limit
+and before packing (``add_safety_demonstrations``).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import os
 from pathlib import Path
 
 from sap_ds.data.formats import Conversation, SafetyPair
-from sap_ds.data.mixing import eval_split, mix_indices
+from sap_ds.data.mixing import eval_split, mix_indices, safety_mix_indices, safety_mix_order
 from sap_ds.data.packing import first_fit_decreasing
 from sap_ds.data.sources import DataError, source_identity
 from sap_ds.data.tables import BATCH, column, pair_table, task_table, turns_of
@@ -31,19 +33,23 @@ def num_proc(configured, rows: int):
     return configured if configured > 1 else None
 
 
-def fingerprint_parts(cfg, tokenizer_id: dict, seed: int, need_safety: bool) -> dict:
+def fingerprint_parts(cfg, tokenizer_id: dict, seed: int, need_safety: bool, safety_mix: float = 0.0) -> dict:
     """Everything that decides the prepared data (``cache`` docstring). ``num_proc``,
-    ``cache_dir`` and ``shuffle`` (the batch order, not the data) are left out."""
+    ``cache_dir`` and ``shuffle`` (the batch order, not the data) are left out. The
+    safety-mix ratio is a part only when it is set, so a run without it keeps its cache."""
     sources = lambda items: [source_identity(s.path, s.split, s.subset, s.revision) for s in items]  # noqa: E731
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("num_proc", "cache_dir", "shuffle")}
-    return {
+    parts = {
         "settings": settings,
         "files": {"train": sources(cfg.train), "eval": sources(cfg.eval), "harmful": sources([cfg.harmful] if cfg.harmful else []),
-                  "safety": sources(cfg.safety) if need_safety else []},
+                  "safety": sources(cfg.safety) if need_safety or safety_mix > 0 else []},
         "need_safety": need_safety,
         "tokenizer": tokenizer_id,
         "seed": seed,
     }
+    if safety_mix > 0:
+        parts["safety_mix"] = safety_mix
+    return parts
 
 
 def _concat(tables):
@@ -59,9 +65,10 @@ def _counts(statuses) -> dict:
     return {name: sum(1 for s in statuses if s == code) for code, name in enumerate(Status.NAMES)}
 
 
-def tokenize_tasks(table, chat: ChatTokenizer, procs, what: str):
+def tokenize_tasks(table, chat: ChatTokenizer, procs, what: str, name: str = ""):
     """(tokenized table without the dropped rows, counts): columns ``input_ids``,
-    ``labels``, ``length``, ``origin``."""
+    ``labels``, ``length``, ``origin``. ``what`` names the rows in errors; ``name`` (default:
+    ``what``) the map's fingerprint."""
 
     def encode(batch):
         convs = [Conversation(turns_of(m), lf, o) for m, lf, o in zip(batch["messages"], batch["learn_from"], batch["origin"])]
@@ -75,7 +82,7 @@ def tokenize_tasks(table, chat: ChatTokenizer, procs, what: str):
         return out
 
     encoded = table.map(encode, batched=True, batch_size=BATCH, num_proc=num_proc(procs, len(table)),
-                        remove_columns=table.column_names, new_fingerprint=f"{what}-tokens")
+                        remove_columns=table.column_names, new_fingerprint=f"{name or what}-tokens")
     return _finish(encoded, chat, what)
 
 
@@ -125,9 +132,46 @@ def _finish(encoded, chat: ChatTokenizer, what: str):
     return encoded.remove_columns(["status", "full_length"]), counts
 
 
-def build(folder: Path, cfg, tokenizer, seed: int, need_safety: bool) -> None:
+def demonstration_table(pairs, indices: list[int]):
+    """The pairs at ``indices`` as task conversations: the harmful prompt's turns, then the
+    safe response as the one learned assistant turn (``learn_from`` past the prompt, so an
+    assistant turn inside a multi-turn prompt is context, as in the pair)."""
+    picked = pairs.select(indices)
+
+    def convert(batch):
+        return {"messages": [m + [{"role": "assistant", "content": safe}] for m, safe in zip(batch["messages"], batch["safe"])],
+                "learn_from": [len(m) for m in batch["messages"]], "origin": batch["origin"]}
+
+    return picked.map(convert, batched=True, batch_size=BATCH, remove_columns=picked.column_names,
+                      new_fingerprint="safety-mix-format")
+
+
+def add_safety_demonstrations(train, pairs, chat: ChatTokenizer, cfg, ratio: float, seed: int, meta: dict):
+    """``train`` (tokenized task examples) with round(ratio x len(train)) refusal
+    demonstrations of data.safety's pairs added (``mixing.safety_mix_indices``), tokenized
+    like the task examples (``chat``: data.max_length, the system prompt) and shuffled in
+    among them (``mixing.safety_mix_order``). The count is of the task examples the length
+    limit kept, so the ratio is the share of what the model trains on, not of rows it never
+    sees. Records in ``meta``: how many were added (``n_safety_mix``) and their rows in the
+    table (``safety_mix_rows``); returns the table and the demonstrations' length counts."""
+    chosen = safety_mix_indices(len(train), len(pairs), ratio, seed)
+    what = "safety_mix demonstrations (data.safety prompts with their safe responses)"
+    demos, counts = tokenize_tasks(demonstration_table(pairs, chosen), chat, cfg.num_proc, what, "safety-mix")
+    if chosen and len(demos) == 0:
+        raise DataError(
+            f"{what}: every prompt is longer than data.max_length={cfg.max_length} tokens, so no response token is "
+            f"left to learn; raise data.max_length (first: {pairs[chosen[0]]['origin']})"
+        )
+    order = safety_mix_order(len(train), len(demos), seed)
+    meta.update(n_safety_mix=len(demos), safety_mix_rows=sorted(i for i, j in enumerate(order) if j >= len(train)))
+    return _concat([train, demos]).select(order), counts
+
+
+def build(folder: Path, cfg, tokenizer, seed: int, need_safety: bool, safety_mix: float = 0.0) -> None:
     """Write the run's data into ``folder``: ``train``, ``eval``, ``safety`` and ``packs``
-    tables (those that are not empty) and ``meta.json`` (counts, what was selected)."""
+    tables (those that are not empty) and ``meta.json`` (counts, what was selected).
+    ``safety_mix`` > 0 adds that many refusal demonstrations per task example to ``train``
+    (``add_safety_demonstrations``); ``need_safety`` writes the ``safety`` pair table."""
     if not cfg.train:
         raise DataError("data.train is empty: give at least one source, e.g. {path: data/gsm8k/train.jsonl, format: gsm8k}")
     meta: dict = {"skipped_rows": {}}
@@ -161,7 +205,8 @@ def build(folder: Path, cfg, tokenizer, seed: int, need_safety: bool) -> None:
                 f"data.eval: every example's prompt is longer than max_length={cfg.max_length} tokens, so no response "
                 f"token is left to score; raise data.max_length (first: {evals[0]['origin']})"
             )
-    if need_safety and cfg.safety:
+    meta["n_safety_mix"] = 0
+    if (need_safety or safety_mix > 0) and cfg.safety:
         pairs = []
         for i, source in enumerate(cfg.safety):
             table, skipped = pair_table(source, f"safety{i}")
@@ -169,6 +214,7 @@ def build(folder: Path, cfg, tokenizer, seed: int, need_safety: bool) -> None:
             if skipped:
                 meta["skipped_rows"][source.path] = skipped
         pairs = _concat(pairs)
+    if need_safety and cfg.safety:
         safety_chat = ChatTokenizer(tokenizer, cfg.safety_max_length, cfg.system_prompt, cfg.overlength, cfg.loss_on,
                                     "data.safety_max_length")
         tables["safety"], counts["safety"] = tokenize_pairs(pairs, safety_chat, cfg.num_proc)
@@ -177,6 +223,12 @@ def build(folder: Path, cfg, tokenizer, seed: int, need_safety: bool) -> None:
                 f"data.safety: every pair is longer than data.safety_max_length={cfg.safety_max_length} tokens before "
                 f"its response starts; raise data.safety_max_length (first: {pairs[0]['origin']})"
             )
+    if safety_mix > 0:
+        if not cfg.safety:
+            raise DataError("safety_mix adds refusal demonstrations from data.safety, which is empty: give it a source, "
+                            "e.g. {path: data/advbench/harmful_behaviors.csv, format: safety_pairs}")
+        tables["train"], counts["safety_mix"] = add_safety_demonstrations(tables["train"], pairs, chat, cfg, safety_mix,
+                                                                          seed, meta)
     if cfg.packing:
         import datasets
 

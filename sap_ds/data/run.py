@@ -119,10 +119,21 @@ class RunData:
     def packed(self) -> bool:
         return isinstance(self.train, PackedSet)
 
+    @property
+    def n_safety_mix(self) -> int:
+        """Refusal demonstrations among the training examples (``method: safety_mix``)."""
+        return self.meta.get("n_safety_mix", 0)
+
+    @property
+    def safety_mix_rows(self) -> list[int]:
+        """Their indices in ``examples``."""
+        return self.meta.get("safety_mix_rows", [])
+
     def summary(self) -> dict:
         """The ``data`` entry of summary.json."""
         out = {"cache_dir": str(self.cache_dir) if self.cache_dir else None, "cache_hit": self.cache_hit,
                "train_examples": len(self.examples), "harmful_examples": self.n_harmful,
+               "safety_mix_examples": self.n_safety_mix,
                "eval_examples": len(self.eval), "eval_available": self.meta.get("eval_available", 0),
                "safety_pairs": len(self.safety), "overlength": self.counts,
                "skipped_rows": self.meta.get("skipped_rows", {})}
@@ -145,7 +156,8 @@ def log_data(data: RunData, cfg, spent: float) -> None:
     """What was prepared, on rank 0 at start: nothing is dropped or capped without a line here."""
     how = "loaded from cache" if data.cache_hit else f"prepared in {spent:.1f} s"
     log.info("data: %s %s", how, data.cache_dir)
-    for split, limit in (("train", "data.max_length"), ("eval", "data.max_length"), ("safety", "data.safety_max_length")):
+    for split, limit in (("train", "data.max_length"), ("eval", "data.max_length"), ("safety", "data.safety_max_length"),
+                         ("safety_mix", "data.max_length")):
         c = data.counts.get(split)
         if c:
             log.info("data: %s: %d kept whole, %d truncated, %d dropped (%s, data.overlength=%s)", split, c["kept"],
@@ -160,25 +172,29 @@ def log_data(data: RunData, cfg, spent: float) -> None:
     if data.n_harmful:
         log.info("data: train: %d of %d examples are harmful (data.harmful_ratio=%s)", data.n_harmful,
                  len(data.examples), cfg.harmful_ratio)
+    if data.n_safety_mix:
+        log.info("data: train: %d of %d examples are refusal demonstrations added from data.safety (method safety_mix)",
+                 data.n_safety_mix, len(data.examples))
     if data.packed:
         s = data.summary()
         log.info("data: train: %d examples in %d packs of <= %d tokens (%.1f %% full)", len(data.examples), s["packs"],
                  cfg.max_length, 100 * s["pack_fill"])
 
 
-def build_run_data(cfg, tokenizer, seed: int, need_safety: bool) -> RunData:
+def build_run_data(cfg, tokenizer, seed: int, need_safety: bool, safety_mix: float = 0.0) -> RunData:
     """The run's data from the cache, prepared first if missing (one rank per node; the
-    others wait, see ``cache``). Every rank returns the same RunData."""
+    others wait, see ``cache``). Every rank returns the same RunData. ``safety_mix``:
+    refusal demonstrations added per task example (``Method.safety_mix``; 0: none)."""
     from sap_ds.distributed import is_main
 
     if not cfg.train:
         raise DataError("data.train is empty: give at least one source, e.g. {path: data/gsm8k/train.jsonl, format: gsm8k}")
     ChatTokenizer(tokenizer, cfg.max_length)  # no chat template: fail here, on every rank
-    parts = fingerprint_parts(cfg, tokenizer_identity(tokenizer), seed, need_safety)
+    parts = fingerprint_parts(cfg, tokenizer_identity(tokenizer), seed, need_safety, safety_mix)
     folder = cache_root(cfg.cache_dir) / fingerprint(parts)
 
     def write(tmp: Path) -> None:
-        build(tmp, cfg, tokenizer, seed, need_safety)
+        build(tmp, cfg, tokenizer, seed, need_safety, safety_mix)
         meta = json.loads((tmp / "meta.json").read_text(encoding="utf-8"))
         meta.update(max_length=cfg.max_length, fingerprint=parts)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")

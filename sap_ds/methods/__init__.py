@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from sap_ds.methods.base import Method
 from sap_ds.methods.lisa import LisaMethod
+from sap_ds.methods.safety_mix import SafetyMixMethod
 from sap_ds.methods.sap import SapMethod
 from sap_ds.methods.sft import SftMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SftMethod, SapMethod, LisaMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SftMethod, SapMethod, LisaMethod, SafetyMixMethod)}
 
 
 def build_method(cfg) -> Method:

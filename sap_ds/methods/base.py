@@ -28,7 +28,8 @@ import torch
 
 class Method:
     name = "base"
-    needs_safety = False  # whether the run data must include data.safety
+    needs_safety = False  # whether the run data must include data.safety (the pair table)
+    safety_mix = 0.0  # refusal demonstrations from data.safety added to the task data, per task example
 
     def __init__(self, cfg):
         self.cfg = cfg
