@@ -124,6 +124,13 @@ def test_flops_count_the_extra_probe_pass_of_same_step():
     assert flops.ideal_ratio(flops.FlopsModel(deep), [8], [8], probe_passes=2) == pytest.approx(0.3, abs=2e-3)
     assert flops.ideal_ratio(flops.FlopsModel(deep, 8, ("q_proj", "v_proj")), [8], [8],
                              probe_passes=2) == pytest.approx(0.25, abs=2e-3)
+    from sap_ds.plan import NAMED_MODELS  # docs/benchmarks.md: Llama-2-70B, probe from layer 3, 128 tokens
+
+    spec70, lengths = NAMED_MODELS["llama2-70b"], [128] * 8
+    assert flops.ideal_ratio(flops.FlopsModel(spec70), lengths, lengths, lowest_probe_layer=3,
+                             probe_passes=2) == pytest.approx(0.303, abs=5e-4)
+    assert flops.ideal_ratio(flops.FlopsModel(spec70, 8, ("q_proj", "v_proj")), lengths, lengths, lowest_probe_layer=3,
+                             probe_passes=2) == pytest.approx(0.253, abs=5e-4)
     assert "same_step" in flops.FORMULA
 
 
