@@ -134,6 +134,26 @@ def test_flops_count_the_extra_probe_pass_of_same_step():
     assert "same_step" in flops.FORMULA
 
 
+def test_trainer_throughput_counts_the_passes_the_step_ran():
+    """The per-step TFLOP/s (sap_ds/throughput.py) take the probe passes from the step's
+    ``ran`` record (sap_step sets ``probe_passes`` 2 under same_step, 0 without a probe pass)."""
+    from sap_ds import flops
+    from sap_ds.plan import ModelSpec
+    from sap_ds.throughput import Throughput
+
+    fm = flops.FlopsModel(ModelSpec("hand", 8, 16, 4, 2, 1, 32))
+    meter = Throughput.__new__(Throughput)  # no peak measurement: only the FLOPs are checked
+    meter.flops_model, meter.note, meter.peak, meter.flops, meter.seconds = fm, None, {"total": None}, 0.0, 0.0
+    task, safety = [3, 5], [4, 4]
+    for ran, passes in (({"safety": True, "probe": True, "probe_passes": 2}, 2),
+                        ({"safety": True, "probe": True, "probe_passes": 1}, 1), ({"safety": True, "probe": True}, 1)):
+        got = meter.step(task, safety, ran, seconds=1.0, lowest_probe_layer=1)["model_tflops_per_s"]
+        want = fm.step(task, safety, safety=1, probe=1, lowest_probe_layer=1, probe_passes=passes).total / 1e12
+        assert got == pytest.approx(want)
+    skipped = meter.step(task, [], {"safety": False, "probe": False, "probe_passes": 0}, seconds=1.0)
+    assert skipped["model_tflops_per_s"] == pytest.approx(fm.step(task).total / 1e12)
+
+
 # --------------------------------------------------------------------------- the update rules
 
 
