@@ -69,9 +69,10 @@ def check_layers_from_config(layers: list[int], config_json) -> None:
     """``check_layers`` against the depth a model folder's config.json declares; nothing
     when it declares none of ``DEPTH_KEYS`` (the check on the loaded model still runs)."""
     import json
+    from pathlib import Path
 
     try:
-        tree = json.loads(open(config_json, encoding="utf-8").read())
+        tree = json.loads(Path(config_json).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
     tree = tree.get("text_config", tree) if isinstance(tree, dict) else {}

@@ -29,7 +29,7 @@ import torch
 
 import kernels
 from sap_ds import resolution
-from sap_ds.collectives import all_reduce_mean, all_reduce_sum
+from sap_ds.collectives import all_reduce_sum
 from sap_ds.config import SapConfig
 from sap_ds.losses import forward_logits, safety_loss, task_loss
 from sap_ds.probe import Probe
