@@ -301,6 +301,7 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
     from sap_ds import flops as flops_mod
 
     cfg, fm, lowest, W, N = (raws[0][k] for k in ("cfg", "fm", "lowest", "W", "N"))
+    passes = cfg.sap.probe_passes  # probe passes per probe step: 2 under probe_timing same_step (both timed as probe)
     times, round_tps, warmup = [], [], []
     phase_sums = {p: 0.0 for p in PHASES}
     total, sft_equiv = flops_mod.StepFlops(), flops_mod.StepFlops()
@@ -335,7 +336,7 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
                 log.warning("bench: step %d: %d real tokens in the batches, trainer counts %d", s, sum(task_len),
                             gathered[0]["steps"][i]["global_tokens"])
             total = total + fm.step(task_len, safety_len if ran_safety else (), safety=float(ran_safety),
-                                    probe=float(ran_probe), lowest_probe_layer=lowest)
+                                    probe=float(ran_probe), lowest_probe_layer=lowest, probe_passes=passes)
             sft_equiv = sft_equiv + fm.step(task_len)
             task_lengths_all += task_len
             safety_lengths_all += safety_len
@@ -354,7 +355,8 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
     if is_sap:
         settings.update(safety_every=cfg.sap.safety_every, probe_fraction=cfg.sap.probe_fraction,
                         safety_batch_size=cfg.sap.safety_batch_size, safety_max_length=cfg.data.safety_max_length,
-                        probe_layers=cfg.sap.probe_layers)
+                        probe_layers=cfg.sap.probe_layers, probe_update=cfg.sap.probe_update,
+                        probe_timing=cfg.sap.probe_timing)
     record = {
         "variant": variant.name,
         "method": cfg.method,
@@ -402,7 +404,8 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
         # Long-run value for these knobs: the timed task batches and the safety batches
         # the trainer draws for them, weighted by the nominal shares.
         record["ideal_ratio_nominal"] = flops_mod.ideal_ratio(
-            fm, task_lengths_all, safety_lengths_all, safety=safety_share, probe=probe_share, lowest_probe_layer=lowest)
+            fm, task_lengths_all, safety_lengths_all, safety=safety_share, probe=probe_share, lowest_probe_layer=lowest,
+            probe_passes=passes)
         record["nominal_shares"] = {"safety": safety_share, "probe": probe_share}
     return record
 

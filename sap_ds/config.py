@@ -142,8 +142,10 @@ class SapConfig(_Section):
     """Safety-Aware Probing (docs/algorithm.md). Ignored unless method is 'sap'."""
 
     rho: float = Field(2e-5, ge=0.0, description="Perturbation radius relative to ||W|| (authors' grad_rate).")
-    probe_layers: list[int] = Field(default_factory=lambda: [3, 9])
-    probe_lr: float = Field(0.05, ge=0.0)
+    probe_layers: list[int] = Field(default_factory=lambda: [3, 9], description="Decoder blocks whose output gets the "
+                                    "probe: a list ([3, 9], the authors') or an inclusive band '11-20' (the paper's middle band).")
+    probe_lr: float = Field(0.05, ge=0.0, description="The probe's step size: AdamW's lr (probe_update: adam) or the "
+                            "gradient step's beta (probe_update: gradient).")
     probe_adam_eps: float = Field(1e-8, gt=0.0, description="eps of the probe's AdamW.")
     probe_reset: bool = Field(True, description="Zero the probe before each probe step (authors' behaviour).")
     probe_enabled: bool = True
@@ -168,17 +170,61 @@ class SapConfig(_Section):
                                                 "random); no safety, perturbation or probe pass.")
     probe_init: Literal["zeros", "random"] = "zeros"
     probe_init_norm: float = Field(1.0, gt=0.0, description="L2 norm of each layer's vector with probe_init: random.")
+    # The two forms of the probe step (docs/algorithm.md, "Two forms of the probe step"): the
+    # defaults are the authors' code; 'gradient' + 'same_step' is the paper's Algorithm 1.
+    probe_update: Literal["adam", "gradient"] = Field("adam", description="'adam': one step of the probe's own AdamW "
+                                                      "(authors' code); 'gradient': V <- V - probe_lr * gV, no optimizer "
+                                                      "state (paper Algorithm 1, V = beta * grad_V L_su).")
+    probe_timing: Literal["next_step", "same_step"] = Field("next_step", description="'next_step': the probe computed "
+                                                            "in step t is used in step t+1's main pass (authors' code); "
+                                                            "'same_step': computed from step t's batch, with one extra "
+                                                            "pass at W, and used in step t's main pass (paper Algorithm 1).")
+
+    @field_validator("probe_layers", mode="before")
+    @classmethod
+    def _band(cls, value: Any) -> Any:
+        """``'11-20'`` -> ``[11, ..., 20]`` (inclusive, as the paper writes v_[11:20]); a list
+        passes through. Checked against the model's depth before the model loads
+        (``sap_ds.probe.check_layers``)."""
+        return parse_layer_band(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _forms(self) -> "SapConfig":
+        if (self.probe_timing == "same_step" and self.probe_reset and self.probe_init == "random" and self.probe_train
+                and self.probe_enabled):
+            raise ValueError("sap.probe_init random with sap.probe_timing same_step and sap.probe_reset true: the probe "
+                             "is zeroed before every probe pass, so the random start would never be used; set "
+                             "sap.probe_reset false (start from it and keep updating it) or sap.probe_init zeros")
+        return self
+
+    @property
+    def probe_passes(self) -> int:
+        """Task-batch passes for the probe gradient on a probing step (the FLOPs model's q):
+        the pass at W' and, with ``same_step``, the one at W before the main pass."""
+        return 2 if self.probe_timing == "same_step" else 1
 
     def unused_keys(self, method: str) -> set[str]:
         """The keys that cannot change a run of ``method`` with these settings: all of them
-        for SFT; for a fixed probe (``probe_train: false``) the ones of the passes it skips."""
+        for SFT; for a fixed probe (``probe_train: false``) the ones of the passes it skips;
+        the probe's Adam eps under ``probe_update: gradient``."""
         if method != "sap":
             return set(type(self).model_fields)
         if not self.probe_train:
             return {"rho", "probe_lr", "probe_adam_eps", "probe_reset", "probe_lr_schedule", "safety_loss", "temperature",
                     "safety_batch_size", "safety_every", "perturb_norm", "probe_fraction", "direction", "kernels",
-                    "resolution_check"}
+                    "resolution_check", "probe_update", "probe_timing"}
+        if self.probe_update == "gradient":
+            return {"probe_adam_eps"}
         return set()
+
+
+def parse_layer_band(text: str) -> list[int]:
+    """An inclusive band of layer indices, ``'11-20'`` -> ``[11, 12, ..., 20]``."""
+    first, sep, last = text.strip().partition("-")
+    if not (sep and first.strip().isdigit() and last.strip().isdigit()) or int(first) > int(last):
+        raise ValueError(f"'{text}' is neither a list of layer indices ([3, 9]) nor an inclusive band 'first-last' of "
+                         "non-negative indices with first <= last ('11-20')")
+    return list(range(int(first), int(last) + 1))
 
 
 class LisaConfig(_Section):
@@ -605,10 +651,15 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
     if cfg.method != "lisa":  # also: a run from before the lisa section existed has none
         ignore |= {f"lisa.{key}" for key in LisaConfig.model_fields}
     ignore |= {f"safety_mix.{key}" for key in cfg.safety_mix.unused_keys(cfg.method)}  # likewise
+    for key, before in ADDED_LATER.items():  # a run recorded before the key existed was trained with this
+        old.setdefault(key, before)
     return [f"{key}: trained with {old.get(key)!r}, now {new.get(key)!r}"
             for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key) and key not in ignore and not key.startswith("logging.")]
 
+
+# Keys added after runs were recorded without them, and the value that is what those runs did.
+ADDED_LATER = {"sap.probe_update": "adam", "sap.probe_timing": "next_step"}
 
 # Keys that cannot change what a run trains (where it is written, how it is logged, saved
 # and resumed): a change of one of them does not make a run another run.

@@ -33,18 +33,22 @@ One optimizer step, with T the task batch and S the safety batch (safe + harmful
 sequences) of the step, all ranks together:
 
     SFT step = F(T) + B(T)                                     B = B_f or B_l
-    SAP step = SFT step + s * (F(S) + B(S)) + p * (F(T) + B_p(T))
+    SAP step = SFT step + s * (F(S) + B(S)) + p * q * (F(T) + B_p(T))
 
-where s and p are how often the safety pass and the probe pass run: 1 and 1 for the
+where s and p are how often the safety pass and the probe step run: 1 and 1 for the
 authors' settings; measured per step in the benchmark (0 or 1 each step, from the
 trainer's phase timer); ``nominal_shares`` gives the long-run values of the trainer's
-schedule for ``safety_every`` k and ``probe_fraction`` f. The ideal throughput ratio of SAP over SFT
-on the same task batches is SFT FLOPs / SAP FLOPs (FLOPs per task token).
+schedule for ``safety_every`` k and ``probe_fraction`` f. q is the number of probe passes
+on the task batch per probe step (``SapConfig.probe_passes``): 1 under
+``sap.probe_timing: next_step`` (the pass at W'), 2 under ``same_step`` (also the pass at W
+before the main pass; the same forward and probe backward). The ideal throughput ratio of
+SAP over SFT on the same task batches is SFT FLOPs / SAP FLOPs (FLOPs per task token).
 
 Check against docs/design.md ("Cost"): a deep model (L -> inf, probe layer near the bottom, so
 L_p / L -> 1), attention and lm_head negligible, safety tokens = task tokens:
 full FT  SFT = 3F, SAP = 3F + 3F + (F + F) = 8F   -> ratio 3/8 = 0.375 (~0.38)
 LoRA     SFT = 2F, SAP = 2F + 2F + (F + F) = 6F   -> ratio 2/6 = 0.333 (~0.34)
+same_step (q = 2): full FT 3F / 10F = 0.30, LoRA 2F / 8F = 0.25
 
 Excluded: norms, activations, softmax, rotary, the loss (O(n*h) or O(n*V) element-wise
 work), the embedding lookup (no FLOPs), padding tokens (``padded`` counts are reported
@@ -65,8 +69,9 @@ FORMULA = (
     "forward F = sum_n[n*(L*(M+M_a)+H) + L*A(n)] on real (unpadded) lengths; "
     "backward: full FT 2F; LoRA sum_n[n*(L*(M+2*M_a)+H) + 2*L*A(n)] (~1F, activation grads for frozen weights); "
     "probe backward sum_n[n*(Lp*(M+M_a)+H) + 2*Lp*A(n)], Lp = L-1-lowest probe layer (activation grads only); "
-    "SFT step = F(task)+B(task); SAP step = SFT + s*(F(safety)+B(safety)) + p*(F(task)+B_probe(task)), "
+    "SFT step = F(task)+B(task); SAP step = SFT + s*(F(safety)+B(safety)) + p*q*(F(task)+B_probe(task)), "
     "s, p = 1 on steps where the safety / probe pass ran (observed), else 0; "
+    "q = probe passes per probe step: 1 (probe_timing next_step: at W'), 2 (same_step: at W' and at W); "
     "ideal_ratio = SFT FLOPs / SAP FLOPs on the same task batches"
 )
 
@@ -144,9 +149,11 @@ class FlopsModel:
     # ---- one step
 
     def step(self, task_lengths: Sequence[int], safety_lengths: Sequence[int] = (), *, safety: float = 0.0,
-             probe: float = 0.0, lowest_probe_layer: int = 0) -> "StepFlops":
+             probe: float = 0.0, lowest_probe_layer: int = 0, probe_passes: int = 1) -> "StepFlops":
         """FLOPs of one optimizer step: SFT when ``safety`` = ``probe`` = 0; SAP adds the
-        safety pass (weight ``safety``) and the probe pass (weight ``probe``)."""
+        safety pass (weight ``safety``) and ``probe_passes`` probe passes on the task batch
+        (weight ``probe``: 1 under ``probe_timing: next_step``, 2 under ``same_step``)."""
+        probe = probe * probe_passes
         f_task = self.forward(task_lengths)
         parts = {
             "task_forward": f_task,
@@ -202,8 +209,9 @@ def nominal_shares(safety_every: int, probe_fraction: float, horizon: int = 10_0
 
 
 def ideal_ratio(model: FlopsModel, task_lengths: Sequence[int], safety_lengths: Sequence[int], *,
-                safety: float = 1.0, probe: float = 1.0, lowest_probe_layer: int = 0) -> float:
+                safety: float = 1.0, probe: float = 1.0, lowest_probe_layer: int = 0, probe_passes: int = 1) -> float:
     """SFT FLOPs per task token over SAP FLOPs per task token, on the same task batch."""
     sft = model.step(task_lengths)
-    sap = model.step(task_lengths, safety_lengths, safety=safety, probe=probe, lowest_probe_layer=lowest_probe_layer)
+    sap = model.step(task_lengths, safety_lengths, safety=safety, probe=probe, lowest_probe_layer=lowest_probe_layer,
+                     probe_passes=probe_passes)
     return sft.total / sap.total

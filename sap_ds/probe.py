@@ -50,17 +50,43 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def check_layers(layers: list[int], depth: int) -> None:
+    """ProbeError unless every probe layer indexes one of ``depth`` decoder blocks (negative
+    indices count from the top). Run before the model loads (``sap_ds.train.fail_fast``,
+    from config.json) and again on the model itself."""
+    bad = [i for i in layers if not -depth <= i < depth]
+    if bad:
+        raise ProbeError(
+            f"sap.probe_layers: {bad} out of range; the model has {depth} decoder layers "
+            f"(valid indices 0..{depth - 1}, or -{depth}..-1 from the top; a band 'first-last' must lie within 0..{depth - 1})"
+        )
+
+
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # Llama-style, GPT-2, others
+
+
+def check_layers_from_config(layers: list[int], config_json) -> None:
+    """``check_layers`` against the depth a model folder's config.json declares; nothing
+    when it declares none of ``DEPTH_KEYS`` (the check on the loaded model still runs)."""
+    import json
+    from pathlib import Path
+
+    try:
+        tree = json.loads(Path(config_json).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    tree = tree.get("text_config", tree) if isinstance(tree, dict) else {}
+    depth = next((tree[k] for k in DEPTH_KEYS if isinstance(tree.get(k), int)), None)
+    if depth:
+        check_layers(layers, depth)
+
+
 class Probe:
     """Per-layer additive vectors ``V``, shape ``[len(layers), hidden]``, fp32, replicated."""
 
     def __init__(self, model: nn.Module, layers: list[int], hidden_size: int, device: torch.device):
         blocks = find_decoder_layers(model)
-        bad = [i for i in layers if not -len(blocks) <= i < len(blocks)]
-        if bad:
-            raise ProbeError(
-                f"sap.probe_layers: {bad} out of range; the model has {len(blocks)} decoder layers "
-                f"(valid indices 0..{len(blocks) - 1})"
-            )
+        check_layers(layers, len(blocks))
         self.layers = sorted(i % len(blocks) for i in layers)
         self.vectors = torch.zeros(len(self.layers), hidden_size, dtype=torch.float32, device=device, requires_grad=True)
         self.enabled = True

@@ -10,6 +10,11 @@ Each phase is one function; ``sap_step`` runs them in order:
 5. the main pass (the trainer's, shared with SFT) at W with the probe active;
    ``update_probe``:    gV += grad_V L(W, V); all-reduce-mean; V <- 0 (paper mode); AdamW.
 
+That is ``sap.probe_timing: next_step`` (the authors' code). ``same_step`` (the paper's
+Algorithm 1) zeroes V first, adds a second probe pass at W after the restore
+(gV += grad_V L(W, V)), updates V from that, and only then runs the main pass, with the
+new V. ``sap_ds/probe_update.py``: the update itself (AdamW or a plain gradient step).
+
 Everything rank-dependent (norms, direction scale, V) is identical to a single-process
 run of the same global batch, up to floating-point reduction order.
 """
@@ -24,10 +29,11 @@ import torch
 
 import kernels
 from sap_ds import resolution
-from sap_ds.collectives import all_reduce_mean, all_reduce_sum
+from sap_ds.collectives import all_reduce_sum
 from sap_ds.config import SapConfig
 from sap_ds.losses import forward_logits, safety_loss, task_loss
 from sap_ds.probe import Probe
+from sap_ds.probe_update import make_optimizer, rescale_probe, update_probe  # noqa: F401 - re-exported
 from sap_ds.zero3 import Zero3Shards
 
 PHASES = ("safety", "perturb", "probe", "restore", "main")
@@ -85,14 +91,14 @@ class SapState:
     """Everything SAP keeps between steps (all of it goes into checkpoints)."""
 
     probe: Probe
-    probe_optimizer: torch.optim.Optimizer
+    probe_optimizer: torch.optim.Optimizer | None  # None under probe_update: gradient (no state)
     direction: list  # per-group fp32 buffers, pre-scaled per tensor in per_tensor mode
     scale: torch.Tensor  # 0-dim fp32: rho * ||W|| / ||g|| (1 in per_tensor mode, 0 if no direction)
     backup: list | None = None  # fp32 runs only: the master is the working shard, so keep W
     direction_step: int | None = None  # the step whose safety batch gave the current direction
     seed: int = 0  # run seed: the random-direction ablation draws from (seed, step, rank)
     stats: dict = field(default_factory=dict)  # 0-dim device tensors (or bools): read only when logged
-    ran: dict = field(default_factory=dict)  # which extra passes the last step ran: {"safety": bool, "probe": bool}
+    ran: dict = field(default_factory=dict)  # the last step's extra passes: {"safety": bool, "probe": bool, "probe_passes": int}
 
 
 def stats_as_floats(state: SapState) -> dict:
@@ -114,7 +120,7 @@ def make_state(engine, shards: Zero3Shards, cfg: SapConfig, hidden_size: int, se
     probe.enabled = cfg.probe_enabled
     if cfg.probe_init == "random":
         probe.init_random(cfg.probe_init_norm, seed)
-    optimizer = torch.optim.AdamW([probe.vectors], lr=cfg.probe_lr, eps=cfg.probe_adam_eps, weight_decay=0.0)
+    optimizer = make_optimizer(probe, cfg)
     backup = None
     if any(g.master_aliases_lp for g in shards.groups):
         backup = shards.new_flat_buffers()
@@ -246,9 +252,10 @@ def restore(shards: Zero3Shards, state: SapState, backend: str) -> None:
     shards.refresh_gathered()
 
 
-def probe_gradient(engine, state: SapState, micro_batches: list[dict]) -> torch.Tensor:
+def probe_gradient(engine, state: SapState, micro_batches: list[dict], negate: bool = True) -> torch.Tensor:
     """Phase 3: -grad_V of the task loss at W', the mean over the micro-batches (each
-    weighted 1/n, as the engine's main pass weights them). ``autograd.grad`` w.r.t. the
+    weighted 1/n, as the engine's main pass weights them); ``negate=False``: +grad_V at the
+    current weights (``same_step``'s pass at W). ``autograd.grad`` w.r.t. the
     probe only: no parameter receives a gradient, and with the graph cut under the lowest
     probe layer no backward runs there.
 
@@ -266,7 +273,7 @@ def probe_gradient(engine, state: SapState, micro_batches: list[dict]) -> torch.
         for batch in micro_batches:
             logits = _bypass_engine_grad_scaling(forward_logits(engine, batch))
             loss = task_loss(logits, batch["labels"]) / len(micro_batches)
-            (grad,) = torch.autograd.grad(-loss, [probe.vectors])
+            (grad,) = torch.autograd.grad(-loss if negate else loss, [probe.vectors])
             total += grad
     finally:
         probe.cut_below = False
@@ -284,37 +291,6 @@ def _bypass_engine_grad_scaling(logits: torch.Tensor) -> torch.Tensor:
     passthrough.register_hook(incoming.append)  # returns None: the gradient goes on unchanged
     logits.register_hook(lambda after_engine_hook: incoming.pop())
     return passthrough
-
-
-def update_probe(state: SapState, probe_grad: torch.Tensor, cfg: SapConfig, lr_factor: float = 1.0) -> None:
-    """Phase 5b: average gV over ranks, reset V (paper mode), one AdamW step on V (at
-    ``probe_lr * lr_factor`` with ``probe_lr_schedule: follow``), then ``probe_scale``."""
-    vectors = state.probe.vectors
-    grad = probe_grad + (vectors.grad if vectors.grad is not None else 0)
-    grad = all_reduce_mean(grad.detach().clone())
-    # The one host read of the step: whether to step the probe's optimizer at all.
-    state.stats["probe_update_skipped"] = not bool(torch.isfinite(grad).all())
-    if state.stats["probe_update_skipped"]:  # same verdict on every rank: grad is all-reduced
-        state.probe_optimizer.zero_grad(set_to_none=True)
-        return
-    if cfg.probe_reset:
-        state.probe.reset()
-    if cfg.probe_lr_schedule == "follow":
-        for group in state.probe_optimizer.param_groups:
-            group["lr"] = cfg.probe_lr * lr_factor
-    vectors.grad = grad
-    state.probe_optimizer.step()
-    state.probe_optimizer.zero_grad(set_to_none=True)
-    rescale_probe(state, cfg)
-
-
-def rescale_probe(state: SapState, cfg: SapConfig) -> None:
-    """``probe_scale``: each layer's vector to that fraction of the mean hidden-state norm
-    the last main pass measured there (averaged over ranks, so V stays identical)."""
-    norms = all_reduce_mean(state.probe.hidden_norms.clone())
-    state.stats["hidden_norm"] = norms.mean()
-    if cfg.probe_scale is not None:
-        state.probe.rescale(cfg.probe_scale * norms)
 
 
 # --------------------------------------------------------------------------- the step
@@ -362,26 +338,47 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
     """One optimizer step of SAP. ``main_pass(micro_batches)`` is the trainer's SFT pass
     (forward/backward per micro-batch, then ``engine.step()``); it returns the losses.
 
-    The main pass starts from the RNG state the probe pass started from, so with dropout
-    both passes see the same masks and ``L(W, V) - L(W', V)`` measures the perturbation,
-    not dropout noise (the authors' script draws fresh masks for each pass)."""
+    Every task pass of the step (the probe pass at W', under ``same_step`` the probe pass
+    at W, the main pass) starts from the same RNG state, so with dropout they all see the
+    same masks and ``L(W, V) - L(W', V)`` measures the perturbation, not dropout noise (the
+    authors' script and SafeTune draw fresh masks for each pass).
+
+    ``probe_timing: same_step`` (paper Algorithm 1): V is zeroed (``probe_reset``) before
+    the probe passes, the second probe pass at W completes gV = grad_V [L(W, V) - L(W', V)]
+    on this step's batch, V is updated, and the main pass trains W with that V. Its own V
+    gradient is discarded. The pass at W is timed as ``probe`` too (``time/probe`` holds
+    both) and counted by the FLOPs model (``ran["probe_passes"]``)."""
     probing = cfg.probe_enabled and cfg.probe_train and runs_probe(step, cfg.probe_fraction)
-    state.ran = {"probe": probing, "safety": probing and safety_batch is not None}  # the FLOPs the step costs
+    same_step = probing and cfg.probe_timing == "same_step"
+    state.ran = {"probe": probing, "safety": probing and safety_batch is not None,  # the FLOPs the step costs
+                 "probe_passes": cfg.probe_passes if probing else 0}
     probe_grad = None
     if probing:
+        if same_step and cfg.probe_reset:
+            state.probe.reset()  # Algorithm 1, line 3: the gradient is taken at V = 0
         if safety_batch is not None:
             with timer("safety"):
                 safety_direction(engine, shards, state, safety_batch, cfg, step)
         with timer("perturb"):
             perturb(shards, state, cfg.kernels)
-        rng = _rng_state()  # the main pass replays the probe pass's dropout masks
+        rng = _rng_state()  # every task pass of the step replays the probe pass's dropout masks
         with timer("probe"):
             probe_grad = probe_gradient(engine, state, micro_batches)
         with timer("restore"):
             restore(shards, state, cfg.kernels)
+        if same_step:
+            _set_rng_state(rng)
+            state.probe.measure = True  # the hidden-state norms probe_scale is relative to, at W
+            try:
+                with timer("probe"):
+                    probe_grad = probe_grad + probe_gradient(engine, state, micro_batches, negate=False)
+            finally:
+                state.probe.measure = False
     state.probe.vectors.grad = None
     if probing:
-        shards.drop_grads()  # the probe pass's backward epilogue must not make the main pass accumulate
+        shards.drop_grads()  # the probe passes' backward epilogues must not make the main pass accumulate
+        if same_step:
+            update_probe(state, probe_grad, cfg, lr_factor)  # this step's V, for this step's main pass
         _set_rng_state(rng)
     state.probe.measure = True  # the hidden-state norms probe_scale is relative to
     try:
@@ -389,10 +386,10 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
             losses = main_pass(micro_batches)
     finally:
         state.probe.measure = False
-    if probing:
+    if probing and not same_step:
         update_probe(state, probe_grad, cfg, lr_factor)
     else:
-        state.probe.vectors.grad = None
+        state.probe.vectors.grad = None  # same_step: the main pass's V gradient is not used
         if cfg.probe_enabled and not cfg.probe_train:
             rescale_probe(state, cfg)  # the fixed probe, kept at its size relative to h
     return losses

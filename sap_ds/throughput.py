@@ -40,12 +40,14 @@ class Throughput:
     def step(self, task_lengths: Sequence[int], safety_lengths: Sequence[int], ran: dict, seconds: float,
              lowest_probe_layer: int = 0) -> dict:
         """The record entries of one step. ``ran``: which of SAP's extra passes the step ran
-        (``{"safety": bool, "probe": bool}``; empty for SFT): they count where they ran."""
+        (``{"safety": bool, "probe": bool, "probe_passes": int}``; empty for SFT): they count
+        where they ran, the probe pass ``probe_passes`` times (2 under ``same_step``)."""
         if self.flops_model is None or seconds <= 0:
             return {"model_tflops_per_s": None, "mfu": None, "mfu_note": self.note}
         share = lambda name: 1.0 if ran.get(name) else 0.0  # noqa: E731
         flops = self.flops_model.step(task_lengths, safety_lengths, safety=share("safety"), probe=share("probe"),
-                                      lowest_probe_layer=lowest_probe_layer).total
+                                      lowest_probe_layer=lowest_probe_layer,
+                                      probe_passes=ran.get("probe_passes") or 1).total
         self.flops += flops
         self.seconds += seconds
         return self._entries(flops, seconds)

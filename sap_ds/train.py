@@ -78,6 +78,7 @@ def fail_fast(cfg) -> None:
 
     prepare_environment()
     check_inputs(cfg)
+    check_probe_layers(cfg)
     check_attention(cfg.model.attn_implementation)
     check_safelora_models(cfg)
     check_logging(cfg)
@@ -99,6 +100,17 @@ def check_inputs(cfg) -> None:
         problems.insert(0, f"{exc}; pass model.path=/your/model/folder on the command line")
     if problems:
         raise ConfigError("the config names files that are not here:\n  " + "\n  ".join(problems))
+
+
+def check_probe_layers(cfg) -> None:
+    """SAP's probe layers against the depth in the model's config.json: a band such as
+    '11-20' on a shallower model fails here, before the model loads (ProbeError)."""
+    if cfg.method != "sap":
+        return
+    from sap_ds.modeling import resolve_model_path
+    from sap_ds.probe import check_layers_from_config
+
+    check_layers_from_config(cfg.sap.probe_layers, resolve_model_path(cfg.model) / "config.json")
 
 
 def print_done(output_dir: str, summary: dict) -> None:

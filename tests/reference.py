@@ -10,6 +10,15 @@ With ``data.packing`` the units of a batch are packs, but the reference never ru
 row: it collates each micro-batch's examples unpacked (padded, with a padding mask), so the
 token mean over the same response tokens checks the trainer's packed attention too.
 
+SAP's two forms of the probe step (docs/algorithm.md): ``sap.probe_timing: next_step`` is the
+authors' order (the probe's gradient from this step's passes, used in the next step's main
+pass); ``same_step`` follows SafeTune's ``SAPTrainer._sap_training_step`` (Lexsi-Labs/SafeTune,
+``src/safetune/interventions/harden/sap.py``, the paper's Algorithm 1): V <- 0; the gradient
+of ``-L(W + dW, V)`` and then of ``+L(W, V)`` accumulated into ``V.grad`` by ``backward()``
+(the second also fills the weights' gradients, which are thrown away, as SafeTune does); V
+updated; then the main pass at W with that V. ``sap.probe_update: gradient`` is SafeTune's
+``v.data.add_(v.grad, alpha=-v_update_step)``, with ``probe_lr`` as the step.
+
 Lisa follows the authors' ``LisaTrainer`` (git-disl/Lisa, ``trainer.py``) line by line: a
 status and a clock switched by ``check_mode``, both phases' weights kept as in
 ``switch_model``, and the proximal term added to the loss, not to the gradient.
@@ -109,6 +118,26 @@ class _RefLisa:
         return self.status == "alignment"
 
 
+def _update_probe(probe, probe_opt, s, lr):
+    """One update from ``probe.v.grad``: the probe's AdamW, or the plain step."""
+    if s.probe_update == "gradient":
+        with torch.no_grad():
+            probe.v.add_(probe.v.grad, alpha=-lr)  # SafeTune line 436
+    else:
+        probe_opt.param_groups[0]["lr"] = lr
+        probe_opt.step()
+    probe.v.grad = None
+
+
+def _rescale(probe, s, rank_norms):
+    """``probe_scale``: V_i to probe_scale * mean ||h|| at layer i (mean over the ranks' last micro-batches)."""
+    if s.probe_scale is not None and s.probe_enabled:
+        target = s.probe_scale * torch.stack(rank_norms).mean(0)
+        with torch.no_grad():
+            n = probe.v.norm(dim=-1)
+            probe.v.mul_(torch.where(n > 0, target / n.clamp_min(1e-30), torch.zeros_like(n)).unsqueeze(-1))
+
+
 def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
     torch.manual_seed(cfg.seed)
     path = resolve_model_path(cfg.model)
@@ -134,6 +163,7 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
             with torch.no_grad():
                 probe.v.copy_(values / values.norm(dim=-1, keepdim=True) * s.probe_init_norm)
         probe_opt = torch.optim.AdamW([probe.v], lr=s.probe_lr, eps=s.probe_adam_eps, weight_decay=0.0)
+    same_step = sap and s.probe_timing == "same_step"
     mb, gas = t.micro_batch_size, t.grad_accum
     gb = mb * gas * world
     pad = tok.pad_token_id
@@ -155,6 +185,10 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
                       for m in range(gas)] for r in range(world)]
         gv = None
         probing = sap and s.probe_enabled and s.probe_train
+        probe_lr = s.probe_lr * (lr_lambda(cfg, steps)(step) if s.probe_lr_schedule == "follow" else 1.0)
+        if same_step and probing and s.probe_reset:
+            with torch.no_grad():
+                probe.v.zero_()  # SafeTune line 404: self._probe.reset()
         if probing:
             if step % s.safety_every == 0 or direction is None:
                 # 1. safety gradient, averaged over ranks (each rank: mean over its pairs)
@@ -193,6 +227,20 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
             with torch.no_grad():
                 for p, w in zip(params, saved):
                     p.copy_(w)
+        if same_step and probing:
+            # SafeTune lines 423-436: backward of +L(W, V) at W adds into the probe's gradient
+            # (and fills the weights' gradients, dropped below); then V <- V - beta * V.grad.
+            probe.v.grad = gv.clone()
+            opt.zero_grad(set_to_none=True)
+            clean_norms = []
+            for r in range(world):
+                for batch in micro[r]:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    (_ce(logits, batch["labels"]) / (world * gas)).backward()
+                clean_norms.append(probe.norms.clone())
+            opt.zero_grad(set_to_none=True)
+            _update_probe(probe, probe_opt, s, probe_lr)
+            _rescale(probe, s, clean_norms)
         # 5. main pass at W (probe active for SAP)
         opt.zero_grad(set_to_none=True)
         if probe is not None:
@@ -215,22 +263,17 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
             torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         opt.step()
         sched.step()
-        if probing:
+        if probing and not same_step:
             total = gv + probe.v.grad
             if s.probe_reset:
                 with torch.no_grad():
                     probe.v.zero_()
             probe.v.grad = total
-            if s.probe_lr_schedule == "follow":
-                probe_opt.param_groups[0]["lr"] = s.probe_lr * lr_lambda(cfg, steps)(step)
-            probe_opt.step()
+            _update_probe(probe, probe_opt, s, probe_lr)
         if probe is not None:
             probe.v.grad = None
-            if s.probe_scale is not None and s.probe_enabled:  # V_i to probe_scale * mean ||h|| at layer i
-                target = s.probe_scale * torch.stack(rank_norms).mean(0)
-                with torch.no_grad():
-                    n = probe.v.norm(dim=-1)
-                    probe.v.mul_(torch.where(n > 0, target / n.clamp_min(1e-30), torch.zeros_like(n)).unsqueeze(-1))
+            if not (same_step and probing):
+                _rescale(probe, s, rank_norms)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     return {
         "params": {n: p.detach().clone() for n, p in zip(names, params)},

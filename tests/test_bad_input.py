@@ -4,9 +4,9 @@ line and what would be valid, prints no traceback, and leaves an existing output
 (a previous run's files and checkpoints) exactly as it was.
 
 Config errors fail before torch is even imported (under a second each); model, data-file,
-DeepSpeed-config and checkpoint errors in sap_ds.train.fail_fast, before any process group
-exists; a malformed data file once the data is read, and the probe-layer error after the
-engine is built. Each case is its own short process; the selected cases run two at a
+DeepSpeed-config, checkpoint and probe-layer errors in sap_ds.train.fail_fast, before any
+process group exists (probe layers against config.json's depth; the check on the built model
+stays as a backstop); a malformed data file once the data is read. Each case is its own short process; the selected cases run two at a
 time (they are import-bound), which halves the wall time on an otherwise idle 2-core machine."""
 from __future__ import annotations
 
@@ -179,9 +179,10 @@ CASES = [
     Case("offload_with_triton_kernels", _offload_with_triton),
     Case("ds_batch_size_no_grad_accum_gives", _ds_batch_not_a_multiple),
     Case("checkpoint_of_another_model", _checkpoint_of_another_model),
-    # ---- after the engine is built
     Case("probe_layer_out_of_range", _overrides(["method=sap", "sap.probe_layers=[0,99]"], "sap.probe_layers", "[99]",
                                                 "4 decoder layers", "0..3")),
+    Case("probe_layer_band_deeper_than_model", _overrides(["method=sap", "sap.probe_layers=11-20"], "sap.probe_layers",
+                                                          "[11, 12,", "4 decoder layers", "0..3")),
 ]
 BY_NAME = {case.name: case for case in CASES}
 

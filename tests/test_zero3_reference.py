@@ -152,6 +152,19 @@ SAFETY_MIX = ["method=safety_mix", "safety_mix.ratio=0.25", "train.grad_accum=2"
 OFFLOAD = "offload-collectives"
 GAS_STEPS = 2  # the probe after step 1 is already off without the fix (18 %), and step 2 trains with it
 
+# The two forms of the probe step (docs/algorithm.md): the paper's Algorithm 1 as SafeTune
+# writes it (a plain gradient step, used in the same step's main pass) in full fine-tuning and
+# with LoRA at grad_accum 2 (with probe_scale: the rescale before the main pass uses the norms
+# of the pass at W); and the gradient step at the authors' timing, which differs from the
+# paper form only in probe_timing (test_same_step_differs_from_next_step).
+PAPER_FORM = ["sap.probe_update=gradient", "sap.probe_timing=same_step"]
+FORM_VARIANTS = {
+    "paper-full": {"overrides": [*SAP, *PAPER_FORM]},
+    "paper-lora-gas2-scaled": {"steps": GAS_STEPS, "overrides": [*SAP, *PAPER_FORM, *LORA, "train.grad_accum=2",
+                                                                  "sap.probe_scale=0.05"]},
+    "gradient-next-full": {"overrides": [*SAP, "sap.probe_update=gradient"]},
+}
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -174,6 +187,7 @@ def runs(tmp_path_factory):
         variants[name] = {"steps": GAS_STEPS, "overrides": overrides}
     variants["packed"] = {"overrides": PACKED_SAP}
     variants["safety_mix"] = {"steps": GAS_STEPS, "overrides": SAFETY_MIX}
+    variants.update(FORM_VARIANTS)
     # the planner's model-state bytes against this engine's buffers (below)
     variants["memory"] = {"steps": 1, "memory": True, "overrides": ["model.dtype=bf16", "data.max_length=64", "data.eval=[]"]}
     variants[OFFLOAD] = {"steps": 2, "check_collectives": True, "overrides": [
@@ -331,6 +345,35 @@ def test_zero3_safety_mix_matches_reference(runs):
     seen = [demos & set(step) for step in ref["examples_trained"]]
     assert any(seen), "no compared step trained on a refusal demonstration: the test would not see a mixing bug"
     assert probes == []  # no method state beyond SFT's
+
+
+# --------------------------------------------------------------------------- the paper's form of the probe step
+
+
+@pytest.mark.parametrize("name", list(FORM_VARIANTS))
+def test_zero3_probe_forms_match_reference(runs, name):
+    """sap.probe_update=gradient and sap.probe_timing=same_step against the reference's
+    SafeTune-style step (tests/reference.py): weights, losses and the probe; the probe moves
+    and is bitwise identical on both ranks."""
+    variant = FORM_VARIANTS[name]
+    steps = variant.get("steps", STEPS)
+    result, _, probes, ref = _compare(variant["overrides"], runs[name], rtol=RTOL_SAP, steps=steps)
+    assert torch.equal(probes[0], probes[1]), "the probe differs between ranks"
+    assert ref["probe"].abs().max() > 0 and probes[0].abs().max() > 0, "the probe never moved"
+    _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
+    if "gas2" in name:
+        assert any(len(set(rank)) > 1 for step in result["micro_batch_tokens"] for rank in step), \
+            "all micro-batches hold the same number of tokens: the test would not see a wrong weighting"
+
+
+def test_same_step_differs_from_next_step(runs):
+    """The two timings of the same gradient step train visibly different weights (the main
+    pass of step 0 runs with V = 0 under next_step, with this step's V under same_step): so a
+    timing bug would move the weights far beyond the reference tolerance."""
+    same, nxt = runs["paper-full"][1], runs["gradient-next-full"][1]
+    rel = max(((same[n] - nxt[n]).abs().max() / nxt[n].abs().max()).item() for n in nxt)
+    assert rel > 100 * RTOL_SAP, f"same_step and next_step weights differ by only {rel:.1e} of scale"
+    assert not torch.equal(runs["paper-full"][2][0], runs["gradient-next-full"][2][0])
 
 
 # --------------------------------------------------------------------------- packing

@@ -54,7 +54,8 @@ class SapMethod(Method):
         s = self.state
         tensors = {"sap.probe": s.probe.vectors.detach(), "sap.scale": s.scale.reshape(1)}
         tensors.update({f"sap.direction.{i}": d for i, d in enumerate(s.direction)})
-        opt_state = s.probe_optimizer.state.get(s.probe.vectors, {})
+        # probe_update: gradient keeps no optimizer state, so its checkpoints hold no sap.opt.*
+        opt_state = s.probe_optimizer.state.get(s.probe.vectors, {}) if s.probe_optimizer is not None else {}
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in opt_state:
                 tensors[f"sap.opt.{key}"] = (torch.as_tensor(opt_state[key]).reshape(-1).float() if key == "step"
@@ -74,7 +75,9 @@ class SapMethod(Method):
                 d.zero_() if resharded else d.copy_(tensors[f"sap.direction.{i}"])
             if resharded:
                 s.scale.zero_()
-        if "sap.opt.exp_avg" in tensors:
+        # Resumed under another probe_update (a logged config change): a gradient run ignores
+        # an Adam checkpoint's moments; an Adam run after a gradient checkpoint starts its moments.
+        if "sap.opt.exp_avg" in tensors and s.probe_optimizer is not None:
             s.probe_optimizer.state[s.probe.vectors] = {
                 "exp_avg": tensors["sap.opt.exp_avg"].to(s.probe.vectors.device),
                 "exp_avg_sq": tensors["sap.opt.exp_avg_sq"].to(s.probe.vectors.device),
