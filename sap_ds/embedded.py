@@ -54,7 +54,7 @@ def _convert_gguf(target: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_package_dir()
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_tokenizer_dir())
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     config = AutoConfig.from_pretrained(src, gguf_file=GGUF_FILE)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -95,6 +95,29 @@ def _save_folder_atomically(model, tokenizer, target: Path) -> Path:
     return target
 
 
+def gguf_tokenizer_dir() -> Path:
+    """The GGUF file's tokenizer and chat template as a saved tokenizer folder, converted
+    once: both cached models (the embedded one and the tiny test model) take it from here
+    instead of each converting the GGUF metadata again (the slow part of a tokenizer build)."""
+    target = cache_root() / "smollm2-135m-instruct-tokenizer"
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    with _building(target):
+        if not (target / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(gguf_package_dir(), gguf_file=GGUF_FILE)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+            try:
+                tokenizer.save_pretrained(tmp)
+                if not target.exists():
+                    os.replace(tmp, target)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 TINY_MODEL = "tiny-random"
 
 
@@ -113,9 +136,8 @@ def _build_tiny(target: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    # the tokenizer straight from the GGUF file's metadata: the same call that makes the
-    # embedded folder's tokenizer, without dequantizing and saving its 135M weights first
-    tokenizer = AutoTokenizer.from_pretrained(gguf_package_dir(), gguf_file=GGUF_FILE)
+    # the embedded model's tokenizer, without dequantizing and saving its 135M weights first
+    tokenizer = AutoTokenizer.from_pretrained(gguf_tokenizer_dir())
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
