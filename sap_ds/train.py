@@ -69,20 +69,28 @@ def fail_fast(cfg) -> None:
     ranks start and data loads."""
     import torch
 
-    from sap_ds.checkpoint import check_resumable
     from sap_ds.distributed import prepare_environment
+
+    prepare_environment()
+    check_run(cfg, int(os.environ["WORLD_SIZE"]), on_gpu=torch.cuda.is_available())
+
+
+def check_run(cfg, world_size: int, on_gpu: bool) -> None:
+    """``fail_fast``'s checks themselves, for callers that build Trainers in a process whose
+    environment is already set up (tests/shipped_configs_runner.py): one list, so a check
+    added here reaches every entry point."""
+    from sap_ds.checkpoint import check_resumable
     from sap_ds.ds_config import load_ds_config
     from sap_ds.metrics import check_logging
     from sap_ds.modeling import check_attention
     from sap_ds.safelora import check_export_config as check_safelora_models
 
-    prepare_environment()
     check_inputs(cfg)
     check_probe_layers(cfg)
     check_attention(cfg.model.attn_implementation)
     check_safelora_models(cfg)
     check_logging(cfg)
-    load_ds_config(cfg, int(os.environ["WORLD_SIZE"]), on_gpu=torch.cuda.is_available())
+    load_ds_config(cfg, world_size, on_gpu=on_gpu)
     check_resumable(cfg)
 
 

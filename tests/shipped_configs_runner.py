@@ -116,18 +116,10 @@ class Runner:
     def _train(self, cfg) -> list[str]:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        from sap_ds.ds_config import load_ds_config
-        from sap_ds.metrics import check_logging
-        from sap_ds.modeling import check_attention
-        from sap_ds.safelora import check_export_config as check_safelora_models
         from sap_ds.trainer import Trainer
-        from sap_ds.train import check_inputs
+        from sap_ds.train import check_run
 
-        check_inputs(cfg)  # sap_ds.train.fail_fast's checks, on every rank: a refusal stops them all alike
-        check_attention(cfg.model.attn_implementation)
-        check_safelora_models(cfg)
-        check_logging(cfg)
-        load_ds_config(cfg, self.world, on_gpu=False)
+        check_run(cfg, self.world, on_gpu=False)  # sap_ds.train.fail_fast's checks, on every rank: a refusal stops them all alike
         trainer = Trainer(cfg, self.rank, self.world)
         try:
             summary = trainer.train()
