@@ -8,8 +8,8 @@ globbing (sap_ds.resources.shipped_configs) and loaded by its shipped name (``de
 * run configs (and a bench config's base run): data loading, harmful mixing, validation,
   the first step, the final eval, checkpoint and export, through ``Trainer.train`` exactly as
   ``sap_ds/train.py`` runs them, with only the overrides a test must make: one step, fp32,
-  the CPU DeepSpeed config, and where the config names a model or data file that is not
-  here, ``M`` (a tiny random Llama with enough layers for the configs' probe layers) or a
+  the CPU DeepSpeed config, task and safety micro-batches of at most 2 (the CPU's budget),
+  and where the config names a model or data file that is not here, ``M`` (a tiny random Llama with enough layers for the configs' probe layers) or a
   stand-in file of the same format. Before that, the error a user gets for those missing
   files must name the override to pass;
 * compare configs: every run they would launch (setting x method x seed) is validated, and
@@ -42,6 +42,11 @@ STEPS = 1  # data loading, mixing, validation, the first step, the final eval, a
 # dominates; the eval path is the same for 2 or 256).
 TEST_OVERRIDES = [f"train.max_steps={STEPS}", "model.dtype=fp32", "deepspeed_config=zero3_cpu.json",
                   "data.eval_max_examples=2"]
+# Batches of at most 2 (task and safety) per rank: the configs' 4-10 sequences of up to 512
+# tokens through the 49k-word lm_head made most of this launch's CPU time, and the batch
+# size is a number on the same path (mixing, padding, the micro-batch split, the DeepSpeed
+# batch keys are computed from it either way).
+MAX_TEST_BATCH = 2
 
 
 class Runner:
@@ -62,6 +67,7 @@ class Runner:
         checks = []
         extra = [*overrides, *TEST_OVERRIDES]
         extra += self._stand_ins(load(extra), checks)
+        extra += self._small_batches(load(extra))
         cfg = load(extra)
         key = json.dumps({k: v for k, v in config_to_dict(cfg).items() if k not in ("run_name", "output_dir")}, sort_keys=True)
         if key in self.done:
@@ -71,6 +77,16 @@ class Runner:
         assert out.is_relative_to(Path.cwd().resolve()), f"output_dir {out} is not under the working directory"
         checks += self._train(cfg)
         return checks + [f"output in {os.path.relpath(out)}"]
+
+    @staticmethod
+    def _small_batches(cfg) -> list[str]:
+        """Overrides that cap the task and safety micro-batches at MAX_TEST_BATCH."""
+        small = []
+        if cfg.train.micro_batch_size > MAX_TEST_BATCH:
+            small.append(f"train.micro_batch_size={MAX_TEST_BATCH}")
+        if cfg.sap.safety_batch_size > MAX_TEST_BATCH:
+            small.append(f"sap.safety_batch_size={MAX_TEST_BATCH}")
+        return small
 
     def _stand_ins(self, cfg, checks: list) -> list[str]:
         """Overrides for the model and data files the config names that are not here, after

@@ -1,9 +1,10 @@
-"""``sap-ds compare`` end to end on the tiny model: SFT and SAP through the DeepSpeed
-launcher (2 CPU ranks, 2 steps), the start model and both exports evaluated."""
+"""``sap-ds compare`` end to end on the tiny model: SFT and SAP (one CPU rank each, 2 steps),
+the start model and both exports evaluated."""
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -17,7 +18,7 @@ def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
     config = tmp_path / "compare.yaml"
     config.write_text(yaml.safe_dump({
         "train_config": "configs/tiny.yaml", "eval_config": "configs/eval/tiny.yaml", "start_model": "tiny-random",
-        "methods": ["sft", "sap"], "settings": {"benign": []}, "nproc": 2, "eval_nproc": 1, "out_dir": str(tmp_path / "out"),
+        "methods": ["sft", "sap"], "settings": {"benign": []}, "nproc": 1, "eval_nproc": 1, "out_dir": str(tmp_path / "out"),
         "overrides": ["train.max_steps=2", "train.eval_every=0"], "eval_overrides": ["generation.max_new_tokens=4"], "keep_checkpoints": False,
     }))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -49,6 +50,19 @@ def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(["--config", str(config), "overrides=[train.max_steps=2, train.eval_every=0, train.lr=0.5]"]) == 1
     err = capsys.readouterr().err
     assert "sft/seed0 was trained with another config (train.lr: trained with" in err and "now 0.5)" in err
+
+
+def test_runs_of_more_than_one_rank_go_through_the_deepspeed_launcher():
+    """The end-to-end test above trains one rank per run (plain ``python train.py``); with
+    nproc > 1 a run is launched as a user's is, by the ``deepspeed`` next to this Python (the
+    2-rank launch itself is tests/test_resume.py's and the others')."""
+    from sap_ds.compare import launch_command
+
+    assert launch_command("train.py", 1) == [sys.executable, str(REPO / "sap_ds" / "train.py")]
+    cmd = launch_command("eval.py", 4)
+    assert cmd[0] == str(Path(sys.executable).with_name("deepspeed")) and Path(cmd[0]).is_file()
+    assert cmd[1:3] == ["--num_gpus", "4"] and cmd[3] == "--master_port" and 1024 < int(cmd[4]) < 65536
+    assert cmd[5:] == [str(REPO / "sap_ds" / "eval.py")]
 
 
 def test_report_over_seeds(tmp_path):
