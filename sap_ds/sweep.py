@@ -87,6 +87,8 @@ class SweepConfig(_Section):
                                         "e.g. method=sap.")
     reference: Optional[str] = Field(None, description="Point the table compares against (harmful score ratio, "
                                      "task loss change), e.g. sft.")
+    curve: list[str] = Field(default_factory=list, description="Named points joined by a line in the plot, in this "
+                             "order: e.g. SFT at several learning rates, the trade-off a defence must beat.")
     harm_metric: str = Field("harmful score", description="Column plotted on the x axis (lower is safer).")
     task_metric: Optional[str] = Field(None, description="Column on the y axis (default: the first '... loss' column).")
 
@@ -98,6 +100,9 @@ class SweepConfig(_Section):
             raise ValueError("seeds: give at least one seed (or leave it out for the train config's seed)")
         if self.reference is not None and self.reference not in self.points:
             raise ValueError(f"reference '{self.reference}' is not one of the named points {sorted(self.points)}")
+        unknown = [c for c in self.curve if c not in self.points]
+        if unknown:
+            raise ValueError(f"curve: {', '.join(unknown)} not among the named points {sorted(self.points)}")
         return self
 
 
@@ -299,7 +304,13 @@ def plot(summary: dict, path: Path) -> None:
     front = sorted((r["columns"][harm]["mean"], r["columns"][task]["mean"]) for r in rows if r["pareto"])
     if len(front) > 1:
         ax.step(*zip(*front), where="post", color="C3", linewidth=1, label="Pareto front")
-        ax.legend()
+    by_point = {r["point"]: r for r in rows}
+    curve = [by_point[c] for c in summary["config"].get("curve", []) if c in by_point]
+    if len(curve) > 1:
+        ax.plot([r["columns"][harm]["mean"] for r in curve], [r["columns"][task]["mean"] for r in curve], "--",
+                color="0.4", linewidth=1, label=" - ".join(r["point"] for r in curve))
+    if len(front) > 1 or len(curve) > 1:
+        ax.legend(fontsize=7)
     start = summary.get("start") or {}
     if harm in start and task in start:
         ax.plot(start[harm], start[task], "*", color="k", markersize=10)

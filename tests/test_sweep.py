@@ -140,9 +140,31 @@ def test_bad_sweep_configs(tmp_path, monkeypatch, capsys):
     config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, reference="nope")))
     assert main(["--config", str(config)]) == 2
     assert "reference 'nope' is not one of the named points" in capsys.readouterr().err
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, curve=["sft", "sft_lr1"])))
+    assert main(["--config", str(config)]) == 2
+    assert "curve: sft_lr1 not among the named points ['sft']" in capsys.readouterr().err
     config.write_text(yaml.safe_dump(tiny_sweep(tmp_path), sort_keys=False))
     assert main(["--config", str(config), "--only", "7"]) == 2
     assert "the sweep has runs 0..1" in capsys.readouterr().err
+
+
+def test_plot_draws_the_curve_through_its_points_in_order(tmp_path, monkeypatch):
+    """``curve``: the named points joined in the config's order (not sorted, not the front),
+    points without results left out."""
+    from sap_ds import checkpoint
+    from sap_ds.sweep import plot
+
+    figures = []
+    monkeypatch.setattr(checkpoint, "atomic_save_figure", lambda fig, path, dpi: figures.append(fig))
+    cell = lambda harm, loss: {"harmful score": {"mean": harm, "std": 1.0}, "gsm8k_test loss": {"mean": loss, "std": 0.01}}
+    rows = [{"point": name, "pareto": False, "columns": cell(h, l)}
+            for name, h, l in [("lr_low", 20.0, 1.20), ("sft", 60.0, 1.10), ("lr_mid", 40.0, 1.15), ("sap", 15.0, 1.16)]]
+    summary = {"harm_metric": "harmful score", "task_metric": "gsm8k_test loss", "rows": rows, "start": None,
+               "config": {"curve": ["sft", "lr_mid", "missing", "lr_low"]}}
+    plot(summary, tmp_path / "p.png")
+    lines = [ln for ln in figures[0].axes[0].get_lines() if ln.get_label() == "sft - lr_mid - lr_low"]
+    assert len(lines) == 1
+    assert list(lines[0].get_xdata()) == [60.0, 40.0, 20.0] and list(lines[0].get_ydata()) == [1.10, 1.15, 1.20]
 
 
 @pytest.mark.parametrize("spec", [{"min": 2.0, "max": 1.0}, {"min": 0.0, "max": 1.0, "log": True}])
