@@ -28,6 +28,8 @@ GIB = 2**30
 # batches, with round(ratio x N) more examples per epoch.
 SFT_STEP_METHODS = ("sft", "safety_mix")
 METHODS = ("sap", "lisa", *SFT_STEP_METHODS)
+# probe passes per probe step by sap.probe_timing (sap_ds.config.SapConfig.probe_passes; tests/test_plan.py)
+PROBE_PASSES = {"next_step": 1, "same_step": 2}
 
 # --------------------------------------------------------------------------- models
 
@@ -239,6 +241,7 @@ class PlanInputs:
     probe_layers: tuple[int, ...] = (3, 9)
     safety_every: int = 1
     probe_fraction: float = 1.0
+    probe_timing: str = "next_step"  # sap.probe_timing: same_step adds the probe pass at W (2 per probe step)
     activation_checkpointing: bool = True
     mfu: float = 0.4
     internode_gbps: float = 400.0  # Gb/s per GPU
@@ -364,6 +367,8 @@ def plan(inp: PlanInputs) -> PlanResult:
         raise PlanError(f"--overlap must be in [0, 1] (got {inp.overlap})")
     if not 0 < inp.probe_fraction <= 1:
         raise PlanError(f"--probe-fraction must be in (0, 1] (got {inp.probe_fraction})")
+    if inp.probe_timing not in PROBE_PASSES:
+        raise PlanError(f"--probe-timing '{inp.probe_timing}'; valid: {', '.join(PROBE_PASSES)}")
     m = resolve_model(inp.model)
     gpu = GPUS[inp.gpu]
     if not inp.probe_layers or any(not 0 <= l < m.num_hidden_layers for l in inp.probe_layers):
@@ -462,7 +467,8 @@ def plan(inp: PlanInputs) -> PlanResult:
     lowest = min(inp.probe_layers)
     frac_above = (m.num_hidden_layers - lowest) / m.num_hidden_layers
     safety_flops = (2 * sb * ssl) * f_safe * (1 + bwd + ckpt) / inp.safety_every
-    probe_flops = tok_gpu * f_task * (1 + frac_above * (1 + ckpt)) * inp.probe_fraction
+    passes = PROBE_PASSES[inp.probe_timing]
+    probe_flops = passes * tok_gpu * f_task * (1 + frac_above * (1 + ckpt)) * inp.probe_fraction
     sap_flops = sft_flops + safety_flops + probe_flops
 
     if world == 1:
@@ -479,7 +485,7 @@ def plan(inp: PlanInputs) -> PlanResult:
     rs = 2 * trainable * ring
     sft_comm_b = inp.grad_accum * (2 * gather + rs)
     sap_comm_b = sft_comm_b + (2 * gather + rs) / inp.safety_every + \
-        inp.grad_accum * inp.probe_fraction * gather * (1 + frac_above)
+        passes * inp.grad_accum * inp.probe_fraction * gather * (1 + frac_above)
 
     def estimate(flops: float, comm_bytes: float) -> StepEstimate:
         compute = flops / peak
@@ -520,12 +526,12 @@ def plan(inp: PlanInputs) -> PlanResult:
         f"backward = {bwd}x forward ({'LoRA: activation grads only' if inp.lora else 'full FT: activation + weight grads'})"
         + ("; checkpointing recomputes 1 forward" if inp.activation_checkpointing else ""),
         f"SAP FLOPs per step: + safety pass (fwd+bwd on {2 * sb}x{ssl} tokens per GPU, every {inp.safety_every} step(s)) "
-        f"+ probe pass on every task micro-batch x {inp.probe_fraction:g} (forward + backward without weight grads "
-        f"down to layer {lowest}: {frac_above:.3f} of the layers)",
+        f"+ {passes} probe pass(es) ({inp.probe_timing}) on every task micro-batch x {inp.probe_fraction:g} (forward + "
+        f"backward without weight grads down to layer {lowest}: {frac_above:.3f} of the layers)",
         f"compute time = FLOPs / ({gpu.bf16_tflops:g} TFLOP/s bf16 dense * MFU {inp.mfu:g})",
         "ZeRO-3 comm per micro-batch: 2 all-gathers of all params (forward, backward) + 1 reduce-scatter of the trainable "
         "grads, each 2 B * N * (world-1)/world per GPU; SAP adds 2 gathers + 1 reduce-scatter (safety pass) and "
-        "1 + (fraction above the lowest probe layer) gathers (probe pass)",
+        "1 + (fraction above the lowest probe layer) gathers per probe pass",
         f"bandwidth: {bw_note}",
         "Lisa: SFT's step (an alignment step trains on an alignment batch of the task batch's size instead; the "
         "proximal term is element-wise on the local shards, no collective) + the anchor, fp32 4 B/trainable/world",
@@ -622,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-layers", default="3,9")
     p.add_argument("--safety-every", type=int, default=1)
     p.add_argument("--probe-fraction", type=float, default=1.0)
+    p.add_argument("--probe-timing", default="next_step", help="sap.probe_timing: next_step (one probe pass, at W') "
+                   "or same_step (the paper's: also the pass at W before the main pass)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--mfu", type=float, default=0.4, help="achieved fraction of the bf16 dense peak")
     p.add_argument("--internode-gbps", type=float, default=400.0, help="network Gb/s per GPU (400 = InfiniBand NDR)")
@@ -650,7 +658,7 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
         lora_dropout=args.lora_dropout, seq_len=args.seq_len, micro_batch=args.micro_batch,
         grad_accum=args.grad_accum, safety_seq_len=args.safety_seq_len, safety_batch=args.safety_batch,
         probe_layers=_int_list(args.probe_layers, "--probe-layers"), safety_every=args.safety_every,
-        probe_fraction=args.probe_fraction, activation_checkpointing=args.activation_checkpointing, mfu=args.mfu,
+        probe_fraction=args.probe_fraction, probe_timing=args.probe_timing, activation_checkpointing=args.activation_checkpointing, mfu=args.mfu,
         internode_gbps=args.internode_gbps, overlap=args.overlap, reserve_gib=args.reserve_gib,
         prefetch_bucket_size=args.prefetch_bucket_size, param_persistence_threshold=args.param_persistence_threshold,
         reduce_bucket_size=args.reduce_bucket_size, sub_group_size=args.sub_group_size,

@@ -238,6 +238,24 @@ def test_sap_costs_more_time_than_sft():
     assert one.sft.comm_s == 0
 
 
+def test_same_step_adds_one_probe_pass_of_compute_and_gathers():
+    """sap.probe_timing same_step: the probe pass at W as well as at W', each a forward and a
+    backward down to the lowest probe layer, with its gathers; nothing else changes."""
+    from sap_ds.config import SapConfig
+
+    assert {t: SapConfig(probe_timing=t).probe_passes for t in P.PROBE_PASSES} == P.PROBE_PASSES
+    common = dict(model="llama2-7b", nodes=2, gpus_per_node=8, seq_len=1024, micro_batch=2, grad_accum=2)
+    nxt, same = _plan(**common), _plan(**common, probe_timing="same_step")
+    extra = same.sap.flops_per_step_per_gpu - nxt.sap.flops_per_step_per_gpu
+    m = P.NAMED_MODELS["llama2-7b"]
+    f_tok = nxt.sft.flops_per_step_per_gpu / (2 * 1024 * 2 * 4)  # SFT: fwd + 2 bwd + 1 recompute
+    assert extra == pytest.approx(2 * 1024 * 2 * f_tok * (1 + (32 - 3) / 32 * 2))  # one more pass: fwd + bwd above layer 3
+    gather = 2 * m.param_count() * 15 / 16
+    assert same.sap.comm_bytes_per_step_per_gpu - nxt.sap.comm_bytes_per_step_per_gpu == pytest.approx(2 * gather * (1 + 29 / 32))
+    assert same.sft == nxt.sft and same.gpu_total_sap == nxt.gpu_total_sap
+    assert same.sap_over_sft_throughput < nxt.sap_over_sft_throughput
+
+
 def test_step_flops_by_hand():
     r = _plan(model="llama2-7b", nodes=1, gpus_per_node=8, seq_len=1024, micro_batch=2, grad_accum=3,
               activation_checkpointing=False, mfu=0.5, gpu="a100-80gb")
@@ -330,6 +348,7 @@ def test_safety_mix_is_sfts_memory_and_step(capsys):
     (["--model", "llama2-7b", "--nodes", "-2"], "--nodes must be a positive integer"),
     (["--model", "llama2-7b", "--offload", "disk"], "none, optimizer, all"),
     (["--model", "llama2-7b", "--probe-layers", "3,99"], "--probe-layers"),
+    (["--model", "llama2-7b", "--probe-timing", "same-step"], "valid: next_step, same_step"),
 ])
 def test_cli_usage_errors(argv, needle, capsys):
     assert P.main(argv) == 2
