@@ -9,8 +9,9 @@ globbing (sap_ds.resources.shipped_configs) and loaded by its shipped name (``de
   the first step, the final eval, checkpoint and export, through ``Trainer.train`` exactly as
   ``sap_ds/train.py`` runs them, with only the overrides a test must make: one step, fp32,
   the CPU DeepSpeed config, task and safety micro-batches of at most 2 (the CPU's budget),
-  and where the config names a model or data file that is not here, ``M`` (a tiny random Llama with enough layers for the configs' probe layers) or a
-  stand-in file of the same format. Before that, the error a user gets for those missing
+  and where the config names a model or data file that is not here, ``M`` (a tiny random
+  Llama with enough layers for the configs' probe layers) or a stand-in file of the same
+  format. Before that, the error a user gets for those missing
   files must name the override to pass;
 * compare configs: every run they would launch (setting x method x seed) is validated, and
   the distinct ones run; sweep configs: every point is validated (their train config runs
