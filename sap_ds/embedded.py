@@ -85,12 +85,13 @@ def _building(target: Path):
 
 
 def _save_folder_atomically(model, tokenizer, target: Path) -> Path:
-    """Write model + tokenizer to a temporary folder and rename it into place, so two
-    ranks (or an interrupted run) never leave a half-written model behind."""
+    """Write model (None: a tokenizer folder) + tokenizer to a temporary folder and rename it
+    into place, so two ranks (or an interrupted run) never leave a half-written folder behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if model is not None:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if not target.exists():  # else another process won the race
             os.replace(tmp, target)
@@ -111,15 +112,7 @@ def gguf_tokenizer_dir() -> Path:
         if not (target / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(gguf_package_dir(), gguf_file=GGUF_FILE)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-            try:
-                tokenizer.save_pretrained(tmp)
-                if not target.exists():
-                    os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
+            _save_folder_atomically(None, AutoTokenizer.from_pretrained(gguf_package_dir(), gguf_file=GGUF_FILE), target)
     return target
 
 

@@ -67,8 +67,8 @@ class Runner:
             (lambda extra: load_config(name, extra))
         checks = []
         extra = [*overrides, *TEST_OVERRIDES]
-        extra += self._stand_ins(load(extra), checks)
-        extra += self._small_batches(load(extra))
+        as_given = load(extra)
+        extra += self._stand_ins(as_given, checks) + self._small_batches(as_given)
         cfg = load(extra)
         key = json.dumps({k: v for k, v in config_to_dict(cfg).items() if k not in ("run_name", "output_dir")}, sort_keys=True)
         if key in self.done:
