@@ -301,7 +301,9 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
     from sap_ds import flops as flops_mod
 
     cfg, fm, lowest, W, N = (raws[0][k] for k in ("cfg", "fm", "lowest", "W", "N"))
-    passes = cfg.sap.probe_passes  # probe passes per probe step: 2 under probe_timing same_step (both timed as probe)
+    # probe passes per probe step in whole-batch equivalents: 2 under probe_timing same_step (both
+    # timed as probe), times k / grad_accum under sap.probe_micro_batches k
+    passes = cfg.sap.probe_share(cfg.train.grad_accum)
     times, round_tps, warmup = [], [], []
     phase_sums = {p: 0.0 for p in PHASES}
     total, sft_equiv = flops_mod.StepFlops(), flops_mod.StepFlops()

@@ -155,6 +155,9 @@ class SapConfig(_Section):
     safety_every: int = Field(1, gt=0, description="Recompute the safety direction every k steps, reuse it between.")
     perturb_norm: Literal["global", "per_tensor"] = "global"
     probe_fraction: float = Field(1.0, gt=0.0, le=1.0, description="Share of steps that run the probe pass.")
+    probe_micro_batches: Optional[int] = Field(None, gt=0, description="Run the probe pass on the first k of the step's "
+                                               "train.grad_accum micro-batches only, the W side of gV taken from the main "
+                                               "pass's same k (a cheaper, noisier gV); null: all of them.")
     kernels: Literal["auto", "triton", "torch"] = "auto"
     resolution_check: Literal["error", "warn", "off"] = Field(
         "error", description="Before step 1: can the working dtype (bf16) hold the perturbation rho gives? 'error' stops "
@@ -203,6 +206,15 @@ class SapConfig(_Section):
         the pass at W' and, with ``same_step``, the one at W before the main pass."""
         return 2 if self.probe_timing == "same_step" else 1
 
+    def probed_micro_batches(self, grad_accum: int) -> int:
+        """How many of a step's ``grad_accum`` micro-batches the probe passes run on."""
+        return grad_accum if self.probe_micro_batches is None else min(self.probe_micro_batches, grad_accum)
+
+    def probe_share(self, grad_accum: int) -> float:
+        """Probe passes per probing step in whole-batch equivalents (the FLOPs model's
+        weight): ``probe_passes`` times the probed share of the micro-batches."""
+        return self.probe_passes * self.probed_micro_batches(grad_accum) / grad_accum
+
     def unused_keys(self, method: str) -> set[str]:
         """The keys that cannot change a run of ``method`` with these settings: all of them
         for SFT; for a fixed probe (``probe_train: false``) the ones of the passes it skips;
@@ -212,7 +224,7 @@ class SapConfig(_Section):
         if not self.probe_train:
             return {"rho", "probe_lr", "probe_adam_eps", "probe_reset", "probe_lr_schedule", "safety_loss", "temperature",
                     "safety_batch_size", "safety_every", "perturb_norm", "probe_fraction", "direction", "kernels",
-                    "resolution_check", "probe_update", "probe_timing"}
+                    "resolution_check", "probe_update", "probe_timing", "probe_micro_batches"}
         if self.probe_update == "gradient":
             return {"probe_adam_eps"}
         return set()
@@ -370,6 +382,10 @@ class RunConfig(_Section):
             raise ValueError("export.keep_probe writes the probe into the merged model: it needs export.merge_lora true")
         if self.data.harmful_ratio > 0 and self.data.harmful is None:
             raise ValueError("data.harmful_ratio > 0 needs data.harmful (a harmful instruction file)")
+        if self.sap.probe_micro_batches is not None and self.sap.probe_micro_batches > self.train.grad_accum:
+            raise ValueError(f"sap.probe_micro_batches {self.sap.probe_micro_batches} is more than the step's "
+                             f"train.grad_accum {self.train.grad_accum} micro-batches: set it to 1..{self.train.grad_accum} "
+                             "(or null: all of them)")
         if len(set(self.sap.probe_layers)) != len(self.sap.probe_layers):
             raise ValueError(f"sap.probe_layers has duplicates: {self.sap.probe_layers}")
         return self

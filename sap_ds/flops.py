@@ -41,7 +41,10 @@ trainer's phase timer); ``nominal_shares`` gives the long-run values of the trai
 schedule for ``safety_every`` k and ``probe_fraction`` f. q is the number of probe passes
 on the task batch per probe step (``SapConfig.probe_passes``): 1 under
 ``sap.probe_timing: next_step`` (the pass at W'), 2 under ``same_step`` (also the pass at W
-before the main pass; the same forward and probe backward). The ideal throughput ratio of
+before the main pass; the same forward and probe backward), times k / grad_accum when
+``sap.probe_micro_batches`` k runs them on only k of the step's micro-batches
+(``SapConfig.probe_share``; an average: the k may hold more or fewer tokens than the
+rest). The ideal throughput ratio of
 SAP over SFT on the same task batches is SFT FLOPs / SAP FLOPs (FLOPs per task token).
 
 Check against docs/design.md ("Cost"): a deep model (L -> inf, probe layer near the bottom, so
@@ -149,7 +152,7 @@ class FlopsModel:
     # ---- one step
 
     def step(self, task_lengths: Sequence[int], safety_lengths: Sequence[int] = (), *, safety: float = 0.0,
-             probe: float = 0.0, lowest_probe_layer: int = 0, probe_passes: int = 1) -> "StepFlops":
+             probe: float = 0.0, lowest_probe_layer: int = 0, probe_passes: float = 1) -> "StepFlops":
         """FLOPs of one optimizer step: SFT when ``safety`` = ``probe`` = 0; SAP adds the
         safety pass (weight ``safety``) and ``probe_passes`` probe passes on the task batch
         (weight ``probe``: 1 under ``probe_timing: next_step``, 2 under ``same_step``)."""
@@ -209,7 +212,7 @@ def nominal_shares(safety_every: int, probe_fraction: float, horizon: int = 10_0
 
 
 def ideal_ratio(model: FlopsModel, task_lengths: Sequence[int], safety_lengths: Sequence[int], *,
-                safety: float = 1.0, probe: float = 1.0, lowest_probe_layer: int = 0, probe_passes: int = 1) -> float:
+                safety: float = 1.0, probe: float = 1.0, lowest_probe_layer: int = 0, probe_passes: float = 1) -> float:
     """SFT FLOPs per task token over SAP FLOPs per task token, on the same task batch."""
     sft = model.step(task_lengths)
     sap = model.step(task_lengths, safety_lengths, safety=safety, probe=probe, lowest_probe_layer=lowest_probe_layer,

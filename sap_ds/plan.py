@@ -242,6 +242,7 @@ class PlanInputs:
     safety_every: int = 1
     probe_fraction: float = 1.0
     probe_timing: str = "next_step"  # sap.probe_timing: same_step adds the probe pass at W (2 per probe step)
+    probe_micro_batches: Optional[int] = None  # sap.probe_micro_batches: the probe passes on k of grad_accum (None: all)
     activation_checkpointing: bool = True
     mfu: float = 0.4
     internode_gbps: float = 400.0  # Gb/s per GPU
@@ -369,6 +370,8 @@ def plan(inp: PlanInputs) -> PlanResult:
         raise PlanError(f"--probe-fraction must be in (0, 1] (got {inp.probe_fraction})")
     if inp.probe_timing not in PROBE_PASSES:
         raise PlanError(f"--probe-timing '{inp.probe_timing}'; valid: {', '.join(PROBE_PASSES)}")
+    if inp.probe_micro_batches is not None and not 1 <= inp.probe_micro_batches <= inp.grad_accum:
+        raise PlanError(f"--probe-micro-batches {inp.probe_micro_batches}: must be in [1, --grad-accum {inp.grad_accum}]")
     m = resolve_model(inp.model)
     gpu = GPUS[inp.gpu]
     if not inp.probe_layers or any(not 0 <= l < m.num_hidden_layers for l in inp.probe_layers):
@@ -468,7 +471,8 @@ def plan(inp: PlanInputs) -> PlanResult:
     frac_above = (m.num_hidden_layers - lowest) / m.num_hidden_layers
     safety_flops = (2 * sb * ssl) * f_safe * (1 + bwd + ckpt) / inp.safety_every
     passes = PROBE_PASSES[inp.probe_timing]
-    probe_flops = passes * tok_gpu * f_task * (1 + frac_above * (1 + ckpt)) * inp.probe_fraction
+    probed = inp.grad_accum if inp.probe_micro_batches is None else inp.probe_micro_batches  # micro-batches per probe pass
+    probe_flops = passes * tok_gpu * f_task * (1 + frac_above * (1 + ckpt)) * inp.probe_fraction * probed / inp.grad_accum
     sap_flops = sft_flops + safety_flops + probe_flops
 
     if world == 1:
@@ -485,7 +489,7 @@ def plan(inp: PlanInputs) -> PlanResult:
     rs = 2 * trainable * ring
     sft_comm_b = inp.grad_accum * (2 * gather + rs)
     sap_comm_b = sft_comm_b + (2 * gather + rs) / inp.safety_every + \
-        passes * inp.grad_accum * inp.probe_fraction * gather * (1 + frac_above)
+        passes * probed * inp.probe_fraction * gather * (1 + frac_above)
 
     def estimate(flops: float, comm_bytes: float) -> StepEstimate:
         compute = flops / peak
@@ -526,7 +530,8 @@ def plan(inp: PlanInputs) -> PlanResult:
         f"backward = {bwd}x forward ({'LoRA: activation grads only' if inp.lora else 'full FT: activation + weight grads'})"
         + ("; checkpointing recomputes 1 forward" if inp.activation_checkpointing else ""),
         f"SAP FLOPs per step: + safety pass (fwd+bwd on {2 * sb}x{ssl} tokens per GPU, every {inp.safety_every} step(s)) "
-        f"+ {passes} probe pass(es) ({inp.probe_timing}) on every task micro-batch x {inp.probe_fraction:g} (forward + "
+        f"+ {passes} probe pass(es) ({inp.probe_timing}) on {probed} of {inp.grad_accum} task micro-batch(es) x "
+        f"{inp.probe_fraction:g} (forward + "
         f"backward without weight grads down to layer {lowest}: {frac_above:.3f} of the layers)",
         f"compute time = FLOPs / ({gpu.bf16_tflops:g} TFLOP/s bf16 dense * MFU {inp.mfu:g})",
         "ZeRO-3 comm per micro-batch: 2 all-gathers of all params (forward, backward) + 1 reduce-scatter of the trainable "
@@ -630,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-fraction", type=float, default=1.0)
     p.add_argument("--probe-timing", default="next_step", help="sap.probe_timing: next_step (one probe pass, at W') "
                    "or same_step (the paper's: also the pass at W before the main pass)")
+    p.add_argument("--probe-micro-batches", type=int, default=None,
+                   help="sap.probe_micro_batches: the probe passes on the first k of --grad-accum micro-batches (default: all)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--mfu", type=float, default=0.4, help="achieved fraction of the bf16 dense peak")
     p.add_argument("--internode-gbps", type=float, default=400.0, help="network Gb/s per GPU (400 = InfiniBand NDR)")
@@ -658,7 +665,7 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
         lora_dropout=args.lora_dropout, seq_len=args.seq_len, micro_batch=args.micro_batch,
         grad_accum=args.grad_accum, safety_seq_len=args.safety_seq_len, safety_batch=args.safety_batch,
         probe_layers=_int_list(args.probe_layers, "--probe-layers"), safety_every=args.safety_every,
-        probe_fraction=args.probe_fraction, probe_timing=args.probe_timing,
+        probe_fraction=args.probe_fraction, probe_timing=args.probe_timing, probe_micro_batches=args.probe_micro_batches,
         activation_checkpointing=args.activation_checkpointing, mfu=args.mfu,
         internode_gbps=args.internode_gbps, overlap=args.overlap, reserve_gib=args.reserve_gib,
         prefetch_bucket_size=args.prefetch_bucket_size, param_persistence_threshold=args.param_persistence_threshold,

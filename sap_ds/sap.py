@@ -296,6 +296,23 @@ def _bypass_engine_grad_scaling(logits: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- the step
 
 
+class _WSideOfProbed:
+    """``sap.probe_micro_batches`` k < n under ``next_step``: gV's W side, grad_V L(W, V),
+    must come from the same k micro-batches as the pass at W' (at rho = 0 the two cancel),
+    so it is read off the main pass after its k-th backward. Each backward there added
+    grad_V L_m / n (the engine scales the loss by 1 / grad_accum): times n / k, the mean
+    over the k, as ``probe_gradient`` takes it."""
+
+    def __init__(self, state: SapState, k: int, n: int):
+        self.state, self.k, self.n = state, k, n
+        self.grad: torch.Tensor | None = None
+
+    def __call__(self, m: int) -> None:
+        if m == self.k - 1:
+            g = self.state.probe.vectors.grad
+            self.grad = None if g is None else g.detach() * (self.n / self.k)
+
+
 def _rng_state():
     return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
 
@@ -350,8 +367,11 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
     both) and counted by the FLOPs model (``ran["probe_passes"]``)."""
     probing = cfg.probe_enabled and cfg.probe_train and runs_probe(step, cfg.probe_fraction)
     same_step = probing and cfg.probe_timing == "same_step"
+    n = len(micro_batches)
+    k = cfg.probed_micro_batches(n)  # sap.probe_micro_batches: the probe passes see the first k
+    probed = micro_batches[:k]
     state.ran = {"probe": probing, "safety": probing and safety_batch is not None,  # the FLOPs the step costs
-                 "probe_passes": cfg.probe_passes if probing else 0}
+                 "probe_passes": cfg.probe_share(n) if probing else 0}
     probe_grad = None
     if probing:
         if same_step and cfg.probe_reset:
@@ -363,7 +383,7 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
             perturb(shards, state, cfg.kernels)
         rng = _rng_state()  # every task pass of the step replays the probe pass's dropout masks
         with timer("probe"):
-            probe_grad = probe_gradient(engine, state, micro_batches)
+            probe_grad = probe_gradient(engine, state, probed)
         with timer("restore"):
             restore(shards, state, cfg.kernels)
         if same_step:
@@ -371,7 +391,7 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
             state.probe.measure = True  # the hidden-state norms probe_scale is relative to, at W
             try:
                 with timer("probe"):
-                    probe_grad = probe_grad + probe_gradient(engine, state, micro_batches, negate=False)
+                    probe_grad = probe_grad + probe_gradient(engine, state, probed, negate=False)
             finally:
                 state.probe.measure = False
     state.probe.vectors.grad = None
@@ -380,12 +400,15 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
         if same_step:
             update_probe(state, probe_grad, cfg, lr_factor)  # this step's V, for this step's main pass
         _set_rng_state(rng)
+    w_side = _WSideOfProbed(state, k, n) if probing and not same_step and k < n else None
     state.probe.measure = True  # the hidden-state norms probe_scale is relative to
     try:
         with timer("main"):
-            losses = main_pass(micro_batches)
+            losses = main_pass(micro_batches, after_backward=w_side)
     finally:
         state.probe.measure = False
+    if w_side is not None:
+        state.probe.vectors.grad = w_side.grad  # the probed micro-batches' share only
     if probing and not same_step:
         update_probe(state, probe_grad, cfg, lr_factor)
     else:

@@ -138,15 +138,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def main_pass(self, micro_batches: list[dict], before_step=None) -> list[float]:
+    def main_pass(self, micro_batches: list[dict], before_step=None, after_backward=None) -> list[float]:
         """Forward/backward of the task loss per micro-batch, then one optimizer step;
         ``before_step()`` runs between the two when the step is finite (a method's edit of
-        the reduced gradients, e.g. Lisa's proximal term)."""
+        the reduced gradients, e.g. Lisa's proximal term); ``after_backward(m)`` after
+        micro-batch m's backward (SAP reads the probe's gradient there)."""
         losses = []
         for m, batch in enumerate(micro_batches):
             self.engine.set_gradient_accumulation_boundary(m == len(micro_batches) - 1)
             loss = task_loss(forward_logits(self.engine, batch), batch["labels"])
             self.engine.backward(loss)
+            if after_backward is not None:
+                after_backward(m)
             losses.append(loss.detach().float())
         finite = self._all_finite(torch.stack(losses), self.shards.local_grads_finite())
         if finite:

@@ -165,6 +165,7 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
         probe_opt = torch.optim.AdamW([probe.v], lr=s.probe_lr, eps=s.probe_adam_eps, weight_decay=0.0)
     same_step = sap and s.probe_timing == "same_step"
     mb, gas = t.micro_batch_size, t.grad_accum
+    k = gas if s.probe_micro_batches is None else s.probe_micro_batches  # the probe passes' micro-batches
     gb = mb * gas * world
     pad = tok.pad_token_id
     losses = []
@@ -219,14 +220,22 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
             gv = torch.zeros_like(probe.v)
             for r in range(world):
                 gr = torch.zeros_like(probe.v)
-                for batch in micro[r]:
+                for batch in micro[r][:k]:
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    (grad,) = torch.autograd.grad(-_ce(logits, batch["labels"]) / gas, [probe.v])
+                    (grad,) = torch.autograd.grad(-_ce(logits, batch["labels"]) / k, [probe.v])
                     gr += grad
                 gv += gr / world
             with torch.no_grad():
                 for p, w in zip(params, saved):
                     p.copy_(w)
+            if k < gas and not same_step:
+                # sap.probe_micro_batches: the W side on the same k micro-batches, here a pass
+                # of its own at W (sap_ds reads it off the main pass instead)
+                for r in range(world):
+                    for batch in micro[r][:k]:
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        (grad,) = torch.autograd.grad(_ce(logits, batch["labels"]) / (k * world), [probe.v])
+                        gv += grad
         if same_step and probing:
             # SafeTune lines 423-436: backward of +L(W, V) at W adds into the probe's gradient
             # (and fills the weights' gradients, dropped below); then V <- V - beta * V.grad.
@@ -234,9 +243,9 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
             opt.zero_grad(set_to_none=True)
             clean_norms = []
             for r in range(world):
-                for batch in micro[r]:
+                for batch in micro[r][:k]:
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    (_ce(logits, batch["labels"]) / (world * gas)).backward()
+                    (_ce(logits, batch["labels"]) / (world * k)).backward()
                 clean_norms.append(probe.norms.clone())
             opt.zero_grad(set_to_none=True)
             _update_probe(probe, probe_opt, s, probe_lr)
@@ -264,7 +273,7 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
         opt.step()
         sched.step()
         if probing and not same_step:
-            total = gv + probe.v.grad
+            total = gv + probe.v.grad if k == gas else gv  # k < gas: gv holds both sides already
             if s.probe_reset:
                 with torch.no_grad():
                     probe.v.zero_()

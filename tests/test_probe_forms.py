@@ -238,3 +238,40 @@ def test_checkpoint_state_of_each_update_rule():
     methods["adam"].state = fresh
     methods["adam"].load_state_dict({"tensors": saved["gradient"]["tensors"], "meta": meta}, resharded=False)
     assert fresh.probe_optimizer.state == {} and torch.equal(fresh.probe.vectors.detach(), saved["gradient"]["tensors"]["sap.probe"])
+
+
+# --------------------------------------------------------------------------- probe on k micro-batches
+
+
+def test_probe_micro_batches_is_checked_against_grad_accum():
+    """sap.probe_micro_batches k: at most the step's train.grad_accum micro-batches (the
+    error names both keys and the valid range); the FLOPs model's weight is k / grad_accum
+    of a whole-batch probe pass, times 2 under same_step."""
+    msg = _error(["method=sap", "train.grad_accum=2", "sap.probe_micro_batches=3"])
+    assert "sap.probe_micro_batches 3" in msg and "train.grad_accum 2" in msg and "1..2" in msg
+    assert "greater than 0" in _error(["method=sap", "sap.probe_micro_batches=0"])
+    cfg = load_config(TINY, ["method=sap", "train.grad_accum=4", "sap.probe_micro_batches=1"])
+    assert cfg.sap.probed_micro_batches(4) == 1 and cfg.sap.probe_share(4) == 0.25
+    assert load_config(TINY, ["method=sap", "train.grad_accum=4"]).sap.probe_share(4) == 1.0
+    paper = load_config(TINY, [*PAPER, "train.grad_accum=4", "sap.probe_micro_batches=2"])
+    assert paper.sap.probe_share(4) == 1.0  # two passes on half the micro-batches
+    assert "probe_micro_batches" in load_config(TINY, ["method=sap", "sap.probe_train=false",
+                                                       "sap.probe_init=random"]).sap.unused_keys("sap")
+
+
+def test_plan_counts_the_probe_on_k_micro_batches():
+    """plan --probe-micro-batches k: the probe passes' compute and gathers are k / grad_accum
+    of probing every micro-batch; SFT's column and the safety pass do not change."""
+    from sap_ds import plan as P
+
+    common = dict(model="llama2-7b", nodes=2, gpus_per_node=8, seq_len=1024, micro_batch=2, grad_accum=4)
+    every, one = P.plan(P.PlanInputs(**common)), P.plan(P.PlanInputs(**common, probe_micro_batches=1))
+    sft_flops = every.sft.flops_per_step_per_gpu
+    assert one.sft == every.sft
+    # the probe part of the step (SAP minus SFT minus the safety pass) shrinks to a quarter
+    safety = P.plan(P.PlanInputs(**common, probe_fraction=1e-9)).sap.flops_per_step_per_gpu - sft_flops
+    assert one.sap.flops_per_step_per_gpu - sft_flops - safety == pytest.approx(
+        (every.sap.flops_per_step_per_gpu - sft_flops - safety) / 4, rel=1e-6)
+    assert one.sap_over_sft_throughput > every.sap_over_sft_throughput
+    with pytest.raises(P.PlanError, match="--probe-micro-batches 5"):
+        P.plan(P.PlanInputs(**common, probe_micro_batches=5))

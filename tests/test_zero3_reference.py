@@ -138,6 +138,10 @@ GAS_VARIANTS = {
     "full-gas3": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=3", "sap.safety_loss=difference"],
     "lora-gas3": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=3", *LORA],
     "rho0-gas2": [*SAP_GAS, "sap.rho=0.0", "train.grad_accum=2"],
+    # sap.probe_micro_batches: the probe passes on the first of 3 (2) micro-batches only
+    "full-probe1-gas3": [*SAP_GAS, "sap.rho=0.05", "train.grad_accum=3", "sap.safety_loss=difference",
+                         "sap.probe_micro_batches=1"],
+    "rho0-probe1-gas2": [*SAP_GAS, "sap.rho=0.0", "train.grad_accum=2", "sap.probe_micro_batches=1"],
 }
 # SST-2 examples (50-80 tokens) in packs of <= 128: about two per pack, so a micro-batch of 2
 # packs holds about the tokens of tiny.yaml's unpacked micro-batches (the other reference tests).
@@ -300,12 +304,15 @@ def test_zero3_sap_with_grad_accum_matches_reference(runs, name):
     _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
 
 
-def test_rho_zero_with_grad_accum_keeps_the_probe_at_zero(runs):
+@pytest.mark.parametrize("name", ["rho0-gas2", "rho0-probe1-gas2"])
+def test_rho_zero_with_grad_accum_keeps_the_probe_at_zero(runs, name):
     """rho = 0 and 2 micro-batches: -grad_V L(W) of the probe pass and +grad_V L(W) of the main
     pass cancel exactly, so V stays 0 and the weights follow SFT with the same accumulation
     (compared with the reference's SFT: its own SAP at rho = 0 does not cancel exactly, since
-    it sums the two terms in another order, and Adam turns that noise into a probe of 1e-5)."""
-    result, params, probes = runs["rho0-gas2"]
+    it sums the two terms in another order, and Adam turns that noise into a probe of 1e-5).
+    With ``probe_micro_batches: 1`` the W side must come from that same micro-batch: the
+    other one's gradient would not cancel."""
+    result, params, probes = runs[name]
     assert probes[0].abs().max() == 0 and probes[1].abs().max() == 0, float(probes[0].abs().max())
     cfg = load_config(REPO / "configs/tiny.yaml", COMMON + ["method=sft", "train.grad_accum=2", f"train.max_steps={GAS_STEPS}"])
     ref = run_reference(cfg, world=2, steps=GAS_STEPS)
@@ -313,6 +320,14 @@ def test_rho_zero_with_grad_accum_keeps_the_probe_at_zero(runs):
         _assert_close(f"{name} (rho=0, grad_accum 2)", params[name], tensor)
     for step, (got, want) in enumerate(zip(result["losses"], ref["losses"])):
         assert got == pytest.approx(want, rel=1e-5), f"step {step} losses differ"
+
+
+def test_probing_fewer_micro_batches_changes_the_probe(runs):
+    """The probe pass on 1 of 3 micro-batches gives another probe than on all 3 (same
+    settings otherwise): the reference test above would not notice a knob that is ignored."""
+    one, every = runs["full-probe1-gas3"][2][0], runs["full-gas3"][2][0]
+    rel = ((one - every).abs().max() / every.abs().max()).item()
+    assert rel > 100 * RTOL_SAP, f"probe_micro_batches 1 and 3 probes differ by only {rel:.1e} of scale"
 
 
 def test_offload_sap_run_issues_every_collective_on_the_groups_device(runs):
