@@ -25,7 +25,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_args
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,6 +35,8 @@ from pydantic import Field, model_validator
 from sap_ds.config import CONFIG_PATH, MethodName
 from sap_ds.evaluation.config import _Section
 
+METHODS = get_args(MethodName)
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -42,8 +44,10 @@ class CompareConfig(_Section):
     train_config: str = Field(json_schema_extra=CONFIG_PATH, description="Base run config, e.g. configs/demo.yaml.")
     eval_config: str = Field(json_schema_extra=CONFIG_PATH, description="Eval config, e.g. configs/eval/demo.yaml.")
     start_model: Optional[str] = Field(None, description="Model every run starts from (default: the train config's model.path).")
-    methods: list[MethodName] = Field(default_factory=lambda: ["sft", "sap"],
-                                      description="Run config 'method:' values, e.g. [sft, safety_mix, sap].")
+    methods: list[str] = Field(default_factory=lambda: ["sft", "sap"],
+                               description="Run config 'method:' values, e.g. [sft, safety_mix, sap], or labels of "
+                               "other runs whose method_overrides name their method (sft_lr5e-4: [method=sft, "
+                               "train.lr=5.0e-4]), each a row of the table.")
     seeds: Optional[list[int]] = Field(None, description="Default: the train config's seed.")
     settings: dict[str, list[str]] = Field(default_factory=lambda: {"default": []},
                                            description="Attack setting name -> train overrides.")
@@ -52,7 +56,7 @@ class CompareConfig(_Section):
     out_dir: str = "runs/compare"
     overrides: list[str] = Field(default_factory=list, description="Train overrides for every run.")
     method_overrides: dict[str, list[str]] = Field(default_factory=dict,
-                                                   description="Method -> train overrides for that method's runs only.")
+                                                   description="Method (or label) -> train overrides for its runs only.")
     eval_overrides: list[str] = Field(default_factory=list)
     keep_checkpoints: bool = Field(True, description="false: delete a run's ZeRO checkpoints once it has finished "
                                    "and exported (a full training state per run otherwise stays on disk); an "
@@ -65,7 +69,22 @@ class CompareConfig(_Section):
         unknown = sorted(set(self.method_overrides) - set(self.methods))
         if unknown:
             raise ValueError(f"method_overrides: {unknown} not among methods {self.methods}")
+        for label in self.methods:
+            if label not in METHODS and run_method(label, self.method_overrides.get(label, [])) is None:
+                raise ValueError(f"methods: '{label}' is not a method ({', '.join(METHODS)}); as the label of a "
+                                 f"run of its own it needs its method in method_overrides, e.g. {label}: "
+                                 "[method=sft, train.lr=5.0e-4]")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods has duplicates: {self.methods}")
         return self
+
+
+def run_method(label: str, overrides: list[str]) -> Optional[str]:
+    """The method a row of the comparison trains with: the label itself when it is a method
+    name, else the last valid ``method=`` among its overrides (None if there is none)."""
+    named = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "method"]
+    named = [m for m in named if m in METHODS]
+    return named[-1] if named else (label if label in METHODS else None)
 
 
 class CompareError(RuntimeError):
@@ -210,7 +229,8 @@ class Plan(RunSet):
             for method in cfg.methods:
                 for seed in self.seeds:
                     self.add_run(self.out / setting / method / f"seed{seed}", f"{setting}-{method}-{seed}", seed,
-                                 [*setting_overrides, *cfg.method_overrides.get(method, []), f"method={method}"],
+                                 [*setting_overrides, *cfg.method_overrides.get(method, []),
+                                  *([f"method={method}"] if method in METHODS else [])],
                                  setting=setting, method=method)
 
     def train(self, run: dict, what: str = "") -> dict:

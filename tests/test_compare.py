@@ -121,5 +121,30 @@ def test_any_method_is_a_compared_method(monkeypatch):
     mix = runs["safety_mix"]
     assert "safety_mix.ratio=0.1" in mix and mix.index("method=safety_mix") > mix.index("safety_mix.ratio=0.1")
     assert "safety_mix.ratio=0.1" not in runs["sft"] and "method=sap" in runs["sap"]
-    with pytest.raises(ValidationError, match="'safety_mix'"):
+    with pytest.raises(ValidationError, match="'dpo' is not a method .*safety_mix.*needs its method in method_overrides"):
         CompareConfig(train_config="x", eval_config="y", methods=["sft", "dpo"])
+
+
+def test_a_label_runs_its_own_method_and_overrides(monkeypatch):
+    """A row that is not a method name (SFT at another learning rate beside SFT) trains the
+    method its method_overrides name, in its own folder; one that names none, or no valid
+    one, is refused before anything runs, and so are duplicate rows."""
+    from sap_ds.compare import CompareConfig, Plan
+
+    monkeypatch.chdir(REPO)
+    cfg = CompareConfig(train_config="configs/tiny.yaml", eval_config="configs/eval/tiny.yaml", start_model="tiny-random",
+                        methods=["sft", "sft_lr5e-4", "sap"], method_overrides={"sft_lr5e-4": ["method=sft", "train.lr=5e-4"]},
+                        out_dir="runs/unused")
+    runs = {r["method"]: r for r in Plan(cfg).runs}
+    assert list(runs) == ["sft", "sft_lr5e-4", "sap"]
+    label = runs["sft_lr5e-4"]
+    assert "method=sft" in label["overrides"] and "train.lr=5e-4" in label["overrides"]
+    assert not any(o.startswith("method=") and o != "method=sft" for o in label["overrides"])
+    assert label["run_dir"].parts[-2] == "sft_lr5e-4"
+    assert "train.lr=5e-4" not in runs["sft"]["overrides"]
+    for bad in ([], ["method=dpo"], ["train.lr=5e-4"]):
+        with pytest.raises(ValidationError, match="'sft_lr5e-4' is not a method"):
+            CompareConfig(train_config="x", eval_config="y", methods=["sft", "sft_lr5e-4"],
+                          method_overrides={"sft_lr5e-4": bad})
+    with pytest.raises(ValidationError, match="duplicates"):
+        CompareConfig(train_config="x", eval_config="y", methods=["sft", "sft"])
