@@ -254,6 +254,16 @@ def _cell(stat: Optional[dict], digits: int) -> str:
     return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
 
 
+def shown_path(path: str) -> str:
+    """A config path as a report shows it: relative to the working directory when it lies
+    under it (config paths arrive resolved, and a machine's absolute path pasted into docs
+    means nothing on another), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def markdown(summary: dict) -> str:
     harm, task = summary["harm_metric"], summary["task_metric"]
     present = list(dict.fromkeys(c for r in summary["rows"] for c in r["columns"]))
@@ -261,7 +271,7 @@ def markdown(summary: dict) -> str:
     names = [harm, *beside] + ([task] if task else []) + [c for c in present if c not in (harm, task, *beside)]
     has_ref = any("vs_reference" in r for r in summary["rows"])
     head = ["point", "seeds", *names] + (["harm / ref", "task loss vs ref"] if has_ref else []) + ["Pareto"]
-    lines = [f"# sweep of `{summary['config']['train_config']}`", "",
+    lines = [f"# sweep of `{shown_path(summary['config']['train_config'])}`", "",
              f"{summary['date']}; mean ± std over seeds; lower {harm} is safer; {OVER_REFUSAL}: benign requests "
              f"refused (lower is more helpful); Pareto: not beaten on both {harm} and {task} by another point.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if summary["start"]:

@@ -171,3 +171,13 @@ def test_plot_draws_the_curve_through_its_points_in_order(tmp_path, monkeypatch)
 def test_bad_ranges(spec):
     with pytest.raises(ValueError):
         Range(**spec)
+
+
+def test_the_report_names_configs_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """sweep.md's header: config paths arrive resolved; under the working directory they are
+    shown relative to it (no machine path pasted into docs), elsewhere as given."""
+    from sap_ds.sweep import shown_path
+
+    monkeypatch.chdir(REPO)
+    assert shown_path(str(REPO / "configs" / "demo.yaml")) == "configs/demo.yaml"
+    assert shown_path(str(tmp_path / "x.yaml")) == str(tmp_path / "x.yaml")
