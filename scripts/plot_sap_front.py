@@ -86,11 +86,11 @@ def main(argv=None) -> int:
     ax.set_ylim(0, max([*ys, stat(args.reference, harm_name)[0]]) * 1.15)
     ax.set_title("SAP's forms: speed against safety (one point per form)", fontsize=9)
     fig.tight_layout()
+    from sap_ds.checkpoint import atomic_save_figure
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(out)
+    atomic_save_figure(fig, out, dpi=120)
     print(f"written: {out}")
     return 0
 
