@@ -23,6 +23,8 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, get_args
@@ -52,12 +54,18 @@ class CompareConfig(_Section):
     settings: dict[str, list[str]] = Field(default_factory=lambda: {"default": []},
                                            description="Attack setting name -> train overrides.")
     nproc: int = Field(2, gt=0, description="Ranks per training run (deepspeed --num_gpus).")
+    parallel: int = Field(1, gt=0, description="Training runs at once, each its own launch of nproc ranks, each "
+                          "evaluated as soon as it finishes. On CPU, nproc 1 x parallel = cores beats one run of all "
+                          "cores (no gloo collectives between ranks; "
+                          "measured in docs/results.md). On GPUs every launch takes devices 0..nproc-1: keep 1 there.")
     eval_nproc: Optional[int] = Field(None, gt=0, description="Ranks per evaluation (default: nproc); 1 runs it in-process.")
     out_dir: str = "runs/compare"
     overrides: list[str] = Field(default_factory=list, description="Train overrides for every run.")
     method_overrides: dict[str, list[str]] = Field(default_factory=dict,
                                                    description="Method (or label) -> train overrides for its runs only.")
     eval_overrides: list[str] = Field(default_factory=list)
+    note: Optional[str] = Field(None, description="Printed under the table (comparison.md and stdout): what the "
+                                "numbers do and do not show, e.g. that one seed cannot separate two methods.")
     keep_checkpoints: bool = Field(True, description="false: delete a run's ZeRO checkpoints once it has finished "
                                    "and exported (a full training state per run otherwise stays on disk); an "
                                    "interrupted or failed run keeps its own for resuming.")
@@ -106,21 +114,34 @@ def launch_command(script: str, nproc: int) -> list[str]:
     return [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), str(PACKAGE_DIR / script)]
 
 
-def run_logged(cmd: list[str], log_path: Path, what: str, tag: str = "sap-ds compare") -> None:
-    """Run ``cmd``, its output both on the console and in ``log_path``; raise on failure."""
+_CONSOLE = threading.Lock()  # runs side by side (``parallel``) print from threads: whole lines only
+
+
+def say(line: str) -> None:
+    with _CONSOLE:
+        print(line, flush=True)
+
+
+def run_logged(cmd: list[str], log_path: Path, what: str, tag: str = "sap-ds compare", echo: bool = True) -> None:
+    """Run ``cmd``, its output both on the console and in ``log_path`` (only in the log with
+    ``echo=False``: runs side by side would interleave their progress bars); raise on failure."""
     from sap_ds.distributed import on_cpu
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if on_cpu():
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"{tag}: {what}: {' '.join(cmd)}", flush=True)
+    say(f"{tag}: {what}: {' '.join(cmd)}" + ("" if echo else f" (output in {log_path})"))
+    start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
-            sys.stdout.write(line)
+            if echo:
+                sys.stdout.write(line)
             log.write(line)
         code = proc.wait()
+    if not echo:
+        say(f"{tag}: {what}: finished in {time.perf_counter() - start:.0f} s (exit code {code})")
     if code != 0:
         raise CompareError(f"{what} failed with exit code {code}; its output is in {log_path}")
 
@@ -183,7 +204,7 @@ class RunSet:
         self.runs.append(run)
         return run
 
-    def train(self, run: dict, what: str) -> Optional[dict]:
+    def train(self, run: dict, what: str, echo: bool = True) -> Optional[dict]:
         """The run's ``summary.json``, training it through the launcher first unless it has
         one; None when training stopped before its last step (a stop request: the
         checkpoint is on disk and the next call resumes it). StaleRun when the finished run
@@ -198,7 +219,7 @@ class RunSet:
                                "move the folder away to retrain it, or restore the settings it was trained with")
         else:
             cmd = launch_command("train.py", self.cfg.nproc) + ["--config", self.cfg.train_config, *run["overrides"]]
-            run_logged(cmd, run_dir / "train.log", what, self.tag)
+            run_logged(cmd, run_dir / "train.log", what, self.tag, echo)
         if not summary.is_file():
             return None
         return json.loads(summary.read_text(encoding="utf-8"))
@@ -212,9 +233,9 @@ class RunSet:
             shutil.rmtree(checkpoints)
         return str(model)
 
-    def evaluate(self, model: str, out: Path) -> dict:
+    def evaluate(self, model: str, out: Path, in_process: bool = True) -> dict:
         return evaluate_model(model, out, self.cfg.eval_config, self.eval_cfg, self.cfg.eval_overrides,
-                              self.cfg.eval_nproc or self.cfg.nproc, self.tag)
+                              self.cfg.eval_nproc or self.cfg.nproc, self.tag, in_process)
 
 
 class Plan(RunSet):
@@ -233,9 +254,9 @@ class Plan(RunSet):
                                   *([f"method={method}"] if method in METHODS else [])],
                                  setting=setting, method=method)
 
-    def train(self, run: dict, what: str = "") -> dict:
+    def train(self, run: dict, what: str = "", echo: bool = True) -> dict:
         what = what or f"train {run['setting']}/{run['method']}/seed{run['seed']}"
-        summary = super().train(run, what)
+        summary = super().train(run, what, echo)
         if summary is None:
             raise CompareError(f"{what} stopped before its last step (a stop was requested); its checkpoint is in "
                                f"{run['run_dir'] / 'checkpoints'} and running the comparison again resumes it")
@@ -243,10 +264,12 @@ class Plan(RunSet):
 
 
 def evaluate_model(model: str, out: Path, config_path: str, eval_cfg, eval_overrides: list[str], nproc: int,
-                   tag: str = "sap-ds compare") -> dict:
+                   tag: str = "sap-ds compare", in_process: bool = True) -> dict:
     """Evaluate ``model`` into ``out/eval.json`` and return its metrics; an ``eval.json``
     made from the same model and eval config is reused. One rank runs in this process (no
-    second start-up of torch and transformers per model), more through the launcher."""
+    second start-up of torch and transformers per model) unless ``in_process`` is False
+    (evaluations beside other runs: each its own process, its output in its log), more
+    through the launcher."""
     from sap_ds.evaluation.config import to_dict
 
     done = out / "eval.json"
@@ -254,7 +277,7 @@ def evaluate_model(model: str, out: Path, config_path: str, eval_cfg, eval_overr
         previous = json.loads(done.read_text(encoding="utf-8"))
         if previous.get("model") == model and previous.get("config") == to_dict(eval_cfg):
             return previous["metrics"]
-    if nproc == 1:
+    if nproc == 1 and in_process:
         from sap_ds.eval import evaluate
         from sap_ds.evaluation.output import write_report
 
@@ -263,7 +286,7 @@ def evaluate_model(model: str, out: Path, config_path: str, eval_cfg, eval_overr
         write_report(result, out)
         return result["metrics"]
     cmd = launch_command("eval.py", nproc) + ["--model", model, "--config", config_path, "--out", str(out), *eval_overrides]
-    run_logged(cmd, out / "eval.log", f"eval {model}", tag)
+    run_logged(cmd, out / "eval.log", f"eval {model}", tag, echo=in_process)
     return json.loads(done.read_text(encoding="utf-8"))["metrics"]
 
 
@@ -328,6 +351,9 @@ def markdown(report: dict) -> str:
     for r in rows:
         cells = [_cell(r["columns"][n], 4 if n.endswith("loss") else 2) if n in r["columns"] else "n/a" for n in names]
         lines.append(f"| {r['model']} | {', '.join(map(str, r['seeds'])) or '-'} | " + " | ".join(cells) + " |")
+    note = (report.get("config") or {}).get("note")
+    if note:
+        lines += ["", " ".join(note.split())]
     return "\n".join(lines) + "\n"
 
 
@@ -372,18 +398,54 @@ def write_outputs(report: dict, out: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def launch_order(runs: list[dict]) -> list[int]:
+    """Indices of ``runs`` longest first, so that runs side by side end together rather than
+    one long run alone at the end: SAP runs first (a probe and a safety pass beside each
+    step's main pass), then by steps x micro-batches. A heuristic; the table keeps the
+    configured order."""
+    def cost(i: int) -> tuple:
+        train = runs[i]["config"].train
+        return (runs[i]["config"].method == "sap", train.max_steps * train.grad_accum)
+
+    return sorted(range(len(runs)), key=cost, reverse=True)
+
+
+def _finished_run(plan: "Plan", run: dict, echo: bool) -> dict:
+    """Train (or reuse) one run, then evaluate its export: one row's worth of results."""
+    summary = plan.train(run, echo=echo)
+    model = plan.exported_model(run)
+    metrics = plan.evaluate(model, run["run_dir"] / "eval", in_process=echo)
+    return {"setting": run["setting"], "method": run["method"], "seed": run["seed"], "run_dir": str(run["run_dir"]),
+            "model": model, "metrics": scalar_metrics(metrics), "eval": metrics,
+            "train": {k: summary.get(k) for k in ("tokens_per_s", "final_train_loss", "final_eval_loss",
+                                                   "final_step", "wall_time_s", "harmful_examples", "train_examples")}}
+
+
+def run_all(plan: "Plan") -> tuple[dict, list[dict]]:
+    """The start model's metrics and every run's results, in the plan's order. With
+    ``parallel: N`` N runs train at once (longest first); a failure stops new launches, lets
+    the running ones finish (their results stay on disk for the next call) and is raised."""
+    start_out = plan.out / "eval" / "start"
+    if plan.cfg.parallel == 1:
+        start = plan.evaluate(plan.start_model, start_out)
+        return start, [_finished_run(plan, run, echo=True) for run in plan.runs]
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(max_workers=plan.cfg.parallel) as pool:
+        jobs = {i: pool.submit(_finished_run, plan, plan.runs[i], False) for i in launch_order(plan.runs)}
+        start_job = pool.submit(plan.evaluate, plan.start_model, start_out, False)
+        done, _ = wait([*jobs.values(), start_job], return_when=FIRST_EXCEPTION)
+        failed = [job for job in done if job.exception() is not None]
+        if failed:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise failed[0].exception()
+    return start_job.result(), [jobs[i].result() for i in range(len(plan.runs))]
+
+
 def compare(cfg: CompareConfig, source: str) -> dict:
     plan = Plan(cfg)
-    start = {"metrics": scalar_metrics(plan.evaluate(plan.start_model, plan.out / "eval" / "start"))}
-    runs = []
-    for run in plan.runs:
-        summary = plan.train(run)
-        model = plan.exported_model(run)
-        metrics = plan.evaluate(model, run["run_dir"] / "eval")
-        runs.append({"setting": run["setting"], "method": run["method"], "seed": run["seed"], "run_dir": str(run["run_dir"]),
-                     "model": model, "metrics": scalar_metrics(metrics), "eval": metrics,
-                     "train": {k: summary.get(k) for k in ("tokens_per_s", "final_train_loss", "final_eval_loss",
-                                                            "final_step", "wall_time_s", "harmful_examples", "train_examples")}})
+    start_metrics, runs = run_all(plan)
+    start = {"metrics": scalar_metrics(start_metrics)}
     start_row = {"model": "start", "setting": None, "method": None, "seeds": [],
                  "columns": {k: mean_std([v]) for k, v in start["metrics"].items()}}
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source,

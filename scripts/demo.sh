@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make demo: align the embedded model once (cached in runs/align), then fine-tune it with
-# SFT and with SAP on the same data, seed and budget, through the DeepSpeed launcher.
+# SFT, SFT at the learning rate of SAP's task loss, and SAP's recommended preset on the same
+# data, seed and budget, through the DeepSpeed launcher.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -17,10 +18,10 @@ else
     launch --config configs/align.yaml
 fi
 rm -rf runs/demo  # the demo's own previous output
-echo "== SFT vs SAP: fine-tune both from the aligned model, evaluate all three (configs/compare_demo.yaml)"
-# The launched training ranks get one thread each (compare sets OMP_NUM_THREADS=1 for them);
-# the evaluations run inside this process after training, alone, so they get all $NPROC cores.
-OMP_NUM_THREADS="$NPROC" python -m sap_ds.compare --config configs/compare_demo.yaml nproc="$NPROC"
+echo "== SFT vs SAP: fine-tune from the aligned model (SFT, SFT at lr 6e-4, SAP), evaluate all four (configs/compare_demo.yaml)"
+# $NPROC runs at once, one rank and one thread each (compare sets OMP_NUM_THREADS=1 for them),
+# each evaluated in a process of its own as soon as it finishes.
+OMP_NUM_THREADS="$NPROC" python -m sap_ds.compare --config configs/compare_demo.yaml parallel="$NPROC"
 echo "== training cost per phase"
-python -m sap_ds.report runs/demo/poisoned/sft/seed42 runs/demo/poisoned/sap/seed42
+python -m sap_ds.report runs/demo/poisoned/sft/seed42 runs/demo/poisoned/sft_lr6e-4/seed42 runs/demo/poisoned/sap/seed42
 echo "demo wall time: $(( $(date +%s) - start )) s"

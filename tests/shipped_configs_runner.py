@@ -157,7 +157,7 @@ class Runner:
         return checks
 
     def compare(self, name: str, path: Path) -> list[str]:
-        from sap_ds.compare import CompareConfig
+        from sap_ds.compare import METHODS, CompareConfig
         from sap_ds.config import read_config_file, validate_tree
         from sap_ds.evaluation.config import load_eval_config
 
@@ -167,7 +167,8 @@ class Runner:
         for setting, overrides in cfg.settings.items():
             for method in cfg.methods:
                 for seed in cfg.seeds or [None]:
-                    runs.append([*cfg.overrides, *overrides, *cfg.method_overrides.get(method, []), f"method={method}",
+                    runs.append([*cfg.overrides, *overrides, *cfg.method_overrides.get(method, []),
+                                 *([f"method={method}"] if method in METHODS else []),  # a label names its own
                                  *([f"seed={seed}"] if seed is not None else []), *self._start_model(cfg.start_model),
                                  f"output_dir={cfg.out_dir}/{setting}/{method}/seed{seed}"])
         return self._validate_and_run(cfg.train_config, runs, "setting x method x seed", name)

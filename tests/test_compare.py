@@ -52,6 +52,45 @@ def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
     assert "sft/seed0 was trained with another config (train.lr: trained with" in err and "now 0.5)" in err
 
 
+def test_runs_side_by_side(tmp_path):
+    """``parallel: 2``: the runs train at once (which starts first is a race here; the order
+    they are submitted in is the test below's), each evaluated in a process of its own with
+    its output in its log; the table keeps the configured order."""
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({
+        "train_config": "configs/tiny.yaml", "eval_config": "configs/eval/tiny.yaml", "start_model": "tiny-random",
+        "methods": ["sft", "sap"], "settings": {"benign": []}, "nproc": 1, "parallel": 2, "eval_nproc": 1,
+        "out_dir": str(tmp_path / "out"), "overrides": ["train.max_steps=1", "train.eval_every=0"],
+        "eval_overrides": ["generation.max_new_tokens=2"], "keep_checkpoints": False,
+    }))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "sap_ds.compare", "--config", str(config)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = tmp_path / "out"
+    report = json.loads((out / "comparison.json").read_text())
+    assert [r["model"] for r in report["rows"]] == ["start", "benign/sft", "benign/sap"]
+    launched = [line for line in proc.stdout.splitlines() if line.startswith("sap-ds compare: train ")]
+    assert sum("(output in " in line for line in launched) == 2 and sum("finished in" in line for line in launched) == 2
+    for method in ("sft", "sap"):
+        run_dir = out / "benign" / method / "seed0"
+        assert "summary" in (run_dir / "train.log").read_text()  # the training's output went to its log
+        assert (run_dir / "eval" / "eval.log").is_file() and (run_dir / "eval" / "eval.json").is_file()
+    assert (out / "eval" / "start" / "eval.json").is_file()
+    assert "sap-ds summary" not in proc.stdout  # not on the console: two runs would interleave there
+
+
+def test_launch_order_puts_the_longest_runs_first():
+    from types import SimpleNamespace
+
+    from sap_ds.compare import launch_order
+
+    def run(method, steps, accum=1):
+        return {"config": SimpleNamespace(method=method, train=SimpleNamespace(max_steps=steps, grad_accum=accum))}
+
+    assert launch_order([run("sft", 24), run("sft", 24, 2), run("sap", 12), run("lisa", 30)]) == [2, 1, 3, 0]
+
+
 def test_runs_of_more_than_one_rank_go_through_the_deepspeed_launcher():
     """The end-to-end test above trains one rank per run (plain ``python train.py``); with
     nproc > 1 a run is launched as a user's is, by the ``deepspeed`` next to this Python (the
@@ -79,6 +118,9 @@ def test_report_over_seeds(tmp_path):
     assert sft["mean"] == 65.0 and abs(sft["std"] - 7.0711) < 1e-3 and sft["n"] == 2 and rows[0]["seeds"] == [1, 2]
     report = {"date": "today", "start_model": "m", "rows": rows}
     assert "| poisoned/sap | 1, 2 | 25.00 ± 7.07 | 13.00 ± 1.41 | 100.00 ± 0.00 |" in markdown(report)
+    assert markdown(report).endswith("| 100.00 ± 0.00 |\n")  # no note configured: the table ends it
+    report["config"] = {"note": "Two seeds:\n  not  a verdict."}
+    assert markdown(report).endswith("| 100.00 ± 0.00 |\n\nTwo seeds: not a verdict.\n")
     write_outputs(report, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"comparison.json", "comparison.md", "comparison.png"}
 
