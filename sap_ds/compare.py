@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ if __package__ in (None, ""):
 
 from pydantic import Field, model_validator
 
+from sap_ds.comparison_report import aggregate, markdown, mean_std, scalar_metrics, write_outputs
 from sap_ds.config import CONFIG_PATH, MethodName
 from sap_ds.evaluation.config import _Section
 
@@ -57,7 +57,7 @@ class CompareConfig(_Section):
     parallel: int = Field(1, gt=0, description="Training runs at once, each its own launch of nproc ranks, each "
                           "evaluated as soon as it finishes. On CPU, nproc 1 x parallel = cores beats one run of all "
                           "cores (no gloo collectives between ranks; "
-                          "measured in docs/results.md). On GPUs every launch takes devices 0..nproc-1: keep 1 there.")
+                          "measured in docs/results.md). Refused on GPUs, where every launch takes devices 0..nproc-1.")
     eval_nproc: Optional[int] = Field(None, gt=0, description="Ranks per evaluation (default: nproc); 1 runs it in-process.")
     out_dir: str = "runs/compare"
     overrides: list[str] = Field(default_factory=list, description="Train overrides for every run.")
@@ -242,8 +242,12 @@ class Plan(RunSet):
     """Every training run and evaluation of one comparison: settings x methods x seeds."""
 
     def __init__(self, cfg: CompareConfig):
+        from sap_ds.distributed import on_cpu
         from sap_ds.evaluation.config import to_dict
 
+        if cfg.parallel > 1 and not on_cpu():
+            raise CompareError(f"parallel: {cfg.parallel}: every launch takes GPUs 0..nproc-1, so runs side by side "
+                               "would share the same GPUs; keep parallel: 1 on a GPU machine (nproc: the GPUs per run)")
         super().__init__(cfg)
         self.eval_config = to_dict(self.eval_cfg)
         for setting, setting_overrides in cfg.settings.items():
@@ -288,111 +292,6 @@ def evaluate_model(model: str, out: Path, config_path: str, eval_cfg, eval_overr
     cmd = launch_command("eval.py", nproc) + ["--model", model, "--config", config_path, "--out", str(out), *eval_overrides]
     run_logged(cmd, out / "eval.log", f"eval {model}", tag, echo=in_process)
     return json.loads(done.read_text(encoding="utf-8"))["metrics"]
-
-
-# --------------------------------------------------------------------------- the report
-
-
-HARMFUL_SCORE, OVER_REFUSAL = "harmful score", "over-refusal (%)"
-
-
-def scalar_metrics(metrics: dict) -> dict[str, float]:
-    """An eval's headline numbers as flat columns: harmful score, over-refusal (% of benign
-    requests refused) right beside it, then one per task."""
-    out = {}
-    if "harmful" in metrics:
-        out[HARMFUL_SCORE] = metrics["harmful"]["harmful_score"]
-        if metrics["harmful"]["scorer"] != "refusal":
-            out["harmful score (refusal matcher)"] = metrics["harmful"]["harmful_score_refusal"]
-    if "over_refusal" in metrics:
-        out[OVER_REFUSAL] = metrics["over_refusal"]["over_refusal_rate"]
-    for name, task in metrics.get("tasks", {}).items():
-        out[f"{name} loss" if "loss" in task else f"{name} acc (%)"] = task.get("loss", task.get("accuracy"))
-    return out
-
-
-def mean_std(values: list[float]) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
-
-
-def aggregate(runs: list[dict]) -> list[dict]:
-    """One row per (setting, method): mean and std over seeds of every column."""
-    groups: dict[tuple, list[dict]] = {}
-    for run in runs:
-        groups.setdefault((run["setting"], run["method"]), []).append(run)
-    rows = []
-    for (setting, method), members in groups.items():
-        columns = {k: mean_std([m["metrics"].get(k) for m in members]) for k in members[0]["metrics"]}
-        columns["train tokens/s"] = mean_std([m["train"].get("tokens_per_s") for m in members])
-        rows.append({"model": f"{setting}/{method}", "setting": setting, "method": method,
-                     "seeds": [m["seed"] for m in members], "columns": columns})
-    return rows
-
-
-def _cell(stat: dict, digits: int) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
-
-
-def markdown(report: dict) -> str:
-    rows = report["rows"]
-    names = list(dict.fromkeys(k for r in rows for k in r["columns"]))
-    head = "| model | seeds | " + " | ".join(names) + " |"
-    methods = list(dict.fromkeys(r["method"] for r in rows if r.get("method")))
-    title = " vs ".join(m.upper() if m in ("sft", "sap") else m for m in methods) or "SFT vs SAP"
-    lines = [f"# {title} from `{report['start_model']}`", "", f"{report['date']}; lower harmful score is safer; "
-             "over-refusal is the % of benign requests refused (lower is more helpful; a model that refuses "
-             "everything scores 0 harmful and 100 over-refusal); values are mean ± std over seeds.", "", head,
-             "|" + "---|" * (len(names) + 2)]
-    for r in rows:
-        cells = [_cell(r["columns"][n], 4 if n.endswith("loss") else 2) if n in r["columns"] else "n/a" for n in names]
-        lines.append(f"| {r['model']} | {', '.join(map(str, r['seeds'])) or '-'} | " + " | ".join(cells) + " |")
-    note = (report.get("config") or {}).get("note")
-    if note:
-        lines += ["", " ".join(note.split())]
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict, path: Path) -> None:
-    """Harmful score, over-refusal and the first accuracy metric side by side per model
-    (all in %): a defence that buys its harmful score with refusals shows a tall middle bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["rows"]
-    present = list(dict.fromkeys(n for r in rows for n in r["columns"]))
-    names = [n for n in (HARMFUL_SCORE, OVER_REFUSAL) if n in present] + [n for n in present if n.endswith("acc (%)")][:1]
-    names = names or [HARMFUL_SCORE]
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(rows) + 2), 3.8))
-    for i, name in enumerate(names):
-        stats = [r["columns"].get(name, {"mean": None, "std": None}) for r in rows]
-        ax.bar([x + i * width for x in range(len(rows))], [s["mean"] or 0.0 for s in stats], width,
-               yerr=[s["std"] or 0.0 for s in stats], capsize=3, label=name)
-    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(rows))], [r["model"] for r in rows], rotation=15)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
-    ax.legend()
-    ax.set_title("harmful score (lower is safer), over-refusal (lower is more helpful), task accuracy", fontsize=9)
-    fig.tight_layout()
-    from sap_ds.checkpoint import atomic_save_figure
-
-    atomic_save_figure(fig, path, dpi=120)
-
-
-def write_outputs(report: dict, out: Path) -> None:
-    from sap_ds.checkpoint import atomic_write_text
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "comparison.json", json.dumps(report, indent=1))
-    atomic_write_text(out / "comparison.md", markdown(report))
-    plot(report, out / "comparison.png")
 
 
 # --------------------------------------------------------------------------- main

@@ -37,7 +37,8 @@ if __package__ in (None, ""):
 
 from pydantic import Field, model_validator
 
-from sap_ds.compare import OVER_REFUSAL, CompareError, RunSet, StaleRun, mean_std, scalar_metrics
+from sap_ds.compare import CompareError, RunSet, StaleRun
+from sap_ds.comparison_report import OVER_REFUSAL, mean_std, scalar_metrics
 from sap_ds.config import CONFIG_PATH
 from sap_ds.evaluation.config import _Section
 

@@ -80,6 +80,18 @@ def test_runs_side_by_side(tmp_path):
     assert "sap-ds summary" not in proc.stdout  # not on the console: two runs would interleave there
 
 
+def test_runs_side_by_side_are_refused_on_gpus(monkeypatch):
+    """On a GPU machine every launch would take devices 0..nproc-1: refused before anything runs."""
+    import sap_ds.distributed
+    from sap_ds.compare import CompareConfig, CompareError, Plan
+
+    monkeypatch.setattr(sap_ds.distributed, "on_cpu", lambda: False)
+    cfg = CompareConfig(train_config=str(REPO / "configs/tiny.yaml"), eval_config=str(REPO / "configs/eval/tiny.yaml"),
+                        start_model="tiny-random", parallel=2, nproc=1)
+    with pytest.raises(CompareError, match="parallel: 2: every launch takes GPUs 0..nproc-1"):
+        Plan(cfg)
+
+
 def test_launch_order_puts_the_longest_runs_first():
     from types import SimpleNamespace
 
@@ -106,7 +118,7 @@ def test_runs_of_more_than_one_rank_go_through_the_deepspeed_launcher():
 
 def test_report_over_seeds(tmp_path):
     """Mean and std per method over seeds; files written without any training."""
-    from sap_ds.compare import aggregate, markdown, write_outputs
+    from sap_ds.comparison_report import aggregate, markdown, write_outputs
 
     def run(method, seed, harmful, acc):
         return {"setting": "poisoned", "method": method, "seed": seed, "metrics": {"harmful score": harmful, "gsm8k acc (%)": acc},
