@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# make demo: align the embedded model once (cached in runs/align), then fine-tune it with
-# SFT, SFT at the learning rate of SAP's task loss, and SAP's recommended preset on the same
-# data, seed and budget, through the DeepSpeed launcher.
+# make demo: align the embedded model once (cached in runs/align; 2 ranks through the
+# DeepSpeed launcher), then fine-tune it with SFT, SFT at the learning rate of SAP's task
+# loss, and SAP's recommended preset on the same data, seed and budget (one rank each,
+# $NPROC at a time: faster on CPU than one run on $NPROC ranks, docs/results.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
