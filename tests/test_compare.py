@@ -14,17 +14,25 @@ from sap_ds.compare import main
 from tests.conftest import REPO
 
 
-def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
+def _run_tiny_compare(tmp_path: Path, steps: int, new_tokens: int, **keys) -> tuple[Path, subprocess.CompletedProcess]:
+    """SFT and SAP on the tiny model (one CPU rank each) through ``python -m sap_ds.compare``,
+    as a user starts it; ``keys`` are laid over the config. Returns the config and the process."""
     config = tmp_path / "compare.yaml"
     config.write_text(yaml.safe_dump({
         "train_config": "configs/tiny.yaml", "eval_config": "configs/eval/tiny.yaml", "start_model": "tiny-random",
         "methods": ["sft", "sap"], "settings": {"benign": []}, "nproc": 1, "eval_nproc": 1, "out_dir": str(tmp_path / "out"),
-        "overrides": ["train.max_steps=2", "train.eval_every=0"], "eval_overrides": ["generation.max_new_tokens=4"], "keep_checkpoints": False,
+        "overrides": [f"train.max_steps={steps}", "train.eval_every=0"],
+        "eval_overrides": [f"generation.max_new_tokens={new_tokens}"], "keep_checkpoints": False, **keys,
     }))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "sap_ds.compare", "--config", str(config)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return config, proc
+
+
+def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
+    config, _ = _run_tiny_compare(tmp_path, steps=2, new_tokens=4)
     out = tmp_path / "out"
     report = json.loads((out / "comparison.json").read_text())
     assert (out / "comparison.png").stat().st_size > 0
@@ -56,17 +64,7 @@ def test_runs_side_by_side(tmp_path):
     """``parallel: 2``: the runs train at once (which starts first is a race here; the order
     they are submitted in is the test below's), each evaluated in a process of its own with
     its output in its log; the table keeps the configured order."""
-    config = tmp_path / "compare.yaml"
-    config.write_text(yaml.safe_dump({
-        "train_config": "configs/tiny.yaml", "eval_config": "configs/eval/tiny.yaml", "start_model": "tiny-random",
-        "methods": ["sft", "sap"], "settings": {"benign": []}, "nproc": 1, "parallel": 2, "eval_nproc": 1,
-        "out_dir": str(tmp_path / "out"), "overrides": ["train.max_steps=1", "train.eval_every=0"],
-        "eval_overrides": ["generation.max_new_tokens=2"], "keep_checkpoints": False,
-    }))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "sap_ds.compare", "--config", str(config)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    _, proc = _run_tiny_compare(tmp_path, steps=1, new_tokens=2, parallel=2)
     out = tmp_path / "out"
     report = json.loads((out / "comparison.json").read_text())
     assert [r["model"] for r in report["rows"]] == ["start", "benign/sft", "benign/sap"]
