@@ -309,11 +309,13 @@ def launch_order(runs: list[dict]) -> list[int]:
     return sorted(range(len(runs)), key=cost, reverse=True)
 
 
-def _finished_run(plan: "Plan", run: dict, echo: bool) -> dict:
-    """Train (or reuse) one run, then evaluate its export: one row's worth of results."""
-    summary = plan.train(run, echo=echo)
+def _finished_run(plan: "Plan", run: dict, alone: bool) -> dict:
+    """Train (or reuse) one run, then evaluate its export: one row's worth of results. A run
+    that is not ``alone`` (others beside it) keeps its output to its logs and evaluates in a
+    process of its own."""
+    summary = plan.train(run, echo=alone)
     model = plan.exported_model(run)
-    metrics = plan.evaluate(model, run["run_dir"] / "eval", in_process=echo)
+    metrics = plan.evaluate(model, run["run_dir"] / "eval", in_process=alone)
     return {"setting": run["setting"], "method": run["method"], "seed": run["seed"], "run_dir": str(run["run_dir"]),
             "model": model, "metrics": scalar_metrics(metrics), "eval": metrics,
             "train": {k: summary.get(k) for k in ("tokens_per_s", "final_train_loss", "final_eval_loss",
@@ -327,11 +329,11 @@ def run_all(plan: "Plan") -> tuple[dict, list[dict]]:
     start_out = plan.out / "eval" / "start"
     if plan.cfg.parallel == 1:
         start = plan.evaluate(plan.start_model, start_out)
-        return start, [_finished_run(plan, run, echo=True) for run in plan.runs]
+        return start, [_finished_run(plan, run, alone=True) for run in plan.runs]
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     with ThreadPoolExecutor(max_workers=plan.cfg.parallel) as pool:
-        jobs = {i: pool.submit(_finished_run, plan, plan.runs[i], False) for i in launch_order(plan.runs)}
+        jobs = {i: pool.submit(_finished_run, plan, plan.runs[i], alone=False) for i in launch_order(plan.runs)}
         start_job = pool.submit(plan.evaluate, plan.start_model, start_out, False)
         done, _ = wait([*jobs.values(), start_job], return_when=FIRST_EXCEPTION)
         failed = [job for job in done if job.exception() is not None]
