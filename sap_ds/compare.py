@@ -180,9 +180,13 @@ class RunSet:
 
     def __init__(self, cfg):
         from sap_ds.config import ModelConfig, load_config
+        from sap_ds.distributed import on_cpu
         from sap_ds.evaluation.config import load_eval_config
         from sap_ds.modeling import resolve_model_path
 
+        if cfg.parallel > 1 and not on_cpu():
+            raise CompareError(f"parallel: {cfg.parallel}: every launch takes GPUs 0..nproc-1, so runs side by side "
+                               "would share the same GPUs; keep parallel: 1 on a GPU machine (nproc: the GPUs per run)")
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         base = load_config(cfg.train_config, cfg.overrides)
@@ -242,12 +246,8 @@ class Plan(RunSet):
     """Every training run and evaluation of one comparison: settings x methods x seeds."""
 
     def __init__(self, cfg: CompareConfig):
-        from sap_ds.distributed import on_cpu
         from sap_ds.evaluation.config import to_dict
 
-        if cfg.parallel > 1 and not on_cpu():
-            raise CompareError(f"parallel: {cfg.parallel}: every launch takes GPUs 0..nproc-1, so runs side by side "
-                               "would share the same GPUs; keep parallel: 1 on a GPU machine (nproc: the GPUs per run)")
         super().__init__(cfg)
         self.eval_config = to_dict(self.eval_cfg)
         for setting, setting_overrides in cfg.settings.items():

@@ -14,7 +14,8 @@ on. Outputs, rewritten atomically after every run: ``results.jsonl`` (one record
 ``sweep.md`` (mean and spread per point, the Pareto front marked) and ``sweep.png``
 (harmful score against task loss). On a cluster, ``--list`` numbers the runs, ``--only I``
 runs one of them (a SLURM array task, slurm/sweep_array.sbatch) and ``--report`` writes
-the outputs from what finished. ``--eval-only eval_config=... eval_dir=...`` (with
+the outputs from what finished; on one machine, ``parallel: N`` runs N at once (on CPU:
+``nproc: 1``, one per core). ``--eval-only eval_config=... eval_dir=...`` (with
 ``--points a,b`` for some points) evaluates the trained runs on another set (a held-out
 one) without training. See docs/results.md for the sweeps behind the recommended preset.
 """
@@ -28,7 +29,6 @@ import os
 import random
 import re
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -38,9 +38,10 @@ if __package__ in (None, ""):
 from pydantic import Field, model_validator
 
 from sap_ds.compare import CompareError, RunSet, StaleRun
-from sap_ds.comparison_report import OVER_REFUSAL, mean_std, scalar_metrics
+from sap_ds.comparison_report import scalar_metrics
 from sap_ds.config import CONFIG_PATH
 from sap_ds.evaluation.config import _Section
+from sap_ds.sweep_report import markdown, write_outputs
 
 TAG = "sap-ds sweep"
 
@@ -70,6 +71,10 @@ class SweepConfig(_Section):
     seeds: Optional[list[int]] = Field(None, description="Default: the train config's seed.")
     nproc: int = Field(2, gt=0, description="Ranks per training run (deepspeed --num_gpus).")
     eval_nproc: Optional[int] = Field(None, gt=0, description="Ranks per evaluation (default: nproc); 1 runs it in-process.")
+    parallel: int = Field(1, gt=0, description="Runs at once (training, then its evaluation), each its own launch of "
+                          "nproc ranks; with --eval-only, evaluations at once. On a CPU machine of N cores, nproc 1 x "
+                          "parallel N. Refused on GPUs, where every launch takes devices 0..nproc-1 (there, a SLURM "
+                          "array of --only I runs is the way to run many at once).")
     overrides: list[str] = Field(default_factory=list, description="Train overrides for every run.")
     eval_overrides: list[str] = Field(default_factory=list)
     eval_dir: str = Field("eval", description="Run subfolder of the evaluation. Another name (with another "
@@ -174,18 +179,20 @@ class Sweep(RunSet):
                 except Exception as exc:
                     raise type(exc)(f"sweep point '{point}': {exc}") from exc
 
-    def execute(self, run: dict) -> dict:
-        """Train (unless finished) and evaluate one run; a failure becomes a record, not an exit."""
+    def execute(self, run: dict, alone: bool = True) -> dict:
+        """Train (unless finished) and evaluate one run; a failure becomes a record, not an exit.
+        A run that is not ``alone`` (others beside it) keeps its output to its logs and
+        evaluates in a process of its own."""
         run_dir = run["run_dir"]
         record = {"index": run["index"], "point": run["point"], "seed": run["seed"], "run_dir": str(run_dir),
                   "overrides": self.points[run["point"]]}
         try:
-            train = self.train(run, f"train {run['point']}/seed{run['seed']}")
+            train = self.train(run, f"train {run['point']}/seed{run['seed']}", echo=alone)
             if train is None:  # asked to stop (preemption): checkpointed, resumes on the next call
                 return {**record, "status": "stopped", "error": f"training stopped before its last step; its checkpoint "
                         f"is in {run_dir / 'checkpoints'} and the next sweep call resumes it"}
             model = self.exported_model(run)
-            metrics = self.evaluate(model, run_dir / self.cfg.eval_dir)
+            metrics = self.evaluate(model, run_dir / self.cfg.eval_dir, in_process=alone)
         except StaleRun as exc:
             return {**record, "status": "stale", "error": str(exc)}
         except CompareError as exc:
@@ -207,167 +214,6 @@ class Sweep(RunSet):
         return self.execute(run)  # both reused: nothing is recomputed
 
 
-# --------------------------------------------------------------------------- the report
-
-
-def pareto_front(points: list[tuple[str, float, float]]) -> set[str]:
-    """Names of the points no other point beats on both axes (lower is better on both)."""
-    front = set()
-    for name, x, y in points:
-        dominated = any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for n2, x2, y2 in points if n2 != name)
-        if not dominated:
-            front.add(name)
-    return front
-
-
-def summarise(cfg: SweepConfig, records: list[dict], start_metrics: Optional[dict]) -> dict:
-    done = [r for r in records if r["status"] == "done"]
-    by_point: dict[str, list[dict]] = {}
-    for r in done:
-        by_point.setdefault(r["point"], []).append(r)
-    columns = list(dict.fromkeys(k for r in done for k in r["metrics"]))
-    task = cfg.task_metric or next((c for c in columns if c.endswith("loss")), None)
-    rows = []
-    for point, members in by_point.items():
-        stats = {c: mean_std([m["metrics"].get(c) for m in members]) for c in columns}
-        stats["train tokens/s"] = mean_std([m["train"].get("tokens_per_s") for m in members])
-        rows.append({"point": point, "seeds": sorted(m["seed"] for m in members), "columns": stats})
-    xy = [(r["point"], r["columns"][cfg.harm_metric]["mean"], r["columns"][task]["mean"]) for r in rows
-          if task and cfg.harm_metric in r["columns"] and r["columns"][cfg.harm_metric]["mean"] is not None
-          and r["columns"][task]["mean"] is not None]
-    front = pareto_front(xy)
-    ref = next((r for r in rows if r["point"] == cfg.reference), None)
-    for r in rows:
-        r["pareto"] = r["point"] in front
-        if ref is not None and task:
-            harm, ref_harm = r["columns"][cfg.harm_metric]["mean"], ref["columns"][cfg.harm_metric]["mean"]
-            loss, ref_loss = r["columns"][task]["mean"], ref["columns"][task]["mean"]
-            r["vs_reference"] = {"harm_ratio": harm / ref_harm if ref_harm else None,
-                                 "task_loss_change": loss / ref_loss - 1 if ref_loss else None}
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.model_dump(mode="json"),
-            "harm_metric": cfg.harm_metric, "task_metric": task, "start": start_metrics, "rows": rows,
-            "failed": [{"point": r["point"], "seed": r["seed"], "error": r["error"]} for r in records if r["status"] != "done"]}
-
-
-def _cell(stat: Optional[dict], digits: int) -> str:
-    if not stat or stat["mean"] is None:
-        return "n/a"
-    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
-
-
-def shown_path(path: str) -> str:
-    """A config path as a report shows it: relative to the working directory when it lies
-    under it (config paths arrive resolved, and a machine's absolute path pasted into docs
-    means nothing on another), else as given."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def markdown(summary: dict) -> str:
-    harm, task = summary["harm_metric"], summary["task_metric"]
-    present = list(dict.fromkeys(c for r in summary["rows"] for c in r["columns"]))
-    beside = [OVER_REFUSAL] if OVER_REFUSAL in present and harm != OVER_REFUSAL else []  # right next to the harm column
-    names = [harm, *beside] + ([task] if task else []) + [c for c in present if c not in (harm, task, *beside)]
-    has_ref = any("vs_reference" in r for r in summary["rows"])
-    head = ["point", "seeds", *names] + (["harm / ref", "task loss vs ref"] if has_ref else []) + ["Pareto"]
-    lines = [f"# sweep of `{shown_path(summary['config']['train_config'])}`", "",
-             f"{summary['date']}; mean ± std over seeds; lower {harm} is safer; {OVER_REFUSAL}: benign requests "
-             f"refused (lower is more helpful); Pareto: not beaten on both {harm} and {task} by another point.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if summary["start"]:
-        values = summary["start"]
-        start = [("n/a" if values.get(n) is None else f"{values[n]:.4f}" if n.endswith("loss") else f"{values[n]:.2f}")
-                 if n in values else "-" for n in names]
-        lines.append("| start model | - | " + " | ".join(start + ["-"] * (len(head) - 2 - len(start))) + " |")
-    for r in sorted(summary["rows"], key=lambda r: (r["columns"].get(harm, {}).get("mean") or 0.0)):
-        cells = [_cell(r["columns"].get(n), 4 if n.endswith("loss") else 2) for n in names]
-        if has_ref:
-            ref = r.get("vs_reference", {})
-            ratio, change = ref.get("harm_ratio"), ref.get("task_loss_change")
-            cells += ["n/a" if ratio is None else f"{ratio:.2f}", "n/a" if change is None else f"{100 * change:+.2f} %"]
-        lines.append(f"| {r['point']} | {', '.join(map(str, r['seeds']))} | " + " | ".join(cells) + f" | {'yes' if r['pareto'] else ''} |")
-    for f in summary["failed"]:
-        lines.append(f"\nfailed: {f['point']} seed {f['seed']}: {f['error']}")
-    return "\n".join(lines) + "\n"
-
-
-def plot(summary: dict, path: Path) -> None:
-    """Harmful score against task loss per point (error bars: std over seeds), front
-    joined; with over-refusal measured, a second panel puts harmful score against it, so a
-    point that is safe because it refuses everything stands out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    harm, task = summary["harm_metric"], summary["task_metric"]
-    refusals = any(r["columns"].get(OVER_REFUSAL, {}).get("mean") is not None for r in summary["rows"])
-    fig, axes = plt.subplots(1, 2 if refusals else 1, figsize=(13.0 if refusals else 7.5, 5.0), squeeze=False)
-    ax = axes[0][0]
-    rows = [r for r in summary["rows"] if task and r["columns"].get(harm, {}).get("mean") is not None
-            and r["columns"].get(task, {}).get("mean") is not None]
-    for r in rows:
-        x, y = r["columns"][harm], r["columns"][task]
-        ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0.0, yerr=y["std"] or 0.0, fmt="o" if r["pareto"] else "x",
-                    color="C3" if r["pareto"] else "C0", capsize=2)
-        ax.annotate(r["point"], (x["mean"], y["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    front = sorted((r["columns"][harm]["mean"], r["columns"][task]["mean"]) for r in rows if r["pareto"])
-    if len(front) > 1:
-        ax.step(*zip(*front), where="post", color="C3", linewidth=1, label="Pareto front")
-    by_point = {r["point"]: r for r in rows}
-    curve = [by_point[c] for c in summary["config"].get("curve", []) if c in by_point]
-    if len(curve) > 1:
-        ax.plot([r["columns"][harm]["mean"] for r in curve], [r["columns"][task]["mean"] for r in curve], "--",
-                color="0.4", linewidth=1, label=" - ".join(r["point"] for r in curve))
-    if len(front) > 1 or len(curve) > 1:
-        ax.legend(fontsize=7)
-    start = summary.get("start") or {}
-    if harm in start and task in start:
-        ax.plot(start[harm], start[task], "*", color="k", markersize=10)
-        ax.annotate("start model", (start[harm], start[task]), fontsize=7, xytext=(3, -9), textcoords="offset points")
-    ax.set_xlabel(f"{harm} (%) - lower is safer")
-    ax.set_ylabel(f"{task} - lower is better")
-    ax.set_title("safety vs task quality per sweep point")
-    if refusals:
-        _over_refusal_panel(axes[0][1], summary, harm, start)
-    fig.tight_layout()
-    from sap_ds.checkpoint import atomic_save_figure
-
-    atomic_save_figure(fig, path, dpi=130)
-
-
-def _over_refusal_panel(ax, summary: dict, harm: str, start: dict) -> None:
-    """Harmful score against over-refusal per point (both %, lower is better on both)."""
-    for r in summary["rows"]:
-        x, y = r["columns"].get(harm, {}), r["columns"].get(OVER_REFUSAL, {})
-        if x.get("mean") is None or y.get("mean") is None:
-            continue
-        ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0.0, yerr=y["std"] or 0.0, fmt="o" if r["pareto"] else "x",
-                    color="C3" if r["pareto"] else "C0", capsize=2)
-        ax.annotate(r["point"], (x["mean"], y["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    if harm in start and OVER_REFUSAL in start:
-        ax.plot(start[harm], start[OVER_REFUSAL], "*", color="k", markersize=10)
-        ax.annotate("start model", (start[harm], start[OVER_REFUSAL]), fontsize=7, xytext=(3, -9), textcoords="offset points")
-    ax.set_xlabel(f"{harm} (%) - lower is safer")
-    ax.set_ylabel(f"{OVER_REFUSAL} - benign requests refused, lower is more helpful")
-    ax.set_title("safety vs over-refusal (red: on the loss Pareto front)")
-
-
-def write_outputs(sweep: Sweep, records: list[dict], start_metrics: Optional[dict]) -> dict:
-    from sap_ds.checkpoint import atomic_write_text
-
-    out = sweep.report_dir
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in records))
-    summary = summarise(sweep.cfg, records, start_metrics)
-    atomic_write_text(out / "sweep.json", json.dumps(summary, indent=1))
-    atomic_write_text(out / "sweep.md", markdown(summary))
-    if summary["rows"]:
-        plot(summary, out / "sweep.png")
-    return summary
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -379,20 +225,48 @@ def run_sweep(cfg: SweepConfig, only: Optional[int] = None, report_only: bool = 
             raise ValueError(f"--only {only}: the sweep has runs 0..{len(sweep.runs) - 1} (see --list)")
         record = sweep.execute(sweep.runs[only])
         return {}, [record]
-    start, start_dir = None, sweep.out / cfg.eval_dir / "start"
-    if not report_only:
+    start_dir = sweep.out / cfg.eval_dir / "start"
+    runs = [run for run in sweep.runs if not eval_only or (run["run_dir"] / "summary.json").is_file()]
+    # (--eval-only trains nothing: runs not trained yet are left out)
+    if report_only:
+        start = None
+        if (start_dir / "eval.json").is_file():
+            start = scalar_metrics(json.loads((start_dir / "eval.json").read_text(encoding="utf-8"))["metrics"])
+        records = [r for r in map(sweep.finished, runs) if r is not None]
+    elif cfg.parallel == 1:
         start = scalar_metrics(sweep.evaluate(sweep.start_model, start_dir))
-    elif (start_dir / "eval.json").is_file():
-        start = scalar_metrics(json.loads((start_dir / "eval.json").read_text(encoding="utf-8"))["metrics"])
-    records = []
-    for run in sweep.runs:
-        if eval_only and not (run["run_dir"] / "summary.json").is_file():
-            continue  # not trained (yet): --eval-only trains nothing
-        record = sweep.finished(run) if report_only else sweep.execute(run)
-        if record is not None:
-            records.append(record)
-            write_outputs(sweep, records, start)
+        records = []
+        for run in runs:
+            records.append(sweep.execute(run))
+            write_outputs(sweep, records, start)  # the report so far, after every run
+    else:
+        start, records = _side_by_side(sweep, runs, start_dir)
     return write_outputs(sweep, records, start), records
+
+
+def _side_by_side(sweep: Sweep, runs: list[dict], start_dir: Path) -> tuple[dict, list[dict]]:
+    """``parallel: N``: N runs at once, longest first; the report is rewritten as each one
+    ends and keeps the sweep's order. A failed run is a record, as in a serial sweep; an
+    error outside the runs (the start model's evaluation) cancels what has not started."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from sap_ds.compare import launch_order
+
+    done: dict[int, dict] = {}
+    pool = ThreadPoolExecutor(max_workers=sweep.cfg.parallel)
+    try:
+        start_job = pool.submit(sweep.evaluate, sweep.start_model, start_dir, False)
+        jobs = [pool.submit(sweep.execute, runs[i], False) for i in launch_order(runs)]
+        start = scalar_metrics(start_job.result())
+        for job in as_completed(jobs):
+            record = job.result()
+            done[record["index"]] = record
+            write_outputs(sweep, [done[i] for i in sorted(done)], start)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # running ones finish: their results stay on disk
+        raise
+    pool.shutdown(wait=True)
+    return start, [done[i] for i in sorted(done)]
 
 
 def main(argv=None) -> int:
@@ -420,9 +294,9 @@ def main(argv=None) -> int:
         summary, records = run_sweep(cfg, only=args.only, report_only=args.report, eval_only=args.eval_only, points=points)
     except USER_ERRORS as exc:
         return report_user_error(exc)
-    except ValueError as exc:
+    except (ValueError, CompareError) as exc:  # a bad --only/--points, or an evaluation that failed
         print(f"{TAG}: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return 2 if isinstance(exc, ValueError) else 1
     failed = [r for r in records if r["status"] != "done"]
     if summary:
         print(markdown(summary), flush=True)

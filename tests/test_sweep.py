@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from sap_ds.sweep import Range, SweepConfig, expand_points, main, pareto_front, point_name
+from sap_ds.sweep import Range, SweepConfig, expand_points, main, point_name
+from sap_ds.sweep_report import pareto_front
 from tests.conftest import REPO
 
 
@@ -90,6 +91,41 @@ def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
     assert records == {"sft": "done", "sap.rho=0.01": "stale"}
 
 
+def test_runs_side_by_side(tmp_path):
+    """``parallel: 2``: the runs train at once, longest first (the SAP point before SFT), each
+    with its output in its logs; the report keeps the sweep's order and has every run."""
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, parallel=2, keep_checkpoints=False), sort_keys=False))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "sap_ds.sweep", "--config", str(config)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = tmp_path / "out"
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["point"], r["status"]) for r in records] == [(0, "sft", "done"), (1, "sap.rho=0.01", "done")]
+    launched = [line for line in proc.stdout.splitlines() if line.startswith("sap-ds sweep: train ")]
+    assert len(launched) == 4 and "train sap.rho=0.01/seed0" in launched[0]  # 2 starts, 2 ends; SAP submitted first
+    assert sum("(output in " in line for line in launched) == 2 and sum("finished in" in line for line in launched) == 2
+    for point in ("sft", "sap.rho=0.01"):
+        run_dir = out / point / "seed0"
+        assert "summary" in (run_dir / "train.log").read_text()
+        assert (run_dir / "eval" / "eval.log").is_file() and (run_dir / "eval" / "eval.json").is_file()
+    assert (out / "eval" / "start" / "eval.json").is_file() and "| sft | 0 |" in (out / "sweep.md").read_text()
+    assert "sap-ds summary" not in proc.stdout  # not on the console: two runs would interleave there
+
+
+def test_runs_side_by_side_are_refused_on_gpus(monkeypatch, capsys, tmp_path):
+    """As in ``sap-ds compare``: every launch would take GPUs 0..nproc-1."""
+    import sap_ds.distributed
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sap_ds.distributed, "on_cpu", lambda: False)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, parallel=2)))
+    assert main(["--config", str(config), "--list"]) == 1
+    assert "parallel: 2: every launch takes GPUs 0..nproc-1" in capsys.readouterr().err
+
+
 def test_expand_points_grid_and_random():
     cfg = SweepConfig(train_config="x", eval_config="y", points={"sft": ["method=sft"]},
                       grid={"sap.rho": [0.01, 0.1], "sap.probe_layers": [[3, 9], [6]]}, search_overrides=["method=sap"],
@@ -152,7 +188,7 @@ def test_plot_draws_the_curve_through_its_points_in_order(tmp_path, monkeypatch)
     """``curve``: the named points joined in the config's order (not sorted, not the front),
     points without results left out."""
     from sap_ds import checkpoint
-    from sap_ds.sweep import plot
+    from sap_ds.sweep_report import plot
 
     figures = []
     monkeypatch.setattr(checkpoint, "atomic_save_figure", lambda fig, path, dpi: figures.append(fig))
@@ -176,7 +212,7 @@ def test_bad_ranges(spec):
 def test_the_report_names_configs_relative_to_the_working_directory(tmp_path, monkeypatch):
     """sweep.md's header: config paths arrive resolved; under the working directory they are
     shown relative to it (no machine path pasted into docs), elsewhere as given."""
-    from sap_ds.sweep import shown_path
+    from sap_ds.sweep_report import shown_path
 
     monkeypatch.chdir(REPO)
     assert shown_path(str(REPO / "configs" / "demo.yaml")) == "configs/demo.yaml"
