@@ -79,10 +79,11 @@ def test_engine_figures(report):
 def test_bench_and_resume_figures(report):
     s6, s7 = report["steps"][6], report["steps"][7]
     variants = {r["variant"]: r for r in s6["figures"]["variants"]}
-    assert list(variants) == ["sft", "paper", "fast"]
+    assert list(variants) == ["sft", "paper", "fast", "recommended", "rec_p2_d8", "rec_kept_p4_d8", "lisa", "safety_mix"]
     assert all(r["tokens/s"] > 0 and r["peak mem GiB"] > 0 for r in variants.values())
     assert variants["paper"]["ideal"] is not None and variants["paper"]["measured/ideal"] is not None
     assert set(variants["paper"]["phases s"]) == {"safety", "perturb", "probe", "restore", "main"}
+    assert variants["recommended"]["ideal"] is not None and variants["lisa"]["vs SFT"] is not None
     losses = s7["figures"]["loss_on_a_batch"]
     assert losses["engine"] > 0 and losses["exported model"] > 0
 

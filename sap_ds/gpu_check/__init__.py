@@ -9,7 +9,7 @@ figures; a failing step never stops the ones after it:
 3. kernel bandwidth (``kernels.bench``)  (``kernels_check.bandwidth_step``)
 4. the engine path in bf16 with Triton   (``engine_check``, one launch for 4-7)
 5. the bf16 perturbation table and the probe gradient's noise floor
-6. ``sap-ds bench``: SFT vs paper SAP vs fast
+6. ``sap-ds bench``: SFT vs SAP's forms (paper, fast, recommended and its cheaper forms), Lisa, mixing
 7. preempted at step 2 (checkpoint), resumed to step 3, export loads in plain transformers
 
 ``--cpu`` runs the same code with CPU sizes, the Triton interpreter and gloo (2 ranks), so

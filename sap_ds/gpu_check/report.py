@@ -18,7 +18,7 @@ STEP_NAMES = {
     3: "kernel bandwidth (python -m kernels.bench)",
     4: "engine path: perturb, probe, restore (bf16, Triton kernels)",
     5: "bf16 perturbation table and probe-gradient noise floor",
-    6: "sap-ds bench: SFT vs paper SAP vs fast",
+    6: "sap-ds bench: SFT vs SAP's forms and the baselines",
     7: "preempted at step 2 (checkpoint), resumed to step 3, export loads in plain transformers",
 }
 
