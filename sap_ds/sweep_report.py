@@ -112,11 +112,7 @@ def plot(summary: dict, path: Path) -> None:
     ax = axes[0][0]
     rows = [r for r in summary["rows"] if task and r["columns"].get(harm, {}).get("mean") is not None
             and r["columns"].get(task, {}).get("mean") is not None]
-    for r in rows:
-        x, y = r["columns"][harm], r["columns"][task]
-        ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0.0, yerr=y["std"] or 0.0, fmt="o" if r["pareto"] else "x",
-                    color="C3" if r["pareto"] else "C0", capsize=2)
-        ax.annotate(r["point"], (x["mean"], y["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    _draw_points(ax, rows, harm, task)
     front = sorted((r["columns"][harm]["mean"], r["columns"][task]["mean"]) for r in rows if r["pareto"])
     if len(front) > 1:
         ax.step(*zip(*front), where="post", color="C3", linewidth=1, label="Pareto front")
@@ -128,9 +124,7 @@ def plot(summary: dict, path: Path) -> None:
     if len(front) > 1 or len(curve) > 1:
         ax.legend(fontsize=7)
     start = summary.get("start") or {}
-    if harm in start and task in start:
-        ax.plot(start[harm], start[task], "*", color="k", markersize=10)
-        ax.annotate("start model", (start[harm], start[task]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    _draw_start(ax, start, harm, task)
     ax.set_xlabel(f"{harm} (%) - lower is safer")
     ax.set_ylabel(f"{task} - lower is better")
     ax.set_title("safety vs task quality per sweep point")
@@ -142,18 +136,28 @@ def plot(summary: dict, path: Path) -> None:
     atomic_save_figure(fig, path, dpi=130)
 
 
-def _over_refusal_panel(ax, summary: dict, harm: str, start: dict) -> None:
-    """Harmful score against over-refusal per point (both %, lower is better on both)."""
-    for r in summary["rows"]:
-        x, y = r["columns"].get(harm, {}), r["columns"].get(OVER_REFUSAL, {})
-        if x.get("mean") is None or y.get("mean") is None:
-            continue
+def _draw_points(ax, rows: list[dict], x_metric: str, y_metric: str) -> None:
+    """One marker per row at its means, error bars its std over seeds; red circles for the
+    Pareto front, blue crosses for the rest; each labelled with its point's name."""
+    for r in rows:
+        x, y = r["columns"][x_metric], r["columns"][y_metric]
         ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0.0, yerr=y["std"] or 0.0, fmt="o" if r["pareto"] else "x",
                     color="C3" if r["pareto"] else "C0", capsize=2)
         ax.annotate(r["point"], (x["mean"], y["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    if harm in start and OVER_REFUSAL in start:
-        ax.plot(start[harm], start[OVER_REFUSAL], "*", color="k", markersize=10)
-        ax.annotate("start model", (start[harm], start[OVER_REFUSAL]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+
+
+def _draw_start(ax, start: dict, x_metric: str, y_metric: str) -> None:
+    if x_metric in start and y_metric in start:
+        ax.plot(start[x_metric], start[y_metric], "*", color="k", markersize=10)
+        ax.annotate("start model", (start[x_metric], start[y_metric]), fontsize=7, xytext=(3, -9),
+                    textcoords="offset points")
+
+
+def _over_refusal_panel(ax, summary: dict, harm: str, start: dict) -> None:
+    """Harmful score against over-refusal per point (both %, lower is better on both)."""
+    _draw_points(ax, [r for r in summary["rows"] if r["columns"].get(harm, {}).get("mean") is not None
+                      and r["columns"].get(OVER_REFUSAL, {}).get("mean") is not None], harm, OVER_REFUSAL)
+    _draw_start(ax, start, harm, OVER_REFUSAL)
     ax.set_xlabel(f"{harm} (%) - lower is safer")
     ax.set_ylabel(f"{OVER_REFUSAL} - benign requests refused, lower is more helpful")
     ax.set_title("safety vs over-refusal (red: on the loss Pareto front)")
