@@ -28,7 +28,7 @@ GIB = 2**30
 # batches, with round(ratio x N) more examples per epoch.
 SFT_STEP_METHODS = ("sft", "safety_mix")
 METHODS = ("sap", "lisa", *SFT_STEP_METHODS)
-# probe passes per probe step by sap.probe_timing (sap_ds.config.SapConfig.probe_passes; tests/test_plan.py)
+# probe passes per probe step by sap.probe_timing (sap_ds.method_config.SapConfig.probe_passes; tests/test_plan.py)
 PROBE_PASSES = {"next_step": 1, "same_step": 2}
 
 # --------------------------------------------------------------------------- models
