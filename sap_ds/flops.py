@@ -1,6 +1,6 @@
 """Model FLOPs of one SFT or SAP step (docs/design.md, "Cost"), from real token counts.
 
-The model is a Llama-style decoder (``sap_ds.plan.ModelSpec``, read from the HF
+The model is a Llama-style decoder (``sap_ds.model_spec.ModelSpec``, read from the HF
 config.json: hidden h, layers L, heads, kv heads, intermediate I, vocab V). FLOPs count
 a multiply-add as 2. Per token and per decoder layer:
 
@@ -64,7 +64,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from sap_ds.plan import ModelSpec, model_from_config
+from sap_ds.model_spec import ModelSpec, model_from_config
 
 FORMULA = (
     "per token and layer M = 2*(linear weights), M_a = 2*r*(d_in+d_out) per LoRA target; lm_head H = 2*V*h; "
