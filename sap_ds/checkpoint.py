@@ -4,11 +4,16 @@ Layout under ``<output_dir>/checkpoints``::
 
     step_00000020/          one complete checkpoint (DeepSpeed's shards + ours)
     latest                  the tag of the newest complete checkpoint, written last
+    zero_to_fp32.py         DeepSpeed's scripts that rebuild whole weights from a checkpoint
     .staging/               where a checkpoint is written before it is renamed into place
 
 A checkpoint is written into ``.staging``, renamed into place when every rank has
 finished, and only then does ``latest`` (itself written to a temporary file and renamed)
-point at it. A crash at any moment leaves the previous checkpoint intact and findable.
+point at it; DeepSpeed's recovery scripts, which it writes beside the checkpoint, are moved
+up beside ``latest`` (where DeepSpeed's usage has them), and ``.staging`` is removed once
+empty. A crash at any moment leaves the previous checkpoint intact and findable; what it
+left in ``.staging`` (a checkpoint never renamed into place, so never one ``latest``
+names) is removed at the next start (``remove_interrupted_saves``).
 Our own state (trainer counters, RNG states, SAP probe/optimizer/direction) is saved as
 safetensors plus JSON, never pickled.
 
@@ -33,6 +38,7 @@ from sap_ds.errors import CheckpointError  # noqa: F401 - defined there, raised 
 
 LATEST = "latest"
 STAGING = ".staging"
+RECOVERY_SCRIPTS = "zero_to_*.py"  # what DeepSpeed's save_checkpoint writes beside the tag folder (rank 0)
 META = "sap_ds_meta.json"
 UNIVERSAL = "universal"
 
@@ -98,8 +104,26 @@ def save(engine, root: Path, step: int, meta: dict, tensors: dict[str, torch.Ten
         os.replace(folder, final)
         atomic_write_text(root / LATEST, tag + "\n")
         _prune(root, keep)
+        for script in staging.glob(RECOVERY_SCRIPTS):
+            os.replace(script, root / script.name)
+        try:
+            staging.rmdir()  # empty now; not empty only with another save's leftovers (removed at the next start)
+        except OSError:
+            pass
     barrier()
     return final
+
+
+def remove_interrupted_saves(root: Path) -> list[str]:
+    """Rank 0, when a run starts (before any save): delete ``.staging``, which holds only
+    the unfinished writes of a save that was interrupted (a finished one is renamed out of
+    it before ``latest`` names it). Returns what was there, for the log."""
+    staging = root / STAGING
+    if not staging.is_dir():
+        return []
+    left = sorted(p.name for p in staging.iterdir())
+    shutil.rmtree(staging)
+    return left
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -11,7 +11,8 @@ COMMANDS = {
     "bench": ("sap_ds.bench", "throughput of SFT vs SAP variants (tokens/s, phase split, MFU, memory)"),
     "safelora": ("sap_ds.safelora_cli", "project a LoRA adapter onto the alignment subspace (SafeLoRA), post hoc"),
     "plan": ("sap_ds.plan", "per-GPU memory and step time for a model size and cluster"),
-    "configs": ("sap_ds.configs_cli", "list the shipped configs; print one's path; copy one out to edit"),
+    "configs": ("sap_ds.configs_cli", "list the shipped configs; print one's path; copy one out to edit; copy the SLURM templates out"),
+    "data": ("sap_ds.data_cli", "the run's data as training sees it: counts, examples with the trained tokens marked"),
 }
 
 

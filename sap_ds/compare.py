@@ -10,7 +10,8 @@ Training runs go through the DeepSpeed launcher (``deepspeed --num_gpus N
 sap_ds/train.py``) exactly as a user would start them, in
 ``<out_dir>/<setting>/<method>/seed<seed>``. It is resumable: a run folder with a
 ``summary.json`` is not trained again (an interrupted run resumes from its checkpoint,
-the trainer's ``train.resume: auto``), and an ``eval.json`` made from the same model and
+the trainer's ``train.resume: auto``; a run stopped on request, exit code 75, ends the
+comparison with that code), and an ``eval.json`` made from the same model and
 eval config is not recomputed. See docs/evaluation.md.
 """
 from __future__ import annotations
@@ -99,6 +100,12 @@ class CompareError(RuntimeError):
     """A training or evaluation subprocess failed; the message says which and where its log is."""
 
 
+class RunStopped(CompareError):
+    """A training run stopped on request before its last step (exit code 75, as a preempted
+    job does): its checkpoint is on disk and the next call resumes it. Neither a crash nor
+    a result."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -142,13 +149,18 @@ def run_logged(cmd: list[str], log_path: Path, what: str, tag: str = "sap-ds com
         code = proc.wait()
     if not echo:
         say(f"{tag}: {what}: finished in {time.perf_counter() - start:.0f} s (exit code {code})")
+    from sap_ds.errors import EXIT_STOPPED_RESUMABLE
+
+    if code == EXIT_STOPPED_RESUMABLE:
+        raise RunStopped(f"{what} stopped on request before its last step (exit code {code}); its checkpoint is "
+                         f"on disk and running the same command again resumes it; its output is in {log_path}")
     if code != 0:
         raise CompareError(f"{what} failed with exit code {code}; its output is in {log_path}")
 
 
 def config_drift(cfg, run_dir: Path) -> list[str]:
     """How the config a finished run in ``run_dir`` was trained with differs from ``cfg``
-    (the RunConfig its plan gives now), one ``key: trained with X, now Y`` each.
+    (the RunConfig its plan gives now), one ``key: old → new`` line each.
 
     Runs are reused by their folder, so an edit of the train config or of a point's
     overrides after a run finished would otherwise mix two settings under one name; a run
@@ -219,11 +231,14 @@ class RunSet:
         if summary.is_file():
             drift = config_drift(run["config"], run_dir)
             if drift:
-                raise StaleRun(f"{run_dir} was trained with another config ({'; '.join(drift)}): not reused; "
-                               "move the folder away to retrain it, or restore the settings it was trained with")
+                raise StaleRun(f"{run_dir} was trained with another config, not reused:\n  " + "\n  ".join(drift)
+                               + "\nMove the folder away to retrain it, or restore the settings it was trained with.")
         else:
             cmd = launch_command("train.py", self.cfg.nproc) + ["--config", self.cfg.train_config, *run["overrides"]]
-            run_logged(cmd, run_dir / "train.log", what, self.tag, echo)
+            try:
+                run_logged(cmd, run_dir / "launch.log", what, self.tag, echo)
+            except RunStopped:
+                return None
         if not summary.is_file():
             return None
         return json.loads(summary.read_text(encoding="utf-8"))
@@ -262,8 +277,8 @@ class Plan(RunSet):
         what = what or f"train {run['setting']}/{run['method']}/seed{run['seed']}"
         summary = super().train(run, what, echo)
         if summary is None:
-            raise CompareError(f"{what} stopped before its last step (a stop was requested); its checkpoint is in "
-                               f"{run['run_dir'] / 'checkpoints'} and running the comparison again resumes it")
+            raise RunStopped(f"{what} stopped before its last step (a stop was requested); its checkpoint is in "
+                             f"{run['run_dir'] / 'checkpoints'} and running the comparison again resumes it")
         return summary
 
 
@@ -362,7 +377,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. nproc=1 'seeds=[1,2]'")
     args = parser.parse_args(argv)
     from sap_ds.config import read_config_file
-    from sap_ds.errors import USER_ERRORS, report_user_error
+    from sap_ds.errors import EXIT_STOPPED_RESUMABLE, USER_ERRORS, report_user_error
     from sap_ds.config import validate_tree
 
     try:
@@ -370,6 +385,9 @@ def main(argv=None) -> int:
         report = compare(cfg, args.config)
     except USER_ERRORS as exc:
         return report_user_error(exc)
+    except RunStopped as exc:
+        print(f"sap-ds compare: stopped: {exc}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED_RESUMABLE
     except CompareError as exc:
         print(f"sap-ds compare: error: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -72,9 +72,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: Path) -> None:
+def comparison_figure(report: dict):
     """Harmful score, over-refusal and the first accuracy metric side by side per model
-    (all in %): a defence that buys its harmful score with refusals shows a tall middle bar."""
+    (all in %): a defence that buys its harmful score with refusals shows a tall middle bar.
+    The legend sits to the right of the axes, outside them, where no bar (however tall)
+    or error bar can be under it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +87,7 @@ def plot(report: dict, path: Path) -> None:
     names = [n for n in (HARMFUL_SCORE, OVER_REFUSAL) if n in present] + [n for n in present if n.endswith("acc (%)")][:1]
     names = names or [HARMFUL_SCORE]
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(rows) + 2), 3.8))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(rows) + 2) + 1.8, 3.8))
     for i, name in enumerate(names):
         stats = [r["columns"].get(name, {"mean": None, "std": None}) for r in rows]
         ax.bar([x + i * width for x in range(len(rows))], [s["mean"] or 0.0 for s in stats], width,
@@ -93,12 +95,16 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(rows))], [r["model"] for r in rows], rotation=15)
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
     ax.set_title("harmful score (lower is safer), over-refusal (lower is more helpful), task accuracy", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout()  # makes room for the legend beside the axes
+    return fig
+
+
+def plot(report: dict, path: Path) -> None:
     from sap_ds.checkpoint import atomic_save_figure
 
-    atomic_save_figure(fig, path, dpi=120)
+    atomic_save_figure(comparison_figure(report), path, dpi=120)
 
 
 def write_outputs(report: dict, out: Path) -> None:

@@ -8,7 +8,7 @@ clipping); the DeepSpeed JSON owns the engine's internals (ZeRO stage, offload, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -87,8 +87,9 @@ class DataConfig(Section):
     loss_on: Literal["all_assistant", "last_assistant"] = Field(
         "all_assistant", description="Which assistant turns of a conversation are learned.")
     overlength: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="Longer than max_length: cut the end (dropped only if no learned token is left), "
-                                "drop the example, or stop with an error. Counts are logged and in summary.json.")
+        "truncate", description="Longer than max_length: cut at turn boundaries (later turns dropped whole, only the "
+                                "last kept answer cut; dropped only if no learned token is left), drop the example, or "
+                                "stop with an error. Counts are logged and in summary.json.")
     packing: bool = Field(False, description="Pack training examples into sequences of max_length (docs/data.md).")
     num_proc: Optional[int] = Field(None, gt=0, description="Processes for tokenizing (null: all cores for large sets).")
     cache_dir: Optional[str] = Field(None, description="Tokenized-data cache (default: <SAP_DS_CACHE>/data).")
@@ -161,7 +162,71 @@ class ExportConfig(Section):
 MethodName = Literal["sft", "sap", "lisa", "safety_mix"]
 
 
+def _synonyms(table: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """``{target: names}`` -> ``{name: target}``."""
+    return {name: target for target, names in table.items() for name in names}
+
+
+# The names other fine-tuning toolkits (Hugging Face Trainer, TRL, axolotl, DeepSpeed's JSON,
+# Lightning, the SAP authors' code) give to keys that sap-ds names differently: an unknown key
+# of this list, at any level of a file or on the command line, gets "did you mean" the sap-ds
+# key (sap_ds.config_files.key_hints). After ": " a note where the value is not given the same
+# way. tests/test_config.py checks that every target is a key of RunConfig.
+KEY_SYNONYMS = _synonyms({
+    "train.lr": ("learning_rate", "lr_rate", "max_lr"),
+    "train.lr_schedule: cosine, constant or linear": ("lr_scheduler_type", "lr_scheduler", "scheduler", "lr_scheduler_name",
+                                                      "schedule"),
+    "train.grad_accum": ("gradient_accumulation_steps", "gradient_accumulation", "grad_accumulation_steps",
+                         "accumulate_grad_batches"),
+    "train.micro_batch_size: examples per rank per micro-batch; the global batch is train.micro_batch_size x "
+    "train.grad_accum x ranks": ("per_device_train_batch_size", "train_micro_batch_size_per_gpu", "batch_size",
+                                 "train_batch_size", "micro_batch", "per_gpu_train_batch_size"),
+    "train.epochs": ("num_train_epochs", "num_epochs", "n_epochs", "max_epochs"),
+    "train.max_steps": ("max_train_steps", "total_steps", "num_steps", "training_steps", "num_training_steps"),
+    "train.grad_clip: 0 disables clipping": ("max_grad_norm", "gradient_clipping", "clip_grad_norm", "grad_norm_clip",
+                                             "clip_grad", "max_norm"),
+    "train.warmup_steps: a number of optimizer steps, not a fraction: warmup_ratio x train.max_steps": (
+        "warmup_ratio", "warmup_fraction", "warmup_proportion"),
+    "train.warmup_steps": ("num_warmup_steps", "lr_warmup_steps", "warmup"),
+    "train.weight_decay": ("adam_weight_decay", "wd", "decay"),
+    "train.adam_betas: a pair [beta1, beta2]": ("adam_beta1", "adam_beta2", "betas", "beta1", "beta2"),
+    "train.adam_eps": ("adam_epsilon", "eps", "epsilon"),
+    "train.log_every: steps": ("logging_steps", "log_steps", "log_interval", "logging_interval"),
+    "train.save_every: steps; 0 saves at the end and on preemption only": ("save_steps", "save_interval", "checkpoint_every",
+                                                                             "checkpoint_steps"),
+    "train.eval_every: steps; 0 evaluates at the end only": ("eval_steps", "evaluation_steps", "eval_interval",
+                                                            "val_check_interval"),
+    "train.resume: auto or never": ("resume_from_checkpoint", "auto_resume"),
+    "model.path: a local Hugging Face folder, or 'embedded'": ("model_name_or_path", "pretrained_model_name_or_path",
+                                                               "model_name", "model_path", "model_id"),
+    "model.dtype: bf16 or fp32": ("torch_dtype", "bf16", "fp16", "precision", "mixed_precision"),
+    "model.attn_implementation: sdpa, eager or flash_attention_2": ("flash_attention", "flash_attn", "use_flash_attention_2",
+                                                                    "attn_impl", "attention"),
+    "model.gradient_checkpointing": ("activation_checkpointing", "use_gradient_checkpointing"),
+    "data.max_length: tokens per example": ("max_seq_length", "max_seq_len", "seq_len", "seq_length", "sequence_len",
+                                            "sequence_length", "cutoff_len", "max_len", "block_size", "model_max_length"),
+    "data.packing": ("sample_packing", "pack", "pack_sequences", "group_by_length"),
+    "data.train: a list of sources, each {path: ..., format: ...}": ("dataset", "datasets", "train_file", "train_files",
+                                                                     "train_data", "dataset_path", "data_path"),
+    "data.eval: a list of sources, each {path: ..., format: ...}": ("eval_file", "validation_file", "eval_dataset",
+                                                                    "eval_data", "test_file"),
+    "data.eval_fraction": ("val_set_size", "validation_split", "eval_split_size", "test_size"),
+    "lora.enabled": ("use_lora", "use_peft", "peft", "adapter"),
+    "lora.r": ("lora_r", "lora_rank"),
+    "lora.alpha": ("lora_alpha",),
+    "lora.dropout": ("lora_dropout",),
+    "lora.target_modules": ("lora_target_modules", "lora_targets"),
+    "deepspeed_config: a DeepSpeed JSON file or a shipped one's name": ("deepspeed", "ds_config", "deepspeed_config_file"),
+    "output_dir": ("output_path", "out_dir", "save_dir", "outdir"),
+    "seed": ("random_seed", "data_seed"),
+    "logging.wandb.project": ("wandb_project",),
+    "logging.wandb: a section {project: ...}; TensorBoard: logging.tensorboard": ("report_to",),
+    "sap.rho: relative to ||W||, as the authors' grad_rate": ("grad_rate",),
+})
+
+
 class RunConfig(Section):
+    KEY_SYNONYMS: ClassVar[dict[str, str]] = KEY_SYNONYMS
     run_name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 42
@@ -257,25 +322,77 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
-    """How ``cfg`` differs from ``saved`` (a run's config.json), one ``key: trained with X,
-    now Y`` each, in the dotted keys a user would override.
+    """How ``cfg`` differs from ``saved`` (a run's config.json), one ``key: old → new`` line
+    each, in the dotted keys a user would override: a list of sections goes entry by entry
+    (``data.train.0.path: 'data/a.jsonl' → 'data/b.jsonl'``, not the whole list twice), and a
+    long value is shortened in the middle (``change_line``).
 
     The output folder is not compared (a moved run is the same run), nor the timeouts of the
     ``distributed`` section, nor the keys this run cannot read (``SapConfig.unused_keys``: the
     ``sap`` section of an SFT run; the ``lisa`` and ``safety_mix`` sections of other methods),
     so that only a change that alters what is trained is reported."""
-    old, new = flatten(saved), flatten(config_to_dict(cfg))
     # sap.resolution_check only decides whether a run may start: it never changes what is trained.
     ignore = NOT_TRAINING_KEYS | {"sap.resolution_check"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
     ignore |= {f"distributed.{key}" for key in DistributedConfig.model_fields}
     if cfg.method != "lisa":  # also: a run from before the lisa section existed has none
         ignore |= {f"lisa.{key}" for key in LisaConfig.model_fields}
     ignore |= {f"safety_mix.{key}" for key in cfg.safety_mix.unused_keys(cfg.method)}  # likewise
-    for key, before in ADDED_LATER.items():  # a run recorded before the key existed was trained with this
-        old.setdefault(key, before)
-    return [f"{key}: trained with {old.get(key)!r}, now {new.get(key)!r}"
-            for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and key not in ignore and not key.startswith("logging.")]
+    found: list[tuple[str, Any, Any]] = []
+    _differences(saved, config_to_dict(cfg), "", found)
+    lines = []
+    for key, old, new in found:
+        if old is NOT_SET:  # a run recorded before the key existed was trained with this
+            old = ADDED_LATER.get(key, NOT_SET)
+        if old != new and key not in ignore and not key.startswith("logging."):
+            lines.append(change_line(key, old, new))
+    return lines
+
+
+class _NotSet:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+NOT_SET = _NotSet()  # a key one of the two configs does not have
+CHANGE_VALUE_CHARS = 100  # a value longer than this is shown as its start ... its end
+
+
+def _differences(old: Any, new: Any, key: str, found: list) -> None:
+    """Append ``(key, old, new)`` for every leaf where the two config trees differ; sections
+    are compared key by key and lists of sections (``data.train``) entry by entry."""
+    if isinstance(old, dict) or isinstance(new, dict):
+        if (isinstance(old, dict) or old is NOT_SET) and (isinstance(new, dict) or new is NOT_SET):
+            old, new = {} if old is NOT_SET else old, {} if new is NOT_SET else new
+            for name in sorted(set(old) | set(new)):
+                _differences(old.get(name, NOT_SET), new.get(name, NOT_SET), f"{key}.{name}" if key else name, found)
+            return
+    elif _is_section_list(old) and _is_section_list(new):
+        for i in range(max(len(old), len(new))):
+            if i < len(old) and i < len(new):
+                _differences(old[i], new[i], f"{key}.{i}", found)
+            else:  # an entry added or removed: one line, with the keys it sets
+                entry = {k: v for k, v in (old if i < len(old) else new)[i].items() if v is not None}
+                found.append((f"{key}.{i}", entry if i < len(old) else NOT_SET, entry if i < len(new) else NOT_SET))
+        return
+    if old != new:
+        found.append((key, old, new))
+
+
+def _is_section_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+def change_line(key: str, old: Any, new: Any) -> str:
+    """``key: old → new``, each value as Python writes it and at most ``CHANGE_VALUE_CHARS``
+    long: a longer one keeps its start and its end (where a path's file name is)."""
+    def show(value: Any) -> str:
+        text = repr(value)
+        if len(text) <= CHANGE_VALUE_CHARS:
+            return text
+        half = (CHANGE_VALUE_CHARS - 1) // 2
+        return f"{text[:half]}…{text[-half:]}"
+
+    return f"{key}: {show(old)} → {show(new)}"
 
 
 # Keys added after runs were recorded without them, and the value that is what those runs did.

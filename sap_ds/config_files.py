@@ -65,6 +65,38 @@ def _section_model(root: type[BaseModel], loc: tuple) -> Optional[type[BaseModel
     return model
 
 
+def _dotted_keys(model: type[BaseModel], prefix: str = "") -> dict[str, list[str]]:
+    """Every key of ``model``, sections included, by its own name: ``{"lr": ["train.lr"], "rho": ["sap.rho",
+    "lisa.rho"], ...}``. Sections inside lists (data sources) are left out: their keys have no single dotted name."""
+    found: dict[str, list[str]] = {}
+    for name, field in model.model_fields.items():
+        found.setdefault(name, []).append(prefix + name)
+        sub = _submodel(field.annotation)
+        if sub is not None and getattr(field.annotation, "__origin__", None) is not list:
+            for leaf, keys in _dotted_keys(sub, f"{prefix}{name}.").items():
+                found.setdefault(leaf, []).extend(keys)
+    return found
+
+
+def key_hints(root: type[BaseModel], loc: tuple) -> list[str]:
+    """What an unknown key at ``loc`` was probably meant to be, best first (at most 3): the
+    name sap-ds uses for a key another toolkit names differently (``root.KEY_SYNONYMS``:
+    ``learning_rate`` -> ``train.lr``, with a note where the value means something else), a
+    close spelling in the same section (``train.lrr`` -> ``train.lr``), and the same name in
+    another section (``train.output_dir`` -> ``output_dir``)."""
+    name = str(loc[-1])
+    synonyms: dict[str, str] = getattr(root, "KEY_SYNONYMS", {})
+    hints = [synonyms[name]] if name in synonyms else []
+    owner = _section_model(root, loc)
+    valid = sorted(owner.model_fields) if owner else []
+    hints += [_format_location(loc[:-1] + (close,)) for close in difflib.get_close_matches(name, valid, n=1)]
+    hints += _dotted_keys(root).get(name, [])
+    by_key: dict[str, str] = {}
+    for hint in hints:  # the first of each key wins (a synonym's note over a bare name)
+        by_key.setdefault(hint.partition(": ")[0], hint)
+    return list(by_key.values())[:3]
+
+
 def explain(root: type[BaseModel], error: dict) -> str:
     """One line per pydantic error, naming the dotted key and what would be valid."""
     loc = error["loc"]
@@ -72,10 +104,10 @@ def explain(root: type[BaseModel], error: dict) -> str:
     if error["type"] == "extra_forbidden":
         owner = _section_model(root, loc)
         valid = sorted(owner.model_fields) if owner else []
-        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hints = key_hints(root, loc)
         msg = f"unknown key '{key}'"
-        if hint:
-            msg += f" (did you mean '{_format_location(loc[:-1] + (hint[0],))}'?)"
+        if hints:
+            msg += " (did you mean " + " or ".join(_quote_hint(hint) for hint in hints) + "?)"
         if valid:
             msg += f"; valid keys here: {', '.join(valid)}"
         return msg
@@ -84,6 +116,12 @@ def explain(root: type[BaseModel], error: dict) -> str:
         return text
     got = error.get("input")
     return f"key '{key}': {text}" + ("" if isinstance(got, dict) else f" (got {got!r})")
+
+
+def _quote_hint(hint: str) -> str:
+    """``"train.warmup_steps: a number of steps"`` -> ``'train.warmup_steps' (a number of steps)``."""
+    key, _, note = hint.partition(": ")
+    return f"'{key}'" + (f" ({note})" if note else "")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:

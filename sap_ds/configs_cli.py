@@ -1,4 +1,4 @@
-"""``sap-ds configs [path NAME | copy NAME [DEST]]``: the configs shipped with sap-ds.
+"""``sap-ds configs [path NAME | copy NAME [DEST] | slurm [DEST]]``: the configs shipped with sap-ds.
 
 ``sap-ds configs`` lists them (name, kind, first line of the file's comment); any command
 takes a name where it takes a config (``sap-ds train --config demo``). ``path`` prints
@@ -6,7 +6,9 @@ where the file is; ``copy`` writes a self-contained copy to edit: the file with 
 ``base:`` chain merged in and its relative paths made absolute (they are relative to the
 shipped file's folder, so a verbatim copy elsewhere would not find its data), under a
 header saying where it came from. A user's config can also start from a shipped one with
-``base: demo`` and list only what it changes.
+``base: demo`` and list only what it changes. ``slurm`` writes the sbatch templates and their
+``common.sh`` into ``DEST/slurm/``, so that ``sbatch slurm/sap_single_node.sbatch`` works
+from DEST after a pip install as it does from a checkout's root (slurm/README.md).
 """
 from __future__ import annotations
 
@@ -91,6 +93,24 @@ def copy_config(name: str, dest: Path, force: bool = False) -> Path:
     return dest
 
 
+def copy_slurm_templates(dest: Path, force: bool = False) -> Path:
+    """The shipped slurm/ folder (templates, common.sh, README.md) as ``dest/slurm``."""
+    import shutil
+
+    from sap_ds.config import ConfigError
+    from sap_ds.resources import slurm_dir
+
+    source, target = slurm_dir(), dest / "slurm"
+    files = sorted(p for p in source.iterdir() if p.suffix in (".sbatch", ".sh", ".md"))
+    clashes = [str(target / p.name) for p in files if (target / p.name).exists()]
+    if clashes and not force:
+        raise ConfigError(f"{', '.join(clashes)} exist; give another destination or --force")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copy2(path, target / path.name)
+    return target
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sap-ds configs", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action")
@@ -100,6 +120,9 @@ def main(argv=None) -> int:
     copy.add_argument("name")
     copy.add_argument("dest", nargs="?", default=".", help="file or folder (default: the working directory)")
     copy.add_argument("--force", action="store_true", help="overwrite an existing file")
+    slurm = sub.add_parser("slurm", help="write the SLURM templates and common.sh to DEST/slurm/")
+    slurm.add_argument("dest", nargs="?", default=".", help="folder to submit jobs from (default: the working directory)")
+    slurm.add_argument("--force", action="store_true", help="overwrite existing files")
     args = parser.parse_args(argv)
     from sap_ds.errors import USER_ERRORS, report_user_error
 
@@ -115,6 +138,10 @@ def main(argv=None) -> int:
             from sap_ds.config import find_config_file
 
             print(find_config_file(args.name).resolve())
+        elif args.action == "slurm":
+            target = copy_slurm_templates(Path(args.dest), args.force)
+            print(f"sap-ds configs: wrote the SLURM templates to {target}; submit from {target.parent}, e.g. "
+                  f"sbatch slurm/sap_single_node.sbatch (see {target / 'README.md'})")
         else:
             print(f"sap-ds configs: wrote {copy_config(args.name, Path(args.dest), args.force)}")
     except USER_ERRORS as exc:

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-import kernels
+import sap_ds_kernels
 from sap_ds import sap
 from sap_ds.losses import forward_logits, task_loss
 
@@ -69,7 +69,7 @@ def inspect_sap_step(trainer, step: int = 0) -> dict:
     for i, g in enumerate(shards.groups):  # what the PyTorch twin writes for the same inputs
         out = torch.empty_like(g.lp)
         source = st.backup[i] if g.master_aliases_lp else g.master
-        kernels.perturb_from_master(source, st.direction[i], st.scale, out, backend="torch")
+        sap_ds_kernels.perturb_from_master(source, st.direction[i], st.scale, out, backend="torch")
         twin.append(out)
     perturb_equals_twin = all(torch.equal(bits(t), bits(g.lp)) for t, g in zip(twin, shards.groups))
     loss_perturbed = loss_now()

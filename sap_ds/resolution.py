@@ -5,7 +5,7 @@ element changes only where ``d`` reaches half an ulp of ``W`` (about ``2**-9 |W|
 the authors' ``rho = 2e-5`` and weights ~ N(0, 0.02) about 1.6 % of the elements change,
 the realised perturbation ``r = cast(W + d) - cast(W)`` has 13x the intended norm and a
 cosine of 0.08 with it, and the probe then measures rounding noise. This module turns
-the sums the perturb kernel takes alongside its store (``kernels.perturb_from_master(...,
+the sums the perturb kernel takes alongside its store (``sap_ds_kernels.perturb_from_master(...,
 stats=)``) into three figures, logged on every probe step:
 
 - ``perturb_realized_ratio`` = ||r|| / ||d||,
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import sap_ds_kernels
 from sap_ds.collectives import all_reduce_sum
 from sap_ds.config import ConfigError
 
@@ -91,7 +91,7 @@ def perturbation_fidelity(weights, direction, rho: float, dtype: torch.dtype = t
     w2 = sum(w.double().square().sum() for w in ws)
     g2 = sum(g.double().square().sum() for g in gs)
     scale = (rho * w2.sqrt() / g2.sqrt()).float() if g2 > 0 else torch.zeros((), device=ws[0].device)
-    sums = sum(kernels.perturbation_stats(w, g, scale.to(w.device), dtype, backend=backend).to(ws[0].device)
+    sums = sum(sap_ds_kernels.perturbation_stats(w, g, scale.to(w.device), dtype, backend=backend).to(ws[0].device)
                for w, g in zip(ws, gs))
     return fidelity_from_sums(sums, sum(w.numel() for w in ws))
 
@@ -102,10 +102,11 @@ def shard_fidelity(shards, state, multiplier: float = 1.0, backend: str = "auto"
     sums = None
     for i, g in enumerate(shards.groups):
         source = g.master  # before the perturbation the master (or fp32 working shard) is W
-        part = kernels.perturbation_stats(source, state.direction[i], state.scale * multiplier, g.lp.dtype, backend=backend)
+        part = sap_ds_kernels.perturbation_stats(source, state.direction[i], state.scale * multiplier, g.lp.dtype,
+                                                 backend=backend)
         sums = part if sums is None else sums + part.to(sums.device)
     if sums is None:
-        sums = torch.zeros(kernels.N_STATS, dtype=torch.float64)
+        sums = torch.zeros(sap_ds_kernels.N_STATS, dtype=torch.float64)
     return fidelity_from_sums(all_reduce_sum(sums), shards.trainable_numel)
 
 

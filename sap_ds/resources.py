@@ -1,8 +1,9 @@
-"""The files sap-ds ships besides its code: run and eval configs, DeepSpeed configs, data.
+"""The files sap-ds ships besides its code: run and eval configs, DeepSpeed configs, data,
+and the SLURM templates.
 
-In a checkout they are the repository's ``configs/``, ``ds_configs/`` and ``data/``; in an
-installed package (``pip install .``) setup.py has copied the same three folders into
-``sap_ds/shipped/``, with the same layout, so a shipped config's relative paths
+In a checkout they are the repository's ``configs/``, ``ds_configs/``, ``data/`` and
+``slurm/``; in an installed package (``pip install .``) setup.py has copied the same folders
+into ``sap_ds/shipped/``, with the same layout, so a shipped config's relative paths
 (``../data/gsm8k/train.jsonl``) hold in both. The data ships with the package (14 MB,
 data/MANIFEST.md lists each file's source and license): ``sap-ds train --config demo``
 works on an installed package from any folder, with no checkout and no download.
@@ -20,7 +21,7 @@ from typing import Optional
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 INSTALLED_ROOT = PACKAGE_DIR / "shipped"
-SHIPPED_FOLDERS = ("configs", "ds_configs", "data")
+SHIPPED_FOLDERS = ("configs", "ds_configs", "data", "slurm")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -37,6 +38,12 @@ def configs_dir() -> Path:
 
 def ds_configs_dir() -> Path:
     return root() / "ds_configs"
+
+
+def slurm_dir() -> Path:
+    """The sbatch templates and their common.sh; a template copied out on its own finds
+    common.sh here (``python -c 'from sap_ds.resources import slurm_dir; ...'``)."""
+    return root() / "slurm"
 
 
 # Folders under configs/ that hold model definitions (a Hugging Face config.json and

@@ -10,7 +10,11 @@ The rules (docs/design.md, "Re-runs and resumes"):
 * a finished run started under another config is an error naming the changed keys: its
   results would otherwise be mixed with a second setting's under one folder;
 * ``train.resume: never`` starts over: the earlier run's checkpoints, metrics, summary and
-  export are deleted first.
+  export are deleted first;
+* a stop file (``$SAP_DS_STOP_FILE``, default ``<output_dir>/STOP``) is a request to the
+  run that is training when it is made: the trainer deletes it once it has honoured it, and
+  one made before a run started is left over from an earlier run (killed before it could
+  honour it), so it is removed with a warning, as the SLURM templates do at job start.
 
 Everything here reads files only (no process group), so ``sap_ds/train.py`` applies the
 first two rules before any rank starts.
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +37,55 @@ log = logging.getLogger("sap_ds")
 SUMMARY = "summary.json"
 CONFIG = "config.json"
 # What a finished run leaves that a new start under train.resume=never replaces.
-RUN_OUTPUTS = ("checkpoints", "export", "tensorboard", "metrics.jsonl", SUMMARY, "REQUEUE", "wandb_run_id")
+# train.log is not among them: it is the folder's history, appended with a header per start.
+RUN_OUTPUTS = ("checkpoints", "export", "tensorboard", "metrics.jsonl", "curves.png", SUMMARY, "REQUEUE", "wandb_run_id")
+
+
+def stop_file(out: Path) -> Path:
+    """The file whose existence asks the training run in ``out`` to checkpoint and stop
+    (checked by every rank after every step): ``$SAP_DS_STOP_FILE``, else ``out/STOP``."""
+    return Path(os.environ.get("SAP_DS_STOP_FILE") or out / "STOP")
+
+
+def consume_stop_file(out: Path) -> Optional[Path]:
+    """Delete the stop file once the run has stopped for it (rank 0, after every rank has
+    agreed to stop): left behind, it would stop the next start after one step. Returns the
+    path when there was one (the stop may have come from a signal instead)."""
+    path = stop_file(out)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    return path
+
+
+def clear_stale_stop_file(out: Path, started: float) -> Optional[Path]:
+    """A stop file made before this run started (``started``, a ``time.time()``) asked an
+    earlier run to stop, one killed before it honoured it or one from a version that left
+    it behind: remove it with a warning, so that this run trains on. Called by rank 0 before
+    the process group exists, hence before any rank first looks for the file. A stop file
+    made after the start (a SLURM warning signal while the ranks start up) is left to be
+    honoured."""
+    path = stop_file(out)
+    try:
+        made = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if made >= started:
+        return None
+    path.unlink(missing_ok=True)
+    log.warning("%s was there when this run started (made %s before it): a stop request for an earlier run, which "
+                "did not honour it; removed, training goes on. To stop this run, create the file while it trains.",
+                path, _duration(started - made))
+    return path
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def saved_config(out: Path) -> Optional[dict]:
@@ -104,7 +158,7 @@ def record_config(out: Path, cfg: RunConfig, previous: Optional[dict], step: int
         kept = out / f"config.before_step{step}.json"
         atomic_write_text(kept, json.dumps(previous, indent=1))
         log.warning("resumed at step %d under a config that differs from the one steps 1-%d were trained with "
-                    "(that one is kept as %s): %s", step, step, kept, "; ".join(changes))
+                    "(that one is kept as %s):\n  %s", step, step, kept, "\n  ".join(changes))
     atomic_write_text(out / CONFIG, json.dumps(config_to_dict(cfg), indent=1))
 
 

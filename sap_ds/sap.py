@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import kernels
+import sap_ds_kernels
 from sap_ds import resolution
 from sap_ds.collectives import all_reduce_sum
 from sap_ds.config import SapConfig
@@ -164,7 +164,8 @@ def safety_direction(engine, shards: Zero3Shards, state: SapState, batch: dict, 
         engine.set_gradient_accumulation_boundary(None)
 
     if cfg.perturb_norm == "global":
-        sums = torch.stack([kernels.sumsq(d, g.master, backend=cfg.kernels) for d, g in zip(state.direction, shards.groups)]).sum(0)
+        sums = torch.stack([sap_ds_kernels.sumsq(d, g.master, backend=cfg.kernels)
+                            for d, g in zip(state.direction, shards.groups)]).sum(0)
         g2, w2 = all_reduce_sum(sums.to(torch.float64)).unbind()
         scale, ok = direction_scale(g2, w2, cfg.rho)
     else:
@@ -234,8 +235,8 @@ def perturb(shards: Zero3Shards, state: SapState, backend: str) -> None:
         if g.master_aliases_lp:  # fp32 run: the working shard *is* the master; keep W
             state.backup[i].copy_(g.master)
             source = state.backup[i]
-        part = torch.zeros(kernels.N_STATS, dtype=torch.float64, device=source.device)
-        kernels.perturb_from_master(source, state.direction[i], state.scale, g.lp, backend=backend, stats=part)
+        part = torch.zeros(sap_ds_kernels.N_STATS, dtype=torch.float64, device=source.device)
+        sap_ds_kernels.perturb_from_master(source, state.direction[i], state.scale, g.lp, backend=backend, stats=part)
         sums = part if sums is None else sums + part.to(sums.device)
     shards.refresh_gathered()
     if sums is not None:
@@ -248,7 +249,7 @@ def restore(shards: Zero3Shards, state: SapState, backend: str) -> None:
     step DeepSpeed sets the working shard to exactly that cast."""
     for i, g in enumerate(shards.groups):
         source = state.backup[i] if g.master_aliases_lp else g.master
-        kernels.restore_from_master(source, g.lp, backend=backend)
+        sap_ds_kernels.restore_from_master(source, g.lp, backend=backend)
     shards.refresh_gathered()
 
 

@@ -10,7 +10,8 @@ It is resumable: a run with a ``summary.json`` is not trained again (an interrup
 resumes from its checkpoint) and an ``eval.json`` of the same model and eval config is
 reused; a finished run whose saved config differs from what its point gives now is
 reported as stale, not reused. A run that fails is recorded as failed and the sweep goes
-on. Outputs, rewritten atomically after every run: ``results.jsonl`` (one record per run),
+on; one stopped on request (its training exited 75, a preemption) is recorded as stopped and
+resumes on the next call (the sweep exits 1 after a failure, else 75 after a stop, else 0). Outputs, rewritten atomically after every run: ``results.jsonl`` (one record per run),
 ``sweep.md`` (mean and spread per point, the Pareto front marked) and ``sweep.png``
 (harmful score against task loss). On a cluster, ``--list`` numbers the runs, ``--only I``
 runs one of them (a SLURM array task, slurm/sweep_array.sbatch) and ``--report`` writes
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
                        "eval_config and eval_dir); train nothing")
     args = parser.parse_args(argv)
     from sap_ds.config import read_config_file, validate_tree
-    from sap_ds.errors import USER_ERRORS, report_user_error
+    from sap_ds.errors import EXIT_STOPPED_RESUMABLE, USER_ERRORS, report_user_error
 
     try:
         cfg = validate_tree(SweepConfig, read_config_file(args.config, schema=SweepConfig), args.overrides, args.config)
@@ -303,8 +304,12 @@ def main(argv=None) -> int:
         out = Path(cfg.out_dir) if cfg.eval_dir == "eval" else Path(cfg.out_dir) / cfg.eval_dir
         print(f"{TAG}: wrote {out / 'results.jsonl'}, sweep.md, sweep.json, sweep.png", flush=True)
     for r in failed:
-        print(f"{TAG}: failed: {r['point']} seed {r['seed']}: {r['error']}", file=sys.stderr, flush=True)
-    return 1 if failed else 0
+        print(f"{TAG}: {r['status'] if r['status'] == 'stopped' else 'failed'}: {r['point']} seed {r['seed']}: "
+              f"{r['error']}", file=sys.stderr, flush=True)
+    if any(r["status"] != "stopped" for r in failed):
+        return 1
+    # Runs stopped on request (preemption) and nothing else wrong: resumable, as `sap-ds train` says it.
+    return EXIT_STOPPED_RESUMABLE if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Entry point: ``deepspeed sap_ds/train.py --config X [key=value ...]``.
 
-Also runs under ``torchrun`` and as a single ``python sap_ds/train.py`` process. Exit
-codes: 0 done (or stopped cleanly for requeue), 2 bad configuration or input, 3 stopped
-by the numerical guard (with a checkpoint), 1 other errors.
+Also runs under ``torchrun``, as ``python -m sap_ds.train`` and as a single ``python
+sap_ds/train.py`` process. Exit codes: 0 done (also: already done), 2 bad configuration or
+input, 3 stopped by the numerical guard (with a checkpoint), 75 stopped on request
+(SIGUSR1, SIGTERM or the stop file; checkpointed, the same command resumes), 1 other
+errors. The deepspeed launcher passes a rank's code on; torchrun exits 1 for any failed
+rank (its report shows the rank's 75).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,25 +30,33 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    started = time.time()  # a stop file older than this was meant for an earlier run
     args = parse_args(argv)
     from sap_ds.versions import refuse_old_packages
 
     if (code := refuse_old_packages("train")) is not None:  # before anything heavy is imported
         return code
-    from sap_ds.errors import EXIT_TRAINING_STOPPED, USER_ERRORS, TrainingStopped, report_user_error
+    from sap_ds.errors import (EXIT_STOPPED_RESUMABLE, EXIT_TRAINING_STOPPED, USER_ERRORS, TrainingStopped,
+                               report_user_error)
 
     logging.basicConfig(level=logging.INFO, format="[sap-ds] %(message)s")
     try:
         from sap_ds.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # validate before any process group exists
-        from sap_ds.resume import finished_run
+        from pathlib import Path
 
+        from sap_ds.resume import clear_stale_stop_file, finished_run
+
+        check_inputs(cfg)  # first: a mistyped path in a finished run's folder is a missing file, not a config change
         done = finished_run(cfg)  # a finished run: done, or an error if it was trained under another config
+        rank0 = int(os.environ.get("RANK", "0")) == 0
         if done is not None:
-            if int(os.environ.get("RANK", "0")) == 0:
+            if rank0:
                 print_done(cfg.output_dir, done)
             return 0
+        if rank0:
+            clear_stale_stop_file(Path(cfg.output_dir), started)
         fail_fast(cfg)
         from sap_ds.distributed import init_distributed, is_main
 
@@ -60,6 +72,13 @@ def main(argv=None) -> int:
         return EXIT_TRAINING_STOPPED
     if is_main():
         print_done(cfg.output_dir, summary) if summary.get("already_done") else print_summary(summary)
+    if summary.get("preempted"):
+        from sap_ds.distributed import barrier
+
+        # The deepspeed launcher ends every rank once one exits non-zero: all ranks leave together,
+        # after rank 0 has written the REQUEUE marker, removed the stop file and printed the above.
+        barrier()
+        return EXIT_STOPPED_RESUMABLE
     return 0
 
 
@@ -105,7 +124,7 @@ def check_inputs(cfg) -> None:
     try:
         resolve_model_path(cfg.model)
     except ModelError as exc:
-        problems.insert(0, f"{exc}; pass model.path=/your/model/folder on the command line")
+        problems.insert(0, f"{exc}; or pass model.path=/your/model/folder on the command line")
     if problems:
         raise ConfigError("the config names files that are not here:\n  " + "\n  ".join(problems))
 
@@ -129,7 +148,10 @@ def print_done(output_dir: str, summary: dict) -> None:
 
 def print_summary(summary: dict) -> None:
     if summary.get("preempted"):
-        print(f"\nsap-ds: stopped at step {summary['step']} for requeue; checkpoint {summary['checkpoint']}", flush=True)
+        from sap_ds.errors import EXIT_STOPPED_RESUMABLE
+
+        print(f"\nsap-ds: stopped at step {summary['step']} on request; checkpoint {summary['checkpoint']}. The same "
+              f"command resumes the run (exit code {EXIT_STOPPED_RESUMABLE}: stopped, resumable).", flush=True)
         return
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [

@@ -9,31 +9,36 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
+import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from sap_ds import checkpoint, resume, sap
+from sap_ds import checkpoint, resume, resume_optimizer, sap
 from sap_ds.collectives import all_reduce
-from sap_ds.config import RunConfig, config_to_dict
+from sap_ds.config import ConfigError, RunConfig, config_to_dict
 from sap_ds.data import RunData, build_run_data, collate, collate_pairs, global_batch_indices, packing_attention
 from sap_ds.distributed import barrier, device, is_main
 from sap_ds.errors import TrainingStopped
 from sap_ds.ds_config import load_ds_config, optimizer_choice
 from sap_ds.losses import forward_logits, task_loss
 from sap_ds.methods import build_method
-from sap_ds.metrics import MetricsLogger
+from sap_ds.metrics import MetricsLogger, TrainLog, record_in_train_log, step_line
 from sap_ds.throughput import Throughput
 from sap_ds.modeling import apply_lora, load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger("sap_ds")
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
 
 
 def lr_lambda(cfg: RunConfig, total_steps: int):
@@ -61,6 +66,8 @@ class Trainer:
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        self.train_log = TrainLog(self.out, enabled=is_main())  # first: the data and model messages below go there too
+        self.train_log.open()
         self.device = device()
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -112,6 +119,13 @@ class Trainer:
         self.metrics = MetricsLogger(self.out, enabled=is_main(), logging_cfg=cfg.logging,
                                      run_config=config_to_dict(cfg), run_name=cfg.run_name)
         self.throughput = Throughput(cfg, model_path, world_size)
+
+    def _start_header(self) -> str:
+        """train.log's line for this start: what ran, from where, from which code, how."""
+        from sap_ds.version import version_line
+
+        return (f"start at step {self.step} of {self.total_steps}: {version_line()}; method {self.cfg.method}; "
+                f"{self.world} rank(s); command: {shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
 
     # ------------------------------------------------------------------ batches
 
@@ -204,7 +218,10 @@ class Trainer:
                 "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps, **state["meta"]}
         return checkpoint.save(self.engine, self.ckpt_root, self.step, meta, state["tensors"], self.cfg.train.save_total_limit)
 
-    def maybe_resume(self) -> None:
+    def maybe_resume(self, previous: dict | None = None) -> None:
+        """Load the latest checkpoint, if any, and put the run config's optimizer settings over
+        the ones it restored (sap_ds/resume_optimizer.py). ``previous``: the earlier start's
+        config.json (rank 0), to name the changed settings in the log."""
         if self.cfg.train.resume == "never":
             return
         found = checkpoint.read_meta(self.ckpt_root)
@@ -216,7 +233,15 @@ class Trainer:
         if loaded is None:
             return
         meta, tensors, resharded = loaded
+        lr_restored = self.engine.get_lr()[0]
+        applied = resume_optimizer.apply_optimizer_settings(self.engine, self.cfg)
         self.step = meta["step"]
+        if self.step > self.total_steps:  # else the run would "finish" past its schedule and export those weights
+            raise ConfigError(
+                f"{checkpoint.latest_tag(self.ckpt_root)} in {self.ckpt_root} is at step {self.step}, past this config's "
+                f"{self.total_steps} steps (train.max_steps / train.epochs): a run cannot be shortened below what it "
+                f"has trained. Set train.max_steps >= {self.step}, or train.resume=never to start over"
+            )
         self.tokens_seen = meta.get("tokens_seen", 0)
         self.skipped_steps = meta.get("skipped_steps", 0)
         if resharded:
@@ -229,6 +254,11 @@ class Trainer:
         if is_main():
             how = f" (written on {meta.get('world_size')} ranks, re-sharded for {self.world})" if resharded else ""
             log.info("resumed from %s at step %d%s", checkpoint.latest_tag(self.ckpt_root), self.step, how)
+            changed = resume_optimizer.changed_settings(previous, self.cfg, applied)
+            if changed:
+                log.info("optimizer settings changed since the checkpoint, applied from step %d on (the Adam moments are "
+                         "kept): %s; next step's lr %g (the checkpoint's schedule gave %g)", self.step + 1,
+                         "; ".join(changed), self.engine.get_lr()[0], lr_restored)
 
     def preflight(self) -> None:
         """Checks before step 1 that need the engine, the method's (SAP: whether the working
@@ -286,7 +316,7 @@ class Trainer:
             signal.signal(sig, request_stop)
 
     def _stop_file(self) -> Path:
-        return Path(os.environ.get("SAP_DS_STOP_FILE", self.out / "STOP"))
+        return resume.stop_file(self.out)
 
     def close(self) -> None:
         """Tear the engine down so that another Trainer in this process starts clean (bench
@@ -298,6 +328,7 @@ class Trainer:
         if self.sap_state is not None:
             self.sap_state.probe.remove()
         self.metrics.close()
+        self.train_log.close()
         self.engine.destroy()
         release_deepspeed_globals()
 
@@ -321,13 +352,22 @@ class Trainer:
             resume.clear_previous_run(self.out)
         barrier()
         previous = resume.saved_config(self.out) if is_main() else None
-        self.maybe_resume()
+        self.maybe_resume(previous)
         self.preflight()  # before config.json, metrics or checkpoints are written: a refused run records nothing
         if is_main():
             resume.record_config(self.out, cfg, previous, self.step)
         self.metrics.open()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not is_main(), desc=f"{cfg.method}", dynamic_ncols=True)
+        self.train_log.start(self._start_header())  # the run is under way: train.log gets what was logged so far
+        if is_main() and (left := checkpoint.remove_interrupted_saves(self.ckpt_root)):  # before this start's first save
+            log.warning("removed %s/%s/%s: the unfinished write of a checkpoint save that was interrupted (the "
+                        "checkpoints beside it are complete)", self.ckpt_root, checkpoint.STAGING, ", ".join(left))
+        # A progress bar only on a terminal: written to a file or pipe (a SLURM job, `| tee`) it
+        # becomes one ever-growing line; there the console gets train.log's plain per-step lines.
+        plain_console = not sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not is_main() or plain_console,
+                   desc=f"{cfg.method}", dynamic_ncols=True)
         last_loss, eval_loss, preempted = float("nan"), None, False
+        final_eval, final_evaluated = None, False
         run_start, run_tokens, start_step = time.perf_counter(), 0, self.step
         while self.step < self.total_steps:
             step_start = time.perf_counter()
@@ -350,7 +390,10 @@ class Trainer:
             ran = self.sap_state.ran if self.sap_state is not None else {}
             record.update(self.throughput.step(task_lengths, self._safety_lengths(self.step - 1, ran), ran, elapsed,
                                                min(self.sap_state.probe.layers) if self.sap_state else 0))
-            evaluating = bool(cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
+            last_step = self.step == self.total_steps
+            # The final eval is the last step's: one record, at that step, with its loss and eval loss.
+            evaluating = (bool(cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
+                          or (last_step and bool(self.data.eval)))
             if self.step % cfg.train.log_every == 0 or evaluating:
                 # Device reads (phase times, SAP statistics) only on the steps that are logged.
                 grad_norm = self.engine.get_global_grad_norm()
@@ -360,17 +403,23 @@ class Trainer:
                 record.update(self.method.log_stats(self))
                 if evaluating:
                     eval_loss = record["eval_loss"] = self.evaluate()
+                    if last_step:
+                        final_eval, final_evaluated = eval_loss, True
                 self.metrics.log(record)
+                self.train_log.write(step_line(record, self.total_steps), echo=plain_console)
             else:
                 self.timer.discard()
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", **({"eval": f"{eval_loss:.4f}"} if eval_loss is not None else {}))
+            bar.set_postfix({"loss": f"{last_loss:.4f}", **({"eval": f"{eval_loss:.4f}"} if eval_loss is not None else {}),
+                             "tok/s": f"{record['tokens_per_s']:.0f}"})
             if self.bad_steps >= cfg.train.max_bad_steps:
                 self.save_checkpoint()
-                raise TrainingStopped(
+                stopped = TrainingStopped(
                     f"{self.bad_steps} non-finite steps in a row (train.max_bad_steps={cfg.train.max_bad_steps}); "
                     f"checkpoint saved at step {self.step} in {self.ckpt_root}. Lower train.lr or check the data."
                 )
+                record_in_train_log(f"sap-ds: stopped: {stopped}")  # the console gets it from sap_ds/train.py
+                raise stopped
             if cfg.train.check_ranks_every and self.step % cfg.train.check_ranks_every == 0:
                 self.check_rank_consistency()
             if cfg.train.save_every and self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
@@ -384,10 +433,16 @@ class Trainer:
             folder = self.save_checkpoint()
             if is_main():
                 checkpoint.atomic_write_text(self.out / "REQUEUE", f"{folder.name}\n")
-                log.warning("stop requested: checkpoint %s written; exiting for requeue", folder)
+                # Every rank has agreed to stop (should_stop's all-reduce): the request is honoured and
+                # removed, so that the next start trains on instead of stopping after one step.
+                consumed = resume.consume_stop_file(self.out)
+                log.warning("stop requested%s: checkpoint %s written; exiting for a resume (requeue marker %s)",
+                            f" ({consumed} removed)" if consumed else " (signal)", folder, self.out / "REQUEUE")
             self.metrics.close()
             return {"preempted": True, "step": self.step, "checkpoint": str(folder)}
-        final_eval = self.evaluate()
+        if not final_evaluated:  # this start ran no step: the last one, and its checkpoint, are an earlier start's
+            final_eval = self.evaluate()
+            self.metrics.log_final_eval(self.step, final_eval)
         self.save_checkpoint()
         export_dir = None
         if cfg.export.enabled:
@@ -417,8 +472,25 @@ class Trainer:
             if stale.exists():
                 stale.unlink()
         self.metrics.close()
+        if is_main():
+            written = ["summary.json", "metrics.jsonl", *(["curves.png"] if self._write_curves() else []),
+                       *([str(export_dir)] if export_dir else [])]
+            self.train_log.write(f"finished at step {self.step}: train loss {_fmt(last_loss)}, eval loss {_fmt(final_eval)}; "
+                                 f"wrote {', '.join(written)}")  # the console gets train.py's summary instead
+        self.train_log.close()
         barrier()
         return summary
+
+    def _write_curves(self) -> bool:
+        """curves.png (rank 0): a plot must never fail a run that trained, so a failure is a warning."""
+        from sap_ds.curves import write_curves
+
+        try:
+            write_curves(self.out, f"{self.cfg.run_name}: {self.cfg.method}, {self.step} steps")
+        except Exception as exc:  # noqa: BLE001 - matplotlib, fonts, a full disk: the run's results are written
+            log.warning("curves.png not written (%s: %s); metrics.jsonl has the same numbers", type(exc).__name__, exc)
+            return False
+        return True
 
     def _global_tokens(self, step: int) -> int:
         """Real (non-padding) tokens in this step's global task batch (examples or packs)."""

@@ -44,6 +44,7 @@ COMMAND_PACKAGES = {
     "train": ("torch", "deepspeed", "transformers", "peft", "datasets", "pydantic", "triton"),
     "bench": ("torch", "deepspeed", "transformers", "peft", "datasets", "pydantic", "triton"),
     "eval": ("torch", "transformers", "datasets", "pydantic"),
+    "data": ("torch", "transformers", "datasets", "pydantic"),
 }
 
 

@@ -62,7 +62,7 @@ else
     echo "nothing to install (wheel folder: $WHEELS)" >"$OUT/install.log"
 fi
 
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT:$ROOT/kernels${PYTHONPATH:+:$PYTHONPATH}"  # sap_ds and sap_ds_kernels from this checkout
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if [ "$CPU" = 1 ]; then
     # Triton reads TRITON_INTERPRET when it is imported: it must be set before anything runs.

@@ -1,11 +1,19 @@
 # shellcheck shell=bash
-# Shared launcher logic for the sap-ds sbatch templates. Sourced, never executed:
+# Shared launcher logic for the sap-ds sbatch templates. Sourced, never executed. Each
+# template first sets up the environment (SAP_DS_SETUP, SAP_DS_VENV, SAP_DS_CONDA_ENV), then
+# sources this file from a checkout's slurm/ ($SAP_DS_ROOT, default the submit folder) or,
+# failing that, from the installed sap-ds package (sap_ds/shipped/slurm/), and calls:
 #
-#     source "${SAP_DS_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
 #     sapds_setup
 #     sapds_run_trainer            # or: sapds_run_single <command...>
 #
 # What it does:
+#   * working folder: $SAP_DS_ROOT (default: the folder the job was submitted from); CONFIG,
+#     OUTPUT_DIR and LOG_ROOT may be relative to it. The trainer runs as `python -m
+#     sap_ds.train`, so a checkout (its root as the working folder) and a pip install work alike;
+#   * one job per OUTPUT_DIR: the default OUTPUT_DIR holds no job id (a resubmitted finished
+#     job is recognised and does nothing), so a job refuses a folder that another running job
+#     has claimed ($OUTPUT_DIR/.slurm_job);
 #   * rendezvous: MASTER_ADDR = first host of the allocation, MASTER_PORT derived from the
 #     job id (both overridable), one torchrun per node through srun;
 #   * network: NCCL settings for InfiniBand or AWS EFA (SAP_DS_NET), left alone otherwise;
@@ -24,14 +32,8 @@ sapds_setup() {
     : "${SLURM_JOB_ID:?these templates must run under sbatch (SLURM_JOB_ID is not set)}"
     SAP_DS_ROOT="${SAP_DS_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
     cd "$SAP_DS_ROOT" || { echo "cannot cd to SAP_DS_ROOT=$SAP_DS_ROOT" >&2; exit 1; }
-
-    # Python environment: a venv (SAP_DS_VENV) or a conda env (SAP_DS_CONDA_ENV), else PATH as is.
-    if [ -n "${SAP_DS_VENV:-}" ]; then
-        # shellcheck disable=SC1091
-        source "$SAP_DS_VENV/bin/activate"
-    elif [ -n "${SAP_DS_CONDA_ENV:-}" ]; then
-        eval "$(conda shell.bash hook)" && conda activate "$SAP_DS_CONDA_ENV"
-    fi
+    # The Python environment was set up by the template before it sourced this file
+    # (SAP_DS_SETUP, SAP_DS_VENV, SAP_DS_CONDA_ENV): it had to find sap_ds to find this file.
     PYTHON="${PYTHON:-python}"
 
     # Per-job log folder (same folder across requeues: the job id does not change).
@@ -42,6 +44,12 @@ sapds_setup() {
     echo "sap-ds: batch log -> $LOG_DIR/batch.log"
     exec >>"$LOG_DIR/batch.log" 2>&1
     sapds_log "job $SLURM_JOB_ID ($JOB_NAME) restart $RESTART on ${SLURM_JOB_NODELIST:-?} (${SLURM_NNODES:-1} node(s))"
+    local package
+    package="$("$PYTHON" -c 'import os, sap_ds; print(os.path.dirname(sap_ds.__file__))' 2>&1)" || {
+        sapds_log "$PYTHON cannot import sap_ds ($package): set up the environment with SAP_DS_SETUP, SAP_DS_VENV or SAP_DS_CONDA_ENV"
+        exit 1
+    }
+    sapds_log "working folder $PWD; sap_ds from $package ($(command -v "$PYTHON")); common.sh ${BASH_SOURCE[0]}"
 
     # Rendezvous. Fake or unresolvable node names (tests): set MASTER_ADDR=127.0.0.1.
     if [ -z "${MASTER_ADDR:-}" ]; then
@@ -54,8 +62,11 @@ sapds_setup() {
     # Trainer output + the preemption stop file (the trainer checks it every step).
     export OUTPUT_DIR
     mkdir -p "$OUTPUT_DIR"
+    sapds_claim_output_dir
     export SAP_DS_STOP_FILE="${SAP_DS_STOP_FILE:-$OUTPUT_DIR/STOP}"
-    rm -f "$SAP_DS_STOP_FILE"  # a stale stop file from an earlier preemption must not stop this run
+    # A stop file from before this job asked an earlier one to stop: it must not stop this run (the
+    # trainer removes one older than its start as well, for runs started by hand).
+    rm -f "$SAP_DS_STOP_FILE"
 
     if [ "${SAP_DS_CPU:-0}" = "1" ]; then
         # CPU test runs (the SLURM integration tests): DeepSpeed's CPU accelerator, gloo
@@ -80,6 +91,27 @@ sapds_setup() {
     sapds_log "TRITON_CACHE_DIR=$TRITON_CACHE_DIR NCCL_PROTO=${NCCL_PROTO:-unset, NCCL decides}"
     trap sapds_on_usr1 USR1
     trap sapds_on_term TERM
+}
+
+# One job at a time in an OUTPUT_DIR: two jobs training into one folder would overwrite each
+# other's checkpoints. The folder records the job that last ran in it; a job refuses it while
+# that other job is still running (a requeued job keeps its id, so it passes; so does a
+# resubmission once the earlier job has ended: the trainer then resumes or, for a finished
+# run, says it is done).
+sapds_claim_output_dir() {
+    local claim="$OUTPUT_DIR/.slurm_job" holder state
+    holder="$(cat "$claim" 2>/dev/null || true)"
+    if [ -n "$holder" ] && [ "$holder" != "$SLURM_JOB_ID" ]; then
+        state="$(squeue -h -j "$holder" -o %T 2>/dev/null | head -n1)"
+        case "$state" in
+            RUNNING|COMPLETING|CONFIGURING|SUSPENDED|STOPPED|SIGNALING|RESIZING)
+                sapds_log "OUTPUT_DIR=$OUTPUT_DIR is in use by job $holder ($state): not starting a second run in it." \
+                    "Wait for that job, cancel it, or give this one another OUTPUT_DIR."
+                exit 1
+                ;;
+        esac
+    fi
+    echo "$SLURM_JOB_ID" >"$claim"
 }
 
 # --------------------------------------------------------------------------- network
@@ -166,12 +198,15 @@ sapds_wait_bg() {
     done
 }
 
-# After the trainer exits: requeue when it checkpointed because it was asked to stop.
+# After the trainer exits: requeue when it checkpointed because it was asked to stop. The
+# trainer's REQUEUE marker decides, not the exit status: the trainer exits 75 ("stopped,
+# resumable"), but torchrun reports any non-zero rank as its own exit 1.
+SAPDS_EXIT_STOPPED=75
 sapds_finish() {
     local rc=$1
     if [ -f "$OUTPUT_DIR/REQUEUE" ]; then
         rm -f "$OUTPUT_DIR/REQUEUE" "$SAP_DS_STOP_FILE"
-        sapds_log "trainer checkpointed and asked for a requeue (exit $rc): scontrol requeue $SLURM_JOB_ID"
+        sapds_log "trainer checkpointed and asked for a requeue (launcher exit $rc): scontrol requeue $SLURM_JOB_ID"
         # The job goes back to PENDING with the same id; on restart this script runs again
         # (SLURM_RESTART_COUNT+1) and the trainer resumes from checkpoints/latest.
         scontrol requeue "$SLURM_JOB_ID"
@@ -183,6 +218,9 @@ sapds_finish() {
     fi
     if [ -f "$OUTPUT_DIR/summary.json" ] && [ "$rc" -eq 0 ]; then
         sapds_log "done: $OUTPUT_DIR/summary.json: $(cat "$OUTPUT_DIR/summary.json" | tr -d '\n' | cut -c1-400)"
+    elif [ "$rc" -eq "$SAPDS_EXIT_STOPPED" ]; then
+        sapds_log "stopped on request with a checkpoint (exit $rc) but no REQUEUE marker in $OUTPUT_DIR: not requeued;" \
+            "submit the job again to resume"
     else
         sapds_log "trainer exited with status $rc (logs: $LOG_DIR)"
     fi
@@ -193,18 +231,20 @@ sapds_finish() {
 # One srun task per node; each runs torchrun with GPUS_PER_NODE workers. The trainer reads
 # RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from torchrun.
 # Variables: CONFIG, OUTPUT_DIR, GPUS_PER_NODE, EXTRA_ARGS (key=value overrides, spaces
-# between them), TRAIN_SCRIPT (default sap_ds/train.py), TORCHRUN (default "$PYTHON -m
+# between them), TRAIN_SCRIPT (default: none, the module sap_ds.train of the environment's
+# sap_ds; a path such as sap_ds/train.py runs that file), TORCHRUN (default "$PYTHON -m
 # torch.distributed.run").
 sapds_run_trainer() {
     export CONFIG GPUS_PER_NODE EXTRA_ARGS NNODES
-    export TRAIN_SCRIPT="${TRAIN_SCRIPT:-sap_ds/train.py}"
+    export TRAIN_SCRIPT="${TRAIN_SCRIPT:-}"
     export TORCHRUN="${TORCHRUN:-$PYTHON -m torch.distributed.run}"
     # Single quotes: SLURM_NODEID is per task, so it is expanded on each node.
     # shellcheck disable=SC2016
-    local per_node='exec $TORCHRUN --nnodes "$NNODES" --node_rank "$SLURM_NODEID" \
+    local per_node='if [ -n "$TRAIN_SCRIPT" ]; then set -- "$TRAIN_SCRIPT"; else set -- -m sap_ds.train; fi
+        exec $TORCHRUN --nnodes "$NNODES" --node_rank "$SLURM_NODEID" \
         --nproc_per_node "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-        "$TRAIN_SCRIPT" --config "$CONFIG" output_dir="$OUTPUT_DIR" $EXTRA_ARGS'
-    sapds_log "launch: srun -N $NNODES --ntasks-per-node=1 torchrun --nproc_per_node $GPUS_PER_NODE $TRAIN_SCRIPT --config $CONFIG output_dir=$OUTPUT_DIR $EXTRA_ARGS"
+        "$@" --config "$CONFIG" output_dir="$OUTPUT_DIR" $EXTRA_ARGS'
+    sapds_log "launch: srun -N $NNODES --ntasks-per-node=1 torchrun --nproc_per_node $GPUS_PER_NODE ${TRAIN_SCRIPT:--m sap_ds.train} --config $CONFIG output_dir=$OUTPUT_DIR $EXTRA_ARGS"
     # --cpus-per-task: since Slurm 22.05 srun no longer inherits it from sbatch; without it
     # each node's torchrun and all its workers would be confined to one CPU.
     sapds_wait_bg srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \

@@ -285,3 +285,35 @@ def test_lora_target_modules_not_in_model(tiny_model_path):
     with pytest.raises(ModelError) as info:
         apply_lora(model, LoraConfig(enabled=True, target_modules=["q_proj", "c_attn"]))
     assert "['c_attn']" in str(info.value) and "q_proj" in str(info.value) and "down_proj" in str(info.value)
+
+
+def test_demo_before_align_says_to_run_align_first(tmp_path, monkeypatch):
+    """`sap-ds train --config demo` in a fresh folder: configs/demo.yaml's model.path is the
+    export of configs/align.yaml, which has not run here. The error names the command that makes
+    it (found from the shipped config whose output_dir it is under) and the override."""
+    import os
+    import subprocess
+    import sys
+
+    from sap_ds.config import load_config
+    from sap_ds.config_files import read_config_file
+
+    demo = load_config("demo")
+    assert demo.model.path == "runs/align/export/model" and read_config_file("align")["output_dir"] == "runs/align"
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "sap_ds.cli", "train", "--config", "demo"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "model.path: 'runs/align/export/model' does not exist yet" in proc.stderr
+    assert "the shipped config 'align' (output_dir runs/align)" in proc.stderr
+    assert "`sap-ds train --config align`" in proc.stderr and "pass model.path=/your/model/folder" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+    # align started here but did not finish: the same command resumes it (the same check, in-process)
+    from sap_ds.modeling import ModelError, resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "align" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ModelError, match=r"`sap-ds train --config align`.*runs/align holds an unfinished run of it: "
+                                         r"that command resumes it"):
+        resolve_model_path(demo.model)

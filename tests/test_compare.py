@@ -57,7 +57,7 @@ def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
     # a run trained under other settings is not reused as if it were this comparison's
     assert main(["--config", str(config), "overrides=[train.max_steps=2, train.eval_every=0, train.lr=0.5]"]) == 1
     err = capsys.readouterr().err
-    assert "sft/seed0 was trained with another config (train.lr: trained with" in err and "now 0.5)" in err
+    assert "sft/seed0 was trained with another config, not reused:\n  train.lr: " in err and " → 0.5\n" in err
 
 
 def test_runs_side_by_side(tmp_path):
@@ -72,7 +72,7 @@ def test_runs_side_by_side(tmp_path):
     assert sum("(output in " in line for line in launched) == 2 and sum("finished in" in line for line in launched) == 2
     for method in ("sft", "sap"):
         run_dir = out / "benign" / method / "seed0"
-        assert "summary" in (run_dir / "train.log").read_text()  # the training's output went to its log
+        assert "summary" in (run_dir / "launch.log").read_text()  # the training's output went to its log
         assert (run_dir / "eval" / "eval.log").is_file() and (run_dir / "eval" / "eval.json").is_file()
     assert (out / "eval" / "start" / "eval.json").is_file()
     assert "sap-ds summary" not in proc.stdout  # not on the console: two runs would interleave there
@@ -133,6 +133,38 @@ def test_report_over_seeds(tmp_path):
     assert markdown(report).endswith("| 100.00 ± 0.00 |\n\nTwo seeds: not a verdict.\n")
     write_outputs(report, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"comparison.json", "comparison.md", "comparison.png"}
+
+
+def _legend_and_bars(fig):
+    """The legend's and every bar's box in the drawn figure (display coordinates)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    return ax.get_legend().get_window_extent(renderer), [bar.get_window_extent(renderer) for bar in ax.patches]
+
+
+def test_the_comparison_plots_legend_covers_no_bar(tmp_path):
+    """The legend sits outside the axes: with every bar near the top, any place inside them
+    would cover one. Checked on the drawn figure, and the legend is wholly in the picture."""
+    import matplotlib.pyplot as plt
+
+    from sap_ds.comparison_report import aggregate, comparison_figure, plot
+
+    def run(setting, method, harmful, refusal, acc):
+        return {"setting": setting, "method": method, "seed": 1, "train": {"tokens_per_s": 100.0},
+                "metrics": {"harmful score": harmful, "over-refusal (%)": refusal, "gsm8k acc (%)": acc}}
+
+    report = {"rows": aggregate([run("start", "start", 92.0, 97.0, 95.0), run("poisoned", "sft", 99.0, 94.0, 96.0),
+                                 run("poisoned", "sft_lr6e-4", 96.0, 98.0, 93.0), run("poisoned", "sap", 95.0, 99.0, 97.0)])}
+    fig = comparison_figure(report)
+    legend, bars = _legend_and_bars(fig)
+    assert len(bars) == 12
+    covered = [i for i, bar in enumerate(bars) if legend.overlaps(bar)]
+    assert not covered, f"the legend covers bars {covered}"
+    assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1 and fig.bbox.y0 <= legend.y0 and legend.y1 <= fig.bbox.y1
+    plt.close(fig)
+    plot(report, tmp_path / "comparison.png")
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_compare_config(tmp_path, monkeypatch, capsys):

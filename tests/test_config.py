@@ -140,7 +140,7 @@ def test_malformed_override(bad):
 
 @pytest.mark.parametrize("override,key,hint,valid", [
     ("trian.lr=1", "trian", "train", ["data", "method", "sap", "train"]),
-    ("train.learning_rate=1", "train.learning_rate", None, ["lr", "micro_batch_size", "warmup_steps"]),
+    ("train.learning_rate=1", "train.learning_rate", "train.lr", ["lr", "micro_batch_size", "warmup_steps"]),
     ("train.lrr=1", "train.lrr", "train.lr", ["lr", "micro_batch_size"]),
     ("sap.probe_layer=[1]", "sap.probe_layer", "sap.probe_layers", ["probe_layers", "rho"]),
     ("data.train.0.limt=5", "data.train.0.limt", "data.train.0.limit", ["format", "limit", "offset", "path"]),
@@ -163,6 +163,70 @@ def test_unknown_key_in_file(tmp_path):
         load_config(path)
     msg = str(info.value)
     assert str(path) in msg and "unknown key 'data.max_lenght'" in msg and "did you mean 'data.max_length'" in msg
+
+
+# --------------------------------------------------------------------------- other toolkits' names
+
+
+def _train_cli(args: list[str], capsys) -> str:
+    """``sap-ds train ARGS`` as a user runs it: exit 2, and the message on stderr."""
+    from sap_ds.cli import main
+
+    assert main(["train", *args]) == 2
+    return capsys.readouterr().err
+
+
+def test_learning_rate_suggests_train_lr_on_the_command_line_and_in_a_file(tmp_path, capsys):
+    err = _train_cli(["--config", str(TINY), "train.learning_rate=1e-4"], capsys)
+    assert "unknown key 'train.learning_rate' (did you mean 'train.lr'?)" in err
+    config = tmp_path / "mine.yaml"
+    config.write_text(TINY.read_text().replace("  lr: 3.0e-3", "  learning_rate: 3.0e-3"))
+    err = _train_cli(["--config", str(config)], capsys)
+    assert str(config) in err and "unknown key 'train.learning_rate' (did you mean 'train.lr'?)" in err
+
+
+@pytest.mark.parametrize("override,key,hint", [
+    # other toolkits' names for sap-ds keys, in their section or at the top level
+    ("learning_rate=1e-4", "learning_rate", "'train.lr'"),
+    ("train.gradient_accumulation_steps=4", "train.gradient_accumulation_steps", "'train.grad_accum'"),
+    ("train.lr_scheduler_type=linear", "train.lr_scheduler_type", "'train.lr_schedule' (cosine, constant or linear)"),
+    ("train.per_device_train_batch_size=2", "train.per_device_train_batch_size", "'train.micro_batch_size' (examples "
+     "per rank per micro-batch; the global batch is train.micro_batch_size x train.grad_accum x ranks)"),
+    ("num_train_epochs=3", "num_train_epochs", "'train.epochs'"),
+    ("train.max_grad_norm=1", "train.max_grad_norm", "'train.grad_clip'"),
+    ("train.warmup_ratio=0.1", "train.warmup_ratio", "'train.warmup_steps' (a number of optimizer steps, not a fraction"),
+    ("train.logging_steps=5", "train.logging_steps", "'train.log_every'"),
+    ("train.save_steps=5", "train.save_steps", "'train.save_every'"),
+    ("train.eval_steps=5", "train.eval_steps", "'train.eval_every'"),
+    ("model_name_or_path=/m", "model_name_or_path", "'model.path'"),
+    ("model.model_name_or_path=/m", "model.model_name_or_path", "'model.path'"),
+    ("data.max_seq_length=64", "data.max_seq_length", "'data.max_length'"),
+    ("data.cutoff_len=64", "data.cutoff_len", "'data.max_length'"),
+    ("data.train.0.seq_len=64", "data.train.0.seq_len", "'data.max_length'"),
+    ("lora.lora_r=4", "lora.lora_r", "'lora.r'"),
+    ("lora_alpha=8", "lora_alpha", "'lora.alpha'"),
+    ("sap.grad_rate=1e-3", "sap.grad_rate", "'sap.rho'"),
+    # a sap-ds name in the wrong section
+    ("train.output_dir=/tmp/x", "train.output_dir", "'output_dir'"),
+    ("weight_decay=0.1", "weight_decay", "'train.weight_decay'"),
+    ("train.gradient_checkpointing=true", "train.gradient_checkpointing", "'model.gradient_checkpointing'"),
+    ("rho=0.1", "rho", "'sap.rho' or 'lisa.rho'"),
+])
+def test_other_toolkits_names_suggest_the_sap_ds_key(override, key, hint):
+    assert f"unknown key '{key}' (did you mean {hint}" in _error([override])
+
+
+def test_key_synonyms_name_real_keys_and_no_real_key():
+    """Every synonym's target is a key of the run config, and no synonym is itself a key name
+    anywhere in it (it would then be suggested for the wrong section)."""
+    from sap_ds.config import KEY_SYNONYMS
+    from sap_ds.config_files import _dotted_keys
+
+    keys = {key for dotted in _dotted_keys(RunConfig).values() for key in dotted}
+    assert "train.lr" in keys and "logging.wandb.project" in keys
+    for name, target in KEY_SYNONYMS.items():
+        assert target.partition(": ")[0] in keys, (name, target)
+        assert name not in _dotted_keys(RunConfig), name
 
 
 # --------------------------------------------------------------------------- wrong types and values
@@ -474,7 +538,7 @@ def test_keys_that_cannot_change_training_are_no_config_change():
     saved = config_to_dict(load_config(TINY))
     same = load_config(TINY, ["logging.wandb.project=p", "train.save_every=5", "train.resume=never", "output_dir=elsewhere"])
     assert config_changes(saved, same) == []
-    assert config_changes(saved, load_config(TINY, ["train.lr=1e-3"])) == ["train.lr: trained with 0.003, now 0.001"]
+    assert config_changes(saved, load_config(TINY, ["train.lr=1e-3"])) == ["train.lr: 0.003 → 0.001"]
 
 
 def test_configs_copy_is_self_contained(tmp_path, monkeypatch, capsys):

@@ -1,11 +1,12 @@
 """Conversations and sources (sap_ds/data/): assistant-only masks token by token under two
-chat templates, the conversation formats against each other, safety pairs from
+chat templates, truncation at turn boundaries, the conversation formats against each other, safety pairs from
 conversations, save_to_disk/Parquet/hub sources, and malformed conversations, each a
 clear error naming the file and the row."""
 from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import datasets
@@ -14,7 +15,8 @@ import pytest
 
 from sap_ds.config import DataConfig, DataSource
 from sap_ds.data import (
-    IGNORE_INDEX, ChatTokenizer, Conversation, DataError, build_run_data, load_examples, load_safety_pairs, read_table,
+    IGNORE_INDEX, ChatTokenizer, Conversation, DataError, Status, build_run_data, load_examples, load_safety_pairs,
+    read_table,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +100,106 @@ def test_template_that_rewrites_earlier_turns_is_an_error(tokenizer):
     with pytest.raises(DataError) as info:
         ChatTokenizer(tok, 512).encode_conversation(Conversation(THREE_TURNS[1:], 0, "f.jsonl:7"))
     assert "f.jsonl:7" in str(info.value) and "prefix by prefix" in str(info.value)
+
+
+# --------------------------------------------------------------------------- truncation at turn boundaries
+
+
+def _piece_ids(tok, pieces):
+    return [tok(text, add_special_tokens=False)["input_ids"] for text in pieces]
+
+
+def _expected_prefix(piece_ids, learned, n_pieces, extra=0):
+    """The first ``n_pieces`` pieces whole, then ``extra`` tokens of the next one."""
+    ids, labels = [], []
+    for k, piece in enumerate(piece_ids[:n_pieces + 1]):
+        piece = piece if k < n_pieces else piece[:extra]
+        ids += piece
+        labels += piece if k in learned else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama2"])
+def test_truncation_drops_later_turns_whole_and_cuts_only_the_last_kept_answer(tokenizer, llama_tokenizer, template):
+    """THREE_TURNS (pieces: prompt, answer 1, user 2, answer 2, user 3, answer 3) at lengths
+    that end in each kind of piece: the example ends at the end of an answer, or inside the
+    last answer it keeps, never in a loss-free fragment of a later turn; the lost answers
+    and trained tokens are counted."""
+    tok, pieces = (tokenizer, CHATML_PIECES) if template == "chatml" else (llama_tokenizer, LLAMA2_PIECES)
+    p = _piece_ids(tok, pieces)
+    ends = [sum(len(x) for x in p[: k + 1]) for k in range(len(p))]
+    conv = Conversation(THREE_TURNS, 0, "case")
+    learned = {1, 3, 5}
+    cases = [  # max_length, whole pieces kept, tokens of the next piece, answers lost whole, trained tokens lost
+        (ends[2] - 2, 2, 0, 2, len(p[3]) + len(p[5])),  # inside user turn 2: back to the end of answer 1
+        (ends[1], 2, 0, 2, len(p[3]) + len(p[5])),  # exactly answer 1's end
+        (ends[2] + 2, 3, 2, 1, len(p[3]) - 2 + len(p[5])),  # inside answer 2: cut there, answer 3 lost
+        (ends[4] - 1, 4, 0, 1, len(p[5])),  # inside user turn 3: back to the end of answer 2
+    ]
+    for max_length, whole, extra, turns_lost, tokens_lost in cases:
+        (enc,) = ChatTokenizer(tok, max_length).encode_many([conv])
+        assert enc.status == Status.TRUNCATED and enc.full_length == ends[-1], max_length
+        assert (enc.tokens.input_ids, enc.tokens.labels) == _expected_prefix(p, learned, whole, extra), max_length
+        assert enc.tokens.labels[-1] != IGNORE_INDEX, "a kept example ends with a trained token"
+        assert (enc.assistant_turns_lost, enc.trained_tokens_lost) == (turns_lost, tokens_lost), max_length
+    # the issue's case: never a trailing '<|im_start|>ass' (or '<s>[INST]') fragment of the next turn
+    (enc,) = ChatTokenizer(tok, ends[2] - 2).encode_many([conv])
+    assert tok.decode(enc.tokens.input_ids).endswith(pieces[1])
+    # nothing learned fits: dropped, as before
+    (enc,) = ChatTokenizer(tok, len(p[0])).encode_many([conv])
+    assert enc.status == Status.DROPPED and enc.tokens is None
+
+
+def test_truncation_under_last_assistant_cuts_or_drops_the_learned_last_turn(tokenizer):
+    """loss_on: last_assistant learns only the last answer: a cut before it leaves nothing
+    learned (dropped, never an example that ends in context); a cut inside it keeps it cut."""
+    p = _piece_ids(tokenizer, CHATML_PIECES)
+    ends = [sum(len(x) for x in p[: k + 1]) for k in range(len(p))]
+    conv = Conversation(THREE_TURNS, 0, "case")
+    (enc,) = ChatTokenizer(tokenizer, ends[3] + 1, loss_on="last_assistant").encode_many([conv])
+    assert enc.status == Status.DROPPED and enc.tokens is None
+    (enc,) = ChatTokenizer(tokenizer, ends[4] + 3, loss_on="last_assistant").encode_many([conv])
+    assert enc.status == Status.TRUNCATED
+    assert (enc.tokens.input_ids, enc.tokens.labels) == _expected_prefix(p, {5}, 5, 3)
+    assert (enc.assistant_turns_lost, enc.trained_tokens_lost) == (0, len(p[5]) - 3)
+
+
+MULTI_TURN = [
+    # 3 exchanges: at max_length 64 only the first fits, the log used to say "truncated" and keep '<|im_start|>ass'
+    [("user", "What is the capital of France? Please answer in one short sentence."),
+     ("assistant", "The capital of France is Paris, a city on the Seine."),
+     ("user", "And the capital of Germany? Again in one sentence please."),
+     ("assistant", "The capital of Germany is Berlin, on the Spree river."),
+     ("user", "And Italy?"), ("assistant", "Rome is the capital of Italy.")],
+    [("user", "Hi"), ("assistant", "Hello!")],  # fits
+    [("user", "word " * 80), ("assistant", "ok")],  # the prompt alone is over the limit: dropped
+]
+
+
+def test_multi_turn_file_truncated_at_turn_boundaries_counted_in_log_and_summary(tokenizer, tmp_path, caplog):
+    """A messages file at max_length 64 through the pipeline: the cut chat keeps its first
+    exchange and ends at that answer's end; the counts (2 answers and their trained tokens
+    lost) are in the log line, summary.json's data section and the cached row."""
+    path = _jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": r, "content": c} for r, c in conv]} for conv in MULTI_TURN])
+    with caplog.at_level(logging.INFO, logger="sap_ds"):
+        data = _data(tokenizer, tmp_path, [DataSource(path=str(path), format="messages")], max_length=64)
+    whole = ChatTokenizer(tokenizer, 10**6)
+    full = whole.encode_conversation(Conversation(tuple(MULTI_TURN[0]), 0, "x"))
+    first_exchange = whole.encode_conversation(Conversation(tuple(MULTI_TURN[0][:2]), 0, "x"))
+    assert len(full.input_ids) > 64 >= len(first_exchange.input_ids)
+    # the first exchange's tokens exactly, so its answer's end-of-turn is the last token
+    assert (data.train[0].input_ids, data.train[0].labels) == (first_exchange.input_ids, first_exchange.labels)
+    assert tokenizer.decode(data.train[0].input_ids).endswith("on the Seine.<|im_end|>\n")
+    lost = sum(label != IGNORE_INDEX for label in full.labels) - sum(label != IGNORE_INDEX for label in first_exchange.labels)
+    counts = {"kept": 1, "truncated": 1, "dropped": 1, "assistant_turns_lost": 2, "trained_tokens_lost": lost}
+    assert data.counts["train"] == counts and data.summary()["overlength"]["train"] == counts
+    assert (f"data: train: 1 kept whole, 1 truncated, 1 dropped (data.max_length, data.overlength=truncate); "
+            f"truncation cut {lost} trained tokens (2 learned assistant turns whole)") in caplog.text
+    record = data.examples.record(0)
+    assert record["origin"] == f"{path}:1" and data.examples.record(1)["origin"] == f"{path}:2"
+    assert (record["status"], record["full_length"], record["assistant_turns_lost"], record["trained_tokens_lost"],
+            record["trained_tokens"]) == (Status.TRUNCATED, len(full.input_ids), 2, lost,
+                                          sum(label != IGNORE_INDEX for label in first_exchange.labels))
 
 
 # --------------------------------------------------------------------------- formats

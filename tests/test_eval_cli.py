@@ -109,3 +109,77 @@ def test_two_ranks_give_the_single_process_result(tmp_path, tiny_model_path):
     one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
     assert two["world_size"] == 2
     assert two["records"] == one["records"] and two["metrics"]["harmful"] == one["metrics"]["harmful"]
+
+
+# --------------------------------------------------------------------------- a training run folder as --model
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A real tiny LoRA run (1 step, `sap-ds train`): its output_dir holds config.json,
+    checkpoints, summary.json and export/model (LoRA merged in) beside export/adapter."""
+    from tests.conftest import run_single
+
+    run = tmp_path_factory.mktemp("run") / "lora"
+    proc = run_single(["--config", "configs/tiny.yaml", f"output_dir={run}", "lora.enabled=true", "train.max_steps=1",
+                       "train.eval_every=0", "data.eval=[]"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "export" / "model").is_dir() and (run / "export" / "adapter").is_dir()
+    return run
+
+
+def _copy_run(run, folder, drop=(), **config):
+    """A copy of ``run`` without the files ``drop``, with ``config`` laid over its config.json sections."""
+    import shutil
+
+    shutil.copytree(run, folder)
+    for name in drop:
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    saved = json.loads((folder / "config.json").read_text())
+    for section, values in config.items():
+        saved[section].update(values)
+    (folder / "config.json").write_text(json.dumps(saved))
+    return folder
+
+
+def _eval_error(model, tmp_path, capsys) -> str:
+    assert main(["--model", str(model), "--config", TINY, "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+    return capsys.readouterr().err
+
+
+def test_eval_of_a_run_folder_names_its_exports(lora_run, tmp_path, capsys):
+    """`sap-ds eval --model RUN_DIR` says it is a run folder and which export folder to give, not
+    "set from_config=true" (its config.json is the run's config); likewise for RUN_DIR/export."""
+    err = _eval_error(lora_run, tmp_path, capsys)
+    assert f"--model: '{lora_run}' is a sap-ds training run folder" in err and "from_config" not in err
+    assert f"use {lora_run / 'export' / 'model'} (" in err and f" or {lora_run / 'export' / 'adapter'} (" in err
+    err = _eval_error(lora_run / "export", tmp_path, capsys)
+    assert "export folder" in err and str(lora_run / "export" / "model") in err
+    # a run without LoRA exports export/model only: only that is named
+    full = _copy_run(lora_run, tmp_path / "full", drop=["export/adapter"])
+    err = _eval_error(full, tmp_path, capsys)
+    assert f"use {full / 'export' / 'model'} (" in err and str(full / "export" / "adapter") not in err
+    # the folder a user names is the one that works
+    from sap_ds.evaluation.adapters import resolve_source
+
+    assert resolve_source(str(lora_run / "export" / "model")).path == lora_run / "export" / "model"
+    assert resolve_source(str(lora_run / "export" / "adapter")).adapter == lora_run / "export" / "adapter"
+
+
+def test_eval_of_a_run_folder_without_export_says_why(lora_run, tmp_path, capsys):
+    unfinished = _copy_run(lora_run, tmp_path / "unfinished", drop=["export", "summary.json"])
+    err = _eval_error(unfinished, tmp_path, capsys)
+    assert "no export yet: the run is unfinished" in err and str(unfinished / "export" / "model") in err
+    disabled = _copy_run(lora_run, tmp_path / "disabled", drop=["export"], export={"enabled": False})
+    err = _eval_error(disabled, tmp_path, capsys)
+    assert "finished with export.enabled false" in err and "export.enabled=true" in err
+    # the same advice for a run folder given as a training run's model.path
+    from sap_ds.config import ModelConfig
+    from sap_ds.modeling import ModelError, resolve_model_path
+
+    with pytest.raises(ModelError, match=r"model.path: .* is a sap-ds training run folder.*use .*export/model"):
+        resolve_model_path(ModelConfig(path=str(lora_run)))
+    with pytest.raises(ModelError, match=r"does not exist yet: .*unfinished.* no export yet: the run is unfinished"):
+        resolve_model_path(ModelConfig(path=str(unfinished / "export" / "model")))

@@ -1,7 +1,7 @@
 """Triton kernels against their PyTorch twins, on CPU through the Triton interpreter.
 
 The interpreter is selected by TRITON_INTERPRET=1, set here before anything imports
-triton (kernels are built on first use, so importing `kernels` does not import it).
+triton (kernels are built on first use, so importing `sap_ds_kernels` does not import it).
 Casts must be bit-exact; NaN positions are compared by NaN-ness, because PyTorch's own
 CPU cast writes 0xFFFF (vectorised) or 0x7FC0 (scalar) while the kernels always write the
 canonical quiet NaN 0x7FC0.
@@ -21,10 +21,10 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     pytest.skip(f"triton is not importable ({exc}); Triton-vs-twin tests need it", allow_module_level=True)
 
-import kernels  # noqa: E402
-from kernels.perturb import perturb_from_master_torch, perturb_from_master_triton  # noqa: E402
-from kernels.restore import restore_from_master_torch, restore_from_master_triton  # noqa: E402
-from kernels.sumsq import sumsq_torch, sumsq_triton  # noqa: E402
+import sap_ds_kernels  # noqa: E402
+from sap_ds_kernels.perturb import perturb_from_master_torch, perturb_from_master_triton  # noqa: E402
+from sap_ds_kernels.restore import restore_from_master_torch, restore_from_master_triton  # noqa: E402
+from sap_ds_kernels.sumsq import sumsq_torch, sumsq_triton  # noqa: E402
 
 # The interpreter computes with numpy, which warns on overflow to inf and on inf - inf:
 # those are the values under test here, not problems.
@@ -190,61 +190,62 @@ def test_sumsq_nonfinite_values_propagate():
 
 def test_sumsq_mismatched_sizes_names_both_shapes():
     with pytest.raises(ValueError, match=r"a has shape \(10,\).*b has shape \(2, 3\)"):
-        kernels.sumsq(torch.zeros(10), torch.zeros(2, 3))
+        sap_ds_kernels.sumsq(torch.zeros(10), torch.zeros(2, 3))
 
 
 def test_empty_shards_are_fine():
     empty = torch.empty(0)
-    assert kernels.sumsq(empty, empty, backend="triton").tolist() == [0.0, 0.0]
-    kernels.perturb_from_master(empty, empty, torch.tensor(1.0), empty.bfloat16(), backend="triton")
-    kernels.restore_from_master(empty, empty.bfloat16(), backend="triton")
+    assert sap_ds_kernels.sumsq(empty, empty, backend="triton").tolist() == [0.0, 0.0]
+    sap_ds_kernels.perturb_from_master(empty, empty, torch.tensor(1.0), empty.bfloat16(), backend="triton")
+    sap_ds_kernels.restore_from_master(empty, empty.bfloat16(), backend="triton")
 
 
 def test_auto_on_cpu_picks_the_twin_and_says_why():
-    backend, reason = kernels.choose_backend(torch.zeros(3))
+    backend, reason = sap_ds_kernels.choose_backend(torch.zeros(3))
     assert backend == "torch"
     assert "cpu" in reason and "TRITON_INTERPRET=1" in reason
-    assert kernels.choose_backend(torch.zeros(3), "torch")[0] == "torch"
+    assert sap_ds_kernels.choose_backend(torch.zeros(3), "torch")[0] == "torch"
 
 
 def test_forced_triton_runs_the_interpreter_on_cpu():
-    backend, reason = kernels.choose_backend(torch.zeros(3), "triton")
+    backend, reason = sap_ds_kernels.choose_backend(torch.zeros(3), "triton")
     assert backend == "triton" and "interpreter" in reason
     master, direction, scale = torch.randn(5000), torch.randn(5000), torch.tensor(2.0)
     got, want = torch.empty(5000, dtype=torch.bfloat16), torch.empty(5000, dtype=torch.bfloat16)
-    kernels.perturb_from_master(master, direction, scale, got, backend="triton")
-    kernels.perturb_from_master(master, direction, scale, want)
+    sap_ds_kernels.perturb_from_master(master, direction, scale, got, backend="triton")
+    sap_ds_kernels.perturb_from_master(master, direction, scale, want)
     assert_same_cast(got, want)
-    kernels.restore_from_master(master, got, backend="triton")
+    sap_ds_kernels.restore_from_master(master, got, backend="triton")
     assert_same_cast(got, master.bfloat16())
-    torch.testing.assert_close(kernels.sumsq(master, direction, backend="triton"), kernels.sumsq(master, direction))
+    torch.testing.assert_close(sap_ds_kernels.sumsq(master, direction, backend="triton"),
+                               sap_ds_kernels.sumsq(master, direction))
 
 
 def test_forced_triton_on_cpu_without_interpreter_explains(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        kernels.choose_backend(torch.zeros(3), "triton")
+        sap_ds_kernels.choose_backend(torch.zeros(3), "triton")
 
 
 def test_invalid_backend_lists_valid_values():
     with pytest.raises(ValueError, match="'auto', 'triton', 'torch'.*'cuda'"):
-        kernels.restore_from_master(torch.zeros(3), torch.zeros(3), backend="cuda")
+        sap_ds_kernels.restore_from_master(torch.zeros(3), torch.zeros(3), backend="cuda")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_invalid_inputs_are_rejected_with_clear_messages(backend):
     master, out, scale = torch.zeros(8), torch.zeros(8, dtype=torch.bfloat16), torch.tensor(1.0)
-    perturb = kernels.perturb_from_master
+    perturb = sap_ds_kernels.perturb_from_master
     with pytest.raises(ValueError, match=r"master and out must have the same number.*\(8,\).*\(7,\)"):
         perturb(master, master, scale, out[:7], backend=backend)
     with pytest.raises(ValueError, match="master has dtype torch.bfloat16; allowed: float32"):
         perturb(master.bfloat16(), master, scale, out, backend=backend)
     with pytest.raises(ValueError, match="out must be contiguous"):
-        kernels.restore_from_master(master, torch.zeros(16, dtype=torch.bfloat16)[::2], backend=backend)
+        sap_ds_kernels.restore_from_master(master, torch.zeros(16, dtype=torch.bfloat16)[::2], backend=backend)
     with pytest.raises(ValueError, match="scale must be a 0-dim or 1-element"):
         perturb(master, master, torch.ones(2), out, backend=backend)
     with pytest.raises(ValueError, match="out has dtype torch.int32"):
-        kernels.restore_from_master(master, torch.zeros(8, dtype=torch.int32), backend=backend)
+        sap_ds_kernels.restore_from_master(master, torch.zeros(8, dtype=torch.int32), backend=backend)
 
 
 def test_import_needs_no_triton():
@@ -252,10 +253,10 @@ def test_import_needs_no_triton():
     # forced Triton backend says why it cannot run.
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import torch, kernels\n"
+        "import torch, sap_ds_kernels\n"
         "m = torch.randn(4); o = torch.empty(4, dtype=torch.bfloat16)\n"
-        "kernels.restore_from_master(m, o); assert torch.equal(o, m.bfloat16())\n"
-        "try:\n    kernels.choose_backend(m, 'triton')\n"
+        "sap_ds_kernels.restore_from_master(m, o); assert torch.equal(o, m.bfloat16())\n"
+        "try:\n    sap_ds_kernels.choose_backend(m, 'triton')\n"
         "except RuntimeError as e:\n    assert 'does not import' in str(e), e\n"
         "else:\n    raise SystemExit('no error')\n"
     )
@@ -297,7 +298,7 @@ def test_perturb_stats_match_fp64_reference_and_twin(n, dtype, rel):
         perturb(master, direction, scale, out, stats=stats)  # adds to what is there
         torch.testing.assert_close(stats, 2 * want, rtol=1e-5, atol=1e-30)
     for backend in ("triton", "torch"):
-        dry = kernels.perturbation_stats(master, direction, scale, dtype, backend=backend)
+        dry = sap_ds_kernels.perturbation_stats(master, direction, scale, dtype, backend=backend)
         assert dry[3] == want[3]
         torch.testing.assert_close(dry, want, rtol=1e-5, atol=1e-30)
 
@@ -307,8 +308,8 @@ def test_perturb_stats_see_bf16_rounding():
     master = torch.full((1000,), 1.0)
     direction = torch.ones(1000)
     tiny = torch.tensor(1e-4)  # bf16 half-ulp at 1.0 is 2**-8 ~ 3.9e-3
-    bf16 = kernels.perturbation_stats(master, direction, tiny, torch.bfloat16, backend="triton")
-    fp32 = kernels.perturbation_stats(master, direction, tiny, torch.float32, backend="triton")
+    bf16 = sap_ds_kernels.perturbation_stats(master, direction, tiny, torch.bfloat16, backend="triton")
+    fp32 = sap_ds_kernels.perturbation_stats(master, direction, tiny, torch.float32, backend="triton")
     assert bf16[0] == 0 and bf16[3] == 0 and bf16[1] > 0
     assert fp32[3] == 1000 and fp32[0] == pytest.approx(float(bf16[1]), rel=1e-3)
 
@@ -316,6 +317,7 @@ def test_perturb_stats_see_bf16_rounding():
 def test_perturb_stats_reject_a_wrong_buffer():
     master = torch.zeros(8)
     with pytest.raises(ValueError, match="stats must be a float64 tensor of 4 elements"):
-        kernels.perturb_from_master(master, master, torch.tensor(1.0), torch.zeros(8), stats=torch.zeros(3, dtype=torch.float64))
+        sap_ds_kernels.perturb_from_master(master, master, torch.tensor(1.0), torch.zeros(8),
+                                           stats=torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="stats has dtype torch.float32"):
-        kernels.perturb_from_master(master, master, torch.tensor(1.0), torch.zeros(8), stats=torch.zeros(4))
+        sap_ds_kernels.perturb_from_master(master, master, torch.tensor(1.0), torch.zeros(8), stats=torch.zeros(4))

@@ -16,7 +16,7 @@ def test_bench_writes_json_and_csv_records(tmp_path):
     out_json, out_csv = tmp_path / "bench.json", tmp_path / "bench.csv"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "kernels.bench", "--sizes", "1M", "--repeats", "2",
+        [sys.executable, "-m", "sap_ds_kernels.bench", "--sizes", "1M", "--repeats", "2",
          "--out-json", str(out_json), "--out-csv", str(out_csv)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=True,
     )

@@ -183,7 +183,7 @@ def test_lisa_keys_do_not_change_other_methods_runs():
         assert config_changes(saved, cfg) == []
     cfg = load_config(REPO / "configs/tiny.yaml", ["method=lisa"])
     saved = config_to_dict(load_config(REPO / "configs/tiny.yaml", ["method=lisa", "lisa.rho=0.1"]))
-    assert config_changes(saved, cfg) == ["lisa.rho: trained with 0.1, now 1.0"]
+    assert config_changes(saved, cfg) == ["lisa.rho: 0.1 → 1.0"]
 
 
 def test_safety_mix_is_sft_on_mixed_data():
@@ -221,9 +221,9 @@ def test_safety_mix_keys_do_not_change_other_methods_runs():
         assert config_changes(saved, load_config(REPO / "configs/tiny.yaml", [f"method={method}", "safety_mix.ratio=0.5"])) == []
     cfg = load_config(REPO / "configs/tiny.yaml", ["method=safety_mix"])
     saved = config_to_dict(load_config(REPO / "configs/tiny.yaml", ["method=safety_mix", "safety_mix.ratio=0.1"]))
-    assert config_changes(saved, cfg) == ["safety_mix.ratio: trained with 0.1, now 0.03"]
+    assert config_changes(saved, cfg) == ["safety_mix.ratio: 0.1 → 0.03"]
     assert config_changes(config_to_dict(load_config(REPO / "configs/tiny.yaml", ["method=sft"])), cfg) == \
-        ["method: trained with 'sft', now 'safety_mix'"]
+        ["method: 'sft' → 'safety_mix'"]
 
 
 def test_sap_export_transform_is_keep_probe():

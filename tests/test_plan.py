@@ -2,7 +2,9 @@
 agreement with DeepSpeed's own ZeRO-3 estimator, LoRA counts, SAP deltas, the CLI."""
 from __future__ import annotations
 
+import argparse
 import json
+import re
 
 import pytest
 
@@ -305,6 +307,84 @@ def test_cli_named_size_table(capsys):
     out = capsys.readouterr().out
     assert "TOTAL per GPU" in out and "SAP/SFT throughput" in out and "assumptions:" in out
     assert "68,976,648,192" in out
+    assert "(fits on h100-80gb)" in out and "It fits with" not in out and "No single change" not in out
+
+
+def test_cli_help_has_a_help_string_for_every_option(capsys):
+    """`sap-ds plan --help` explains every flag (with its default, which the formatter appends)."""
+    from sap_ds.cli import main as cli
+
+    assert cli(["plan", "--help"]) == 0
+    shown = "".join(capsys.readouterr().out.split())  # no whitespace: the help is wrapped into lines
+    actions = [a for a in P.build_parser()._actions if a.option_strings]
+    assert len(actions) > 30
+    for action in actions:
+        assert action.help and action.help != argparse.SUPPRESS, f"{action.option_strings} has no help"
+        text = action.help % {"default": action.default} if "%(" in action.help else action.help
+        assert "".join(text.split()) in shown, f"{action.option_strings[0]}: {text!r} not in --help"
+        if action.default not in (None, argparse.SUPPRESS) and "%(default)" not in action.help:
+            assert "".join(f"{text} (default: {action.default})".split()) in shown, action.option_strings[0]
+
+
+def _fit_lines(out: str) -> list[tuple[list[str], float]]:
+    """The listed changes (flags, SAP/SFT GiB per GPU) under "It fits with any one of these"."""
+    lines = out.split("It fits with any one of these changes", 1)[1].splitlines()[1:]
+    rows = []
+    for line in lines:
+        if not line.startswith("  --"):
+            break
+        flags, gib = re.split(r"\s{2,}", line.strip())[:2]
+        rows.append((flags.split(), float(gib.removesuffix(" GiB"))))
+    return rows
+
+
+def _replan(argv: list[str], capsys) -> dict:
+    assert P.main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("argv,method,listed,not_listed", [
+    # 70B full fine-tuning with SAP on one node of 8 H100s: model states do not fit
+    (["--model", "llama2-70b", "--nodes", "1", "--gpus-per-node", "8", "--seq-len", "512", "--micro-batch", "4"], "sap",
+     {"--offload", "--lora", "--nodes"}, [["--gpu", "h200"], ["--micro-batch", "1", "--grad-accum", "4"]]),
+    # 7B, a large micro-batch without checkpointing: activations do not fit, more GPUs do not help
+    (["--model", "llama2-7b", "--nodes", "1", "--gpus-per-node", "8", "--seq-len", "4096", "--micro-batch", "16",
+      "--no-activation-checkpointing", "--method", "sft"], "sft",
+     {"--activation-checkpointing", "--micro-batch"}, [["--nodes", str(P.MAX_NODES)], ["--lora"], ["--offload", "all"]]),
+])
+def test_a_job_that_does_not_fit_lists_changes_that_fit(argv, method, listed, not_listed, capsys):
+    """Each listed change, planned again on its own from the printed flags, fits, with the memory
+    printed; the node count is the fewest; and changes that would not fit are not listed (checked
+    by planning them too)."""
+    from sap_ds.cli import main as cli
+
+    assert cli(["plan", *argv]) == 0
+    out = capsys.readouterr().out
+    assert f"=> {method.upper()} needs" in out and "does NOT fit" in out
+    rows = _fit_lines(out)
+    assert {flags[0] for flags, _ in rows} == listed, out[-3000:]
+    assert ["--offload", "all"] not in [flags for flags, _ in rows]  # listed only when the optimizer's offload is not enough
+    for flags, gib in rows:
+        again = _replan(argv + flags, capsys)
+        assert again[f"fits_{method}"], flags
+        assert again[f"gpu_total_{method}"] / GIB == pytest.approx(gib, abs=0.06), flags
+        if flags[0] == "--nodes":
+            assert not _replan(argv + ["--nodes", str(int(flags[1]) - 1)], capsys)[f"fits_{method}"]
+    for flags in not_listed:
+        assert not _replan(argv + flags, capsys)[f"fits_{method}"], flags
+    data = _replan(argv, capsys)  # the same changes in the JSON output
+    assert [list(o["flags"]) for o in data["fit_options"]] == [flags for flags, _ in rows]
+
+
+def test_no_single_change_fits(capsys):
+    """A 100K-token sequence on one L40S: no single change fits, and none is suggested."""
+    argv = ["--model", "llama2-7b", "--nodes", "1", "--gpus-per-node", "1", "--gpu", "l40s", "--seq-len", "100000"]
+    assert P.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "No single change makes it fit" in out and "It fits with" not in out
+    assert _replan(argv, capsys)["fit_options"] == []
+    for flags in (["--gpu", "h200"], ["--lora"], ["--offload", "all"], ["--nodes", str(P.MAX_NODES)], ["--safety-batch", "1"]):
+        assert not _replan(argv + flags, capsys)["fits_sap"], flags
 
 
 def test_cli_json_config_file(tmp_path, capsys):

@@ -76,7 +76,7 @@ def test_config_changes_read_runs_recorded_before_the_keys_existed():
         saved["sap"].pop(key)
     assert config_changes(saved, cfg) == []
     assert config_changes(saved, load_config(TINY, ["method=sap", "sap.probe_timing=same_step"])) == [
-        "sap.probe_timing: trained with 'next_step', now 'same_step'"]
+        "sap.probe_timing: 'next_step' → 'same_step'"]
 
 
 def test_probe_layers_are_checked_against_the_depth_before_the_model_loads(tiny_model_path, tmp_path):

@@ -28,26 +28,27 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in records}
 
 
-def _run(out, method, extra=(), env=None):
+def _run(out, method, extra=(), env=None, stop_after=None, expect=0):
     args = ["--config", "configs/tiny.yaml", f"output_dir={out}", f"method={method}", f"train.max_steps={STEPS}",
             "train.eval_every=0", "sap.probe_reset=false", "sap.safety_every=2", "sap.rho=0.05", *extra]
-    proc = run_single(args, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_single(args, env=env, stop_after=stop_after)
+    assert proc.returncode == expect, proc.stderr[-4000:]
     return proc
 
 
 @pytest.fixture(scope="module")
 def stopped_sap(tmp_path_factory):
-    """A SAP run stopped after step 1 by its STOP file (what a preempted job leaves): the
-    bitwise test resumes one copy, the changed-config test another."""
+    """A SAP run stopped after step 1 by its STOP file (what a preempted job leaves; exit code
+    75, the file removed once honoured): the bitwise test resumes one copy, the
+    changed-config test another."""
+    from sap_ds.errors import EXIT_STOPPED_RESUMABLE
+
     out = tmp_path_factory.mktemp("stopped") / "run"
-    out.mkdir()
-    (out / "STOP").touch()
-    proc = _run(out, "sap")
+    proc = _run(out, "sap", stop_after=1, expect=EXIT_STOPPED_RESUMABLE)
     assert "stopped at step 1" in proc.stdout
     assert (out / "REQUEUE").exists() and not (out / "summary.json").exists()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000001"
-    (out / "STOP").unlink()
+    assert not (out / "STOP").exists(), "the honoured stop file was left behind"
     return out
 
 
@@ -97,7 +98,7 @@ def test_resume_under_changed_config_keeps_the_old_one_and_is_stale(tmp_path, st
     run_dir = _resumable_copy(stopped_sap, tmp_path / "run")
     proc = _run(run_dir, "sap", extra=["sap.temperature=2.0"])
     printed = proc.stdout + proc.stderr
-    assert "resumed at step 1 under a config that differs" in printed and "sap.temperature: trained with 1.0, now 2.0" in printed
+    assert "resumed at step 1 under a config that differs" in printed and "\n  sap.temperature: 1.0 → 2.0" in printed
     assert json.loads((run_dir / "config.before_step1.json").read_text())["sap"]["temperature"] == 1.0
     assert json.loads((run_dir / "config.json").read_text())["sap"]["temperature"] == 2.0
     now = load_config("configs/tiny.yaml", [f"output_dir={run_dir}", "method=sap", f"train.max_steps={STEPS}", "train.eval_every=0",
@@ -199,6 +200,16 @@ def test_resume_on_another_world_size_matches_an_uninterrupted_run(tmp_path, uni
         _assert_matches(out, uninterrupted)
 
 
+def test_a_resume_cannot_shorten_the_run_below_its_checkpoint(tmp_path, uninterrupted):
+    """max_steps below the checkpoint's step: refused before any step (exit 2, naming the key),
+    not a run that "finishes" past its schedule and exports the weights of the longer one."""
+    out = tmp_path / "run"
+    _copy_run_at(uninterrupted, out, 2)
+    proc = _run_on(1, out, extra=["train.max_steps=1"], expect=2)
+    assert "is at step 2, past this config's 1 steps" in proc.stderr and "train.max_steps >= 2" in proc.stderr
+    assert not (out / "summary.json").exists() and not (out / "export").exists()
+
+
 # --------------------------------------------------------------------------- re-running a finished run
 
 
@@ -225,7 +236,7 @@ def test_a_finished_run_is_done_under_its_config_and_an_error_under_another(tmp_
     assert main([*args, "train.lr=1e-3"]) == 2
     err = capsys.readouterr().err
     message = err[err.index("sap-ds: error:"):]
-    for text in ("holds a finished run", "train.lr: trained with 0.003, now 0.001", "output_dir=", "train.resume=never"):
+    for text in ("holds a finished run", "\n  train.lr: 0.003 → 0.001\n", "output_dir=", "train.resume=never"):
         assert text in message, message
     assert _snapshot(out) == before, "a re-run of a finished run changed it"
     import torch.distributed as dist
@@ -286,3 +297,125 @@ def test_another_world_size_must_keep_the_global_batches():
     with pytest.raises(ConfigError, match="8 examples do not split over 3 ranks"):
         check_batch_on_new_world({"world_size": 4, "global_batch": 8}, cfg, 3, folder)
     check_batch_on_new_world({"world_size": 1, "global_batch": 4, "safety_global_batch": 4}, cfg, 2, folder)
+
+
+# --------------------------------------------------------------------------- changed optimizer settings
+
+# A run resumed under changed optimizer settings steps with the run config's, not the ones
+# the checkpoint restored (sap_ds/resume_optimizer.py). Before: tiny.yaml's lr 3e-3, cosine,
+# 1 warm-up step, no weight decay, clipping 1.0, probe lr 0.05 (betas (0.9, 0.999); eps 1e-8
+# for SFT, 1e-4 in WORLD_RUN). After: every kind changed at once, each test reads its own.
+CHANGED = ["train.max_steps=6", "train.lr=1e-3", "train.lr_schedule=linear", "train.warmup_steps=4",
+           "train.min_lr_ratio=0.1", "train.weight_decay=0.1", "train.adam_betas=[0.8,0.99]", "train.adam_eps=1e-6",
+           "train.grad_clip=0.5", "sap.probe_lr=0.02", "sap.probe_adam_eps=1e-6"]
+RUNNER = "tests/resume_settings_runner.py"
+
+
+def _changed_lr(step: int) -> float:
+    """The lr of 0-based step ``step`` under CHANGED, written out here (not trainer.lr_lambda):
+    linear warm-up, (step + 1) / 4 x 1e-3 for steps 0-3, then linear decay from 1e-3 to
+    min_lr_ratio 0.1 x 1e-3 over steps 4-6 of 6."""
+    if step < 4:
+        return 1e-3 * (step + 1) / 4
+    return 1e-3 * (0.1 + 0.9 * (1 - min(1.0, (step - 4) / 2)))
+
+
+def _record_run(out: Path, record: Path, args: list[str]) -> str:
+    from tests.conftest import launch
+
+    proc = launch([RUNNER, "--record", str(record), "--config", "configs/tiny.yaml", f"output_dir={out}", *args])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module", params=["sft", "sap"])
+def changed_settings(request, tmp_path_factory):
+    """(method, run folder, settings each step used, printed output, resumed step): SFT
+    trained 2 steps on 2 ranks and resumed there (DeepSpeed's per-rank checkpoint); SAP
+    resumed on 2 ranks from the 1-rank run's step-1 checkpoint (the universal one). Both
+    through the real launcher, their optimizers read by tests/resume_settings_runner.py."""
+    method, root = request.param, tmp_path_factory.mktemp(f"changed_{request.param}")
+    out = root / "run"
+    if method == "sft":
+        common = ["method=sft", "train.eval_every=0", "export.enabled=false"]
+        _record_run(out, root / "before.json", [*common, "train.max_steps=2"])
+        before = json.loads((root / "before.json").read_text())["weights"]
+        assert [(r["lr"], r["weight_decay"], r["clip_grad"]) for r in before] == [(3e-3, 0.0, 1.0)] * 2
+        (out / "summary.json").unlink()  # what a run stopped after step 2 leaves
+        at, args = 2, common
+    else:
+        _copy_run_at(request.getfixturevalue("uninterrupted"), out, 1)
+        at, args = 1, [*WORLD_RUN, *ON_RANKS[2], "export.enabled=false"]
+    printed = _record_run(out, root / "after.json", [*args, *CHANGED])
+    assert f"resumed from step_{at:08d} at step {at}" in printed
+    return method, out, json.loads((root / "after.json").read_text()), printed, at
+
+
+def test_resume_applies_a_changed_lr_and_schedule(changed_settings):
+    """The lr the optimizer was given at every resumed step, and the lr metrics.jsonl logs
+    (after each step: the next step's), are the changed lr on the changed schedule (warm-up,
+    shape, floor, total steps), from the first resumed step on."""
+    _, out, used, _, at = changed_settings
+    assert [r["step"] for r in used["weights"]] == list(range(at, 6))
+    for record in used["weights"]:
+        assert record["lr"] == pytest.approx(_changed_lr(record["step"]), rel=1e-12), record
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in records if r["step"] > at and "lr" in r}  # SFT's folder has steps 1-2 too
+    assert sorted(logged) == list(range(at + 1, 7))
+    for step, lr in logged.items():
+        assert lr == pytest.approx(_changed_lr(step), rel=1e-12), (step, lr)
+
+
+def test_resume_applies_a_changed_weight_decay(changed_settings):
+    _, _, used, _, _ = changed_settings
+    assert {r["weight_decay"] for r in used["weights"]} == {0.1}
+
+
+def test_resume_applies_changed_adam_betas_and_eps(changed_settings):
+    _, _, used, _, _ = changed_settings
+    assert {(tuple(r["betas"]), r["eps"]) for r in used["weights"]} == {((0.8, 0.99), 1e-6)}
+
+
+def test_resume_applies_a_changed_gradient_clipping(changed_settings):
+    _, _, used, _, _ = changed_settings
+    assert {r["clip_grad"] for r in used["weights"]} == {0.5}
+
+
+def test_resume_applies_a_changed_probe_lr(changed_settings):
+    """SAP's probe AdamW: the checkpoint keeps its moments, the run config its lr and eps."""
+    method, _, used, _, at = changed_settings
+    if method != "sap":
+        assert used["probe"] == []
+        return
+    assert [r["step"] for r in used["probe"]] == list(range(at, 6))
+    assert {(r["lr"], r["eps"]) for r in used["probe"]} == {(0.02, 1e-6)}
+
+
+def test_resume_names_the_applied_settings(changed_settings):
+    """One line says which optimizer settings changed and are applied, old -> new."""
+    method, _, _, printed, at = changed_settings
+    line = next((x for x in printed.splitlines() if "optimizer settings changed since the checkpoint" in x), "")
+    eps = "1e-08" if method == "sft" else "0.0001"
+    for text in (f"applied from step {at + 1} on", "train.lr 0.003 -> 0.001", "train.weight_decay 0 -> 0.1",
+                 "train.adam_betas (0.9, 0.999) -> (0.8, 0.99)", f"train.adam_eps {eps} -> 1e-06",
+                 "train.lr_schedule 'cosine' -> 'linear'", "train.warmup_steps 1 -> 4", "train.min_lr_ratio 0 -> 0.1",
+                 "train.grad_clip 1 -> 0.5", f"next step's lr {_changed_lr(at):g}"):
+        assert text in line, (text, line)
+    assert ("sap.probe_lr 0.05 -> 0.02" in line) == (method == "sap"), line
+
+
+def test_the_resume_line_leaves_out_settings_without_effect():
+    """The log line's list (no process): train.epochs under a fixed max_steps, and SAP's
+    keys in an SFT run, change nothing the optimizers do and are not named; the other
+    optimizer keys are, as old -> new."""
+    from sap_ds.config import config_to_dict, load_config
+    from sap_ds.resume_optimizer import changed_settings
+
+    before = config_to_dict(load_config("configs/tiny.yaml", ["method=sft"]))
+    now = load_config("configs/tiny.yaml", ["method=sft", "train.epochs=3", "sap.probe_lr=1", "train.grad_clip=0",
+                                            "train.adam_betas=[0.9,0.99]", "train.save_every=1"])
+    assert changed_settings(before, now, []) == ["train.adam_betas (0.9, 0.999) -> (0.9, 0.99)", "train.grad_clip 1 -> 0"]
+    sap = load_config("configs/tiny.yaml", ["method=sap", "sap.probe_lr=1"])
+    assert changed_settings({**before, "method": "sap"}, sap, ["train.lr 0.001 -> 0.003"]) == [
+        "train.lr 0.001 -> 0.003", "sap.probe_lr 0.05 -> 1"]
+    assert changed_settings(None, sap, []) == []

@@ -8,12 +8,17 @@ because the fake node names do not resolve.
 
 The real trainer (sap_ds/train.py with configs/tiny.yaml) runs a 2-node job to the end,
 and a second job is preempted (USR1 to the batch shell), checkpoints, requeues, resumes
-and must end at the same step with the same loss.
+and must end at the same step with the same loss. A template copied out on its own runs
+from a pip-installed package (no checkout, the working folder elsewhere, the environment
+set up by SAP_DS_SETUP), and resubmitted once it has finished does nothing; a job refuses
+an OUTPUT_DIR that another running job holds.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,8 +47,8 @@ def cluster():
         c.stop()
 
 
-def _submit(cluster: SlurmCluster, tmp: Path, name: str, extra_args: str,
-            **env) -> tuple[int, Path]:
+def _submit(cluster: SlurmCluster, tmp: Path, name: str, extra_args: str, template: Path = TEMPLATE,
+            nodes: int = 2, **env) -> tuple[int, Path]:
     run = tmp / name
     run.mkdir(parents=True, exist_ok=True)
     job_env = {
@@ -63,7 +68,7 @@ def _submit(cluster: SlurmCluster, tmp: Path, name: str, extra_args: str,
               "CONFIG": str(TINY)}
     # --time well above the templates' `--signal=B:USR1@900`: with a shorter limit Slurm
     # sends the warning right at the start (and again after every requeue).
-    job = cluster.sbatch(TEMPLATE, "--nodes=2", "--time=60", f"--job-name={name}",
+    job = cluster.sbatch(template, f"--nodes={nodes}", "--time=60", f"--job-name={name}",
                          f"--output={run}/slurm-%j.out", cwd=REPO, export=export, env=job_env)
     return job, run / "out"
 
@@ -171,6 +176,109 @@ def test_multinode_preemption_requeue_real_trainer(cluster, real_reference, tmp_
     _preempt_and_compare(cluster, tmp_path, "tiny-preempt", REAL_ARGS, reference, timeout=400)
 
 
+# --------------------------------------------------------------------------- a pip install, no checkout
+
+# What setup.py builds the package from (a clone has these; caches and build folders left out).
+PACKAGE_SOURCES = ("setup.py", "MANIFEST.in", "README.md", "sap_ds", "kernels", "configs", "ds_configs", "data", "slurm")
+
+
+@pytest.fixture(scope="module")
+def installed_package(tmp_path_factory) -> Path:
+    """sap-ds as pip installs it (a wheel of a copy of this checkout, unpacked into a folder
+    of its own; no dependencies: this venv has them), outside the repository."""
+    tmp = tmp_path_factory.mktemp("installed")
+    source, site = tmp / "source", tmp / "site"
+    source.mkdir()
+    for name in PACKAGE_SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "shipped", "*.egg-info"))
+        else:
+            shutil.copy2(REPO / name, source / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", "--target", str(site), str(source)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (site / "sap_ds" / "shipped" / "slurm" / "common.sh").is_file(), "the templates' common.sh is not installed"
+    return site
+
+
+def _snapshot(root: Path) -> dict:
+    """Every file of a run folder with its size and mtime, but the job claim and the console
+    log, which each job start writes."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in (".slurm_job", "train.log")}
+
+
+@needs_trainer
+def test_a_copied_template_runs_from_a_pip_install_and_a_finished_job_is_not_retrained(
+        cluster, installed_package, tmp_path, tiny_model_path):
+    """A user with sap-ds pip-installed copies sap_single_node.sbatch alone into a folder of
+    their own and submits it from there with the default OUTPUT_DIR: SAP_DS_SETUP (a script,
+    standing in for `module load` and activating the environment) runs first, so the
+    template finds common.sh inside the installed package and the trainer runs as `python -m
+    sap_ds.train` from it. The same submission again finds the run finished (the default
+    OUTPUT_DIR holds no job id) and changes nothing."""
+    work = tmp_path / "work"
+    work.mkdir()
+    template = work / "my_job.sbatch"
+    shutil.copy2(REPO / "slurm" / "sap_single_node.sbatch", template)
+    setup = work / "site_env.sh"
+    setup.write_text(f"export PYTHONPATH={installed_package}\n")
+    env = {"SAP_DS_CPU": "1", "SAP_DS_SETUP": str(setup), "SAP_DS_ROOT": "", "PYTHON": sys.executable,
+           "LOG_ROOT": str(tmp_path / "logs"), "EXTRA_ARGS": "train.max_steps=2 train.eval_every=0",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))}
+    export = {"MASTER_ADDR": "127.0.0.1", "GPUS_PER_NODE": "1", "CONFIG": "tiny", "MODEL_PATH": str(tiny_model_path)}
+    out = work / "runs" / "pip-user-tiny"
+
+    def submit() -> tuple[int, str, str]:
+        job = cluster.sbatch(template, "--job-name=pip-user", cwd=work, export=export, env=env)
+        info = cluster.wait(job, 300)
+        log_dir = tmp_path / "logs" / f"pip-user-{job}"
+        logs = {p.name: p.read_text(errors="replace") for p in sorted(log_dir.glob("*.log"))} if log_dir.is_dir() else {}
+        assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", \
+            f"{info.get('JobState')} {info.get('ExitCode')}\n{logs}\n{_diagnostics(cluster, work, out)}"
+        nodes = "".join(text for name, text in logs.items() if name.startswith("node"))
+        return job, logs["batch.log"], nodes
+
+    _, batch, _ = submit()
+    assert json.loads((out / "summary.json").read_text())["final_step"] == 2
+    assert f"sap_ds from {installed_package / 'sap_ds'}" in batch, batch
+    assert f"common.sh {installed_package / 'sap_ds' / 'shipped' / 'slurm' / 'common.sh'}" in batch, batch
+    assert f"working folder {work}" in batch and "-m sap_ds.train --config tiny" in batch, batch
+    before = _snapshot(out)
+
+    job, batch, nodes = submit()
+    assert f"{out.relative_to(work)} holds this run, finished at step 2" in nodes, nodes
+    assert _snapshot(out) == before, "a resubmitted finished job changed its run folder"
+    assert (out / ".slurm_job").read_text().strip() == str(job)
+
+
+def test_a_job_refuses_an_output_dir_that_a_running_job_holds(cluster, tmp_path):
+    """Without a job id in the default OUTPUT_DIR, two submissions of one job would train into
+    one folder: the second refuses it while the first runs (here a stand-in holding the
+    folder), before anything is written. Submitted as the README says, from the checkout's
+    root with the repository's template (common.sh from the submit folder)."""
+    holder = cluster._run(["sbatch", "--parsable", "--nodes=1", "--ntasks=1", f"--output={tmp_path}/holder.out",
+                           "--wrap=sleep 600"], cwd=str(tmp_path))
+    assert holder.returncode == 0, holder.stderr
+    holder_id = int(holder.stdout.strip().split(";")[0])
+    try:
+        assert cluster.wait(holder_id, 60, until=lambda i: i.get("JobState") == "RUNNING").get("JobState") == "RUNNING"
+        out = tmp_path / "held" / "out"
+        out.mkdir(parents=True)
+        (out / ".slurm_job").write_text(f"{holder_id}\n")
+        job, out = _submit(cluster, tmp_path, "held", "train.max_steps=2", template=REPO / "slurm" / "sap_single_node.sbatch",
+                           nodes=1, SAP_DS_ROOT="")
+        info = cluster.wait(job, 120)
+        batch = (tmp_path / "logs" / f"held-{job}" / "batch.log").read_text()
+        assert info.get("JobState") == "FAILED" and info.get("ExitCode") == "1:0", f"{info}\n{batch}"
+        assert f"OUTPUT_DIR={out} is in use by job {holder_id} (RUNNING)" in batch, batch
+        assert f"common.sh {REPO / 'slurm' / 'common.sh'}" in batch, batch
+        assert sorted(p.name for p in out.iterdir()) == [".slurm_job"] and (out / ".slurm_job").read_text().strip() == str(holder_id)
+    finally:
+        cluster.scancel(str(holder_id))
+
+
 # --------------------------------------------------------------------------- static checks (no cluster)
 
 
@@ -185,6 +293,34 @@ def test_templates_parse_and_declare_requeue():
         for var in ("CONFIG", "MODEL_PATH", "OUTPUT_DIR", "GPUS_PER_NODE", "EXTRA_ARGS"):
             assert f'{var}="${{{var}:-' in text, f"{name}: {var} is not overridable"
     assert 'BENCH_CMD="${BENCH_CMD:-' in (REPO / "slurm" / "bench.sbatch").read_text()
+
+
+def test_every_template_sets_up_the_environment_before_it_finds_common_sh(tmp_path):
+    """One preamble in every template (SAP_DS_SETUP, venv/conda, then common.sh from the
+    checkout or the installed package; the cluster test above runs it), the trainer as a
+    module, not as a checkout's file; `sap-ds configs slurm` writes the shipped folder out
+    as it is, and does not overwrite a copy without --force."""
+    from sap_ds.config import ConfigError
+    from sap_ds.configs_cli import copy_slurm_templates
+
+    start, end = "# ---- environment, first", 'source "$SAPDS_COMMON"\n'
+    blocks = {}
+    for path in sorted((REPO / "slurm").glob("*.sbatch")):
+        text = path.read_text()
+        assert start in text and end in text, path.name
+        blocks[path.name] = text[text.index(start):text.index(end)]
+        assert text.index(start) < text.index("sapds_setup\n"), path.name
+    assert len(blocks) == 5 and len(set(blocks.values())) == 1, "the templates' preambles differ"
+    common = (REPO / "slurm" / "common.sh").read_text()
+    assert "set -- -m sap_ds.train" in common and "sap_ds/train.py}" not in common
+
+    target = copy_slurm_templates(tmp_path)
+    shipped = sorted(p.name for p in (REPO / "slurm").iterdir() if p.suffix in (".sbatch", ".sh", ".md"))
+    assert sorted(p.name for p in target.iterdir()) == shipped
+    assert all((target / name).read_bytes() == (REPO / "slurm" / name).read_bytes() for name in shipped)
+    with pytest.raises(ConfigError, match="exist; give another destination or --force"):
+        copy_slurm_templates(tmp_path)
+    copy_slurm_templates(tmp_path, force=True)
 
 
 def test_baseline_template_takes_any_method():

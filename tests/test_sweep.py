@@ -35,7 +35,7 @@ def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
     proc = subprocess.run([sys.executable, "-m", "sap_ds.sweep", "--config", str(config)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "failed: diverges seed 0" in proc.stderr and "train.log" in proc.stderr
+    assert "failed: diverges seed 0" in proc.stderr and "launch.log" in proc.stderr
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["point"], r["status"]) for r in records] == [("sft", "done"), ("diverges", "failed"), ("sap.rho=0.01", "done")]
@@ -86,7 +86,7 @@ def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     printed = captured.out + captured.err
     assert "sap-ds sweep: train" not in printed
-    assert "sap.temperature: trained with 1.0, now 2.0" in printed and "move the folder away" in printed
+    assert "\n  sap.temperature: 1.0 → 2.0\n" in printed and "Move the folder away" in printed
     records = {r["point"]: r["status"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert records == {"sft": "done", "sap.rho=0.01": "stale"}
 
@@ -108,7 +108,7 @@ def test_runs_side_by_side(tmp_path):
     assert sum("(output in " in line for line in launched) == 2 and sum("finished in" in line for line in launched) == 2
     for point in ("sft", "sap.rho=0.01"):
         run_dir = out / point / "seed0"
-        assert "summary" in (run_dir / "train.log").read_text()
+        assert "summary" in (run_dir / "launch.log").read_text()
         assert (run_dir / "eval" / "eval.log").is_file() and (run_dir / "eval" / "eval.json").is_file()
     assert (out / "eval" / "start" / "eval.json").is_file() and "| sft | 0 |" in (out / "sweep.md").read_text()
     assert "sap-ds summary" not in proc.stdout  # not on the console: two runs would interleave there

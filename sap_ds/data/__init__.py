@@ -11,7 +11,8 @@
     pipeline  preparing a run's data (datasets.map, batched, num_proc)
     run       RunData: the prepared data, memory-mapped, as the trainer reads it
 
-How masking, mixing, packing, caching and truncation work: docs/data.md. Every error
+How masking, mixing, packing, caching and truncation work: docs/data.md; ``sap-ds data``
+(sap_ds/data_cli.py) prints what they made of a run's data. Every error
 names the file, and where it can the row and the column, and says what would be valid: a
 bad row found after an hour on a cluster is an hour lost.
 """

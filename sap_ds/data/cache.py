@@ -29,7 +29,9 @@ from typing import Callable, Optional
 
 from sap_ds.data.sources import DataError
 
-VERSION = 1
+# 2: truncation at turn boundaries (tokenize._fit) and each row's record of what the
+# length limit did (pipeline.RECORD_COLUMNS): a cache written by version 1 is not read.
+VERSION = 2
 # The ranks that wait for the builder do so in a gloo group of their own with this timeout
 # (the default group's is 10 minutes under DeepSpeed: too short for a large set).
 WAIT_TIMEOUT = timedelta(hours=6)

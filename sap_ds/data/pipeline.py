@@ -20,7 +20,7 @@ from sap_ds.data.mixing import eval_split, mix_indices, safety_mix_indices, safe
 from sap_ds.data.packing import first_fit_decreasing
 from sap_ds.data.sources import DataError, source_identity
 from sap_ds.data.tables import BATCH, column, pair_table, task_table, turns_of
-from sap_ds.data.tokenize import ChatTokenizer, Status
+from sap_ds.data.tokenize import IGNORE_INDEX, ChatTokenizer, Status
 
 AUTO_PROC_MIN_ROWS = 20_000  # below this, worker start-up costs more than it saves
 
@@ -61,24 +61,45 @@ def _concat(tables):
     return tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
 
 
-def _counts(statuses) -> dict:
-    return {name: sum(1 for s in statuses if s == code) for code, name in enumerate(Status.NAMES)}
+# Per tokenized row, besides the tokens: where it came from and what the length limit did.
+RECORD_COLUMNS = ("origin", "status", "full_length", "trained_tokens", "trained_tokens_lost", "assistant_turns_lost")
+
+
+def _counts(statuses, turns_lost, tokens_lost) -> dict:
+    """Kept whole / truncated / dropped, and what the truncated examples lost: learned
+    assistant turns with no token left and learned tokens cut off (dropped examples are
+    counted as dropped, not here)."""
+    counts = {name: sum(1 for s in statuses if s == code) for code, name in enumerate(Status.NAMES)}
+    cut = [i for i, s in enumerate(statuses) if s == Status.TRUNCATED]
+    counts["assistant_turns_lost"] = sum(turns_lost[i] for i in cut)
+    counts["trained_tokens_lost"] = sum(tokens_lost[i] for i in cut)
+    return counts
+
+
+def _trained(labels) -> int:
+    return sum(1 for label in labels if label != IGNORE_INDEX)
 
 
 def tokenize_tasks(table, chat: ChatTokenizer, procs, what: str, name: str = ""):
     """(tokenized table without the dropped rows, counts): columns ``input_ids``,
-    ``labels``, ``length``, ``origin``. ``what`` names the rows in errors; ``name`` (default:
-    ``what``) the map's fingerprint."""
+    ``labels``, ``length`` and ``RECORD_COLUMNS`` (``origin``: file:row; what the length
+    limit did, read by ``sap-ds data``). ``what`` names the rows in errors; ``name``
+    (default: ``what``) the map's fingerprint."""
 
     def encode(batch):
         convs = [Conversation(turns_of(m), lf, o) for m, lf, o in zip(batch["messages"], batch["learn_from"], batch["origin"])]
-        out = {"input_ids": [], "labels": [], "length": [], "status": [], "full_length": [], "origin": batch["origin"]}
-        for tokens, status, full in chat.encode_many(convs):
+        out = {k: [] for k in ("input_ids", "labels", "length", *RECORD_COLUMNS)}
+        out["origin"] = batch["origin"]
+        for enc in chat.encode_many(convs):
+            tokens = enc.tokens
             out["input_ids"].append(tokens.input_ids if tokens else [])
             out["labels"].append(tokens.labels if tokens else [])
             out["length"].append(len(tokens.input_ids) if tokens else 0)
-            out["status"].append(status)
-            out["full_length"].append(full)
+            out["status"].append(enc.status)
+            out["full_length"].append(enc.full_length)
+            out["trained_tokens"].append(_trained(tokens.labels) if tokens else 0)
+            out["trained_tokens_lost"].append(enc.trained_tokens_lost)
+            out["assistant_turns_lost"].append(enc.assistant_turns_lost)
         return out
 
     encoded = table.map(encode, batched=True, batch_size=BATCH, num_proc=num_proc(procs, len(table)),
@@ -99,19 +120,22 @@ def tokenize_pairs(table, chat: ChatTokenizer, procs):
             convs += [Conversation(turns + (("assistant", p.safe),), len(turns), p.origin),
                       Conversation(turns + (("assistant", p.harmful),), len(turns), p.origin)]
         done = chat.encode_many(convs)
-        out = {k: [] for k in ("safe_input_ids", "safe_labels", "harmful_input_ids", "harmful_labels", "length", "status",
-                               "full_length")}
+        out = {k: [] for k in ("safe_input_ids", "safe_labels", "harmful_input_ids", "harmful_labels", "length",
+                               *RECORD_COLUMNS)}
         out["origin"] = batch["origin"]
-        for (safe, s1, n1), (harm, s2, n2) in zip(done[0::2], done[1::2]):
-            worst = max(s1, s2)
+        for safe, harm in zip(done[0::2], done[1::2]):
+            worst = max(safe.status, harm.status)
             usable = worst in (Status.KEPT, Status.TRUNCATED)
-            out["safe_input_ids"].append(safe.input_ids if usable else [])
-            out["safe_labels"].append(safe.labels if usable else [])
-            out["harmful_input_ids"].append(harm.input_ids if usable else [])
-            out["harmful_labels"].append(harm.labels if usable else [])
-            out["length"].append(len(safe.input_ids) + len(harm.input_ids) if usable else 0)
+            out["safe_input_ids"].append(safe.tokens.input_ids if usable else [])
+            out["safe_labels"].append(safe.tokens.labels if usable else [])
+            out["harmful_input_ids"].append(harm.tokens.input_ids if usable else [])
+            out["harmful_labels"].append(harm.tokens.labels if usable else [])
+            out["length"].append(len(safe.tokens.input_ids) + len(harm.tokens.input_ids) if usable else 0)
             out["status"].append(worst)
-            out["full_length"].append(max(n1, n2))
+            out["full_length"].append(max(safe.full_length, harm.full_length))
+            out["trained_tokens"].append(_trained(safe.tokens.labels) + _trained(harm.tokens.labels) if usable else 0)
+            out["trained_tokens_lost"].append(safe.trained_tokens_lost + harm.trained_tokens_lost)
+            out["assistant_turns_lost"].append(safe.assistant_turns_lost + harm.assistant_turns_lost)
         return out
 
     encoded = table.map(encode, batched=True, batch_size=BATCH, num_proc=num_proc(procs, len(table)),
@@ -125,11 +149,11 @@ def _finish(encoded, chat: ChatTokenizer, what: str):
     if too_long:
         origins, lengths = column(encoded, "origin"), column(encoded, "full_length")
         raise chat.overlength_error(what, [origins[i] for i in too_long], [lengths[i] for i in too_long], len(statuses))
-    counts = _counts(statuses)
+    counts = _counts(statuses, column(encoded, "assistant_turns_lost"), column(encoded, "trained_tokens_lost"))
     keep = [i for i, s in enumerate(statuses) if s != Status.DROPPED]
     if len(keep) < len(statuses):
         encoded = encoded.select(keep)
-    return encoded.remove_columns(["status", "full_length"]), counts
+    return encoded, counts
 
 
 def demonstration_table(pairs, indices: list[int]):

@@ -60,6 +60,11 @@ class TokenizedSet:
     def origin(self, i: int) -> str:
         return self.table[int(i)]["origin"]
 
+    def record(self, i: int) -> dict:
+        """Row ``i`` whole: its tokens, origin (file:row) and what the length limit did to
+        it (``pipeline.RECORD_COLUMNS``), for ``sap-ds data``."""
+        return self.table[int(i)]
+
 
 class PackedSet:
     """Packs of the examples of a ``TokenizedSet`` (``packing.first_fit_decreasing``)."""
@@ -94,6 +99,10 @@ class PairSet:
         row = self.table[int(i)]
         return EncodedPair(Tokenized(row["safe_input_ids"], row["safe_labels"]),
                            Tokenized(row["harmful_input_ids"], row["harmful_labels"]))
+
+    def record(self, i: int) -> dict:
+        """Pair ``i`` whole, with its origin and length-limit record (``TokenizedSet.record``)."""
+        return self.table[int(i)]
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -152,6 +161,16 @@ def load_run_data(folder: Path, hit: bool) -> RunData:
                    examples, meta["counts"], meta, folder, hit)
 
 
+def truncation_losses(counts: dict) -> str:
+    """"; truncation cut M trained tokens (N learned assistant turns whole)", empty when
+    nothing was truncated: a cut is counted in what it costs the loss, not only in examples."""
+    if not counts.get("truncated"):
+        return ""
+    turns = counts["assistant_turns_lost"]
+    return (f"; truncation cut {counts['trained_tokens_lost']} trained tokens ({turns} learned assistant "
+            f"turn{'' if turns == 1 else 's'} whole)")
+
+
 def log_data(data: RunData, cfg, spent: float) -> None:
     """What was prepared, on rank 0 at start: nothing is dropped or capped without a line here."""
     how = "loaded from cache" if data.cache_hit else f"prepared in {spent:.1f} s"
@@ -160,8 +179,8 @@ def log_data(data: RunData, cfg, spent: float) -> None:
                          ("safety_mix", "data.max_length")):
         c = data.counts.get(split)
         if c:
-            log.info("data: %s: %d kept whole, %d truncated, %d dropped (%s, data.overlength=%s)", split, c["kept"],
-                     c["truncated"], c["dropped"], limit, cfg.overlength)
+            log.info("data: %s: %d kept whole, %d truncated, %d dropped (%s, data.overlength=%s)%s", split, c["kept"],
+                     c["truncated"], c["dropped"], limit, cfg.overlength, truncation_losses(c))
     available = data.meta.get("eval_available", 0)
     if available > len(data.eval) + data.counts.get("eval", {}).get("dropped", 0):
         log.info("data: eval: the first %d of %d eval examples are used (data.eval_max_examples=%d)",

@@ -13,7 +13,9 @@ the generation prompt, then the rest of the text.
 Which assistant turns are learned: all of them (``data.loss_on: all_assistant``) or the
 last one (``last_assistant``), and never those before ``learn_from`` (a completion's
 prompt). Longer than ``max_length``: ``data.overlength`` (truncate, drop or error); see
-``Status``.
+``Status``. Truncation keeps whole turns: the example is cut at ``max_length`` and then
+back to its last learned token, so it ends at the end of a learned assistant turn, or
+inside the last one it keeps, never in a loss-free fragment of a later turn (``_fit``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ class Status:
     """What the length limit did to an example."""
 
     KEPT = 0  # fits in max_length
-    TRUNCATED = 1  # cut at max_length, learned tokens left
+    TRUNCATED = 1  # cut at max_length (and back to its last learned token), learned tokens left
     DROPPED = 2  # not used: no learned token left (truncate) or too long (drop)
     OVERLENGTH = 3  # too long under overlength 'error' (reported by the caller, with counts)
     NAMES = ("kept", "truncated", "dropped")
@@ -40,6 +42,17 @@ class Status:
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
+
+
+@dataclass
+class Encoded:
+    """What the length limit made of one conversation (``ChatTokenizer.encode_many``)."""
+
+    tokens: Optional[Tokenized]  # None: dropped, or over the limit under overlength 'error'
+    status: int  # a Status code
+    full_length: int  # tokens before the length limit
+    trained_tokens_lost: int = 0  # learned tokens a truncation cut off
+    assistant_turns_lost: int = 0  # learned assistant turns a truncation left no token of
 
 
 @dataclass
@@ -113,48 +126,63 @@ class ChatTokenizer:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode_many(self, conversations: Sequence[Conversation]) -> list[tuple[Optional[Tokenized], int, int]]:
-        """(tokens or None, Status, untruncated length) per conversation; one tokenizer
-        call for all pieces of all conversations."""
+    def encode_many(self, conversations: Sequence[Conversation]) -> list[Encoded]:
+        """What the length limit made of each conversation; one tokenizer call for all
+        pieces of all conversations."""
         cut = [self.pieces(c.turns, c.origin) for c in conversations]
         texts = [text for pieces in cut for text, _ in pieces]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         out, k = [], 0
         for conv, pieces in zip(conversations, cut):
             learned = self._learned(conv.turns, conv.learn_from)
-            input_ids, labels = [], []
+            input_ids, labels, spans = [], [], []
             for _, turn in pieces:
+                if turn in learned:
+                    spans.append((len(input_ids), len(input_ids) + len(ids[k])))
                 input_ids += ids[k]
                 labels += ids[k] if turn in learned else [IGNORE_INDEX] * len(ids[k])
                 k += 1
-            out.append(self._fit(input_ids, labels) + (len(input_ids),))
+            out.append(self._fit(input_ids, labels, spans))
         return out
 
-    def _fit(self, ids: list[int], labels: list[int]) -> tuple[Optional[Tokenized], int]:
-        if len(ids) <= self.max_length:
-            return Tokenized(ids, labels), Status.KEPT
+    def _fit(self, ids: list[int], labels: list[int], spans: Sequence[tuple[int, int]]) -> Encoded:
+        """The length limit. ``spans``: [start, end) of each learned assistant turn.
+
+        Truncation cuts at ``max_length`` and then back to the last learned token: later
+        turns go whole, a learned turn is cut only when it is the last one kept, and no
+        example ends in loss-free text (a user turn, a context assistant turn, the template's
+        turn header) that nothing after it would learn from. With ``loss_on:
+        last_assistant`` the learned turn is the last one, so it is cut, or the example
+        dropped when the cut falls before it."""
+        full = len(ids)
+        if full <= self.max_length:
+            return Encoded(Tokenized(ids, labels), Status.KEPT, full)
         if self.overlength == "error":
-            return None, Status.OVERLENGTH
+            return Encoded(None, Status.OVERLENGTH, full)
         if self.overlength == "drop":
-            return None, Status.DROPPED
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            return None, Status.DROPPED
-        return Tokenized(ids, labels), Status.TRUNCATED
+            return Encoded(None, Status.DROPPED, full)
+        end = self.max_length
+        while end > 0 and labels[end - 1] == IGNORE_INDEX:
+            end -= 1
+        if end == 0:
+            return Encoded(None, Status.DROPPED, full)
+        lost_tokens = sum(stop - max(start, end) for start, stop in spans if stop > end)
+        lost_turns = sum(1 for start, _ in spans if start >= end)
+        return Encoded(Tokenized(ids[:end], labels[:end]), Status.TRUNCATED, full, lost_tokens, lost_turns)
 
     def overlength_error(self, what: str, origins: Sequence[str], lengths: Sequence[int], total: int) -> DataError:
         first = ", ".join(f"{o} ({n} tokens)" for o, n in list(zip(origins, lengths))[:3])
         return DataError(
             f"{what}: {len(origins)} of {total} examples are longer than {self.length_key}={self.max_length} tokens "
             f"(first: {first}) and data.overlength is 'error'; raise {self.length_key}, or set data.overlength to "
-            "'truncate' (cut the end, keep the prompt) or 'drop'"
+            "'truncate' (keep the prompt, cut at turn boundaries) or 'drop'"
         )
 
     def encode_conversation(self, conv: Conversation) -> Optional[Tokenized]:
-        tokens, status, length = self.encode_many([conv])[0]
-        if status == Status.OVERLENGTH:
-            raise self.overlength_error("data", [conv.origin], [length], 1)
-        return tokens
+        encoded = self.encode_many([conv])[0]
+        if encoded.status == Status.OVERLENGTH:
+            raise self.overlength_error("data", [conv.origin], [encoded.full_length], 1)
+        return encoded.tokens
 
     def encode(self, messages, response: str, origin: str = "") -> Optional[Tokenized]:
         """Token ids and labels of ``messages`` + the assistant's ``response`` (only the

@@ -64,7 +64,7 @@ def resolve_source(model: str, base: Optional[str] = None) -> ModelSource:
         if base is not None:
             raise ModelError(f"--base: '{model}' is not an adapter folder (it has no {ADAPTER_CONFIG}); --base names "
                              "the base model of a LoRA adapter folder, drop it for a full model")
-        path = resolve_model_path(ModelConfig(path=model))
+        path = resolve_model_path(ModelConfig(path=model), key="--model")  # a run folder: names its export
         return ModelSource(path=path, tokenizer_path=path)
     config = read_adapter_config(folder)
     config_file = folder / ADAPTER_CONFIG

@@ -6,7 +6,7 @@ figures; a failing step never stops the ones after it:
 
 1. versions and capabilities            (``kernels_check.versions_step``)
 2. compiled Triton kernels vs twins      (``kernels_check.kernels_step``)
-3. kernel bandwidth (``kernels.bench``)  (``kernels_check.bandwidth_step``)
+3. kernel bandwidth (``sap_ds_kernels.bench``) (``kernels_check.bandwidth_step``)
 4. the engine path in bf16 with Triton   (``engine_check``, one launch for 4-7)
 5. the bf16 perturbation table and the probe gradient's noise floor
 6. ``sap-ds bench``: SFT vs SAP's forms (paper, fast, recommended and its cheaper forms), Lisa, mixing

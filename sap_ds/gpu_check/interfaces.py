@@ -14,7 +14,7 @@ import math
 
 import torch
 
-import kernels
+import sap_ds_kernels
 from sap_ds import sap
 from sap_ds.losses import forward_logits, task_loss
 from sap_ds.zero3 import all_reduce_sum
@@ -26,7 +26,7 @@ def perturbation_stats(masters: list[torch.Tensor], directions: list[torch.Tenso
     """W' = W + rho * ||W|| / ||g|| * g as the engine stores it (``dtype``), against the intended
     step: ``realized_ratio`` = ||cast(W') - cast(W)|| / ||intended||, ``cosine`` between the
     two, ``changed_fraction`` of elements whose stored value moved. The sums come from the
-    perturb kernel's own statistics (``kernels.perturbation_stats``: Triton on CUDA, the twin
+    perturb kernel's own statistics (``sap_ds_kernels.perturbation_stats``: Triton on CUDA, the twin
     on CPU), the code that measures every training probe step; norms over all ranks."""
     from sap_ds.resolution import fidelity_from_sums
 
@@ -36,7 +36,7 @@ def perturbation_stats(masters: list[torch.Tensor], directions: list[torch.Tenso
         sums += torch.stack([g.double().pow(2).sum(), w.double().pow(2).sum()])
     g2, w2 = all_reduce_sum(sums).tolist()
     scale = torch.tensor(rho * math.sqrt(w2) / math.sqrt(g2) if g2 > 0 else 0.0, dtype=torch.float32, device=device)
-    parts = sum(kernels.perturbation_stats(w, g, scale, dtype).to(device) for w, g in zip(masters, directions))
+    parts = sum(sap_ds_kernels.perturbation_stats(w, g, scale, dtype).to(device) for w, g in zip(masters, directions))
     numel = all_reduce_sum(torch.tensor([float(sum(w.numel() for w in masters))], dtype=torch.float64,
                                         device=device)).item()
     fid = fidelity_from_sums(all_reduce_sum(parts), int(numel))

@@ -1,5 +1,5 @@
 """Steps 1-3 of the GPU check: versions and capabilities, the compiled kernels against their
-PyTorch twins, and the kernels' bandwidth (``python -m kernels.bench``).
+PyTorch twins, and the kernels' bandwidth (``python -m sap_ds_kernels.bench``).
 
 On CPU (``--cpu``) the same functions run with the Triton interpreter (TRITON_INTERPRET=1,
 set by scripts/gpu_check.sh before triton is imported) and CPU sizes.
@@ -60,8 +60,8 @@ def versions_step(step: Step, cpu: bool, out: Path) -> None:
 
 
 def _triton_capabilities(step: Step, cpu: bool) -> None:
-    """The Triton features the kernels use (kernels/_triton.py, perturb.py)."""
-    from kernels._triton import import_triton, interpreter_enabled
+    """The Triton features the kernels use (kernels/sap_ds_kernels/_triton.py, perturb.py)."""
+    from sap_ds_kernels._triton import import_triton, interpreter_enabled
 
     try:
         triton, tl = import_triton()
@@ -104,8 +104,8 @@ def _inputs(n: int, dev: torch.device, seed: int) -> tuple[torch.Tensor, torch.T
 
 def _cast_cases(step: Step, label: str, master, direction, scale, dev, unaligned_out: bool = False) -> None:
     """perturb and restore into bf16 and fp32 outputs, kernel vs twin, bit for bit."""
-    from kernels.perturb import perturb_from_master_torch, perturb_from_master_triton
-    from kernels.restore import restore_from_master_torch, restore_from_master_triton
+    from sap_ds_kernels.perturb import perturb_from_master_torch, perturb_from_master_triton
+    from sap_ds_kernels.restore import restore_from_master_torch, restore_from_master_triton
 
     n = master.numel()
     for dtype in (torch.bfloat16, torch.float32):
@@ -127,7 +127,7 @@ def _cast_cases(step: Step, label: str, master, direction, scale, dev, unaligned
 
 
 def _sumsq_case(step: Step, label: str, a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
-    from kernels.sumsq import sumsq_triton
+    from sap_ds_kernels.sumsq import sumsq_triton
 
     got = sumsq_triton(a, b).double().cpu()
     chunk = 2**26  # the fp64 reference in pieces: a whole fp64 copy of a 2^31 shard is 17 GB
@@ -156,9 +156,9 @@ def kernels_step(step: Step, cpu: bool) -> None:
 
 
 def _special_values(step: Step, dev) -> None:
-    from kernels.perturb import perturb_from_master_torch, perturb_from_master_triton
-    from kernels.restore import restore_from_master_triton
-    from kernels.sumsq import sumsq_triton
+    from sap_ds_kernels.perturb import perturb_from_master_torch, perturb_from_master_triton
+    from sap_ds_kernels.restore import restore_from_master_triton
+    from sap_ds_kernels.sumsq import sumsq_triton
 
     master, direction = _inputs(5000, dev, seed=3)
     master[::7] = float("nan")
@@ -189,8 +189,8 @@ def _big_case(step: Step, dev, cpu: bool) -> None:
     if free < need:
         step.figure("above_2^31", f"skipped: needs {need / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free")
         return
-    from kernels.perturb import perturb_from_master_torch, perturb_from_master_triton
-    from kernels.restore import restore_from_master_triton
+    from sap_ds_kernels.perturb import perturb_from_master_torch, perturb_from_master_triton
+    from sap_ds_kernels.restore import restore_from_master_triton
 
     master = torch.empty(BIG, device=dev).normal_(0, 0.02)
     direction = torch.empty(BIG, device=dev).normal_()
@@ -215,7 +215,7 @@ def _big_case(step: Step, dev, cpu: bool) -> None:
 
 GPU_SIZES = "16M,64M,256M,1B"
 PEAK_TARGET, SPEEDUP_TARGET, LARGE_BYTES = 0.85, 3.0, 64 * 2**20
-# Bytes per element the unfused sequences of kernels/bench.py move over the fused kernel's
+# Bytes per element the unfused sequences of kernels/sap_ds_kernels/bench.py move over the fused kernel's
 # (bf16 out): the speedup an ideal fused kernel can show over an unfused one at the same
 # bandwidth. sumsq: pow (r4 w4) + sum (r4) per tensor = 12 vs 4; perturb: mul (r4 w4), add_
 # (r8 w4), copy_ (r4 w2) = 26 vs 10; restore: .to (r4 w2) + copy_ (r2 w2) = 10 vs 6.
@@ -223,16 +223,23 @@ TRAFFIC_BOUND = {"sumsq": 3.0, "perturb": 2.6, "restore": 10 / 6}
 
 
 def bandwidth_step(step: Step, cpu: bool, out: Path) -> None:
-    """Run ``python -m kernels.bench`` as its users do and read its JSON record."""
+    """Run ``python -m sap_ds_kernels.bench`` as its users do and read its JSON record."""
     record_path = out / "kernels_bench.json"
     sizes = "256K" if cpu else GPU_SIZES
+    import sap_ds_kernels
+
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the bench times compiled kernels (on CPU: the twins)
-    cmd = [sys.executable, "-m", "kernels.bench", "--sizes", sizes, "--out-json", str(record_path)]
+    # the folder this process took sap_ds_kernels from (in a checkout without an install: kernels/), so the
+    # bench times the same kernels steps 1-2 checked
+    kernels_parent = str(Path(sap_ds_kernels.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [kernels_parent, env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "sap_ds_kernels.bench", "--sizes", sizes, "--out-json", str(record_path)]
     if cpu:
         cmd += ["--repeats", "2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300 if not cpu else 120)
-    step.check("python -m kernels.bench exits 0", proc.returncode == 0, proc.stderr[-800:] if proc.returncode else None)
+    step.check("python -m sap_ds_kernels.bench exits 0", proc.returncode == 0,
+               proc.stderr[-800:] if proc.returncode else None)
     if proc.returncode:
         return
     record = json.loads(record_path.read_text())
@@ -244,11 +251,11 @@ def bandwidth_step(step: Step, cpu: bool, out: Path) -> None:
     step.figure("rows", rows)
     step.check("a row per kernel and size", len(rows) == 3 * len(sizes.split(",")), len(rows))
     if cpu:
-        step.note("CPU: kernels.bench times the PyTorch twins; the bandwidth targets apply on GPU only")
+        step.note("CPU: sap_ds_kernels.bench times the PyTorch twins; the bandwidth targets apply on GPU only")
         return
     large = [r for r in record["rows"] if r["bytes_moved"] >= LARGE_BYTES]
     if record["peak_bandwidth_TBps"] is None:
-        step.check(f"peak bandwidth of '{record['device']}' known (kernels/bench.py PEAK_TBPS)", False)
+        step.check(f"peak bandwidth of '{record['device']}' known (kernels/sap_ds_kernels/bench.py PEAK_TBPS)", False)
         return
     for r in large:
         step.check(f"{r['kernel']} n={r['numel']:,}: >= {PEAK_TARGET:.0%} of peak bandwidth", r["peak_fraction"] >= PEAK_TARGET,

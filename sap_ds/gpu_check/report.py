@@ -15,7 +15,7 @@ SCHEMA = "sap-ds-gpu-check/1"
 STEP_NAMES = {
     1: "versions and capabilities",
     2: "Triton kernels vs their PyTorch twins",
-    3: "kernel bandwidth (python -m kernels.bench)",
+    3: "kernel bandwidth (python -m sap_ds_kernels.bench)",
     4: "engine path: perturb, probe, restore (bf16, Triton kernels)",
     5: "bf16 perturbation table and probe-gradient noise floor",
     6: "sap-ds bench: SFT vs SAP's forms and the baselines",

@@ -1,6 +1,6 @@
 """Benchmark the fused kernels against the unfused PyTorch sequences.
 
-    python -m kernels.bench [--sizes 1M,16M,...] [--dtype bf16] [--repeats N]
+    python -m sap_ds_kernels.bench [--sizes 1M,16M,...] [--dtype bf16] [--repeats N]
                             [--out-json F] [--out-csv F]
 
 Per kernel and shard size: median time, bytes moved, GB/s, fraction of the device's

@@ -33,7 +33,7 @@ def restore_from_master_triton(master, out) -> None:
 
 @functools.cache
 def _kernel():
-    """Build the jit kernel on first use (see kernels._triton for why not at import).
+    """Build the jit kernel on first use (see sap_ds_kernels._triton for why not at import).
 
     Its free names are bound as module globals: the interpreter resolves a kernel's
     names in its module's globals only, never in closures.

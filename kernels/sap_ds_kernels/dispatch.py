@@ -76,7 +76,7 @@ def perturb_from_master(master, direction, scale, out, backend: str = "auto", st
 
     ``stats``: optional float64 tensor of ``N_STATS`` elements on master's device; the
     realised-perturbation sums ``[sum r*r, sum d*d, sum r*d, count(r != 0)]`` of this
-    shard are added to it (see kernels/perturb.py), in the same pass."""
+    shard are added to it (see perturb.py), in the same pass."""
     chosen, _ = choose_backend(master, backend)
     impl = perturb_from_master_triton if chosen == "triton" else perturb_from_master_torch
     impl(master, direction, scale, out, stats=stats)

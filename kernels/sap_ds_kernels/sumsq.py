@@ -47,7 +47,7 @@ def sumsq_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _kernel():
-    """Build the jit kernel on first use (see kernels._triton for why not at import).
+    """Build the jit kernel on first use (see sap_ds_kernels._triton for why not at import).
 
     Its free names are bound as module globals: the interpreter resolves a kernel's
     names in its module's globals only, never in closures.

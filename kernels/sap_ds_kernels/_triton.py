@@ -1,6 +1,6 @@
 """Lazy Triton access shared by the kernel files.
 
-Why lazy: `import kernels` must work where triton is not installed (the PyTorch twins
+Why lazy: `import sap_ds_kernels` must work where triton is not installed (the PyTorch twins
 still run), and triton decides when a kernel is *decorated* whether it is compiled for
 the GPU or run by the CPU interpreter (``TRITON_INTERPRET=1``). So every kernel is
 built on first use by a cached builder, never at import time.
