@@ -9,7 +9,7 @@ paths hold; sap_ds/resources.py finds them) and records the git commit in
 sap_ds/_build_info.json for ``sap-ds --version``.
 
 Dependency bounds: the floors are the first releases with what sap-ds uses
-(sap_ds/versions.py checks them at start); the ``<=`` upper bounds are the newest versions
+(sap_ds/dependencies.py checks them at start); the ``<=`` upper bounds are the newest versions
 tests/test_user_install.py has installed and trained with (a fresh venv, ``pip install
 torch==2.13.0``, then this project resolved against the registry with no constraints: pip
 picks every bound, and the test fails unless it did). To raise a bound: change it here, run
@@ -67,13 +67,13 @@ setup(
     # The kernels install as ``sap_ds_kernels``, never as ``kernels`` (Hugging Face's PyPI package of that
     # name is a dependency of transformers: both would write site-packages/kernels/). Their source stays
     # in the repository's kernels/ folder.
-    # sap_ds.smollm2_tokenizer: data only (SmolLM2's tokenizer, MANIFEST.in includes its files)
-    packages=[*find_packages(include=["sap_ds", "sap_ds.*"]), "sap_ds.smollm2_tokenizer", "sap_ds_kernels"],
+    # sap_ds.model.smollm2_tokenizer: data only (SmolLM2's tokenizer, MANIFEST.in includes its files)
+    packages=[*find_packages(include=["sap_ds", "sap_ds.*"]), "sap_ds.model.smollm2_tokenizer", "sap_ds_kernels"],
     package_dir={"sap_ds_kernels": "kernels/sap_ds_kernels"},
     include_package_data=True,
     cmdclass={"build_py": BuildWithShippedFiles},
     install_requires=[
-        # Floors: the first release with what sap-ds uses (sap_ds/versions.py says what, and checks them at start).
+        # Floors: the first release with what sap-ds uses (sap_ds/dependencies.py says what, and checks them at start).
         # Upper bounds (<=): the versions tests/test_user_install.py installed and trained with (see the docstring).
         # torch: a range; the user installs it first (CPU or CUDA build) and pip keeps it.
         "torch>=2.6,<2.15",

@@ -14,7 +14,7 @@ losses of a re-built engine reproduce bit for bit).
 
 Written: ``--out`` (JSON, atomically) and the same path with ``.png`` (tokens/s per
 variant with the ratio to SFT and the ideal ratio, and the per-phase time split);
-per-variant trainer metrics under ``<out stem>_runs/<variant>/``. FLOPs: ``sap_ds.flops``.
+per-variant trainer metrics under ``<out stem>_runs/<variant>/``. FLOPs: ``sap_ds.cost.flops``.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script (deepspeed sap_ds/bench.py): ma
 
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
-from sap_ds.hardware import GPU_PEAK_TFLOPS, gpu_peak_flops, job_peak_flops, measure_cpu_peak  # noqa: E402,F401
+from sap_ds.cost.hardware import job_peak_flops  # noqa: E402,F401
 
 log = logging.getLogger("sap_ds")
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,9 @@ def load_bench_config(path: str, overrides: list[str]):
     """(bench section, base RunConfig, base tree): the file minus ``bench:`` is a run config."""
     from pydantic import ValidationError
 
-    from sap_ds.config import ConfigError, RunConfig, build_config, read_config_file
+    from sap_ds.config.reading import read_config_file
+    from sap_ds.config.run import RunConfig, build_config
+    from sap_ds.errors import ConfigError
 
     tree = read_config_file(path, schema=RunConfig)
     section = tree.pop("bench", None) or {}
@@ -212,7 +214,7 @@ def warmup_for(cfg, warmup_steps: int) -> int:
     """Warm-up steps for a variant: at least ``warmup_steps``, and through its first probe
     step, so first-use costs of the SAP phases (buffers, allocator growth) are never timed
     (with probe_fraction 0.5 step 0 runs no probe and step 1 would carry them)."""
-    from sap_ds.sap import runs_probe
+    from sap_ds.sap.step import runs_probe
 
     if cfg.method != "sap" or not cfg.sap.probe_enabled:
         return warmup_steps
@@ -226,11 +228,11 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
     record of every rank (step times, phase times, batch lengths, peak memory); others None."""
     import torch
 
-    from sap_ds import flops as flops_mod
-    from sap_ds.config import build_config
+    from sap_ds.config.run import build_config
+    from sap_ds.cost import flops as flops_mod
     from sap_ds.data import sequence_lengths
-    from sap_ds.distributed import barrier
-    from sap_ds.trainer import Trainer
+    from sap_ds.parallel.distributed import barrier
+    from sap_ds.training.trainer import Trainer
 
     cfg = build_config(tree, overrides + variant.overrides, source=variant.name)
     W, N = warmup_for(cfg, bench.warmup_steps), bench.timed_steps
@@ -298,7 +300,7 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
 def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
     """One JSON record from a variant's raw measurements (one per round; their timed
     steps are pooled). A step ends when its slowest rank does; phases are rank means."""
-    from sap_ds import flops as flops_mod
+    from sap_ds.cost import flops as flops_mod
 
     cfg, fm, lowest, W, N = (raws[0][k] for k in ("cfg", "fm", "lowest", "W", "N"))
     # probe passes per probe step in whole-batch equivalents: 2 under probe_timing same_step (both
@@ -459,7 +461,7 @@ def plot(result: dict, path: Path) -> None:
     m = result["machine"]
     fig.suptitle(f"sap-ds bench: {m.get('gpu') or m['cpu']} x{result['world_size']}, {result['date_utc'][:10]}", fontsize=10)
     fig.tight_layout()
-    from sap_ds.checkpoint import atomic_save_figure
+    from sap_ds.training.checkpoint import atomic_save_figure
 
     atomic_save_figure(fig, path, dpi=110)
 
@@ -498,7 +500,7 @@ def parse_args(argv=None):
 
 
 def select(bench: BenchSection, args) -> BenchSection:
-    from sap_ds.config import ConfigError
+    from sap_ds.errors import ConfigError
 
     update = {}
     if args.warmup is not None:
@@ -525,7 +527,7 @@ def select(bench: BenchSection, args) -> BenchSection:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sap_ds.versions import refuse_old_packages
+    from sap_ds.dependencies import refuse_old_packages
 
     if (code := refuse_old_packages("bench")) is not None:  # before anything heavy is imported
         return code
@@ -538,7 +540,7 @@ def main(argv=None) -> int:
         from sap_ds.train import fail_fast
 
         fail_fast(base)
-        from sap_ds.distributed import init_distributed, is_main
+        from sap_ds.parallel.distributed import init_distributed, is_main
 
         rank, _, world = init_distributed(base.distributed)
         out = Path(args.out)
@@ -560,9 +562,9 @@ def main(argv=None) -> int:
         return report_user_error(exc)
     if not is_main():
         return 0
-    from sap_ds import flops as flops_mod
-    from sap_ds.checkpoint import atomic_write_text
-    from sap_ds.config import config_to_dict
+    from sap_ds.config.run import config_to_dict
+    from sap_ds.cost import flops as flops_mod
+    from sap_ds.training.checkpoint import atomic_write_text
 
     add_ratios(records)
     commit, dirty = git_commit()

@@ -6,11 +6,11 @@ import sys
 COMMANDS = {
     "train": ("sap_ds.train", "fine-tune (SFT, SAP, Lisa or safety_mix: method=...); also: deepspeed sap_ds/train.py --config ..."),
     "eval": ("sap_ds.eval", "harmful score and task metrics of one model (docs/evaluation.md)"),
-    "compare": ("sap_ds.compare", "methods from one model (SFT, SAP, Lisa, ...): train each, evaluate, table + plot"),
-    "sweep": ("sap_ds.sweep", "train + evaluate a grid/random search over config keys and seeds; Pareto front"),
+    "compare": ("sap_ds.experiments.compare", "methods from one model (SFT, SAP, Lisa, ...): train each, evaluate, table + plot"),
+    "sweep": ("sap_ds.experiments.sweep", "train + evaluate a grid/random search over config keys and seeds; Pareto front"),
     "bench": ("sap_ds.bench", "throughput of SFT vs SAP variants (tokens/s, phase split, MFU, memory)"),
-    "safelora": ("sap_ds.safelora_cli", "project a LoRA adapter onto the alignment subspace (SafeLoRA), post hoc"),
-    "plan": ("sap_ds.plan", "per-GPU memory and step time for a model size and cluster"),
+    "safelora": ("sap_ds.methods.safelora_cli", "project a LoRA adapter onto the alignment subspace (SafeLoRA), post hoc"),
+    "plan": ("sap_ds.cost.plan", "per-GPU memory and step time for a model size and cluster"),
     "configs": ("sap_ds.configs_cli", "list the shipped configs; print one's path; copy one out to edit; copy the SLURM templates out"),
     "data": ("sap_ds.data_cli", "the run's data as training sees it: counts, examples with the trained tokens marked"),
 }

@@ -38,14 +38,14 @@ def schema_for(kind: str):
 
         return EvalConfig
     if kind == "compare":
-        from sap_ds.compare import CompareConfig
+        from sap_ds.experiments.compare import CompareConfig
 
         return CompareConfig
     if kind == "sweep":
-        from sap_ds.sweep import SweepConfig
+        from sap_ds.experiments.sweep import SweepConfig
 
         return SweepConfig
-    from sap_ds.config import RunConfig
+    from sap_ds.config.run import RunConfig
 
     return RunConfig
 
@@ -62,7 +62,7 @@ def _first_comment(path: Path) -> str:
 
 
 def list_configs() -> list[tuple[str, str, str]]:
-    from sap_ds.config import read_config_file
+    from sap_ds.config.reading import read_config_file
     from sap_ds.resources import config_name, shipped_configs
 
     rows = []
@@ -74,7 +74,8 @@ def list_configs() -> list[tuple[str, str, str]]:
 def copy_config(name: str, dest: Path, force: bool = False) -> Path:
     import yaml
 
-    from sap_ds.config import ConfigError, find_config_file, read_config_file
+    from sap_ds.config.reading import find_config_file, read_config_file
+    from sap_ds.errors import ConfigError
 
     source = find_config_file(name)
     if dest.is_dir():
@@ -97,7 +98,7 @@ def copy_slurm_templates(dest: Path, force: bool = False) -> Path:
     """The shipped slurm/ folder (templates, common.sh, README.md) as ``dest/slurm``."""
     import shutil
 
-    from sap_ds.config import ConfigError
+    from sap_ds.errors import ConfigError
     from sap_ds.resources import slurm_dir
 
     source, target = slurm_dir(), dest / "slurm"
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
             print("\nUse a name wherever a config is expected (sap-ds train --config demo); "
                   "sap-ds configs copy NAME writes one out to edit.")
         elif args.action == "path":
-            from sap_ds.config import find_config_file
+            from sap_ds.config.reading import find_config_file
 
             print(find_config_file(args.name).resolve())
         elif args.action == "slurm":

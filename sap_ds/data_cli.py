@@ -82,7 +82,7 @@ def prepare(cfg):
     tokenizer, same method flags, hence the same cache fingerprint)."""
     from sap_ds.data import build_run_data
     from sap_ds.methods import build_method
-    from sap_ds.modeling import load_tokenizer, resolve_model_path
+    from sap_ds.model.loading import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(cfg.model), cfg.model.trust_remote_code)
     method = build_method(cfg)
@@ -154,7 +154,7 @@ def summary_lines(data, cfg, config_name: str) -> list[str]:
 
 def pick(n: int, args) -> list[int]:
     """The indices to show: ``--show`` from ``--start``, or drawn with ``--random``."""
-    from sap_ds.config import ConfigError
+    from sap_ds.errors import ConfigError
 
     if args.random:
         return sorted(random.Random(args.seed).sample(range(n), min(args.show, n)))
@@ -224,7 +224,7 @@ def example_blocks(data, tokenizer, cfg, split: str, indices: list[int], marks: 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sap_ds.versions import refuse_old_packages
+    from sap_ds.dependencies import refuse_old_packages
 
     if (code := refuse_old_packages("data")) is not None:
         return code
@@ -232,7 +232,8 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="[sap-ds] %(message)s")  # the pipeline's lines, on stderr
     try:
-        from sap_ds.config import ConfigError, load_config
+        from sap_ds.config.run import load_config
+        from sap_ds.errors import ConfigError
 
         cfg = load_config(args.config, args.overrides)
         data, tokenizer = prepare(cfg)

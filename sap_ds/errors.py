@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import sys
 
-from sap_ds.config import ConfigError
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the file, the key and what would be valid."""
 
 
 class ModelError(ValueError):
@@ -40,7 +42,7 @@ class TrainingStopped(RuntimeError):
 
 
 def report_user_error(exc: Exception) -> int:
-    from sap_ds.metrics import record_in_train_log
+    from sap_ds.training.metrics import record_in_train_log
 
     message = f"sap-ds: error: {exc}"
     print(message, file=sys.stderr, flush=True)

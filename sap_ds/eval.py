@@ -53,10 +53,17 @@ def evaluate(model_arg: str, cfg, base: Optional[str] = None) -> dict:
     from sap_ds.evaluation.generation import GenerationStats
     from sap_ds.evaluation.judges import check_judge_folder, load_judge
     from sap_ds.evaluation.runtime import gather, is_main, rank_world, resolve_dtype
-    from sap_ds.evaluation.safety import (answer, apply_judge, harmful_metrics, judge_benign, judge_harmful, load_sets,
-                                          over_refusal_metrics)
+    from sap_ds.evaluation.safety import (
+        answer,
+        apply_judge,
+        harmful_metrics,
+        judge_benign,
+        judge_harmful,
+        load_sets,
+        over_refusal_metrics,
+    )
     from sap_ds.evaluation.tasks import run_task
-    from sap_ds.modeling import load_tokenizer
+    from sap_ds.model.loading import load_tokenizer
 
     source = resolve_source(model_arg, base)
     judge_cfg = cfg.scorer.classifier
@@ -99,7 +106,7 @@ def evaluate(model_arg: str, cfg, base: Optional[str] = None) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sap_ds.versions import refuse_old_packages
+    from sap_ds.dependencies import refuse_old_packages
 
     if (code := refuse_old_packages("eval")) is not None:  # before anything heavy is imported
         return code

@@ -32,21 +32,26 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     started = time.time()  # a stop file older than this was meant for an earlier run
     args = parse_args(argv)
-    from sap_ds.versions import refuse_old_packages
+    from sap_ds.dependencies import refuse_old_packages
 
     if (code := refuse_old_packages("train")) is not None:  # before anything heavy is imported
         return code
-    from sap_ds.errors import (EXIT_STOPPED_RESUMABLE, EXIT_TRAINING_STOPPED, USER_ERRORS, TrainingStopped,
-                               report_user_error)
+    from sap_ds.errors import (
+        EXIT_STOPPED_RESUMABLE,
+        EXIT_TRAINING_STOPPED,
+        USER_ERRORS,
+        TrainingStopped,
+        report_user_error,
+    )
 
     logging.basicConfig(level=logging.INFO, format="[sap-ds] %(message)s")
     try:
-        from sap_ds.config import load_config
+        from sap_ds.config.run import load_config
 
         cfg = load_config(args.config, args.overrides)  # validate before any process group exists
         from pathlib import Path
 
-        from sap_ds.resume import clear_stale_stop_file, finished_run
+        from sap_ds.training.resume import clear_stale_stop_file, finished_run
 
         check_inputs(cfg)  # first: a mistyped path in a finished run's folder is a missing file, not a config change
         done = finished_run(cfg)  # a finished run: done, or an error if it was trained under another config
@@ -58,10 +63,10 @@ def main(argv=None) -> int:
         if rank0:
             clear_stale_stop_file(Path(cfg.output_dir), started)
         fail_fast(cfg)
-        from sap_ds.distributed import init_distributed, is_main
+        from sap_ds.parallel.distributed import init_distributed, is_main
 
         rank, _, world = init_distributed(cfg.distributed)
-        from sap_ds.trainer import Trainer
+        from sap_ds.training.trainer import Trainer
 
         trainer = Trainer(cfg, rank, world)
         summary = trainer.train()
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
     if is_main():
         print_done(cfg.output_dir, summary) if summary.get("already_done") else print_summary(summary)
     if summary.get("preempted"):
-        from sap_ds.distributed import barrier
+        from sap_ds.parallel.distributed import barrier
 
         # The deepspeed launcher ends every rank once one exits non-zero: all ranks leave together,
         # after rank 0 has written the REQUEUE marker, removed the stop file and printed the above.
@@ -88,7 +93,7 @@ def fail_fast(cfg) -> None:
     ranks start and data loads."""
     import torch
 
-    from sap_ds.distributed import prepare_environment
+    from sap_ds.parallel.distributed import prepare_environment
 
     prepare_environment()
     check_run(cfg, int(os.environ["WORLD_SIZE"]), on_gpu=torch.cuda.is_available())
@@ -98,11 +103,11 @@ def check_run(cfg, world_size: int, on_gpu: bool) -> None:
     """``fail_fast``'s checks themselves, for callers that build Trainers in a process whose
     environment is already set up (tests/shipped_configs_runner.py): one list, so a check
     added here reaches every entry point."""
-    from sap_ds.checkpoint import check_resumable
-    from sap_ds.ds_config import load_ds_config
-    from sap_ds.metrics import check_logging
-    from sap_ds.modeling import check_attention
-    from sap_ds.safelora import check_export_config as check_safelora_models
+    from sap_ds.methods.safelora import check_export_config as check_safelora_models
+    from sap_ds.model.loading import check_attention
+    from sap_ds.parallel.ds_config import load_ds_config
+    from sap_ds.training.checkpoint import check_resumable
+    from sap_ds.training.metrics import check_logging
 
     check_inputs(cfg)
     check_probe_layers(cfg)
@@ -117,8 +122,9 @@ def check_inputs(cfg) -> None:
     """The model folder and every data file exist; else one ConfigError naming each missing
     one with the override that replaces it (configs/70b and the paper config hold
     /path/to/... placeholders for what a user brings)."""
-    from sap_ds.config import ConfigError, missing_inputs
-    from sap_ds.modeling import ModelError, resolve_model_path
+    from sap_ds.config.run import missing_inputs
+    from sap_ds.errors import ConfigError, ModelError
+    from sap_ds.model.loading import resolve_model_path
 
     problems = missing_inputs(cfg)
     try:
@@ -134,8 +140,8 @@ def check_probe_layers(cfg) -> None:
     '11-20' on a shallower model fails here, before the model loads (ProbeError)."""
     if cfg.method != "sap":
         return
-    from sap_ds.modeling import resolve_model_path
-    from sap_ds.probe import check_layers_from_config
+    from sap_ds.model.loading import resolve_model_path
+    from sap_ds.sap.probe import check_layers_from_config
 
     check_layers_from_config(cfg.sap.probe_layers, resolve_model_path(cfg.model) / "config.json")
 

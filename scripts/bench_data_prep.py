@@ -72,12 +72,12 @@ def rank_main(rank: int, port: int, code_root: str, data: dict, out: str) -> Non
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    from sap_ds.config import DataConfig
-    from sap_ds.data import build_run_data
-    from sap_ds.embedded import tiny_model_dir
-    from sap_ds.modeling import load_tokenizer
-
     import datasets  # noqa: F401  (both pipelines read with datasets: its import is not data preparation)
+
+    from sap_ds.config.run import DataConfig
+    from sap_ds.data import build_run_data
+    from sap_ds.model.embedded import tiny_model_dir
+    from sap_ds.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir())
     cfg = DataConfig(**data)

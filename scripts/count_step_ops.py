@@ -119,7 +119,7 @@ class Counter:
 
 def model_folder(layers: int, root: Path) -> Path:
     """The tiny test model's folder (config + tokenizer) with ``layers`` decoder layers."""
-    from sap_ds.embedded import tiny_model_dir
+    from sap_ds.model.embedded import tiny_model_dir
 
     src = tiny_model_dir()
     dst = root / f"llama-{layers}"
@@ -136,14 +136,14 @@ def model_folder(layers: int, root: Path) -> Path:
 def log_reads(trainer) -> None:
     """What the trainer reads from the device when it logs a step (this checkout's, or
     the older per-value reads when ``sap.stats_as_floats`` does not exist)."""
-    from sap_ds import sap
+    from sap_ds.sap import step as sap_step
 
     trainer.timer.pop()
     state = trainer.sap_state
     if state is None:
         return
-    if hasattr(sap, "stats_as_floats"):
-        sap.stats_as_floats(state)
+    if hasattr(sap_step, "stats_as_floats"):
+        sap_step.stats_as_floats(state)
     else:
         [float(v) for v in state.stats.values()]
         state.probe.vectors.detach().norm().item()
@@ -152,7 +152,7 @@ def log_reads(trainer) -> None:
 def count(cfg, rank, world, warmup: int) -> dict:
     import gc
 
-    from sap_ds.trainer import Trainer
+    from sap_ds.training.trainer import Trainer
 
     trainer = Trainer(cfg, rank, world)
     for step in range(warmup):
@@ -163,7 +163,7 @@ def count(cfg, rank, world, warmup: int) -> dict:
         log_reads(trainer)
     del trainer
     try:
-        from sap_ds.zero3 import release_deepspeed_globals
+        from sap_ds.parallel.zero3 import release_deepspeed_globals
 
         release_deepspeed_globals()
     except ImportError:
@@ -177,8 +177,8 @@ def main(argv=None) -> int:
     repo = Path(args.repo).resolve()
     sys.path.insert(0, str(repo))
     os.chdir(repo)
-    from sap_ds.config import load_config
-    from sap_ds.distributed import init_distributed
+    from sap_ds.config.run import load_config
+    from sap_ds.parallel.distributed import init_distributed
 
     rank, _, world = init_distributed()
     import torch.distributed as dist

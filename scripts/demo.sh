@@ -22,7 +22,7 @@ rm -rf runs/demo  # the demo's own previous output
 echo "== SFT vs SAP: fine-tune from the aligned model (SFT, SFT at lr 6e-4, SAP), evaluate all four (configs/compare_demo.yaml)"
 # $NPROC runs at once, one rank and one thread each (compare sets OMP_NUM_THREADS=1 for them),
 # each evaluated in a process of its own as soon as it finishes.
-OMP_NUM_THREADS="$NPROC" python -m sap_ds.compare --config configs/compare_demo.yaml parallel="$NPROC"
+OMP_NUM_THREADS="$NPROC" python -m sap_ds.experiments.compare --config configs/compare_demo.yaml parallel="$NPROC"
 echo "== training cost per phase"
-python -m sap_ds.report runs/demo/poisoned/sft/seed42 runs/demo/poisoned/sft_lr6e-4/seed42 runs/demo/poisoned/sap/seed42
+python -m sap_ds.experiments.report runs/demo/poisoned/sft/seed42 runs/demo/poisoned/sft_lr6e-4/seed42 runs/demo/poisoned/sap/seed42
 echo "demo wall time: $(( $(date +%s) - start )) s"

@@ -4,7 +4,7 @@ gloo moves CPU tensors and the CPU tests run on gloo, so a CPU tensor handed to 
 group (ZeRO-Offload's master, direction and norm sums live on the CPU) can only be caught
 by looking: ``CollectiveChecker.install()`` wraps the ``torch.distributed`` tensor
 collectives; for each call whose immediate caller is sap_ds code it records a violation
-when the caller is not ``sap_ds/collectives.py`` (the one module allowed to call them) or
+when the caller is not ``sap_ds/parallel/collectives.py`` (the one module allowed to call them) or
 when a tensor is not on the device type the backend needs (an independent table here:
 nccl needs cuda, gloo cpu). DeepSpeed's own collectives (called from deepspeed/) are
 DeepSpeed's business and only counted.
@@ -21,7 +21,7 @@ TENSOR_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "red
                       "broadcast", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter")
 NEEDS = {"nccl": "cuda", "gloo": "cpu"}
 SAP_DS = os.sep + "sap_ds" + os.sep
-HELPERS = os.path.join("sap_ds", "collectives.py")
+HELPERS = os.path.join("sap_ds", "parallel", "collectives.py")
 
 
 def _tensors(args, kwargs):
@@ -48,7 +48,7 @@ class CollectiveChecker:
         self.sap_ds_calls += 1
         where = caller_file[caller_file.rfind(SAP_DS) + 1:]
         if not where.endswith(HELPERS):
-            self.violations.append(f"{where}: torch.distributed.{name} called directly, not through sap_ds.collectives")
+            self.violations.append(f"{where}: torch.distributed.{name} called directly, not through sap_ds.parallel.collectives")
         needs = self.needs or NEEDS.get(str(dist.get_backend()).lower())
         for t in tensors:
             if needs is not None and t.device.type != needs:

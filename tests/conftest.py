@@ -64,14 +64,14 @@ STOP_RUNNER = "tests/stop_runner.py"  # sap-ds train, stopped at step $SAP_DS_TE
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
-    from sap_ds.embedded import tiny_model_dir
+    from sap_ds.model.embedded import tiny_model_dir
 
     return tiny_model_dir()
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_path):
-    from sap_ds.modeling import load_tokenizer
+    from sap_ds.model.loading import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
 

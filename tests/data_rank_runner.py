@@ -20,11 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.distributed as dist  # noqa: E402
 
-from sap_ds.config import DataConfig, DataSource  # noqa: E402
+from sap_ds.config.run import DataConfig, DataSource  # noqa: E402
 from sap_ds.data import DataError, build_run_data  # noqa: E402
 from sap_ds.data import run as run_module  # noqa: E402
-from sap_ds.embedded import tiny_model_dir  # noqa: E402
-from sap_ds.modeling import load_tokenizer  # noqa: E402
+from sap_ds.model.embedded import tiny_model_dir  # noqa: E402
+from sap_ds.model.loading import load_tokenizer  # noqa: E402
 
 
 def worker(rank: int, port: int, out: str, cache: str, good: str, bad: str) -> None:

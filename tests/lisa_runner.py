@@ -29,8 +29,8 @@ def run_variant(cfg, rank: int, world: int, steps: int, out: str, resume_at: int
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from sap_ds.zero3 import release_deepspeed_globals
-    from sap_ds.trainer import Trainer
+    from sap_ds.parallel.zero3 import release_deepspeed_globals
+    from sap_ds.training.trainer import Trainer
 
     os.makedirs(out, exist_ok=True)
     trainer, losses = Trainer(cfg, rank, world), []
@@ -70,8 +70,8 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    from sap_ds.config import load_config
-    from sap_ds.distributed import init_distributed
+    from sap_ds.config.run import load_config
+    from sap_ds.parallel.distributed import init_distributed
 
     rank, _, world = init_distributed()
     for variant in json.loads(args.variants):

@@ -33,10 +33,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sap_ds.config import RunConfig
+from sap_ds.config.run import RunConfig
 from sap_ds.data import build_run_data, collate, collate_pairs, global_batch_indices
-from sap_ds.modeling import apply_lora, load_model, load_tokenizer, resolve_model_path
-from sap_ds.trainer import lr_lambda
+from sap_ds.model.loading import apply_lora, load_model, load_tokenizer, resolve_model_path
+from sap_ds.training.trainer import lr_lambda
 
 
 def _ce(logits, labels):
@@ -158,7 +158,7 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
     probe = _RefProbe(model, s.probe_layers, model.config.hidden_size) if sap else None
     if probe is not None:
         probe.on = s.probe_enabled
-        if s.probe_init == "random":  # same draw as sap_ds.probe.Probe.init_random
+        if s.probe_init == "random":  # same draw as sap_ds.sap.probe.Probe.init_random
             values = torch.randn(probe.v.shape, generator=torch.Generator().manual_seed(cfg.seed))
             with torch.no_grad():
                 probe.v.copy_(values / values.norm(dim=-1, keepdim=True) * s.probe_init_norm)

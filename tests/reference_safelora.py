@@ -1,5 +1,5 @@
 """SafeLoRA as the authors' code computes it: IBM/SafeLoRA ``model.py`` (class ``SafeLoRA``),
-transcribed line by line into plain PyTorch, independent of ``sap_ds.safelora``.
+transcribed line by line into plain PyTorch, independent of ``sap_ds.methods.safelora``.
 
 Kept literal on purpose, including what sap-ds does differently: both full models are
 loaded, the alignment matrices are formed explicitly (``V V^T / ||V||``) and matched to

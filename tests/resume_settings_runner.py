@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def instrument(records: dict) -> None:
     """Wrap ``Trainer.__init__`` so that each new Trainer's optimizers record their settings."""
-    from sap_ds.trainer import Trainer
+    from sap_ds.training.trainer import Trainer
 
     original_init = Trainer.__init__
 

@@ -61,7 +61,7 @@ class Runner:
 
     def run_config(self, name: str, overrides=(), tree=None, label: str = "") -> list[str]:
         """The first step of one run config; returns the checks it made."""
-        from sap_ds.config import build_config, config_to_dict, load_config
+        from sap_ds.config.run import build_config, config_to_dict, load_config
 
         load = (lambda extra: build_config(tree, extra, source=name)) if tree is not None else \
             (lambda extra: load_config(name, extra))
@@ -92,8 +92,9 @@ class Runner:
     def _stand_ins(self, cfg, checks: list) -> list[str]:
         """Overrides for the model and data files the config names that are not here, after
         checking that the user's error message names exactly those overrides."""
-        from sap_ds.config import EMBEDDED_MODEL, ConfigError, missing_inputs
-        from sap_ds.modeling import ModelError, resolve_model_path
+        from sap_ds.config.run import EMBEDDED_MODEL, missing_inputs
+        from sap_ds.errors import ConfigError, ModelError
+        from sap_ds.model.loading import resolve_model_path
         from sap_ds.train import check_inputs
 
         overrides, model_missing = [], False
@@ -133,8 +134,8 @@ class Runner:
     def _train(self, cfg) -> list[str]:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        from sap_ds.trainer import Trainer
         from sap_ds.train import check_run
+        from sap_ds.training.trainer import Trainer
 
         check_run(cfg, self.world, on_gpu=False)  # sap_ds.train.fail_fast's checks, on every rank: a refusal stops them all alike
         trainer = Trainer(cfg, self.rank, self.world)
@@ -157,9 +158,9 @@ class Runner:
         return checks
 
     def compare(self, name: str, path: Path) -> list[str]:
-        from sap_ds.compare import METHODS, CompareConfig
-        from sap_ds.config import read_config_file, validate_tree
+        from sap_ds.config.reading import read_config_file, validate_tree
         from sap_ds.evaluation.config import load_eval_config
+        from sap_ds.experiments.compare import METHODS, CompareConfig
 
         cfg = validate_tree(CompareConfig, read_config_file(path, schema=CompareConfig), [], name)
         load_eval_config(cfg.eval_config)
@@ -174,9 +175,10 @@ class Runner:
         return self._validate_and_run(cfg.train_config, runs, "setting x method x seed", name)
 
     def sweep(self, name: str, path: Path) -> list[str]:
-        from sap_ds.config import load_config, read_config_file, validate_tree
+        from sap_ds.config.reading import read_config_file, validate_tree
+        from sap_ds.config.run import load_config
         from sap_ds.evaluation.config import load_eval_config
-        from sap_ds.sweep import SweepConfig, expand_points
+        from sap_ds.experiments.sweep import SweepConfig, expand_points
 
         cfg = validate_tree(SweepConfig, read_config_file(path, schema=SweepConfig), [], name)
         load_eval_config(cfg.eval_config)
@@ -191,7 +193,7 @@ class Runner:
         return [f"model.path={start_model}"] if start_model else []
 
     def _validate_and_run(self, train_config: str, runs: list[list[str]], what: str, name: str) -> list[str]:
-        from sap_ds.config import load_config
+        from sap_ds.config.run import load_config
 
         for overrides in runs:
             load_config(train_config, overrides)
@@ -203,7 +205,7 @@ class Runner:
 
     def bench(self, name: str, path: Path) -> list[str]:
         from sap_ds.bench import load_bench_config
-        from sap_ds.config import build_config
+        from sap_ds.config.run import build_config
 
         bench, _, tree = load_bench_config(str(path), [])
         for variant in bench.variants:
@@ -229,7 +231,7 @@ class Runner:
     # ------------------------------------------------------------------ loop
 
     def kind(self, path: Path) -> str:
-        from sap_ds.config import read_config_file
+        from sap_ds.config.reading import read_config_file
         from sap_ds.configs_cli import config_kind
 
         kind = config_kind(path, read_config_file(path))
@@ -269,7 +271,7 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None, help="config names (default: all)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = parser.parse_args()
-    from sap_ds.distributed import init_distributed
+    from sap_ds.parallel.distributed import init_distributed
 
     rank, _, world = init_distributed()
     Runner(args, rank, world).run_all()

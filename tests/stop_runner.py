@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main() -> int:
     after = int(os.environ["SAP_DS_TEST_STOP_AFTER"])
-    from sap_ds import resume, trainer
     from sap_ds.train import main as train_main
+    from sap_ds.training import resume, trainer
 
     train_step = trainer.Trainer.train_step
 

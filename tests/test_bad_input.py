@@ -254,8 +254,9 @@ def test_bad_input_exits_2_with_a_clear_message(name, runs):
 
 
 def test_model_folder_checks(tmp_path, tiny_model_path):
-    from sap_ds.config import ModelConfig
-    from sap_ds.modeling import ModelError, load_tokenizer, resolve_model_path
+    from sap_ds.config.run import ModelConfig
+    from sap_ds.errors import ModelError
+    from sap_ds.model.loading import load_tokenizer, resolve_model_path
 
     assert resolve_model_path(ModelConfig(path=str(tiny_model_path))) == tiny_model_path
     assert resolve_model_path(ModelConfig(path="tiny-random")) == tiny_model_path
@@ -278,8 +279,9 @@ def test_lora_target_modules_not_in_model(tiny_model_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sap_ds.config import LoraConfig
-    from sap_ds.modeling import ModelError, apply_lora
+    from sap_ds.config.run import LoraConfig
+    from sap_ds.errors import ModelError
+    from sap_ds.model.loading import apply_lora
 
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_path), dtype=torch.float32)
     with pytest.raises(ModelError) as info:
@@ -295,8 +297,8 @@ def test_demo_before_align_says_to_run_align_first(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from sap_ds.config import load_config
-    from sap_ds.config_files import read_config_file
+    from sap_ds.config.reading import read_config_file
+    from sap_ds.config.run import load_config
 
     demo = load_config("demo")
     assert demo.model.path == "runs/align/export/model" and read_config_file("align")["output_dir"] == "runs/align"
@@ -310,7 +312,8 @@ def test_demo_before_align_says_to_run_align_first(tmp_path, monkeypatch):
     assert "`sap-ds train --config align`" in proc.stderr and "pass model.path=/your/model/folder" in proc.stderr
     assert not (tmp_path / "runs").exists()
     # align started here but did not finish: the same command resumes it (the same check, in-process)
-    from sap_ds.modeling import ModelError, resolve_model_path
+    from sap_ds.errors import ModelError
+    from sap_ds.model.loading import resolve_model_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "align" / "checkpoints").mkdir(parents=True)

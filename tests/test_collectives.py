@@ -1,4 +1,4 @@
-"""Every tensor collective in sap_ds runs on the process group's device (sap_ds/collectives.py).
+"""Every tensor collective in sap_ds runs on the process group's device (sap_ds/parallel/collectives.py).
 
 gloo accepts CPU tensors, so the CPU suite cannot catch a CPU tensor given to an NCCL group
 by running. Three checks instead: the helper picks the device from the backend (mocked
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sap_ds import collectives
+from sap_ds.parallel import collectives
 from tests.collective_checker import TENSOR_COLLECTIVES, CollectiveChecker
 from tests.conftest import REPO
 
@@ -78,8 +78,8 @@ def test_helper_stages_a_cpu_tensor_on_the_nccl_device(monkeypatch):
 def test_checker_flags_direct_calls_and_wrong_devices():
     checker = CollectiveChecker(needs_device_type="cuda")
     cpu = torch.zeros(2)
-    checker.check("all_reduce", str(REPO / "sap_ds" / "trainer.py"), [cpu])
-    checker.check("all_reduce", str(REPO / "sap_ds" / "collectives.py"), [cpu])
+    checker.check("all_reduce", str(REPO / "sap_ds" / "training" / "trainer.py"), [cpu])
+    checker.check("all_reduce", str(REPO / "sap_ds" / "parallel" / "collectives.py"), [cpu])
     checker.check("all_gather_into_tensor", "/site-packages/deepspeed/comm/torch.py", [cpu])
     assert checker.sap_ds_calls == 2 and checker.other_calls == 1
     assert any("trainer.py: torch.distributed.all_reduce called directly" in v for v in checker.violations)
@@ -93,10 +93,10 @@ DIST_MODULES = {"torch.distributed", "deepspeed.comm"}
 
 def direct_collective_calls(root: Path) -> list[str]:
     """``file:line name`` of every tensor collective called on torch.distributed or
-    deepspeed.comm (any import alias) by sap_ds code outside sap_ds/collectives.py."""
+    deepspeed.comm (any import alias) by sap_ds code outside sap_ds/parallel/collectives.py."""
     found = []
     for path in sorted((root / "sap_ds").rglob("*.py")):
-        if path.name == "collectives.py" and path.parent.name == "sap_ds":
+        if path.name == "collectives.py" and path.parent.name == "parallel":
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         modules, functions = set(), set()  # names bound to the modules / to their collectives

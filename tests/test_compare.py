@@ -10,12 +10,12 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from sap_ds.compare import main
+from sap_ds.experiments.compare import main
 from tests.conftest import REPO
 
 
 def _run_tiny_compare(tmp_path: Path, steps: int, new_tokens: int, **keys) -> tuple[Path, subprocess.CompletedProcess]:
-    """SFT and SAP on the tiny model (one CPU rank each) through ``python -m sap_ds.compare``,
+    """SFT and SAP on the tiny model (one CPU rank each) through ``python -m sap_ds.experiments.compare``,
     as a user starts it; ``keys`` are laid over the config. Returns the config and the process."""
     config = tmp_path / "compare.yaml"
     config.write_text(yaml.safe_dump({
@@ -25,7 +25,7 @@ def _run_tiny_compare(tmp_path: Path, steps: int, new_tokens: int, **keys) -> tu
         "eval_overrides": [f"generation.max_new_tokens={new_tokens}"], "keep_checkpoints": False, **keys,
     }))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "sap_ds.compare", "--config", str(config)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "sap_ds.experiments.compare", "--config", str(config)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return config, proc
@@ -80,10 +80,10 @@ def test_runs_side_by_side(tmp_path):
 
 def test_runs_side_by_side_are_refused_on_gpus(monkeypatch):
     """On a GPU machine every launch would take devices 0..nproc-1: refused before anything runs."""
-    import sap_ds.distributed
-    from sap_ds.compare import CompareConfig, CompareError, Plan
+    import sap_ds.parallel.distributed
+    from sap_ds.experiments.compare import CompareConfig, CompareError, Plan
 
-    monkeypatch.setattr(sap_ds.distributed, "on_cpu", lambda: False)
+    monkeypatch.setattr(sap_ds.parallel.distributed, "on_cpu", lambda: False)
     cfg = CompareConfig(train_config=str(REPO / "configs/tiny.yaml"), eval_config=str(REPO / "configs/eval/tiny.yaml"),
                         start_model="tiny-random", parallel=2, nproc=1)
     with pytest.raises(CompareError, match="parallel: 2: every launch takes GPUs 0..nproc-1"):
@@ -93,7 +93,7 @@ def test_runs_side_by_side_are_refused_on_gpus(monkeypatch):
 def test_launch_order_puts_the_longest_runs_first():
     from types import SimpleNamespace
 
-    from sap_ds.compare import launch_order
+    from sap_ds.experiments.compare import launch_order
 
     def run(method, steps, accum=1):
         return {"config": SimpleNamespace(method=method, train=SimpleNamespace(max_steps=steps, grad_accum=accum))}
@@ -105,7 +105,7 @@ def test_runs_of_more_than_one_rank_go_through_the_deepspeed_launcher():
     """The end-to-end test above trains one rank per run (plain ``python train.py``); with
     nproc > 1 a run is launched as a user's is, by the ``deepspeed`` next to this Python (the
     2-rank launch itself is tests/test_resume.py's and the others')."""
-    from sap_ds.compare import launch_command
+    from sap_ds.experiments.compare import launch_command
 
     assert launch_command("train.py", 1) == [sys.executable, str(REPO / "sap_ds" / "train.py")]
     cmd = launch_command("eval.py", 4)
@@ -116,7 +116,7 @@ def test_runs_of_more_than_one_rank_go_through_the_deepspeed_launcher():
 
 def test_report_over_seeds(tmp_path):
     """Mean and std per method over seeds; files written without any training."""
-    from sap_ds.comparison_report import aggregate, markdown, write_outputs
+    from sap_ds.experiments.comparison_report import aggregate, markdown, write_outputs
 
     def run(method, seed, harmful, acc):
         return {"setting": "poisoned", "method": method, "seed": seed, "metrics": {"harmful score": harmful, "gsm8k acc (%)": acc},
@@ -148,7 +148,7 @@ def test_the_comparison_plots_legend_covers_no_bar(tmp_path):
     would cover one. Checked on the drawn figure, and the legend is wholly in the picture."""
     import matplotlib.pyplot as plt
 
-    from sap_ds.comparison_report import aggregate, comparison_figure, plot
+    from sap_ds.experiments.comparison_report import aggregate, comparison_figure, plot
 
     def run(setting, method, harmful, refusal, acc):
         return {"setting": setting, "method": method, "seed": 1, "train": {"tokens_per_s": 100.0},
@@ -180,7 +180,7 @@ def test_bad_compare_config(tmp_path, monkeypatch, capsys):
 
 
 def test_method_overrides_apply_to_that_method_only(monkeypatch):
-    from sap_ds.compare import CompareConfig, Plan
+    from sap_ds.experiments.compare import CompareConfig, Plan
 
     monkeypatch.chdir(REPO)
     cfg = CompareConfig(train_config="configs/tiny.yaml", eval_config="configs/eval/tiny.yaml", start_model="tiny-random",
@@ -194,7 +194,7 @@ def test_method_overrides_apply_to_that_method_only(monkeypatch):
 def test_any_method_is_a_compared_method(monkeypatch):
     """methods takes the run config's method names (the safety_mix baseline among them) and
     nothing else; each run trains its method."""
-    from sap_ds.compare import CompareConfig, Plan
+    from sap_ds.experiments.compare import CompareConfig, Plan
 
     monkeypatch.chdir(REPO)
     cfg = CompareConfig(train_config="configs/tiny.yaml", eval_config="configs/eval/tiny.yaml", start_model="tiny-random",
@@ -213,7 +213,7 @@ def test_a_label_runs_its_own_method_and_overrides(monkeypatch):
     """A row that is not a method name (SFT at another learning rate beside SFT) trains the
     method its method_overrides name, in its own folder; one that names none, or no valid
     one, is refused before anything runs, and so are duplicate rows."""
-    from sap_ds.compare import CompareConfig, Plan
+    from sap_ds.experiments.compare import CompareConfig, Plan
 
     monkeypatch.chdir(REPO)
     cfg = CompareConfig(train_config="configs/tiny.yaml", eval_config="configs/eval/tiny.yaml", start_model="tiny-random",

@@ -1,4 +1,4 @@
-"""The run config (sap_ds/config.py): YAML + dotted overrides, and error messages that name
+"""The run config (sap_ds/config/run.py): YAML + dotted overrides, and error messages that name
 the key, the file and what would be valid. Pure Python, no model, no process group."""
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sap_ds.config import ConfigError, RunConfig, build_config, load_config, parse_overrides, read_config_file, validate_tree
+from sap_ds.config.reading import parse_overrides, read_config_file, validate_tree
+from sap_ds.config.run import RunConfig, build_config, load_config
+from sap_ds.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -44,14 +46,14 @@ def test_every_shipped_config_loads(path):
         assert eval_config.load_eval_config(path) is not None
         return
     if path.parent.name == "sweeps":  # sweep configs (sap-ds sweep): every point of the sweep must validate
-        from sap_ds.sweep import SweepConfig, expand_points
+        from sap_ds.experiments.sweep import SweepConfig, expand_points
 
         cfg = validate_tree(SweepConfig, read_config_file(path, schema=SweepConfig), [], str(path))
         for name, overrides in expand_points(cfg).items():
             load_config(cfg.train_config, [*cfg.overrides, *overrides, "model.path=tiny-random"])
         return
     if "train_config" in tree:  # comparison configs (sap-ds compare) name a run config and an eval config
-        compare = pytest.importorskip("sap_ds.compare")
+        compare = pytest.importorskip("sap_ds.experiments.compare")
         eval_config = pytest.importorskip("sap_ds.evaluation.config")
         cfg = validate_tree(compare.CompareConfig, read_config_file(path, schema=compare.CompareConfig), [], str(path))
         load_config(cfg.train_config)
@@ -219,8 +221,8 @@ def test_other_toolkits_names_suggest_the_sap_ds_key(override, key, hint):
 def test_key_synonyms_name_real_keys_and_no_real_key():
     """Every synonym's target is a key of the run config, and no synonym is itself a key name
     anywhere in it (it would then be suggested for the wrong section)."""
-    from sap_ds.config import KEY_SYNONYMS
-    from sap_ds.config_files import _dotted_keys
+    from sap_ds.config.reading import _dotted_keys
+    from sap_ds.config.run import KEY_SYNONYMS
 
     keys = {key for dotted in _dotted_keys(RunConfig).values() for key in dotted}
     assert "train.lr" in keys and "logging.wandb.project" in keys
@@ -396,11 +398,11 @@ def test_an_error_in_the_base_names_the_base_file(tmp_path):
         load_config(path)
 
 
-# --------------------------------------------------------------------------- the DeepSpeed JSON (sap_ds/ds_config.py)
+# --------------------------------------------------------------------------- the DeepSpeed JSON (sap_ds/parallel/ds_config.py)
 
 
 def _ds(tmp_path, ds: dict | str, overrides=(), world_size=2) -> dict:
-    from sap_ds.ds_config import load_ds_config
+    from sap_ds.parallel.ds_config import load_ds_config
 
     path = tmp_path / "ds.json"
     path.write_text(ds if isinstance(ds, str) else json.dumps(ds))
@@ -421,7 +423,7 @@ def _zero3(**extra) -> dict:
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "ds_configs").glob("*.json")))
 def test_shipped_ds_configs_are_completed(name):
-    from sap_ds.ds_config import load_ds_config
+    from sap_ds.parallel.ds_config import load_ds_config
 
     cfg = load_config(TINY, [f"deepspeed_config=ds_configs/{name}", "train.grad_accum=3", "train.grad_clip=0.5"])
     ds = load_ds_config(cfg, world_size=4, on_gpu=True)
@@ -471,7 +473,7 @@ def test_ds_config_errors(tmp_path, ds, expected):
 
 
 def test_ds_config_missing(tmp_path):
-    from sap_ds.ds_config import load_ds_config
+    from sap_ds.parallel.ds_config import load_ds_config
 
     cfg = load_config(TINY, [f"deepspeed_config={tmp_path / 'nope.json'}"])
     with pytest.raises(ConfigError, match="deepspeed_config: file not found"):
@@ -523,7 +525,7 @@ def test_shipped_configs_by_name_from_any_folder(tmp_path, monkeypatch):
 
 
 def test_placeholders_name_the_override_to_pass():
-    from sap_ds.config import missing_inputs
+    from sap_ds.config.run import missing_inputs
 
     cfg = load_config("paper_llama2_7b_lora")
     problems = missing_inputs(cfg)
@@ -533,7 +535,7 @@ def test_placeholders_name_the_override_to_pass():
 
 
 def test_keys_that_cannot_change_training_are_no_config_change():
-    from sap_ds.config import config_changes, config_to_dict
+    from sap_ds.config.run import config_changes, config_to_dict
 
     saved = config_to_dict(load_config(TINY))
     same = load_config(TINY, ["logging.wandb.project=p", "train.save_every=5", "train.resume=never", "output_dir=elsewhere"])

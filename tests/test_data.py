@@ -17,11 +17,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from sap_ds.config import DataConfig, DataSource
+from sap_ds.config.run import DataConfig, DataSource
 from sap_ds.data import (
-    IGNORE_INDEX, REFUSALS, ChatTokenizer, DataError, EncodedPair, Example, Tokenized, build_run_data, collate,
-    collate_pairs, encode_all, encode_pairs, epoch_order, global_batch_indices, load_examples, load_safety_pairs,
-    mix_harmful, read_rows, refusal_for,
+    IGNORE_INDEX,
+    REFUSALS,
+    ChatTokenizer,
+    DataError,
+    EncodedPair,
+    Example,
+    Tokenized,
+    build_run_data,
+    collate,
+    collate_pairs,
+    encode_all,
+    encode_pairs,
+    epoch_order,
+    global_batch_indices,
+    load_examples,
+    load_safety_pairs,
+    mix_harmful,
+    read_rows,
+    refusal_for,
 )
 
 REPO = Path(__file__).resolve().parents[1]

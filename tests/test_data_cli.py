@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from sap_ds.cli import main as cli
-from sap_ds.config import load_config
+from sap_ds.config.run import load_config
 from sap_ds.data import IGNORE_INDEX, ChatTokenizer, Conversation, build_run_data
 from sap_ds.data_cli import CLOSE, GREEN, OPEN
 from tests.conftest import run_single

@@ -13,9 +13,16 @@ import datasets
 import huggingface_hub.constants
 import pytest
 
-from sap_ds.config import DataConfig, DataSource
+from sap_ds.config.run import DataConfig, DataSource
 from sap_ds.data import (
-    IGNORE_INDEX, ChatTokenizer, Conversation, DataError, Status, build_run_data, load_examples, load_safety_pairs,
+    IGNORE_INDEX,
+    ChatTokenizer,
+    Conversation,
+    DataError,
+    Status,
+    build_run_data,
+    load_examples,
+    load_safety_pairs,
     read_table,
 )
 

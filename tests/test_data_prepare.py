@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sap_ds.config import DataConfig, DataSource, load_config
+from sap_ds.config.run import DataConfig, DataSource, load_config
 from sap_ds.data import IGNORE_INDEX, ChatTokenizer, DataError, build_run_data, refusal_for
 from sap_ds.data import run as run_module
 

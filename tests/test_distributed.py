@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
-from sap_ds import distributed
-from sap_ds.config import ConfigError, build_config, config_changes, config_to_dict
+from sap_ds.config.run import build_config, config_changes, config_to_dict
+from sap_ds.errors import ConfigError
+from sap_ds.parallel import distributed
 from tests.conftest import free_port
 
 
@@ -18,7 +19,7 @@ def test_configured_timeouts_reach_deepspeed_and_the_wait_group(monkeypatch):
     import deepspeed
     import torch.distributed as dist
 
-    from sap_ds.config import DistributedConfig
+    from sap_ds.config.run import DistributedConfig
 
     seen = {}
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.update(init=kw))
@@ -54,7 +55,7 @@ def test_defaults_and_validation_of_the_timeout_keys():
 def _timeout_worker(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
-    from sap_ds.config import DistributedConfig
+    from sap_ds.config.run import DistributedConfig
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     distributed.init_distributed(DistributedConfig(timeout_minutes=0.02, wait_timeout_minutes=1.0))  # 1.2 s, 60 s

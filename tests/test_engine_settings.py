@@ -1,5 +1,5 @@
 """Engine settings SAP cannot honour are refused before any rank starts, naming the key and
-why (sap_ds/ds_config.py); the offloaded optimizer steps DeepSpeed's CPU Adam where it can
+why (sap_ds/parallel/ds_config.py); the offloaded optimizer steps DeepSpeed's CPU Adam where it can
 be built (decided without compiling anything); a DeepSpeed batch size no grad_accum gives
 says so."""
 from __future__ import annotations
@@ -9,8 +9,9 @@ import types
 
 import pytest
 
-from sap_ds import ds_config
-from sap_ds.config import ConfigError, load_config
+from sap_ds.config.run import load_config
+from sap_ds.errors import ConfigError
+from sap_ds.parallel import ds_config
 from tests.conftest import REPO
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -112,7 +113,7 @@ def test_cpu_adam_build_decision(monkeypatch):
 def test_padding_is_counted_in_the_parameters_own_partition_group(monkeypatch):
     """The real elements of a shard depend on the rank within the group the parameter is
     partitioned over (MiCS, hpZ), not on the global rank."""
-    from sap_ds import zero3
+    from sap_ds.parallel import zero3
 
     group = object()
     monkeypatch.setattr(zero3.dist, "is_initialized", lambda: True)

@@ -34,7 +34,7 @@ def lora_folders(tmp_path_factory, tiny_model_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from sap_ds.modeling import load_tokenizer
+    from sap_ds.model.loading import load_tokenizer
 
     root = tmp_path_factory.mktemp("lora")
     torch.manual_seed(0)

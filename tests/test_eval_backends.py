@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sap_ds.config import ConfigError
+from sap_ds.errors import ConfigError
 from sap_ds.evaluation.backends import GIB, choose_backend, estimate_memory
 
 TINY_EVAL = {
@@ -119,11 +119,11 @@ def _fake_vllm(calls: dict) -> types.ModuleType:
 def test_backends_give_the_same_answers(tiny_model_path, monkeypatch):
     """hf, device_map (on one CPU device) and vLLM (stand-in) on the same prompts: the same
     answers in the same order, the same test loss, and the documented vLLM arguments."""
-    from sap_ds.config import validate_tree
+    from sap_ds.config.reading import validate_tree
     from sap_ds.eval import evaluate
     from sap_ds.evaluation.config import EvalConfig
     from sap_ds.evaluation.generation import chat_prompts, encode_prompts
-    from sap_ds.modeling import load_tokenizer
+    from sap_ds.model.loading import load_tokenizer
     from tests.conftest import REPO
 
     monkeypatch.chdir(REPO)
@@ -154,7 +154,7 @@ def test_backends_give_the_same_answers(tiny_model_path, monkeypatch):
 
 
 def test_vllm_arguments_for_an_adapter_and_tensor_parallelism(tmp_path):
-    from sap_ds.config import validate_tree
+    from sap_ds.config.reading import validate_tree
     from sap_ds.evaluation.adapters import ModelSource
     from sap_ds.evaluation.config import EvalConfig
     from sap_ds.evaluation.vllm_backend import engine_arguments

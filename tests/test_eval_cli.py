@@ -176,8 +176,9 @@ def test_eval_of_a_run_folder_without_export_says_why(lora_run, tmp_path, capsys
     err = _eval_error(disabled, tmp_path, capsys)
     assert "finished with export.enabled false" in err and "export.enabled=true" in err
     # the same advice for a run folder given as a training run's model.path
-    from sap_ds.config import ModelConfig
-    from sap_ds.modeling import ModelError, resolve_model_path
+    from sap_ds.config.run import ModelConfig
+    from sap_ds.errors import ModelError
+    from sap_ds.model.loading import resolve_model_path
 
     with pytest.raises(ModelError, match=r"model.path: .* is a sap-ds training run folder.*use .*export/model"):
         resolve_model_path(ModelConfig(path=str(lora_run)))

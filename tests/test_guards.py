@@ -27,7 +27,7 @@ NAN_AFTER_FIRST_STEP = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, sys.argv[1])
-    import sap_ds.trainer as trainer
+    import sap_ds.training.trainer as trainer
     from sap_ds.train import main
 
     task_loss, calls = trainer.task_loss, []
@@ -61,7 +61,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_pa
 
 @pytest.mark.parametrize("g2", [0.0, float("nan"), float("inf")])
 def test_zero_or_non_finite_safety_gradient_means_no_perturbation(g2):
-    from sap_ds.sap import direction_scale
+    from sap_ds.sap.step import direction_scale
 
     scale, ok = direction_scale(torch.tensor(g2, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64), rho=0.1)
     assert scale.item() == 0.0 and not ok.item()
@@ -81,7 +81,7 @@ class _SlowEngine:
 
 
 def _save_forever(root: Path, start: int) -> None:
-    from sap_ds import checkpoint
+    from sap_ds.training import checkpoint
 
     for step in range(start, start + 1000):
         checkpoint.save(_SlowEngine(), root, step, {"method": "sft"}, {"w": torch.full((1000,), float(step))}, keep=2)
@@ -97,7 +97,7 @@ def test_sigkill_at_20_moments_during_saving_never_loses_a_checkpoint(tmp_path):
     """A forked child saves checkpoints in a loop (staging, rename, pointer, pruning) and is
     SIGKILLed at 20 different moments; each time ``latest`` must name a complete
     checkpoint no older than the last one seen."""
-    from sap_ds.checkpoint import latest_tag
+    from sap_ds.training.checkpoint import latest_tag
 
     root = tmp_path / "ckpt"
     last_step, start = -1, 0
@@ -128,8 +128,9 @@ def test_corrupt_checkpoint_and_checkpoints_of_another_model_or_method_are_refus
     here through sap_ds.train.main in this process, which returns before any process group
     exists), another trainable-parameter count once the engine exists, and a damaged
     checkpoint when it is loaded; none of them touches the checkpoint."""
-    from sap_ds.checkpoint import CheckpointError, check_identity
+    from sap_ds.errors import CheckpointError
     from sap_ds.train import main
+    from sap_ds.training.checkpoint import check_identity
 
     out = tmp_path / "run"
     out.mkdir()
@@ -165,7 +166,7 @@ def _consistency_worker(rank, port, diverge, results):
 
     import torch.distributed as dist
 
-    from sap_ds.trainer import Trainer
+    from sap_ds.training.trainer import Trainer
 
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
     probe = types.SimpleNamespace(vectors=torch.ones(2, 4) + (1e-7 if diverge and rank == 1 else 0.0))

@@ -1,4 +1,4 @@
-"""Losses (sap_ds/losses.py) against direct per-token loops on random logits, with prompt
+"""Losses (sap_ds/model/losses.py) against direct per-token loops on random logits, with prompt
 masks and right padding, and the sign convention of the safety loss."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sap_ds.data import IGNORE_INDEX
-from sap_ds.losses import response_logprob, safety_loss, task_loss, token_logprobs
+from sap_ds.model.losses import response_logprob, safety_loss, task_loss, token_logprobs
 
 VOCAB = 11
 

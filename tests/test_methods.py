@@ -22,7 +22,8 @@ import typing
 import pytest
 from safetensors.torch import load_file
 
-from sap_ds.config import ConfigError, RunConfig, load_config
+from sap_ds.config.run import RunConfig, load_config
+from sap_ds.errors import ConfigError
 from sap_ds.methods import METHODS
 from sap_ds.methods.lisa import LisaMethod
 from tests.conftest import REPO, launch
@@ -163,7 +164,7 @@ def test_lisa_config_errors():
 
 
 def test_lisa_anchor_resumes_on_another_world_size_only_at_a_switch():
-    from sap_ds.checkpoint import CheckpointError
+    from sap_ds.errors import CheckpointError
 
     cfg = load_config(REPO / "configs/tiny.yaml", ["method=lisa", "lisa.align_steps=2", "lisa.finetune_steps=3"])
     method = LisaMethod(cfg)
@@ -175,7 +176,7 @@ def test_lisa_anchor_resumes_on_another_world_size_only_at_a_switch():
 def test_lisa_keys_do_not_change_other_methods_runs():
     """A run saved before the lisa section existed (no lisa.* keys) is the same SFT/SAP run;
     for a Lisa run, a changed lisa key is a change."""
-    from sap_ds.config import config_changes, config_to_dict
+    from sap_ds.config.run import config_changes, config_to_dict
 
     for method in ("sft", "sap"):
         cfg = load_config(REPO / "configs/tiny.yaml", [f"method={method}"])
@@ -212,7 +213,7 @@ def test_safety_mix_config_errors():
 def test_safety_mix_keys_do_not_change_other_methods_runs():
     """A run saved before the safety_mix section existed is the same SFT/SAP/Lisa run, and so is
     one whose unread safety_mix.ratio changed; for a safety_mix run, a changed ratio is a change."""
-    from sap_ds.config import config_changes, config_to_dict
+    from sap_ds.config.run import config_changes, config_to_dict
 
     for method in ("sft", "sap", "lisa"):
         cfg = load_config(REPO / "configs/tiny.yaml", [f"method={method}"])
@@ -231,7 +232,7 @@ def test_sap_export_transform_is_keep_probe():
     import types
 
     from sap_ds.methods.sap import SapMethod
-    from sap_ds.probe import Probe
+    from sap_ds.sap.probe import Probe
     from tests.test_probe import CPU, HIDDEN, _model
 
     model = _model("llama", layers=3)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from sap_ds.curves import curve_series
+from sap_ds.training.curves import curve_series
 from tests.conftest import REPO, free_port, run_single
 
 STEPS = 4
@@ -124,7 +124,7 @@ def test_a_start_that_runs_no_step_logs_no_second_final_eval(finished, tmp_path)
 
 
 def test_the_final_eval_of_a_start_without_steps_is_logged_where_it_is_missing(tmp_path):
-    from sap_ds.metrics import MetricsLogger
+    from sap_ds.training.metrics import MetricsLogger
 
     metrics = MetricsLogger(tmp_path)
     metrics.log({"step": 3, "loss": 1.0, "eval_loss": 2.0})
@@ -201,7 +201,7 @@ def test_a_stopped_and_resumed_run_on_a_terminal(tmp_path):
 
 
 def test_a_plot_that_fails_is_a_warning_not_a_failed_run(tmp_path, caplog):
-    from sap_ds.trainer import Trainer
+    from sap_ds.training.trainer import Trainer
 
     fake = types.SimpleNamespace(out=tmp_path, step=3, cfg=types.SimpleNamespace(run_name="r", method="sft"))
     with caplog.at_level("WARNING", logger="sap_ds"):
@@ -214,9 +214,8 @@ def test_train_log_is_written_only_once_the_run_is_under_way_and_records_the_err
     so train.log holds its messages back until the run is under way; an error after that is in it."""
     import logging
 
-    from sap_ds.config import ConfigError
-    from sap_ds.errors import report_user_error
-    from sap_ds.metrics import TrainLog
+    from sap_ds.errors import ConfigError, report_user_error
+    from sap_ds.training.metrics import TrainLog
 
     refused = TrainLog(tmp_path / "refused")
     refused.open()

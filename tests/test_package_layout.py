@@ -30,7 +30,7 @@ def test_repository_root_does_not_shadow_hf_kernels(tmp_path):
     (tmp_path / "site" / "kernels").mkdir(parents=True)
     (tmp_path / "site" / "kernels" / "__init__.py").write_text("HUGGING_FACE = True\n")
     code = (f"import json, sys; sys.path[:0] = [{str(REPO)!r}, {str(tmp_path / 'site')!r}]\n"
-            "import sap_ds.sap, sap_ds_kernels, kernels\n"
+            "import sap_ds.sap.step, sap_ds_kernels, kernels\n"
             "print(json.dumps({'kernels': kernels.__file__, 'hf': getattr(kernels, 'HUGGING_FACE', False),"
             " 'sap_ds_kernels': sap_ds_kernels.__file__}))")
     found = _python(code, tmp_path)
@@ -45,7 +45,7 @@ def test_a_checkout_imports_its_own_kernels(tmp_path):
     checkout = tmp_path / "checkout"
     for folder in ("sap_ds", "kernels"):
         shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__", "shipped"))
-    code = ("import json, sap_ds.sap, sap_ds_kernels\n"
+    code = ("import json, sap_ds.sap.step, sap_ds_kernels\n"
             "print(json.dumps({'sap_ds': sap_ds.__file__, 'sap_ds_kernels': sap_ds_kernels.__file__}))")
     found = _python(code, checkout)
     assert found == {"sap_ds": str(checkout / "sap_ds" / "__init__.py"),

@@ -11,13 +11,22 @@ import types
 import pytest
 import torch
 
-from sap_ds.config import DataConfig, DataSource, ModelConfig, load_config
+from sap_ds.config.run import DataConfig, DataSource, ModelConfig
 from sap_ds.data import (
-    ChatTokenizer, Packed, build_run_data, collate, load_examples, pack, packed_forward, packing_attention, sequence_lengths,
+    ChatTokenizer,
+    Packed,
+    build_run_data,
+    collate,
+    load_examples,
+    pack,
+    packed_forward,
+    packing_attention,
+    sequence_lengths,
 )
 from sap_ds.data.packing import first_fit_decreasing
-from sap_ds.losses import forward_logits, task_loss
-from sap_ds.modeling import ModelError, load_model
+from sap_ds.errors import ModelError
+from sap_ds.model.loading import load_model
+from sap_ds.model.losses import forward_logits, task_loss
 from tests.conftest import REPO
 
 

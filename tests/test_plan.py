@@ -1,4 +1,4 @@
-"""The sizing planner (sap_ds/plan.py): exact parameter counts, hand-computed memory,
+"""The sizing planner (sap_ds/cost/plan.py): exact parameter counts, hand-computed memory,
 agreement with DeepSpeed's own ZeRO-3 estimator, LoRA counts, SAP deltas, the CLI."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from sap_ds import plan as P
+from sap_ds.cost import model_spec
+from sap_ds.cost import plan as P
 
 GIB = 2**30
 
@@ -34,29 +35,29 @@ def _plan(**kw) -> P.PlanResult:
     ("smollm2-135m", 134_515_008),
 ])
 def test_named_parameter_counts_exact(name, expected):
-    assert P.NAMED_MODELS[name].param_count() == expected
+    assert model_spec.NAMED_MODELS[name].param_count() == expected
 
 
 def test_llama2_7b_count_by_hand():
     h, i, L, V = 4096, 11008, 32, 32000
     per_layer = 4 * h * h + 3 * h * i + 2 * h  # q,k,v,o (no GQA) + gate,up,down + 2 RMSNorm
-    assert P.NAMED_MODELS["llama2-7b"].param_count() == V * h + L * per_layer + h + V * h
+    assert model_spec.NAMED_MODELS["llama2-7b"].param_count() == V * h + L * per_layer + h + V * h
 
 
 def test_config_json_matches_named(tmp_path):
     cfg = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
            "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    m = P.model_from_config(tmp_path / "config.json")
+    m = model_spec.model_from_config(tmp_path / "config.json")
     assert m.param_count() == 68_976_648_192
-    assert P.model_from_config(tmp_path).param_count() == 68_976_648_192  # a folder works too
+    assert model_spec.model_from_config(tmp_path).param_count() == 68_976_648_192  # a folder works too
 
 
 def test_tied_embeddings_counted_once(tmp_path):
     cfg = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
            "num_key_value_heads": 2, "vocab_size": 100, "tie_word_embeddings": True}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    m = P.model_from_config(tmp_path / "config.json")
+    m = model_spec.model_from_config(tmp_path / "config.json")
     kv = 2 * 16
     per_layer = 64 * 64 * 2 + 64 * kv * 2 + 3 * 64 * 128 + 2 * 64
     assert m.param_count() == 100 * 64 + 2 * per_layer + 64
@@ -104,7 +105,7 @@ def test_offload_moves_states_to_cpu_per_node():
 
 
 def test_activation_formulas():
-    m = P.NAMED_MODELS["llama2-70b"]
+    m = model_spec.NAMED_MODELS["llama2-70b"]
     h, i, kv, L = 8192, 28672, 1024, 80
     s, b = 2048, 1
     per_layer = s * b * (12 * h + 4 * kv + 8 * i)  # = 8h + 4q_dim + 4kv + 8I with q_dim = h
@@ -162,10 +163,10 @@ def test_agrees_with_deepspeed_estimator(model, nodes, g):
 
 
 def test_lora_trainable_counts():
-    m = P.NAMED_MODELS["llama2-7b"]
+    m = model_spec.NAMED_MODELS["llama2-7b"]
     # q_proj 4096->4096, v_proj 4096->4096: r*(in+out) each, 32 layers
     assert m.lora_params(8, ["q_proj", "v_proj"]) == 32 * 2 * 8 * (4096 + 4096) == 4_194_304
-    m70 = P.NAMED_MODELS["llama2-70b"]
+    m70 = model_spec.NAMED_MODELS["llama2-70b"]
     # GQA: v_proj is 8192 -> 8 kv heads * 128 = 1024
     assert m70.lora_params(8, ["q_proj", "v_proj"]) == 80 * 8 * ((8192 + 8192) + (8192 + 1024)) == 16_384_000
     assert m70.lora_params(16, ["gate_proj"]) == 80 * 16 * (8192 + 28672)
@@ -178,7 +179,7 @@ def test_lora_trainable_counts():
     assert mem["optimizer (fp32 master+m+v, 12 B/trainable / world)"] == 12 * 16_384_000 // 16
     # frozen largest module is gathered but never gets a full gradient
     assert mem["largest layer gathered (2 B) + its full grad (2 B, full FT only)"] == 2 * 32000 * 8192
-    with pytest.raises(P.PlanError, match="unknown LoRA target"):
+    with pytest.raises(model_spec.PlanError, match="unknown LoRA target"):
         m.lora_params(8, ["qkv"])
 
 
@@ -222,10 +223,10 @@ def test_lisa_adds_exactly_its_anchor(lora):
 def test_plan_methods_are_the_trainers():
     import typing
 
-    from sap_ds.config import MethodName
+    from sap_ds.config.run import MethodName
 
     assert set(P.METHODS) == set(typing.get_args(MethodName))
-    with pytest.raises(P.PlanError, match="unknown method 'dpo'; valid: sap, lisa, sft, safety_mix"):
+    with pytest.raises(model_spec.PlanError, match="unknown method 'dpo'; valid: sap, lisa, sft, safety_mix"):
         _plan(model="llama2-7b", nodes=1, gpus_per_node=8, method="dpo")
 
 
@@ -243,13 +244,13 @@ def test_sap_costs_more_time_than_sft():
 def test_same_step_adds_one_probe_pass_of_compute_and_gathers():
     """sap.probe_timing same_step: the probe pass at W as well as at W', each a forward and a
     backward down to the lowest probe layer, with its gathers; nothing else changes."""
-    from sap_ds.config import SapConfig
+    from sap_ds.config.methods import SapConfig
 
     assert {t: SapConfig(probe_timing=t).probe_passes for t in P.PROBE_PASSES} == P.PROBE_PASSES
     common = dict(model="llama2-7b", nodes=2, gpus_per_node=8, seq_len=1024, micro_batch=2, grad_accum=2)
     nxt, same = _plan(**common), _plan(**common, probe_timing="same_step")
     extra = same.sap.flops_per_step_per_gpu - nxt.sap.flops_per_step_per_gpu
-    m = P.NAMED_MODELS["llama2-7b"]
+    m = model_spec.NAMED_MODELS["llama2-7b"]
     f_tok = nxt.sft.flops_per_step_per_gpu / (2 * 1024 * 2 * 4)  # SFT: fwd + 2 bwd + 1 recompute
     assert extra == pytest.approx(2 * 1024 * 2 * f_tok * (1 + (32 - 3) / 32 * 2))  # one more pass: fwd + bwd above layer 3
     gather = 2 * m.param_count() * 15 / 16
@@ -261,7 +262,7 @@ def test_same_step_adds_one_probe_pass_of_compute_and_gathers():
 def test_step_flops_by_hand():
     r = _plan(model="llama2-7b", nodes=1, gpus_per_node=8, seq_len=1024, micro_batch=2, grad_accum=3,
               activation_checkpointing=False, mfu=0.5, gpu="a100-80gb")
-    m = P.NAMED_MODELS["llama2-7b"]
+    m = model_spec.NAMED_MODELS["llama2-7b"]
     matmul = m.param_count() - 32000 * 4096 - (2 * 32 + 1) * 4096  # minus input embedding and norms
     f_tok = 2 * matmul + 4 * 32 * 1024 * 4096
     tokens = 2 * 1024 * 3
@@ -404,7 +405,7 @@ def test_cli_json_config_file(tmp_path, capsys):
 def test_module_entry_point_runs():
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "sap_ds.plan", "--model", "smollm2-135m", "--nodes", "1",
+    out = subprocess.run([sys.executable, "-m", "sap_ds.cost.plan", "--model", "smollm2-135m", "--nodes", "1",
                           "--gpus-per-node", "1", "--json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["total_params"] == 134_515_008

@@ -1,4 +1,4 @@
-"""The SAP probe (sap_ds/probe.py): finding decoder layers across architectures, layer
+"""The SAP probe (sap_ds/sap/probe.py): finding decoder layers across architectures, layer
 range errors, the hook adding V to a block's output, enabled=False, and cut_below."""
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from sap_ds.probe import Probe, ProbeError, find_decoder_layers
+from sap_ds.errors import ProbeError
+from sap_ds.sap.probe import Probe, find_decoder_layers
 
 HIDDEN, VOCAB = 32, 64
 CPU = torch.device("cpu")
@@ -309,7 +310,7 @@ def test_rescale_and_random_init():
 def test_probe_written_as_down_proj_bias_gives_the_hooked_logits():
     """export.keep_probe: the plain model with the probe as mlp.down_proj.bias computes what
     the model with the probe hooks computes, and loads back in plain transformers."""
-    from sap_ds.export import with_probe_as_bias
+    from sap_ds.training.export import with_probe_as_bias
 
     model = _model("llama", layers=3)
     probe = Probe(model, [0, 2], HIDDEN, CPU)
@@ -328,7 +329,7 @@ def test_probe_written_as_down_proj_bias_gives_the_hooked_logits():
 
 
 def test_keep_probe_needs_an_mlp_bias_option():
-    from sap_ds.export import with_probe_as_bias
+    from sap_ds.training.export import with_probe_as_bias
 
     model = _model("gpt2", layers=2)
     probe = Probe(model, [0], HIDDEN, CPU)
@@ -340,7 +341,7 @@ def test_probe_pass_gradient_bypasses_an_output_hook_that_rescales():
     """DeepSpeed hooks the engine's outputs with ``_backward_prologue_per_tensor``, which
     divides a torch-style backward's gradient by the accumulation steps; the probe pass
     hands on the gradient as it arrived (sap._bypass_engine_grad_scaling)."""
-    from sap_ds.sap import _bypass_engine_grad_scaling
+    from sap_ds.sap.step import _bypass_engine_grad_scaling
 
     model = _model("llama", layers=2)
     probe = Probe(model, [0], HIDDEN, CPU)

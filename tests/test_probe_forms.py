@@ -10,7 +10,9 @@ import json
 import pytest
 import torch
 
-from sap_ds.config import ConfigError, config_changes, config_to_dict, load_config, parse_layer_band
+from sap_ds.config.methods import parse_layer_band
+from sap_ds.config.run import config_changes, config_to_dict, load_config
+from sap_ds.errors import ConfigError
 from tests.conftest import REPO
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -82,7 +84,8 @@ def test_config_changes_read_runs_recorded_before_the_keys_existed():
 def test_probe_layers_are_checked_against_the_depth_before_the_model_loads(tiny_model_path, tmp_path):
     """sap_ds.train.fail_fast reads the depth from config.json: the paper's band on the
     4-layer test model fails in seconds, naming the key, the depth and what is valid."""
-    from sap_ds.probe import ProbeError, check_layers_from_config
+    from sap_ds.errors import ProbeError
+    from sap_ds.sap.probe import check_layers_from_config
     from sap_ds.train import check_probe_layers
 
     with pytest.raises(ProbeError) as info:
@@ -103,8 +106,8 @@ def test_probe_layers_are_checked_against_the_depth_before_the_model_loads(tiny_
 
 
 def test_flops_count_the_extra_probe_pass_of_same_step():
-    from sap_ds import flops
-    from sap_ds.plan import ModelSpec
+    from sap_ds.cost import flops
+    from sap_ds.cost.model_spec import ModelSpec
 
     spec = ModelSpec("hand", hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2,
                      num_key_value_heads=1, vocab_size=32)
@@ -124,7 +127,7 @@ def test_flops_count_the_extra_probe_pass_of_same_step():
     assert flops.ideal_ratio(flops.FlopsModel(deep), [8], [8], probe_passes=2) == pytest.approx(0.3, abs=2e-3)
     assert flops.ideal_ratio(flops.FlopsModel(deep, 8, ("q_proj", "v_proj")), [8], [8],
                              probe_passes=2) == pytest.approx(0.25, abs=2e-3)
-    from sap_ds.plan import NAMED_MODELS  # docs/benchmarks.md: Llama-2-70B, probe from layer 3, 128 tokens
+    from sap_ds.cost.model_spec import NAMED_MODELS  # docs/benchmarks.md: Llama-2-70B, probe from layer 3, 128 tokens
 
     spec70, lengths = NAMED_MODELS["llama2-70b"], [128] * 8
     assert flops.ideal_ratio(flops.FlopsModel(spec70), lengths, lengths, lowest_probe_layer=3,
@@ -135,11 +138,11 @@ def test_flops_count_the_extra_probe_pass_of_same_step():
 
 
 def test_trainer_throughput_counts_the_passes_the_step_ran():
-    """The per-step TFLOP/s (sap_ds/throughput.py) take the probe passes from the step's
+    """The per-step TFLOP/s (sap_ds/cost/throughput.py) take the probe passes from the step's
     ``ran`` record (sap_step sets ``probe_passes`` 2 under same_step, 0 without a probe pass)."""
-    from sap_ds import flops
-    from sap_ds.plan import ModelSpec
-    from sap_ds.throughput import Throughput
+    from sap_ds.cost import flops
+    from sap_ds.cost.model_spec import ModelSpec
+    from sap_ds.cost.throughput import Throughput
 
     fm = flops.FlopsModel(ModelSpec("hand", 8, 16, 4, 2, 1, 32))
     meter = Throughput.__new__(Throughput)  # no peak measurement: only the FLOPs are checked
@@ -160,10 +163,10 @@ def test_trainer_throughput_counts_the_passes_the_step_ran():
 def _state(overrides):
     from transformers import AutoModelForCausalLM
 
-    from sap_ds.embedded import tiny_model_dir
-    from sap_ds.probe import Probe
-    from sap_ds.probe_update import make_optimizer
-    from sap_ds.sap import SapState
+    from sap_ds.model.embedded import tiny_model_dir
+    from sap_ds.sap.probe import Probe
+    from sap_ds.sap.probe_update import make_optimizer
+    from sap_ds.sap.step import SapState
 
     cfg = load_config(TINY, ["method=sap", *overrides])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32)
@@ -175,7 +178,7 @@ def test_gradient_update_is_a_plain_step_with_no_state():
     """V <- V - probe_lr * gV (SafeTune's v.data.add_(v.grad, alpha=-beta)); next_step with
     probe_reset zeroes V first (it was the previous step's), same_step leaves that to
     sap_step (before the probe passes); follow scales the step with the task lr."""
-    from sap_ds.probe_update import update_probe
+    from sap_ds.sap.probe_update import update_probe
 
     grad = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
     cfg, st = _state(["sap.probe_update=gradient", "sap.probe_lr=0.05"])
@@ -204,7 +207,7 @@ def test_gradient_update_is_a_plain_step_with_no_state():
 def test_adam_update_is_unchanged():
     """The authors' form: reset, then one AdamW step (its first step moves every element by
     about lr against the gradient's sign)."""
-    from sap_ds.probe_update import update_probe
+    from sap_ds.sap.probe_update import update_probe
 
     grad = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
     cfg, st = _state(["sap.probe_lr=0.05"])
@@ -218,7 +221,7 @@ def test_checkpoint_state_of_each_update_rule():
     under gradient (a logged config change) loads its probe and ignores the moments; a
     gradient checkpoint resumed under adam starts the moments afresh."""
     from sap_ds.methods.sap import SapMethod
-    from sap_ds.probe_update import update_probe
+    from sap_ds.sap.probe_update import update_probe
 
     grad = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
     methods = {}
@@ -262,7 +265,8 @@ def test_probe_micro_batches_is_checked_against_grad_accum():
 def test_plan_counts_the_probe_on_k_micro_batches():
     """plan --probe-micro-batches k: the probe passes' compute and gathers are k / grad_accum
     of probing every micro-batch; SFT's column and the safety pass do not change."""
-    from sap_ds import plan as P
+    from sap_ds.cost import model_spec
+    from sap_ds.cost import plan as P
 
     common = dict(model="llama2-7b", nodes=2, gpus_per_node=8, seq_len=1024, micro_batch=2, grad_accum=4)
     every, one = P.plan(P.PlanInputs(**common)), P.plan(P.PlanInputs(**common, probe_micro_batches=1))
@@ -273,5 +277,5 @@ def test_plan_counts_the_probe_on_k_micro_batches():
     assert one.sap.flops_per_step_per_gpu - sft_flops - safety == pytest.approx(
         (every.sap.flops_per_step_per_gpu - sft_flops - safety) / 4, rel=1e-6)
     assert one.sap_over_sft_throughput > every.sap_over_sft_throughput
-    with pytest.raises(P.PlanError, match="--probe-micro-batches 5"):
+    with pytest.raises(model_spec.PlanError, match="--probe-micro-batches 5"):
         P.plan(P.PlanInputs(**common, probe_micro_batches=5))

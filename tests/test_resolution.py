@@ -1,4 +1,4 @@
-"""Can bf16 working weights hold SAP's perturbation? (sap_ds/resolution.py, docs/algorithm.md)
+"""Can bf16 working weights hold SAP's perturbation? (sap_ds/sap/resolution.py, docs/algorithm.md)
 
 The figures come from an independent float64 computation of ``bf16(W + d) - bf16(W)``; the
 check before step 1 stops a bf16 full fine-tuning run at the paper's rho (2 ranks, through
@@ -14,8 +14,9 @@ import types
 import pytest
 import torch
 
-from sap_ds import resolution
-from sap_ds.config import ConfigError, SapConfig
+from sap_ds.config.methods import SapConfig
+from sap_ds.errors import ConfigError
+from sap_ds.sap import resolution
 from tests.conftest import launch, run_single
 
 
@@ -134,7 +135,7 @@ def test_bf16_run_at_a_representable_rho_logs_the_realised_perturbation(tmp_path
 def test_loss_of_resolution_during_the_run_is_warned_once(caplog):
     """The check before step 1 sees only the first direction (LoRA: B = 0, always resolved);
     a logged step whose realised perturbation leaves the tolerance is warned about once."""
-    from sap_ds.trainer import Trainer
+    from sap_ds.training.trainer import Trainer
 
     fake = types.SimpleNamespace(_resolution_warned=False, step=7, cfg=types.SimpleNamespace(
         model=types.SimpleNamespace(dtype="bf16"), sap=SapConfig()))

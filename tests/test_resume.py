@@ -92,8 +92,8 @@ def test_resume_under_changed_config_keeps_the_old_one_and_is_stale(tmp_path, st
     """A resume under another config goes on (a user may lengthen the schedule) but says
     which keys changed, keeps the config the first steps were trained with, and compare and
     sweep then refuse to reuse the run as if it had been trained under one config."""
-    from sap_ds.compare import config_drift
-    from sap_ds.config import load_config
+    from sap_ds.config.run import load_config
+    from sap_ds.experiments.compare import config_drift
 
     run_dir = _resumable_copy(stopped_sap, tmp_path / "run")
     proc = _run(run_dir, "sap", extra=["sap.temperature=2.0"])
@@ -272,8 +272,9 @@ def test_wandb_offline_writes_its_run_folder(uninterrupted):
 def test_wandb_asked_for_but_not_installed_stops_before_step_1(monkeypatch):
     import importlib.util
 
-    from sap_ds.config import ConfigError, load_config
-    from sap_ds.metrics import check_logging
+    from sap_ds.config.run import load_config
+    from sap_ds.errors import ConfigError
+    from sap_ds.training.metrics import check_logging
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
@@ -285,8 +286,9 @@ def test_wandb_asked_for_but_not_installed_stops_before_step_1(monkeypatch):
 def test_another_world_size_must_keep_the_global_batches():
     """The data is indexed by step and global batch: resuming on another number of ranks
     with another global batch would skip or repeat examples, so it stops, naming the fix."""
-    from sap_ds.config import ConfigError, load_config
-    from sap_ds.resume import check_batch_on_new_world
+    from sap_ds.config.run import load_config
+    from sap_ds.errors import ConfigError
+    from sap_ds.training.resume import check_batch_on_new_world
 
     cfg = load_config("configs/tiny.yaml", ["method=sap"])  # micro-batch 2, safety batch 2 per rank
     folder = Path("runs/x/checkpoints/step_00000005")
@@ -302,7 +304,7 @@ def test_another_world_size_must_keep_the_global_batches():
 # --------------------------------------------------------------------------- changed optimizer settings
 
 # A run resumed under changed optimizer settings steps with the run config's, not the ones
-# the checkpoint restored (sap_ds/resume_optimizer.py). Before: tiny.yaml's lr 3e-3, cosine,
+# the checkpoint restored (sap_ds/training/resume_optimizer.py). Before: tiny.yaml's lr 3e-3, cosine,
 # 1 warm-up step, no weight decay, clipping 1.0, probe lr 0.05 (betas (0.9, 0.999); eps 1e-8
 # for SFT, 1e-4 in WORLD_RUN). After: every kind changed at once, each test reads its own.
 CHANGED = ["train.max_steps=6", "train.lr=1e-3", "train.lr_schedule=linear", "train.warmup_steps=4",
@@ -408,8 +410,8 @@ def test_the_resume_line_leaves_out_settings_without_effect():
     """The log line's list (no process): train.epochs under a fixed max_steps, and SAP's
     keys in an SFT run, change nothing the optimizers do and are not named; the other
     optimizer keys are, as old -> new."""
-    from sap_ds.config import config_to_dict, load_config
-    from sap_ds.resume_optimizer import changed_settings
+    from sap_ds.config.run import config_to_dict, load_config
+    from sap_ds.training.resume_optimizer import changed_settings
 
     before = config_to_dict(load_config("configs/tiny.yaml", ["method=sft"]))
     now = load_config("configs/tiny.yaml", ["method=sft", "train.epochs=3", "sap.probe_lr=1", "train.grad_clip=0",

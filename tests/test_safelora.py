@@ -1,4 +1,4 @@
-"""SafeLoRA (sap_ds/safelora.py) against the authors' code (tests/reference_safelora.py), its
+"""SafeLoRA (sap_ds/methods/safelora.py) against the authors' code (tests/reference_safelora.py), its
 properties, the export step of a real run, the CLI on that run's adapter, and bad input.
 
 The models: tiny-random is the unaligned base; the "aligned" model is it plus a rank-2
@@ -16,9 +16,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sap_ds.config import ConfigError, build_config, read_config_file
-from sap_ds.safelora import (SafeLoraError, alignment_matrices, apply_safelora, check_export_config, lora_layers,
-                             project_lora, weight_name)
+from sap_ds.config.reading import read_config_file
+from sap_ds.config.run import build_config
+from sap_ds.errors import ConfigError
+from sap_ds.methods.safelora import (
+    SafeLoraError,
+    alignment_matrices,
+    apply_safelora,
+    check_export_config,
+    lora_layers,
+    project_lora,
+    weight_name,
+)
 from tests.conftest import REPO, run_single
 from tests.reference_safelora import safelora_reference
 
@@ -57,8 +66,8 @@ def _random_lora(aligned_dir: Path, seed: int = 0):
     """A peft LoRA (r 8, q/v) over the aligned model with random non-zero A and B."""
     from transformers import AutoModelForCausalLM
 
-    from sap_ds.config import LoraConfig
-    from sap_ds.modeling import apply_lora
+    from sap_ds.config.run import LoraConfig
+    from sap_ds.model.loading import apply_lora
 
     model = apply_lora(AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32),
                        LoraConfig(enabled=True, r=LORA_R, alpha=16, dropout=0.0))

@@ -1,11 +1,11 @@
-"""Per-tensor norms and scaling over flat shard buffers (sap_ds/segments.py) against a
+"""Per-tensor norms and scaling over flat shard buffers (sap_ds/parallel/segments.py) against a
 tensor-by-tensor loop: padding between tensors, tensors with no local elements, pieces
 cut at chunk boundaries, several groups."""
 from __future__ import annotations
 
 import torch
 
-from sap_ds.segments import Segments
+from sap_ds.parallel.segments import Segments
 
 
 def _layout():

@@ -31,8 +31,8 @@ DEEP_LAYERS = 12  # enough for the probe layers the shipped configs name ([3, 9]
 def _deep_tiny_model(folder: Path, tiny: Path) -> Path:
     """tiny-random's architecture and tokenizer with more layers: the stand-in for the
     configs' model paths that are not here (a Llama like theirs, cheap on a CPU)."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
     import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     config = AutoConfig.from_pretrained(tiny)
     config.num_hidden_layers = DEEP_LAYERS
@@ -113,7 +113,7 @@ def test_wheel_ships_configs_ds_configs_and_data(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = ("import json, sap_ds, sap_ds.cli as c; from sap_ds.config import load_config; cfg = load_config('demo'); "
+    probe = ("import json, sap_ds, sap_ds.cli as c; from sap_ds.config.run import load_config; cfg = load_config('demo'); "
              "print(json.dumps([sap_ds.__file__, cfg.data.train[0].path, cfg.deepspeed_config]))")
     env = {**os.environ, "PYTHONPATH": str(site)}
     proc = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)

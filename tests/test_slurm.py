@@ -300,8 +300,8 @@ def test_every_template_sets_up_the_environment_before_it_finds_common_sh(tmp_pa
     checkout or the installed package; the cluster test above runs it), the trainer as a
     module, not as a checkout's file; `sap-ds configs slurm` writes the shipped folder out
     as it is, and does not overwrite a copy without --force."""
-    from sap_ds.config import ConfigError
     from sap_ds.configs_cli import copy_slurm_templates
+    from sap_ds.errors import ConfigError
 
     start, end = "# ---- environment, first", 'source "$SAPDS_COMMON"\n'
     blocks = {}
@@ -327,7 +327,7 @@ def test_baseline_template_takes_any_method():
     """sft_baseline.sbatch puts method=sft before EXTRA_ARGS, so EXTRA_ARGS=method=safety_mix
     (or lisa) runs that baseline from the same template (a later override wins), and every
     70B config is a valid safety_mix run (it has data.safety)."""
-    from sap_ds.config import load_config
+    from sap_ds.config.run import load_config
 
     assert 'EXTRA_ARGS="method=sft $EXTRA_ARGS"' in (REPO / "slurm" / "sft_baseline.sbatch").read_text()
     for path in sorted((REPO / "configs" / "70b").glob("*.yaml")):
@@ -340,14 +340,14 @@ def test_70b_configs_take_every_method(path):
     method from each shipped 70B config (its data.safety serves SAP, Lisa and the mixes)."""
     import typing
 
-    from sap_ds.config import MethodName, load_config
+    from sap_ds.config.run import MethodName, load_config
     for method in typing.get_args(MethodName):
         assert load_config(path, [f"method={method}"]).method == method
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "70b").glob("*.yaml")), ids=lambda p: p.name)
 def test_70b_configs_validate(path):
-    from sap_ds.config import load_config
+    from sap_ds.config.run import load_config
     cfg = load_config(path)
     assert cfg.method == "sap" and cfg.model.dtype == "bf16" and cfg.model.gradient_checkpointing
     assert (REPO / cfg.deepspeed_config).exists(), cfg.deepspeed_config

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from sap_ds.errors import EXIT_STOPPED_RESUMABLE
@@ -63,7 +62,7 @@ def test_a_person_stops_a_run_and_restarts_it(tmp_path):
 def test_only_a_stop_file_older_than_the_start_is_stale(tmp_path, monkeypatch, caplog):
     """A stop file made after the run started (the SLURM shell's warning trap while the ranks
     start up, or a person) is a request to this run and is kept; SAP_DS_STOP_FILE moves it."""
-    from sap_ds.resume import clear_stale_stop_file, consume_stop_file, stop_file
+    from sap_ds.training.resume import clear_stale_stop_file, consume_stop_file, stop_file
 
     monkeypatch.delenv("SAP_DS_STOP_FILE", raising=False)
     stop = tmp_path / "STOP"
@@ -102,23 +101,23 @@ def _sweep_config(tmp_path) -> Path:
 
 
 def test_sweep_takes_exit_75_as_stopped_not_failed(tmp_path, monkeypatch, capsys):
-    import sap_ds.compare
-    from sap_ds.sweep import main
+    import sap_ds.experiments.compare
+    from sap_ds.experiments.sweep import main
 
     monkeypatch.chdir(REPO)
     config = _sweep_config(tmp_path)
-    monkeypatch.setattr(sap_ds.compare, "launch_command", _exits_with(EXIT_STOPPED_RESUMABLE))
+    monkeypatch.setattr(sap_ds.experiments.compare, "launch_command", _exits_with(EXIT_STOPPED_RESUMABLE))
     assert main(["--config", str(config), "--only", "0"]) == EXIT_STOPPED_RESUMABLE
     err = capsys.readouterr().err
     assert "sap-ds sweep: stopped: sft seed 0: training stopped before its last step" in err and "failed" not in err
-    monkeypatch.setattr(sap_ds.compare, "launch_command", _exits_with(1))
+    monkeypatch.setattr(sap_ds.experiments.compare, "launch_command", _exits_with(1))
     assert main(["--config", str(config), "--only", "0"]) == 1
     assert "sap-ds sweep: failed: sft seed 0: train sft/seed0 failed with exit code 1" in capsys.readouterr().err
 
 
 def test_compare_takes_exit_75_as_stopped_not_failed(tmp_path, monkeypatch, capsys):
-    import sap_ds.compare
-    from sap_ds.compare import RunSet, main
+    import sap_ds.experiments.compare
+    from sap_ds.experiments.compare import RunSet, main
 
     monkeypatch.chdir(REPO)
     config = tmp_path / "compare.yaml"
@@ -127,11 +126,11 @@ def test_compare_takes_exit_75_as_stopped_not_failed(tmp_path, monkeypatch, caps
         "methods": ["sft"], "nproc": 1, "eval_nproc": 1, "out_dir": str(tmp_path / "out"),
         "overrides": ["train.max_steps=2"]}))
     monkeypatch.setattr(RunSet, "evaluate", lambda self, model, out, in_process=True: {})  # the start model's eval
-    monkeypatch.setattr(sap_ds.compare, "launch_command", _exits_with(EXIT_STOPPED_RESUMABLE))
+    monkeypatch.setattr(sap_ds.experiments.compare, "launch_command", _exits_with(EXIT_STOPPED_RESUMABLE))
     assert main(["--config", str(config)]) == EXIT_STOPPED_RESUMABLE
     err = capsys.readouterr().err
     assert "sap-ds compare: stopped: train default/sft/seed" in err and "running the comparison again resumes it" in err
-    monkeypatch.setattr(sap_ds.compare, "launch_command", _exits_with(1))
+    monkeypatch.setattr(sap_ds.experiments.compare, "launch_command", _exits_with(1))
     assert main(["--config", str(config)]) == 1
     assert "sap-ds compare: error: train default/sft/seed" in capsys.readouterr().err
 
@@ -142,7 +141,7 @@ def test_compare_takes_exit_75_as_stopped_not_failed(tmp_path, monkeypatch, caps
 def _finished_run(tmp_path, overrides: list[str]) -> tuple[Path, list[str]]:
     """An output folder holding a finished run of configs/tiny.yaml under ``overrides``: what
     the finished-run check reads (summary.json, and config.json as the trainer writes it)."""
-    from sap_ds.config import config_to_dict, load_config
+    from sap_ds.config.run import config_to_dict, load_config
 
     out = tmp_path / "finished"
     out.mkdir()
@@ -178,7 +177,7 @@ def test_a_restart_checks_files_before_configs_and_lists_changes_one_per_line(tm
 
 
 def test_config_changes_name_entries_of_lists_and_shorten_long_values():
-    from sap_ds.config import CHANGE_VALUE_CHARS, config_changes, config_to_dict, load_config
+    from sap_ds.config.run import CHANGE_VALUE_CHARS, config_changes, config_to_dict, load_config
 
     tiny = REPO / "configs" / "tiny.yaml"
     saved = config_to_dict(load_config(tiny))

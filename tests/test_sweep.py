@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from sap_ds.sweep import Range, SweepConfig, expand_points, main, point_name
-from sap_ds.sweep_report import pareto_front
+from sap_ds.experiments.sweep import Range, SweepConfig, expand_points, main, point_name
+from sap_ds.experiments.sweep_report import pareto_front
 from tests.conftest import REPO
 
 
@@ -32,7 +32,7 @@ def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
                                                 keep_checkpoints=False),
                                      sort_keys=False))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "sap_ds.sweep", "--config", str(config)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "sap_ds.experiments.sweep", "--config", str(config)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "failed: diverges seed 0" in proc.stderr and "launch.log" in proc.stderr
@@ -97,7 +97,7 @@ def test_runs_side_by_side(tmp_path):
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, parallel=2, keep_checkpoints=False), sort_keys=False))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "sap_ds.sweep", "--config", str(config)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "sap_ds.experiments.sweep", "--config", str(config)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = tmp_path / "out"
@@ -116,10 +116,10 @@ def test_runs_side_by_side(tmp_path):
 
 def test_runs_side_by_side_are_refused_on_gpus(monkeypatch, capsys, tmp_path):
     """As in ``sap-ds compare``: every launch would take GPUs 0..nproc-1."""
-    import sap_ds.distributed
+    import sap_ds.parallel.distributed
 
     monkeypatch.chdir(REPO)
-    monkeypatch.setattr(sap_ds.distributed, "on_cpu", lambda: False)
+    monkeypatch.setattr(sap_ds.parallel.distributed, "on_cpu", lambda: False)
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(tiny_sweep(tmp_path, parallel=2)))
     assert main(["--config", str(config), "--list"]) == 1
@@ -187,8 +187,8 @@ def test_bad_sweep_configs(tmp_path, monkeypatch, capsys):
 def test_plot_draws_the_curve_through_its_points_in_order(tmp_path, monkeypatch):
     """``curve``: the named points joined in the config's order (not sorted, not the front),
     points without results left out."""
-    from sap_ds import checkpoint
-    from sap_ds.sweep_report import plot
+    from sap_ds.experiments.sweep_report import plot
+    from sap_ds.training import checkpoint
 
     figures = []
     monkeypatch.setattr(checkpoint, "atomic_save_figure", lambda fig, path, dpi: figures.append(fig))
@@ -212,7 +212,7 @@ def test_bad_ranges(spec):
 def test_the_report_names_configs_relative_to_the_working_directory(tmp_path, monkeypatch):
     """sweep.md's header: config paths arrive resolved; under the working directory they are
     shown relative to it (no machine path pasted into docs), elsewhere as given."""
-    from sap_ds.sweep_report import shown_path
+    from sap_ds.experiments.sweep_report import shown_path
 
     monkeypatch.chdir(REPO)
     assert shown_path(str(REPO / "configs" / "demo.yaml")) == "configs/demo.yaml"

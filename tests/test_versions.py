@@ -1,4 +1,4 @@
-"""Version floors: setup.py and sap_ds/versions.py agree, and an old package is refused
+"""Version floors: setup.py and sap_ds/dependencies.py agree, and an old package is refused
 with a message naming it, its installed version and the floor, before anything heavy loads."""
 import re
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sap_ds import versions
+from sap_ds import dependencies as versions
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sap_ds.config import load_config
+from sap_ds.config.run import load_config
 from sap_ds.data import build_run_data
 from tests.conftest import REPO, launch
 from tests.reference import run_reference
@@ -255,7 +255,7 @@ def test_perturb_changes_loss_and_restore_is_bit_exact_bf16(triton_runs):
     assert r["probe_grad_norm"] > 0
     # the gradient is copied per flat group, and that equals DeepSpeed's per-parameter accessor
     assert r["grads_copied_per_group"] and r["grads_flat_equal_per_param"]
-    assert r["all_ok"]  # sap_ds.diagnostics' own summary agrees
+    assert r["all_ok"]  # sap_ds.sap.diagnostics' own summary agrees
     # at rho 0.05 the bf16 shards hold the perturbation (docs/algorithm.md, precision)
     assert abs(r["stats"]["perturb_realized_ratio"] - 1) < 0.1 and r["stats"]["perturb_cosine"] > 0.99, r["stats"]
 
@@ -332,7 +332,7 @@ def test_probing_fewer_micro_batches_changes_the_probe(runs):
 
 def test_offload_sap_run_issues_every_collective_on_the_groups_device(runs):
     """ZeRO-Offload (the fp32 master, direction and sums on the CPU): every tensor collective
-    sap_ds issues goes through sap_ds.collectives with its tensor on the group's device
+    sap_ds issues goes through sap_ds.parallel.collectives with its tensor on the group's device
     (tests/collective_checker.py; on gloo that is the CPU, so what this run proves is the
     routing: test_collectives.py checks the device choice under NCCL). The same run proves
     the offloaded gradient layout (per-group copy equals DeepSpeed's per-parameter accessor)

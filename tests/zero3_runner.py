@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def inspect_first_step(trainer) -> dict:
-    """The checks of ``sap_ds.diagnostics.inspect_sap_step`` on step 0."""
-    from sap_ds.diagnostics import inspect_sap_step
+    """The checks of ``sap_ds.sap.diagnostics.inspect_sap_step`` on step 0."""
+    from sap_ds.sap.diagnostics import inspect_sap_step
 
     return inspect_sap_step(trainer, 0)
 
@@ -29,8 +29,8 @@ def export_with_logits(trainer, out: str) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from sap_ds.export import export_model
-    from sap_ds.losses import forward_logits
+    from sap_ds.model.losses import forward_logits
+    from sap_ds.training.export import export_model
 
     if trainer.sap_state is not None:
         trainer.sap_state.probe.enabled = False
@@ -69,7 +69,7 @@ def run_one(cfg, rank: int, world: int, steps: int, out: str, inspect: bool = Fa
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from sap_ds.trainer import Trainer
+    from sap_ds.training.trainer import Trainer
 
     os.makedirs(out, exist_ok=True)
     checker = None
@@ -132,10 +132,10 @@ def run_one(cfg, rank: int, world: int, steps: int, out: str, inspect: bool = Fa
 
 def _stats(state) -> dict:
     """The SAP step's statistics as plain floats (newer code keeps them as device tensors)."""
-    from sap_ds import sap
+    from sap_ds.sap import step as sap_step
 
-    if hasattr(sap, "stats_as_floats"):
-        return sap.stats_as_floats(state)
+    if hasattr(sap_step, "stats_as_floats"):
+        return sap_step.stats_as_floats(state)
     return {k: (float(v) if not isinstance(v, bool) else v) for k, v in state.stats.items()}
 
 
@@ -156,15 +156,15 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    from sap_ds.config import load_config
-    from sap_ds.distributed import init_distributed
+    from sap_ds.config.run import load_config
+    from sap_ds.parallel.distributed import init_distributed
 
     rank, _, world = init_distributed()
     if args.variants is None:
         cfg = load_config(args.config, args.overrides + [f"train.max_steps={args.steps}"])
         run_one(cfg, rank, world, args.steps, args.out, args.inspect, args.memory, args.export, args.check_collectives)
         return 0
-    from sap_ds.zero3 import release_deepspeed_globals
+    from sap_ds.parallel.zero3 import release_deepspeed_globals
 
     for variant in json.loads(args.variants):  # each: name, overrides, optional steps and flags
         steps = variant.get("steps", args.steps)

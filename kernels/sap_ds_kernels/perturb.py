@@ -18,7 +18,7 @@ then equals ``cast(W)`` for most elements and the engine computes at a point tha
 shard, with ``r = cast(W + d) - cast(W)`` (what the engine sees) and ``d = scale *
 direction`` (what was intended): ``[sum r*r, sum d*d, sum r*d, count(r != 0)]``. From
 those (summed over ranks) follow the realised/intended norm ratio, the cosine and the
-fraction of elements that changed (``sap_ds/resolution.py``).
+fraction of elements that changed (``sap_ds/sap/resolution.py``).
 """
 import functools
 
@@ -77,7 +77,7 @@ def perturb_from_master_torch(master, direction, scale, out, stats=None) -> None
 
 def perturbation_stats_torch(master, direction, scale, out_dtype) -> torch.Tensor:
     """The statistics ``perturb_from_master_torch`` would add, for an ``out_dtype`` shard,
-    without writing anything (for a what-if radius: ``sap_ds.resolution``)."""
+    without writing anything (for a what-if radius: ``sap_ds.sap.resolution``)."""
     _check(master, direction, scale, torch.empty(master.numel(), dtype=out_dtype, device="meta"))
     tmp = direction * scale
     return realised_stats_torch(master.view(-1), tmp.view(-1), (tmp + master).to(out_dtype).view(-1))

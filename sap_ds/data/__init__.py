@@ -18,15 +18,33 @@ bad row found after an hour on a cluster is an hour lost.
 """
 from sap_ds.data.batching import collate, collate_pairs, epoch_order, global_batch_indices
 from sap_ds.data.formats import (
-    HARMFUL_COLUMNS, PROMPT_COLUMNS, REFUSALS, RESPONSE_COLUMNS, SAFE_COLUMNS, SST2_INSTRUCTION, SST2_LABELS, Conversation,
-    Example, SafetyPair, refusal_for,
+                                 HARMFUL_COLUMNS,
+                                 PROMPT_COLUMNS,
+                                 REFUSALS,
+                                 RESPONSE_COLUMNS,
+                                 SAFE_COLUMNS,
+                                 SST2_INSTRUCTION,
+                                 SST2_LABELS,
+                                 Conversation,
+                                 Example,
+                                 SafetyPair,
+                                 refusal_for,
 )
 from sap_ds.data.mixing import mix_harmful
-from sap_ds.data.packing import Packed, collate_packed, is_packed, pack, packed_forward, packing_attention, sequence_lengths
+from sap_ds.data.packing import (
+                                 Packed,
+                                 collate_packed,
+                                 is_packed,
+                                 pack,
+                                 packed_forward,
+                                 packing_attention,
+                                 sequence_lengths,
+)
 from sap_ds.data.run import PackedSet, PairSet, RunData, TokenizedSet, build_run_data
-from sap_ds.data.sources import DataError, read_rows, read_table
+from sap_ds.data.sources import read_rows, read_table
 from sap_ds.data.tables import load_examples, load_safety_pairs
 from sap_ds.data.tokenize import IGNORE_INDEX, ChatTokenizer, EncodedPair, Status, Tokenized, encode_all, encode_pairs
+from sap_ds.errors import DataError
 
 __all__ = [
     "HARMFUL_COLUMNS", "IGNORE_INDEX", "PROMPT_COLUMNS", "REFUSALS", "RESPONSE_COLUMNS", "SAFE_COLUMNS", "SST2_INSTRUCTION",

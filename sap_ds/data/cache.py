@@ -27,7 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
-from sap_ds.data.sources import DataError
+from sap_ds.errors import DataError
 
 # 2: truncation at turn boundaries (tokenize._fit) and each row's record of what the
 # length limit did (pipeline.RECORD_COLUMNS): a cache written by version 1 is not read.
@@ -40,7 +40,7 @@ WAIT_TIMEOUT = timedelta(hours=6)
 def cache_root(configured: Optional[str]) -> Path:
     if configured:
         return Path(configured)
-    from sap_ds.embedded import cache_root as sap_ds_cache
+    from sap_ds.model.embedded import cache_root as sap_ds_cache
 
     return sap_ds_cache() / "data"
 

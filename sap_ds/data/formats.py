@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sap_ds.data.sources import DataError
+from sap_ds.errors import DataError
 
 # Refusals used where a harmful prompt needs a safe answer and the file has none
 # (alignment data, AdvBench-derived safety pairs). Several, so the model learns to

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from sap_ds.data.sources import DataError
+from sap_ds.errors import DataError
 
 # The safety demonstrations' draws, apart from the eval split (seed + 1), the harmful mix
 # (seed), SAP's safety batches (seed + 7) and Lisa's alignment batches (seed + 11): which

@@ -140,8 +140,8 @@ def packing_attention(model) -> str:
     'block_mask' (module docstring); a ModelError when it can do none of them."""
     from transformers import masking_utils
 
-    from sap_ds.modeling import ModelError
-    from sap_ds.probe import _unwrap
+    from sap_ds.errors import ModelError
+    from sap_ds.sap.probe import _unwrap
 
     base = _unwrap(model)
     impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
@@ -170,7 +170,7 @@ def packed_forward(model, batch: dict, mode: str):
         return out.logits.reshape(rows, width, -1)
     mask = None
     if mode == "block_mask":
-        from sap_ds.probe import _unwrap
+        from sap_ds.sap.probe import _unwrap
 
         mask = block_mask(batch["sequence_ids"], _unwrap(model).dtype)
     return model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False).logits

@@ -18,9 +18,10 @@ from pathlib import Path
 from sap_ds.data.formats import Conversation, SafetyPair
 from sap_ds.data.mixing import eval_split, mix_indices, safety_mix_indices, safety_mix_order
 from sap_ds.data.packing import first_fit_decreasing
-from sap_ds.data.sources import DataError, source_identity
+from sap_ds.data.sources import source_identity
 from sap_ds.data.tables import BATCH, column, pair_table, task_table, turns_of
 from sap_ds.data.tokenize import IGNORE_INDEX, ChatTokenizer, Status
+from sap_ds.errors import DataError
 
 AUTO_PROC_MIN_ROWS = 20_000  # below this, worker start-up costs more than it saves
 

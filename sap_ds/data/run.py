@@ -19,9 +19,9 @@ import numpy as np
 from sap_ds.data.cache import build_once, cache_root, fingerprint, tokenizer_identity
 from sap_ds.data.packing import pack
 from sap_ds.data.pipeline import build, fingerprint_parts
-from sap_ds.data.sources import DataError
 from sap_ds.data.tables import column
 from sap_ds.data.tokenize import ChatTokenizer, EncodedPair, Tokenized
+from sap_ds.errors import DataError
 
 log = logging.getLogger("sap_ds")
 
@@ -204,7 +204,7 @@ def build_run_data(cfg, tokenizer, seed: int, need_safety: bool, safety_mix: flo
     """The run's data from the cache, prepared first if missing (one rank per node; the
     others wait, see ``cache``). Every rank returns the same RunData. ``safety_mix``:
     refusal demonstrations added per task example (``Method.safety_mix``; 0: none)."""
-    from sap_ds.distributed import is_main
+    from sap_ds.parallel.distributed import is_main
 
     if not cfg.train:
         raise DataError("data.train is empty: give at least one source, e.g. {path: data/gsm8k/train.jsonl, format: gsm8k}")

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from sap_ds.errors import DataError  # noqa: F401 - defined there, raised and imported from here
+from sap_ds.errors import DataError  # defined there (a user error is reported without importing torch)
 
 HUB_PREFIX = "hf://"
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")

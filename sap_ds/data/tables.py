@@ -11,9 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from sap_ds.data.formats import (
-    SAFETY_FORMATS, SKIPPING_FORMATS, Conversation, Example, Rows, SafetyPair, safety_pair, task_conversation,
+    SAFETY_FORMATS,
+    SKIPPING_FORMATS,
+    Conversation,
+    Example,
+    Rows,
+    SafetyPair,
+    safety_pair,
+    task_conversation,
 )
-from sap_ds.data.sources import DataError, read_table
+from sap_ds.data.sources import read_table
+from sap_ds.errors import DataError
 
 BATCH = 1000
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from sap_ds.data.formats import Conversation, Example, SafetyPair
-from sap_ds.data.sources import DataError
+from sap_ds.errors import DataError
 
 IGNORE_INDEX = -100
 

@@ -40,7 +40,7 @@ def is_adapter_folder(path: str | Path) -> bool:
 
 
 def read_adapter_config(folder: Path) -> dict:
-    from sap_ds.modeling import ModelError
+    from sap_ds.errors import ModelError
 
     path = folder / ADAPTER_CONFIG
     try:
@@ -56,8 +56,9 @@ def read_adapter_config(folder: Path) -> dict:
 def resolve_source(model: str, base: Optional[str] = None) -> ModelSource:
     """The folders behind ``--model`` (and ``--base``); ModelError, naming the file and
     the flag to pass, when an adapter's base model is not a local folder."""
-    from sap_ds.config import ModelConfig
-    from sap_ds.modeling import ModelError, resolve_model_path
+    from sap_ds.config.run import ModelConfig
+    from sap_ds.errors import ModelError
+    from sap_ds.model.loading import resolve_model_path
 
     folder = Path(model)
     if not (folder.is_dir() and is_adapter_folder(folder)):

@@ -27,9 +27,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from sap_ds.config import ConfigError
+from sap_ds.errors import ConfigError
 from sap_ds.evaluation.runtime import device, gather, rank_world, shard_map
-from sap_ds.modeling import DTYPES
+from sap_ds.model.loading import DTYPES
 
 GIB = 1 << 30
 BYTES = {"bf16": 2, "fp32": 4}
@@ -70,7 +70,7 @@ def parameter_count(path: Path) -> Optional[int]:
                     shape = f.get_slice(key).get_shape()
                     total += int(torch.Size(shape).numel())
         return total
-    from sap_ds.model_spec import PlanError, model_from_config
+    from sap_ds.cost.model_spec import PlanError, model_from_config
 
     try:
         return model_from_config(path).param_count()
@@ -101,7 +101,7 @@ def estimate_memory(path: Path, dtype: str, batch_size: int, new_tokens: int, lo
     batch (2 x layers x KV heads x head dim x bytes per token, for ``batch_size`` x
     (ASSUMED_PROMPT_TOKENS + ``new_tokens``) tokens), the fp32 logits (and log-softmax) of
     one test-loss batch, and a reserve. None when the model's size cannot be read."""
-    from sap_ds.model_spec import PlanError, model_from_config
+    from sap_ds.cost.model_spec import PlanError, model_from_config
 
     params = parameter_count(path)
     if params is None:
@@ -203,7 +203,7 @@ class HFBackend:
     def response_nll(self, items: Sequence, batch_size: int) -> list[tuple[float, int]]:
         """Per example: summed cross-entropy of its response tokens and their count."""
         from sap_ds.data import collate
-        from sap_ds.losses import forward_logits, token_logprobs
+        from sap_ds.model.losses import forward_logits, token_logprobs
 
         def local(mine) -> list[tuple[float, int]]:
             out = []
@@ -265,7 +265,7 @@ def memory_table(models: Sequence[str] = ("llama2-7b", "llama3-8b", "llama2-13b"
     (``python -m sap_ds.evaluation.backends``): what one GPU needs for ``hf``, what
     ``auto`` picks with ``free_gib`` free per GPU (an 80 GB H100/A100), and the weights
     per GPU when split over ``gpus``."""
-    from sap_ds.model_spec import NAMED_MODELS
+    from sap_ds.cost.model_spec import NAMED_MODELS
 
     lines = [f"| model | weights ({dtype}) | KV cache, {batch_size} x {ASSUMED_PROMPT_TOKENS + new_tokens} tokens | "
              f"hf: one GPU needs | auto, {free_gib:.0f} GiB free per GPU | weights per GPU over {gpus} |",

@@ -1,6 +1,6 @@
 """The eval config: one YAML file plus dotted ``key=value`` overrides, strictly typed.
 
-It mirrors ``sap_ds.config`` (extra keys forbidden, every error names the key and lists
+It mirrors ``sap_ds.config.run`` (extra keys forbidden, every error names the key and lists
 the valid ones), so a typo in an eval config fails in the first second, not after the
 model has generated for ten minutes.
 """
@@ -13,7 +13,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sap_ds.config import INPUT_PATH, DataFormat, read_config_file, validate_tree
+from sap_ds.config.reading import INPUT_PATH, read_config_file, validate_tree
+from sap_ds.config.run import DataFormat
 
 
 class _Section(BaseModel):

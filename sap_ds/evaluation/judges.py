@@ -18,9 +18,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from sap_ds.errors import ModelError
 from sap_ds.evaluation.config import ClassifierConfig, GenerationConfig
 from sap_ds.evaluation.runtime import device, shard_map
-from sap_ds.modeling import DTYPES, ModelError
+from sap_ds.model.loading import DTYPES
 
 HEADS = {"sequence": "ForSequenceClassification", "generative": "ForCausalLM"}
 EXAMPLES = {"sequence": "BeaverDam-7B (LlamaForSequenceClassification)", "generative": "Llama-Guard-3-8B (LlamaForCausalLM)"}
@@ -148,7 +149,7 @@ class GenerativeJudge:
 
     def __init__(self, cfg: ClassifierConfig, dtype: str):
         from sap_ds.evaluation.backends import load_causal_lm
-        from sap_ds.modeling import load_tokenizer
+        from sap_ds.model.loading import load_tokenizer
 
         folder = check_judge_folder(cfg)
         self.cfg = cfg

@@ -14,7 +14,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Optional
 
-from sap_ds.config import DataSource
+from sap_ds.config.run import DataSource
 from sap_ds.data import ChatTokenizer, DataError, Example, encode_all, load_examples
 from sap_ds.evaluation.config import GenerationConfig, TaskConfig
 from sap_ds.evaluation.generation import GenerationStats, chat_prompts

@@ -33,7 +33,7 @@ VLLM_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def import_vllm():
-    from sap_ds.config import ConfigError
+    from sap_ds.errors import ConfigError
 
     try:
         import vllm
@@ -102,7 +102,7 @@ class VllmBackend:
     def response_nll(self, items: Sequence, batch_size: int) -> list[tuple[float, int]]:
         """Per example: summed cross-entropy of its response tokens and their count, from
         vLLM's prompt log-probabilities (``batch_size`` is vLLM's business)."""
-        from sap_ds.losses import IGNORE_INDEX
+        from sap_ds.data import IGNORE_INDEX
 
         params = self.vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outputs = self._run([item.input_ids for item in items], params)

@@ -33,7 +33,7 @@ BENCH_VARIANTS = ["sft", "paper", "fast", "recommended", "rec_p2_d8", "rec_kept_
 
 class Context:
     def __init__(self, out: Path, cpu: bool):
-        from sap_ds.distributed import barrier, init_distributed
+        from sap_ds.parallel.distributed import barrier, init_distributed
 
         self.out, self.cpu = out, cpu
         self.rank, _, self.world = init_distributed()
@@ -48,8 +48,8 @@ class Context:
         return workspace.run_tree(self.out, name, self.model, self.files, self.cpu, **sections)
 
     def trainer(self, name: str, **sections):
-        from sap_ds.config import build_config
-        from sap_ds.trainer import Trainer
+        from sap_ds.config.run import build_config
+        from sap_ds.training.trainer import Trainer
 
         return Trainer(build_config(self.tree(name, **sections), source=f"gpu check '{name}'"), self.rank, self.world)
 
@@ -128,11 +128,11 @@ def step4(ctx: Context, step: Step, shared: dict) -> None:
     lora = ctx.trainer("engine_lora_gc", lora={"enabled": True, "r": 8, "target_modules": ["q_proj", "v_proj"]},
                        model={"gradient_checkpointing": True})
     engine_path_checks(step, "LoRA + gradient checkpointing", interfaces.inspect_engine_path(lora))
-    from sap_ds.diagnostics import inspect_sap_step
+    from sap_ds.sap.diagnostics import inspect_sap_step
 
     found = inspect_sap_step(lora)  # the test suite's checks too: per-group gradient copy, kernel vs twin
     step.figure("diagnostics (LoRA + gradient checkpointing)", {k: v for k, v in found.items() if k != "stats"})
-    step.check("LoRA + gradient checkpointing: sap_ds.diagnostics.inspect_sap_step all_ok", found["all_ok"])
+    step.check("LoRA + gradient checkpointing: sap_ds.sap.diagnostics.inspect_sap_step all_ok", found["all_ok"])
     close(lora)
 
 
@@ -144,9 +144,9 @@ def step5(ctx: Context, step: Step, shared: dict) -> None:
 
     t = shared.pop("full", None) or ctx.trainer("engine_full")
     try:
-        from sap_ds import sap
+        from sap_ds.sap import step as sap_step
 
-        sap.safety_direction(t.engine, t.shards, t.sap_state, t.safety_batch(0), t.cfg.sap, 0)
+        sap_step.safety_direction(t.engine, t.shards, t.sap_state, t.safety_batch(0), t.cfg.sap, 0)
         masters = [g.master for g in t.shards.groups]
         table = [interfaces.perturbation_stats(masters, t.sap_state.direction, rho) for rho in RHOS]
         t.shards.drop_grads()
@@ -222,9 +222,9 @@ def step6(ctx: Context, step: Step) -> None:
 def step7(ctx: Context, step: Step) -> None:
     import torch
 
-    from sap_ds.checkpoint import latest_tag, tag_for
-    from sap_ds.distributed import barrier
-    from sap_ds.losses import forward_logits, task_loss
+    from sap_ds.model.losses import forward_logits, task_loss
+    from sap_ds.parallel.distributed import barrier
+    from sap_ds.training.checkpoint import latest_tag, tag_for
 
     dtype = "fp32" if ctx.cpu else "bf16"  # CPU: bf16 matmuls are slow, and step 4 covered bf16
     if ctx.rank == 0:  # a rerun into the same --out must start from scratch, not resume
@@ -255,7 +255,7 @@ def step7(ctx: Context, step: Step) -> None:
         from transformers import AutoModelForCausalLM
         from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-        from sap_ds.modeling import DTYPES
+        from sap_ds.model.loading import DTYPES
 
         unset_hf_deepspeed_config()  # else from_pretrained would partition under zero.Init: a collective
         try:

@@ -1,9 +1,9 @@
 """The two measurements the GPU check takes of the SAP step, on sap.py's public phases.
 
 The bf16 table uses the perturb kernel's own statistics (the code that measures every
-training probe step, ``sap_ds/resolution.py``); the engine-path inspection runs the phases
+training probe step, ``sap_ds/sap/resolution.py``); the engine-path inspection runs the phases
 one at a time and also measures the rho = 0 noise floor (the probe and main terms, which
-``sap_ds.diagnostics.inspect_sap_step`` does not). Step 4 runs both.
+``sap_ds.sap.diagnostics.inspect_sap_step`` does not). Step 4 runs both.
 
 * ``perturbation_stats``: the realised bf16 perturbation against the intended one.
 * ``inspect_engine_path``: one SAP probe pass on a live engine, checked phase by phase.
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 
+import sap_ds_kernels
 import torch
 
-import sap_ds_kernels
-from sap_ds import sap
-from sap_ds.losses import forward_logits, task_loss
-from sap_ds.zero3 import all_reduce_sum
+from sap_ds.model.losses import forward_logits, task_loss
+from sap_ds.parallel.collectives import all_reduce_sum
+from sap_ds.sap import step as sap_step
 
 
 @torch.no_grad()
@@ -28,7 +28,7 @@ def perturbation_stats(masters: list[torch.Tensor], directions: list[torch.Tenso
     two, ``changed_fraction`` of elements whose stored value moved. The sums come from the
     perturb kernel's own statistics (``sap_ds_kernels.perturbation_stats``: Triton on CUDA, the twin
     on CPU), the code that measures every training probe step; norms over all ranks."""
-    from sap_ds.resolution import fidelity_from_sums
+    from sap_ds.sap.resolution import fidelity_from_sums
 
     device = masters[0].device
     sums = torch.zeros(2, dtype=torch.float64, device=device)
@@ -75,18 +75,18 @@ def inspect_engine_path(trainer, step: int = 0, rho: float | None = None) -> dic
     out = {"loss_w": _loss(engine, batches)}
     before = [g.lp.detach().clone() for g in shards.groups]
     direction_step = state.direction_step
-    sap.safety_direction(engine, shards, state, trainer.safety_batch(step), cfg, step)
-    sap.perturb(shards, state, cfg.kernels)
+    sap_step.safety_direction(engine, shards, state, trainer.safety_batch(step), cfg, step)
+    sap_step.perturb(shards, state, cfg.kernels)
     out["loss_perturbed"] = _loss(engine, batches)
-    rng = sap._rng_state()
-    probe_grad = sap.probe_gradient(engine, state, batches)
+    rng = sap_step._rng_state()
+    probe_grad = sap_step.probe_gradient(engine, state, batches)
     out["no_weight_grads"], out["weight_grad_abs_sum"] = _no_weight_grads(engine, shards)
-    sap.restore(shards, state, cfg.kernels)
+    sap_step.restore(shards, state, cfg.kernels)
     out["restore_bit_exact"] = all(torch.equal(b.view(torch.int16) if b.dtype == torch.bfloat16 else b,
                                                g.lp.view(torch.int16) if g.lp.dtype == torch.bfloat16 else g.lp)
                                    for b, g in zip(before, shards.groups))
     out["loss_restored"] = _loss(engine, batches)
-    sap._set_rng_state(rng)
+    sap_step._set_rng_state(rng)
     main = torch.zeros_like(state.probe.vectors)
     for batch in batches:  # grad_V L(W): the main pass's probe term, by autograd like the probe pass
         loss = task_loss(forward_logits(engine, batch), batch["labels"]) / len(batches)

@@ -31,7 +31,7 @@ def device() -> torch.device:
 
 
 def versions_step(step: Step, cpu: bool, out: Path) -> None:
-    from sap_ds.versions import COMMAND_PACKAGES, problems
+    from sap_ds.dependencies import COMMAND_PACKAGES, problems
 
     step.figure("python", sys.version.split()[0])
     install_log = out / "install.log"  # written by scripts/gpu_check.sh
@@ -45,7 +45,7 @@ def versions_step(step: Step, cpu: bool, out: Path) -> None:
             found[name] = None
     step.figure("versions", found)
     issues = problems(COMMAND_PACKAGES["train"])
-    step.check("every package sap-ds train needs is installed and at or above its floor (sap_ds/versions.py)",
+    step.check("every package sap-ds train needs is installed and at or above its floor (sap_ds/dependencies.py)",
                not issues, issues or None)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -1,4 +1,4 @@
-"""What a training method is to the shared loop (``sap_ds/trainer.py``).
+"""What a training method is to the shared loop (``sap_ds/training/trainer.py``).
 
 The trainer owns the loop, the data, the engine, logging, evaluation, checkpoints and
 export; a method owns one optimizer step and the state it keeps between steps. The hooks,

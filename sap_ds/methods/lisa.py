@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from sap_ds.checkpoint import CheckpointError
-from sap_ds.collectives import all_reduce_sum
 from sap_ds.data import collate, global_batch_indices
+from sap_ds.errors import CheckpointError
 from sap_ds.methods.base import Method
+from sap_ds.parallel.collectives import all_reduce_sum
 
 ALIGNMENT_SEED_OFFSET = 11  # the alignment batches' order: (seed + 11, epoch), apart from task and SAP safety batches
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from sap_ds import sap
 from sap_ds.methods.base import Method
+from sap_ds.sap import step as sap_step
 
 
 class SapMethod(Method):
@@ -15,24 +15,24 @@ class SapMethod(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.state: sap.SapState | None = None
+        self.state: sap_step.SapState | None = None
         self.world = 1
 
     def setup(self, trainer) -> None:
         self.world = trainer.world
-        self.state = sap.make_state(trainer.engine, trainer.shards, self.cfg.sap, trainer.hidden_size, seed=self.cfg.seed)
+        self.state = sap_step.make_state(trainer.engine, trainer.shards, self.cfg.sap, trainer.hidden_size, seed=self.cfg.seed)
         trainer.sap_state = self.state  # read by export, bench, diagnostics and the rank check
 
     def _safety(self, trainer, step: int) -> dict | None:
         """The safety batch when a new direction is due, else None. The random-direction
         ablation needs no safety batch, only the signal that a new direction is due (an
         empty batch)."""
-        if not sap.direction_due(self.state, step, self.cfg.sap.safety_every):
+        if not sap_step.direction_due(self.state, step, self.cfg.sap.safety_every):
             return None
         return trainer.safety_batch(step) if self.cfg.sap.direction == "safety" else {}
 
     def step(self, trainer, step: int, micro_batches: list[dict]) -> list[float]:
-        return sap.sap_step(trainer.engine, trainer.shards, self.state, self.cfg.sap, step, micro_batches,
+        return sap_step.sap_step(trainer.engine, trainer.shards, self.state, self.cfg.sap, step, micro_batches,
                             self._safety(trainer, step), trainer.main_pass, trainer.timer,
                             lr_factor=trainer.lr_factor(step))
 
@@ -41,10 +41,10 @@ class SapMethod(Method):
         ConfigError on every rank alike)."""
         safety = self._safety(trainer, 0)
         with trainer.timer("safety"):  # step 1's safety pass, run here: logged with step 1
-            sap.preflight(trainer.engine, trainer.shards, self.state, self.cfg.sap, safety, self.cfg.model.dtype)
+            sap_step.preflight(trainer.engine, trainer.shards, self.state, self.cfg.sap, safety, self.cfg.model.dtype)
 
     def log_stats(self, trainer) -> dict:
-        stats = {f"sap/{k}": float(v) for k, v in sap.stats_as_floats(self.state).items()}
+        stats = {f"sap/{k}": float(v) for k, v in sap_step.stats_as_floats(self.state).items()}
         trainer._watch_resolution(stats)
         return stats
 
@@ -89,6 +89,6 @@ class SapMethod(Method):
         """``export.keep_probe``: the probe written into the model as MLP biases."""
         if not self.cfg.export.keep_probe:
             return model
-        from sap_ds.export import with_probe_as_bias
+        from sap_ds.training.export import with_probe_as_bias
 
         return with_probe_as_bias(model, self.state.probe)

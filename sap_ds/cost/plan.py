@@ -1,0 +1,696 @@
+"""``sap-ds plan``: size a ZeRO-3 (SFT, SAP or safety_mix) job before spending a GPU hour.
+
+Given a model (a Hugging Face ``config.json`` or a named size), a cluster shape and the
+training settings, it prints the per-GPU memory (model states, ZeRO-3 working set,
+activations, logits, SAP buffers), the CPU memory per node under offload, and an
+estimated step time and throughput for vanilla SFT and for SAP, with every assumption.
+
+Everything is closed-form arithmetic; nothing here imports torch or DeepSpeed, so it runs
+anywhere in milliseconds. ``plan(...)`` is the pure function, ``main(argv)`` the CLI.
+
+Conventions: bytes are exact integers where the inputs divide evenly (floats otherwise);
+GiB = 2**30 bytes; GPU capacities are the usable memory nvidia-smi reports.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+# the models' numbers live in sap_ds.cost.model_spec; re-exported here, where callers found them
+from sap_ds.cost.model_spec import NAMED_MODELS, ModelSpec, PlanError, resolve_model
+
+GIB = 2**30
+# The headline choices: every training method (tests/test_plan.py checks them against the
+# config's). Methods whose step is SFT's take the SFT column: safety_mix's refusal
+# demonstrations are task examples (sap_ds/methods/safety_mix.py), the same step on other
+# batches, with round(ratio x N) more examples per epoch.
+SFT_STEP_METHODS = ("sft", "safety_mix")
+METHODS = ("sap", "lisa", *SFT_STEP_METHODS)
+# probe passes per probe step by sap.probe_timing (sap_ds.config.methods.SapConfig.probe_passes; tests/test_plan.py)
+PROBE_PASSES = {"next_step": 1, "same_step": 2}
+
+# --------------------------------------------------------------------------- GPUs
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    memory_bytes: int  # usable, as nvidia-smi reports it
+    bf16_tflops: float  # dense peak
+    hbm_tbps: float
+    intra_node_gbps: float  # GB/s per GPU, bidirectional as vendors quote it (NVLink, else PCIe)
+    note: str = ""
+
+
+MIB = 2**20
+GPUS: dict[str, GpuSpec] = {
+    "h100-80gb": GpuSpec("h100-80gb", 81559 * MIB, 989.0, 3.35, 900.0, "H100 SXM5, NVLink 4"),
+    "h100-pcie": GpuSpec("h100-pcie", 81559 * MIB, 756.0, 2.0, 128.0, "H100 PCIe, PCIe Gen5 x16 (NVLink bridge pairs not modelled)"),
+    "h200": GpuSpec("h200", 143771 * MIB, 989.0, 4.8, 900.0, "H200 SXM, NVLink 4"),
+    "a100-80gb": GpuSpec("a100-80gb", 81920 * MIB, 312.0, 2.039, 600.0, "A100 SXM4 80GB, NVLink 3"),
+    "a100-40gb": GpuSpec("a100-40gb", 40960 * MIB, 312.0, 1.555, 600.0, "A100 SXM4 40GB, NVLink 3"),
+    "l40s": GpuSpec("l40s", 46068 * MIB, 362.0, 0.864, 64.0, "L40S, PCIe Gen4 x16, no NVLink"),
+}
+
+# DeepSpeed ZeRO-3 defaults (elements), overridable from the CLI to match a ds_config.
+DS_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size
+DS_PARAM_PERSISTENCE = 100_000  # stage3_param_persistence_threshold
+DS_REDUCE_BUCKET = 500_000_000  # reduce_bucket_size
+DS_SUB_GROUP = 1_000_000_000  # sub_group_size
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class PlanInputs:
+    model: str
+    nodes: int
+    gpus_per_node: int
+    gpu: str = "h100-80gb"
+    offload: str = "none"  # none | optimizer | all
+    method: str = "sap"  # which method's memory is the headline (METHODS)
+    lora: bool = False
+    lora_r: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_dropout: float = 0.1
+    seq_len: int = 2048
+    micro_batch: int = 1
+    grad_accum: int = 1
+    safety_seq_len: int = 256  # data.safety_max_length default in sap_ds/config/run.py
+    safety_batch: int = 8  # safety *pairs* per GPU per pass (sap.safety_batch_size default)
+    probe_layers: tuple[int, ...] = (3, 9)
+    safety_every: int = 1
+    probe_fraction: float = 1.0
+    probe_timing: str = "next_step"  # sap.probe_timing: same_step adds the probe pass at W (2 per probe step)
+    probe_micro_batches: Optional[int] = None  # sap.probe_micro_batches: the probe passes on k of grad_accum (None: all)
+    activation_checkpointing: bool = True
+    mfu: float = 0.4
+    internode_gbps: float = 400.0  # Gb/s per GPU
+    overlap: float = 0.0  # fraction of communication hidden behind compute
+    reserve_gib: float = 3.0  # CUDA context, NCCL buffers, allocator fragmentation
+    prefetch_bucket_size: int = DS_PREFETCH_BUCKET
+    param_persistence_threshold: int = DS_PARAM_PERSISTENCE
+    reduce_bucket_size: int = DS_REDUCE_BUCKET
+    sub_group_size: int = DS_SUB_GROUP
+
+
+@dataclass
+class StepEstimate:
+    compute_s: float
+    comm_s: float
+    step_s: float  # compute + (1 - overlap) * comm
+    step_s_full_overlap: float  # max(compute, comm)
+    tokens_per_step: int  # global task tokens per optimizer step
+    tokens_per_s: float
+    flops_per_step_per_gpu: float
+    comm_bytes_per_step_per_gpu: float
+
+
+@dataclass
+class PlanResult:
+    inputs: PlanInputs
+    model: ModelSpec
+    gpu: GpuSpec
+    world_size: int
+    total_params: int
+    trainable_params: int
+    lora_params: int
+    largest_layer_params: int
+    gpu_memory_sft: dict[str, float]  # item -> bytes per GPU
+    gpu_memory_sap: dict[str, float]
+    gpu_memory_lisa: dict[str, float]  # SFT's plus the anchor (safety_mix: SFT's exactly)
+    gpu_total_sft: float
+    gpu_total_sap: float
+    gpu_total_lisa: float
+    cpu_memory_per_node_sft: float
+    cpu_memory_per_node_sap: float
+    cpu_memory_per_node_lisa: float
+    gpu_capacity: int
+    fits_sft: bool
+    fits_sap: bool
+    fits_lisa: bool
+    sft: StepEstimate
+    sap: StepEstimate
+    sap_over_sft_throughput: float
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def _div(a: int, b: int) -> float | int:
+    """Exact integer when it divides, float otherwise."""
+    return a // b if a % b == 0 else a / b
+
+
+def layer_activation_bytes(m: ModelSpec, tokens: int, lora_targets: Sequence[str] = (), lora_r: int = 0,
+                           lora_dropout: float = 0.0) -> int:
+    """bf16 activations one decoder layer keeps for backward, for ``tokens`` = batch*seq tokens.
+
+    Korthikanti et al. (2022) count 34*s*b*h + 5*a*s^2*b bytes per GPT layer. With SDPA /
+    flash attention the s^2 score matrix is never stored (no s^2 term); without dropout
+    and with a SwiGLU MLP and GQA the same bookkeeping gives, per token:
+      attention: 2h (norm input) + 2h (q/k/v input) + 2q_dim (Q) + 4kv_dim (K, V) + 2q_dim (attn out = o_proj input)
+      MLP:       2h (norm input) + 2h (gate/up input) + 2I (gate) + 2I (up) + 2I (silu(gate)) + 2I (down input)
+    = 8h + 4q_dim + 4kv_dim + 8I bytes (= 12h + 4kv + 8I when q_dim = h).
+    LoRA adds per targeted linear: 2*r (A output) and, with dropout, 2*d_in + 1*d_in (dropped input + mask).
+    """
+    h, i = m.hidden_size, m.intermediate_size
+    per_token = 8 * h + 4 * m.q_dim + 4 * m.kv_dim + 8 * i
+    shapes = m.linear_shapes()
+    for t in lora_targets:
+        per_token += 2 * lora_r + (3 * shapes[t][0] if lora_dropout > 0 else 0)
+    return tokens * per_token
+
+
+def activation_bytes(m: ModelSpec, batch: int, seq: int, checkpointing: bool, **lora) -> int:
+    """Activations of the whole model for one micro-batch.
+
+    No checkpointing: layers * per-layer activations.
+    Checkpointing (per decoder layer): layers * seq*batch*hidden*2 (the saved layer inputs)
+    + one layer's full activations (recomputed during its backward).
+    """
+    tokens = batch * seq
+    per_layer = layer_activation_bytes(m, tokens, **lora)
+    if checkpointing:
+        return m.num_hidden_layers * tokens * m.hidden_size * 2 + per_layer
+    return m.num_hidden_layers * per_layer
+
+
+def logits_bytes(m: ModelSpec, batch: int, seq: int) -> int:
+    """fp32 logits for the loss: batch * seq * vocab * 4."""
+    return batch * seq * m.vocab_size * 4
+
+
+def forward_flops_per_token(m: ModelSpec, seq: int, extra_matmul_params: int = 0) -> int:
+    """2 * (matmul weights) + attention scores 4 * layers * seq * q_dim (QK^T and AV, non-causal count)."""
+    return 2 * (m.matmul_params() + extra_matmul_params) + 4 * m.num_hidden_layers * seq * m.q_dim
+
+
+def plan(inp: PlanInputs) -> PlanResult:
+    """The whole estimate. Raises PlanError on bad input."""
+    if inp.nodes <= 0:
+        raise PlanError(f"--nodes must be a positive integer (got {inp.nodes})")
+    if inp.gpus_per_node <= 0:
+        raise PlanError(f"--gpus-per-node must be a positive integer (got {inp.gpus_per_node})")
+    for name in ("seq_len", "micro_batch", "grad_accum", "lora_r", "safety_every", "safety_seq_len", "safety_batch"):
+        if getattr(inp, name) <= 0:
+            raise PlanError(f"--{name.replace('_', '-')} must be positive (got {getattr(inp, name)})")
+    if inp.gpu not in GPUS:
+        raise PlanError(f"unknown GPU '{inp.gpu}'; valid: {', '.join(GPUS)}")
+    if inp.offload not in ("none", "optimizer", "all"):
+        raise PlanError(f"unknown offload '{inp.offload}'; valid: none, optimizer, all")
+    if inp.method not in METHODS:
+        raise PlanError(f"unknown method '{inp.method}'; valid: {', '.join(METHODS)}")
+    if not 0 < inp.mfu <= 1:
+        raise PlanError(f"--mfu must be in (0, 1] (got {inp.mfu})")
+    if not 0 <= inp.overlap <= 1:
+        raise PlanError(f"--overlap must be in [0, 1] (got {inp.overlap})")
+    if not 0 < inp.probe_fraction <= 1:
+        raise PlanError(f"--probe-fraction must be in (0, 1] (got {inp.probe_fraction})")
+    if inp.probe_timing not in PROBE_PASSES:
+        raise PlanError(f"--probe-timing '{inp.probe_timing}'; valid: {', '.join(PROBE_PASSES)}")
+    if inp.probe_micro_batches is not None and not 1 <= inp.probe_micro_batches <= inp.grad_accum:
+        raise PlanError(f"--probe-micro-batches {inp.probe_micro_batches}: must be in [1, --grad-accum {inp.grad_accum}]")
+    m = resolve_model(inp.model)
+    gpu = GPUS[inp.gpu]
+    if not inp.probe_layers or any(not 0 <= l < m.num_hidden_layers for l in inp.probe_layers):
+        raise PlanError(f"--probe-layers {list(inp.probe_layers)}: each must be in [0, {m.num_hidden_layers - 1}]")
+
+    world = inp.nodes * inp.gpus_per_node
+    G = inp.gpus_per_node
+    base = m.param_count()
+    n_lora = m.lora_params(inp.lora_r, inp.lora_targets) if inp.lora else 0
+    total = base + n_lora
+    trainable = n_lora if inp.lora else base
+    largest = m.largest_layer_params()
+    ssl = inp.safety_seq_len
+    sb = inp.safety_batch
+    lora_kw = dict(lora_targets=inp.lora_targets if inp.lora else (), lora_r=inp.lora_r if inp.lora else 0,
+                   lora_dropout=inp.lora_dropout if inp.lora else 0.0)
+
+    # ---- model states (partitioned over all `world` ranks)
+    params_b = _div(2 * total, world)
+    grads_b = _div(2 * trainable, world)
+    optim_b = _div(12 * trainable, world)
+    cpu_rank = 0.0
+    mem: dict[str, float] = {}
+    mem["params (bf16, 2 B/param / world)"] = params_b if inp.offload != "all" else 0
+    if inp.offload == "none":
+        mem["grads (bf16, 2 B/trainable / world)"] = grads_b
+        mem["optimizer (fp32 master+m+v, 12 B/trainable / world)"] = optim_b
+    else:
+        # ZeRO-Offload: grad partitions go to CPU and are held in fp32 for the CPU Adam step.
+        cpu_rank += _div(16 * trainable, world)
+        mem["grads (offloaded to CPU)"] = 0
+        mem["optimizer (offloaded to CPU)"] = 0
+    if inp.offload == "all":
+        cpu_rank += params_b
+
+    # ---- ZeRO-3 working set
+    persistent = sum(t for t in m.all_tensors() if t <= inp.param_persistence_threshold)
+    if inp.lora:
+        persistent += sum(t for t in m.lora_tensors(inp.lora_r, inp.lora_targets) if t <= inp.param_persistence_threshold)
+    mem["largest layer gathered (2 B) + its full grad (2 B, full FT only)"] = largest * (2 if inp.lora else 4)
+    mem["prefetch bucket (2 B * stage3_prefetch_bucket_size)"] = 2 * inp.prefetch_bucket_size
+    mem["persistent small params kept whole (2 B * numel <= threshold)"] = 2 * persistent
+    mem["reduce-scatter bucket (2 B * min(reduce_bucket_size, trainable))"] = 2 * min(inp.reduce_bucket_size, trainable)
+
+    # ---- activations + logits (task micro-batch)
+    act_task = activation_bytes(m, inp.micro_batch, inp.seq_len, inp.activation_checkpointing, **lora_kw)
+    logit_task = logits_bytes(m, inp.micro_batch, inp.seq_len)
+    mem["activations (task micro-batch)"] = act_task
+    mem["logits fp32 (micro_batch*seq*vocab*4)"] = logit_task
+    # The optimizer step runs after activations are freed: its transient (the fp32 copy of
+    # one sub-group's gradient) only matters if it exceeds the forward/backward transient.
+    step_transient = 4 * min(inp.sub_group_size, trainable / world) if inp.offload == "none" else 0
+    fwd_bwd_transient = act_task + logit_task
+    mem["optimizer-step fp32 grad copy beyond fwd/bwd peak (4 B * min(sub_group, shard))"] = max(
+        0, step_transient - fwd_bwd_transient)
+
+    sft_mem = dict(mem)
+    sap_mem = dict(mem)
+    # SAP: the safety pass sees 2*sb sequences (safe + harmful response per pair) of ssl tokens.
+    act_safe = activation_bytes(m, 2 * sb, ssl, inp.activation_checkpointing, **lora_kw)
+    logit_safe = logits_bytes(m, 2 * sb, ssl)
+    extra_act = max(0, act_safe + logit_safe - fwd_bwd_transient)
+    sap_mem["safety pass activations+logits beyond the task pass"] = extra_act
+    sap_mem["optimizer-step fp32 grad copy beyond fwd/bwd peak (4 B * min(sub_group, shard))"] = max(
+        0, step_transient - fwd_bwd_transient - extra_act)
+    direction = _div(4 * trainable, world)
+    probe = len(inp.probe_layers) * m.hidden_size * 4 * 3
+    if inp.offload == "none":
+        sap_mem["SAP direction buffer (fp32, 4 B/trainable / world)"] = direction
+        cpu_rank_sap = cpu_rank
+    else:
+        sap_mem["SAP direction buffer (on CPU with the master)"] = 0
+        cpu_rank_sap = cpu_rank + direction
+    sap_mem["SAP probe (layers*hidden*4 B * 3: value, Adam m, v)"] = probe
+    # Lisa: one fp32 anchor per flat group, shaped like the master shard (sap_ds/methods/lisa.py)
+    lisa_mem = dict(mem)
+    anchor = _div(4 * trainable, world)
+    lisa_mem["Lisa anchor (fp32, 4 B/trainable / world)" if inp.offload == "none" else "Lisa anchor (on CPU with the master)"] = \
+        anchor if inp.offload == "none" else 0
+    cpu_rank_lisa = cpu_rank + (anchor if inp.offload != "none" else 0)
+
+    total_sft = float(sum(sft_mem.values()))
+    total_sap = float(sum(sap_mem.values()))
+    total_lisa = float(sum(lisa_mem.values()))
+    usable = gpu.memory_bytes - inp.reserve_gib * GIB
+
+    # ---- step time
+    peak = gpu.bf16_tflops * 1e12 * inp.mfu
+    ckpt = 1 if inp.activation_checkpointing else 0
+    bwd = 1 if inp.lora else 2  # backward cost in forwards: LoRA computes no weight grads for frozen weights
+    lora_matmul = n_lora
+    tok_gpu = inp.micro_batch * inp.seq_len * inp.grad_accum  # task tokens per GPU per step
+    f_task = forward_flops_per_token(m, inp.seq_len, lora_matmul)
+    f_safe = forward_flops_per_token(m, ssl, lora_matmul)
+    sft_flops = tok_gpu * f_task * (1 + bwd + ckpt)
+    lowest = min(inp.probe_layers)
+    frac_above = (m.num_hidden_layers - lowest) / m.num_hidden_layers
+    safety_flops = (2 * sb * ssl) * f_safe * (1 + bwd + ckpt) / inp.safety_every
+    passes = PROBE_PASSES[inp.probe_timing]
+    probed = inp.grad_accum if inp.probe_micro_batches is None else inp.probe_micro_batches  # micro-batches per probe pass
+    probe_flops = passes * tok_gpu * f_task * (1 + frac_above * (1 + ckpt)) * inp.probe_fraction * probed / inp.grad_accum
+    sap_flops = sft_flops + safety_flops + probe_flops
+
+    if world == 1:
+        bw = float("inf")
+        bw_note = "world size 1: no communication"
+    elif inp.nodes == 1:
+        bw = gpu.intra_node_gbps / 2 * 1e9
+        bw_note = f"intra-node: {gpu.intra_node_gbps:g} GB/s bidirectional -> {gpu.intra_node_gbps / 2:g} GB/s per direction per GPU"
+    else:
+        bw = inp.internode_gbps / 8 * 1e9
+        bw_note = f"inter-node: {inp.internode_gbps:g} Gb/s per GPU = {inp.internode_gbps / 8:g} GB/s per direction (the bottleneck when nodes > 1)"
+    ring = (world - 1) / world
+    gather = 2 * total * ring
+    rs = 2 * trainable * ring
+    sft_comm_b = inp.grad_accum * (2 * gather + rs)
+    sap_comm_b = sft_comm_b + (2 * gather + rs) / inp.safety_every + \
+        passes * probed * inp.probe_fraction * gather * (1 + frac_above)
+
+    def estimate(flops: float, comm_bytes: float) -> StepEstimate:
+        compute = flops / peak
+        comm = comm_bytes / bw if world > 1 else 0.0
+        step = compute + (1 - inp.overlap) * comm
+        tokens = tok_gpu * world
+        return StepEstimate(compute, comm, step, max(compute, comm), tokens, tokens / step, flops, comm_bytes)
+
+    sft = estimate(sft_flops, sft_comm_b)
+    sap = estimate(sap_flops, sap_comm_b)
+
+    assumptions = [
+        f"model: {m.name}: hidden {m.hidden_size}, intermediate {m.intermediate_size}, layers {m.num_hidden_layers}, "
+        f"heads {m.num_attention_heads}/{m.num_key_value_heads} kv, vocab {m.vocab_size}, tied {m.tie_word_embeddings}"
+        + (", q/k/v bias" if m.attention_bias else ""),
+        "params: embeddings + per layer (q,k,v,o with GQA + SwiGLU gate,up,down + 2 RMSNorm) + final norm + lm_head unless tied",
+        f"world size {world} = {inp.nodes} node(s) x {G} GPU(s); everything partitioned over all {world} ranks (ZeRO-3)",
+        "mixed precision: bf16 params 2 B + bf16 grads 2 B + fp32 master/m/v 12 B per trainable param; frozen params 2 B",
+        f"LoRA r={inp.lora_r} on {','.join(inp.lora_targets)}: r*(d_in+d_out) per module per layer" if inp.lora else "full fine-tuning: every param trainable",
+        {"none": "no offload",
+         "optimizer": "offload optimizer: fp32 master/m/v + fp32 grad partition (16 B/trainable/world) in CPU RAM",
+         "all": "offload all: optimizer (16 B/trainable/world) and bf16 params (2 B/param/world) in CPU RAM"}[inp.offload]
+        + ("" if inp.offload == "none" else "; the CPU Adam step and the PCIe copies are NOT in the step time"),
+        f"ZeRO-3 working set: largest module ({largest:,} params) gathered in bf16 plus, full FT, its bf16 grad; "
+        f"prefetch bucket {inp.prefetch_bucket_size:,}; persistence threshold {inp.param_persistence_threshold:,} "
+        f"({persistent:,} params kept whole); reduce bucket {inp.reduce_bucket_size:,} (DeepSpeed defaults unless overridden)",
+        "activations per layer per token (bf16, SDPA/flash so no s^2 term; Korthikanti et al. 2022 bookkeeping adapted to "
+        "SwiGLU+GQA): 8h + 4*q_dim + 4*kv_dim + 8*I bytes"
+        + (" + LoRA: 2r + 3*d_in per target (dropout input+mask)" if inp.lora and inp.lora_dropout > 0 else ""),
+        "activation checkpointing: layers*seq*batch*hidden*2 bytes (saved layer inputs) + one full layer recomputed"
+        if inp.activation_checkpointing else "no activation checkpointing: all layers' activations kept",
+        "logits: micro_batch*seq*vocab*4 bytes (fp32 copy for the loss; bf16 logits and the softmax grad not counted)",
+        f"SAP: safety pass on {sb} pair(s) = {2 * sb} sequences x {ssl} tokens (peak is the max of task and safety pass, "
+        "not the sum); direction buffer fp32 4 B/trainable/world; probe len(layers)*hidden*4 B*3",
+        f"usable GPU memory: {gpu.memory_bytes / GIB:.1f} GiB ({gpu.name}) - {inp.reserve_gib:g} GiB reserve "
+        "(CUDA context, NCCL, fragmentation)",
+        f"FLOPs: forward = 2*(matmul weights incl. lm_head) + 4*layers*seq*q_dim per token (attention, non-causal count); "
+        f"backward = {bwd}x forward ({'LoRA: activation grads only' if inp.lora else 'full FT: activation + weight grads'})"
+        + ("; checkpointing recomputes 1 forward" if inp.activation_checkpointing else ""),
+        f"SAP FLOPs per step: + safety pass (fwd+bwd on {2 * sb}x{ssl} tokens per GPU, every {inp.safety_every} step(s)) "
+        f"+ {passes} probe pass(es) ({inp.probe_timing}) on {probed} of {inp.grad_accum} task micro-batch(es) x "
+        f"{inp.probe_fraction:g} (forward + "
+        f"backward without weight grads down to layer {lowest}: {frac_above:.3f} of the layers)",
+        f"compute time = FLOPs / ({gpu.bf16_tflops:g} TFLOP/s bf16 dense * MFU {inp.mfu:g})",
+        "ZeRO-3 comm per micro-batch: 2 all-gathers of all params (forward, backward) + 1 reduce-scatter of the trainable "
+        "grads, each 2 B * N * (world-1)/world per GPU; SAP adds 2 gathers + 1 reduce-scatter (safety pass) and "
+        "1 + (fraction above the lowest probe layer) gathers per probe pass",
+        f"bandwidth: {bw_note}",
+        "Lisa: SFT's step (an alignment step trains on an alignment batch of the task batch's size instead; the "
+        "proximal term is element-wise on the local shards, no collective) + the anchor, fp32 4 B/trainable/world",
+        f"step time = compute + {1 - inp.overlap:g} * comm (overlap {inp.overlap:g}); the fully-overlapped bound max(compute, comm) is shown too",
+    ]
+    if inp.method == "safety_mix":
+        assumptions.append("safety_mix: SFT's step (the SFT column); its refusal demonstrations are task examples, so an "
+                           "epoch holds (1 + safety_mix.ratio) x the task examples and takes that many more steps")
+
+    return PlanResult(
+        inputs=inp, model=m, gpu=gpu, world_size=world, total_params=total, trainable_params=trainable,
+        lora_params=n_lora, largest_layer_params=largest,
+        gpu_memory_sft=sft_mem, gpu_memory_sap=sap_mem, gpu_memory_lisa=lisa_mem, gpu_total_sft=total_sft,
+        gpu_total_sap=total_sap, gpu_total_lisa=total_lisa, cpu_memory_per_node_sft=cpu_rank * G,
+        cpu_memory_per_node_sap=cpu_rank_sap * G, cpu_memory_per_node_lisa=cpu_rank_lisa * G,
+        gpu_capacity=gpu.memory_bytes, fits_sft=total_sft <= usable, fits_sap=total_sap <= usable,
+        fits_lisa=total_lisa <= usable,
+        sft=sft, sap=sap, sap_over_sft_throughput=sap.tokens_per_s / sft.tokens_per_s,
+        assumptions=assumptions,
+    )
+
+
+def headline_total(r: PlanResult) -> float:
+    """Per-GPU bytes of the headline method (``--method``): SAP's, Lisa's, else SFT's column."""
+    return {"sap": r.gpu_total_sap, "lisa": r.gpu_total_lisa}.get(r.inputs.method, r.gpu_total_sft)
+
+
+def headline_fits(r: PlanResult) -> bool:
+    return headline_total(r) <= r.gpu_capacity - r.inputs.reserve_gib * GIB
+
+
+def _headline_cpu(r: PlanResult) -> float:
+    return {"sap": r.cpu_memory_per_node_sap, "lisa": r.cpu_memory_per_node_lisa}.get(r.inputs.method,
+                                                                                       r.cpu_memory_per_node_sft)
+
+
+# --------------------------------------------------------------------------- when it does not fit
+
+# The most nodes the "more nodes" option searches (per-GPU memory never grows with the node
+# count: ZeRO-3 partitions the model states over all GPUs, the rest is per GPU).
+MAX_NODES = 4096
+
+
+@dataclass(frozen=True)
+class FitOption:
+    """One change that makes a job fit: the flags to add to the ``sap-ds plan`` command (which
+    plan it again with the change), the headline method's per-GPU memory then, and what it
+    means for the run (the config key, the cost)."""
+
+    flags: tuple[str, ...]
+    gpu_total: float
+    note: str
+
+
+def _planned(inp: PlanInputs, **changes) -> Optional[PlanResult]:
+    """``inp`` planned again with ``changes``, if the job then fits (None if not, or if the
+    change is not valid for this job)."""
+    try:
+        r = plan(dataclasses.replace(inp, **changes))
+    except PlanError:
+        return None
+    return r if headline_fits(r) else None
+
+
+def _largest_fitting(inp: PlanInputs, name: str, below: int, **also) -> Optional[tuple[int, PlanResult]]:
+    """The largest value of the integer input ``name`` under ``below`` with which the job
+    fits (memory shrinks with it), and that plan."""
+    for value in range(below - 1, 0, -1):
+        r = _planned(inp, **{name: value}, **also)
+        if r is not None:
+            return value, r
+    return None
+
+
+def fit_options(inp: PlanInputs) -> list[FitOption]:
+    """What would make a job that does not fit (the headline method's per-GPU memory over the
+    usable GPU memory) fit: each change planned again on its own, and only those that fit.
+
+    Offload of the optimizer (ZeRO-Offload; of the parameters too only if that alone does not
+    fit), LoRA instead of full fine-tuning, activation checkpointing, the largest smaller
+    micro-batch (with checkpointing; gradient accumulation raised to keep the batch), for SAP
+    the largest smaller safety batch, the fewest nodes, and the smallest larger GPU."""
+    options: list[FitOption] = []
+    examples = inp.micro_batch * inp.grad_accum
+    if inp.offload == "none" and (r := _planned(inp, offload="optimizer")) is not None:
+        options.append(FitOption(("--offload", "optimizer"), headline_total(r),
+                                 f"ZeRO-Offload: optimizer states and fp32 gradients in CPU RAM, {_headline_cpu(r) / GIB:,.0f} "
+                                 "GiB per node (zero_optimization.offload_optimizer in the DeepSpeed config); the CPU "
+                                 "Adam step makes each step slower"))
+    if inp.offload != "all" and not options and (r := _planned(inp, offload="all")) is not None:
+        options.append(FitOption(("--offload", "all"), headline_total(r),
+                                 f"the parameters in CPU RAM too, {_headline_cpu(r) / GIB:,.0f} GiB per node "
+                                 "(ds_configs/zero3_offload.json); slower still"))
+    if not inp.lora and (r := _planned(inp, lora=True)) is not None:
+        options.append(FitOption(("--lora",), headline_total(r),
+                                 f"LoRA r={inp.lora_r} on {','.join(inp.lora_targets)} instead of full fine-tuning "
+                                 f"(lora.enabled=true): {r.trainable_params:,} trainable parameters"))
+    if not inp.activation_checkpointing and (r := _planned(inp, activation_checkpointing=True)) is not None:
+        options.append(FitOption(("--activation-checkpointing",), headline_total(r),
+                                 "model.gradient_checkpointing=true: each layer's forward is recomputed in backward"))
+    # a smaller micro-batch that divides the examples per step (1 always does), gradient accumulation
+    # making up the rest: the same batch; with checkpointing too only if that alone does not fit
+    smaller = [value for value in range(inp.micro_batch - 1, 0, -1) if examples % value == 0]
+    for checkpointing in dict.fromkeys((inp.activation_checkpointing, True)):
+        found = next(((value, r) for value in smaller if (r := _planned(inp, micro_batch=value, grad_accum=examples // value,
+                                                                        activation_checkpointing=checkpointing))), None)
+        if found is not None:
+            value, r = found
+            also = checkpointing and not inp.activation_checkpointing
+            options.append(FitOption(("--micro-batch", str(value), "--grad-accum", str(examples // value))
+                                     + (("--activation-checkpointing",) if also else ()), headline_total(r),
+                                     f"train.micro_batch_size={value} train.grad_accum={examples // value}"
+                                     + (" model.gradient_checkpointing=true" if also else "")
+                                     + f": the same {examples} examples per GPU per step, in more micro-batches"))
+            break
+    if inp.method == "sap" and (found := _largest_fitting(inp, "safety_batch", inp.safety_batch)) is not None:
+        value, r = found
+        options.append(FitOption(("--safety-batch", str(value)), headline_total(r),
+                                 f"sap.safety_batch_size={value}: fewer safety pairs per GPU per step (a noisier "
+                                 "safety direction)"))
+    if _planned(inp, nodes=MAX_NODES) is not None:
+        low, high = inp.nodes, MAX_NODES  # does not fit at low, fits at high: bisect (memory falls with nodes)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if _planned(inp, nodes=middle) is not None else (middle, high)
+        r = plan(dataclasses.replace(inp, nodes=high))
+        options.append(FitOption(("--nodes", str(high)), headline_total(r),
+                                 f"the fewest nodes that fit: {high} x {inp.gpus_per_node} = {r.world_size} GPUs share "
+                                 "the model states (ZeRO-3)"))
+    current = GPUS[inp.gpu].memory_bytes
+    for gpu in sorted((g for g in GPUS.values() if g.memory_bytes > current), key=lambda g: g.memory_bytes):
+        if (r := _planned(inp, gpu=gpu.name)) is not None:
+            options.append(FitOption(("--gpu", gpu.name), headline_total(r),
+                                     f"the smallest GPU with more memory that fits: {gpu.note}"))
+            break
+    return options
+
+
+def format_fit_options(r: PlanResult, options: list[FitOption]) -> str:
+    """The lines ``sap-ds plan`` prints under a job that does not fit."""
+    i = r.inputs
+    usable = (r.gpu_capacity - i.reserve_gib * GIB) / GIB
+    if not options:
+        return (f"No single change makes it fit (tried: offload, LoRA, activation checkpointing, a smaller micro-batch"
+                f"{' or safety batch' if i.method == 'sap' else ''}, up to {MAX_NODES} nodes, a larger GPU): shorten "
+                "--seq-len, or combine changes (e.g. --lora --offload optimizer)")
+    flags = [" ".join(o.flags) for o in options]
+    width = max(map(len, flags))
+    lines = [f"It fits with any one of these changes (each planned again with it alone; {i.method.upper()} per GPU, "
+             f"{usable:.1f} GiB usable):"]
+    lines += [f"  {text:<{width}}  {o.gpu_total / GIB:7.1f} GiB  {o.note}" for text, o in zip(flags, options)]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:9.2f} GiB"
+
+
+def format_table(r: PlanResult) -> str:
+    i = r.inputs
+    lines = [
+        f"sap-ds plan: {r.model.name} on {i.nodes} node(s) x {i.gpus_per_node} {r.gpu.name} "
+        f"(world {r.world_size}), {'LoRA r=' + str(i.lora_r) if i.lora else 'full FT'}, offload {i.offload}, "
+        f"seq {i.seq_len}, micro-batch {i.micro_batch}, grad-accum {i.grad_accum}, "
+        f"checkpointing {'on' if i.activation_checkpointing else 'off'}",
+        f"params: total {r.total_params:,}  trainable {r.trainable_params:,}"
+        + (f"  (LoRA {r.lora_params:,})" if i.lora else "") + f"  largest module {r.largest_layer_params:,}",
+        "",
+        f"{'per-GPU memory':<82} {'SFT':>13} {'SAP':>13} {'Lisa':>13}",
+    ]
+    cell = lambda table, key: _gib(table[key]) if key in table else "-"  # noqa: E731
+    for key in dict.fromkeys([*r.gpu_memory_sap, *r.gpu_memory_lisa]):
+        lines.append(f"  {key:<80} {cell(r.gpu_memory_sft, key):>13} {cell(r.gpu_memory_sap, key):>13} "
+                     f"{cell(r.gpu_memory_lisa, key):>13}")
+    cap = f"{r.gpu_capacity / GIB:.1f} GiB - {i.reserve_gib:g} reserve"
+    yes = lambda fits: "yes" if fits else "NO"  # noqa: E731
+    lines.append(f"  {'TOTAL per GPU (capacity ' + cap + ')':<80} {_gib(r.gpu_total_sft):>13} {_gib(r.gpu_total_sap):>13} "
+                 f"{_gib(r.gpu_total_lisa):>13}")
+    lines.append(f"  {'fits':<80} {yes(r.fits_sft):>13} {yes(r.fits_sap):>13} {yes(r.fits_lisa):>13}")
+    lines.append(f"  {'CPU memory per node (offloaded states)':<80} {_gib(r.cpu_memory_per_node_sft):>13} "
+                 f"{_gib(r.cpu_memory_per_node_sap):>13} {_gib(r.cpu_memory_per_node_lisa):>13}")
+    lines += ["", f"{'step estimate':<40} {'SFT':>14} {'SAP':>14}"]
+    rows = [
+        ("compute per step (s)", lambda s: f"{s.compute_s:14.3f}"),
+        ("ZeRO-3 comm per step (s)", lambda s: f"{s.comm_s:14.3f}"),
+        ("step time (s)", lambda s: f"{s.step_s:14.3f}"),
+        ("step time, comm fully overlapped (s)", lambda s: f"{s.step_s_full_overlap:14.3f}"),
+        ("task tokens per step (global)", lambda s: f"{s.tokens_per_step:14,}"),
+        ("task tokens/s (global)", lambda s: f"{s.tokens_per_s:14,.0f}"),
+        ("TFLOP per step per GPU", lambda s: f"{s.flops_per_step_per_gpu / 1e12:14.1f}"),
+        ("comm GB per step per GPU", lambda s: f"{s.comm_bytes_per_step_per_gpu / 1e9:14.1f}"),
+    ]
+    for name, fmt in rows:
+        lines.append(f"  {name:<38} {fmt(r.sft)} {fmt(r.sap)}")
+    lines.append(f"  {'SAP/SFT throughput':<38} {'':>14} {r.sap_over_sft_throughput:14.3f}")
+    lines += ["", "assumptions:"] + [f"  - {a}" for a in r.assumptions]
+    lines += ["", f"=> {i.method.upper()} needs {headline_total(r) / GIB:.1f} GiB per GPU "
+              f"({'fits' if headline_fits(r) else 'does NOT fit'} on {r.gpu.name})"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag has a help string (tests/test_plan.py checks it); the formatter appends its default."""
+    p = argparse.ArgumentParser(prog="sap-ds plan", description=__doc__.split("\n\n")[0],
+                                epilog="When the job does not fit, the changes that would make it fit are listed below "
+                                "the table, each planned again on its own.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, default=argparse.SUPPRESS, help=f"HF config.json (or its folder) or one of: {', '.join(NAMED_MODELS)}")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (machines)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; the world size is nodes x this")
+    p.add_argument("--gpu", default="h100-80gb", help=f"GPU model, one of: {', '.join(GPUS)}")
+    p.add_argument("--offload", default="none", help="ZeRO-Offload to CPU RAM: none | optimizer (fp32 master, Adam "
+                   "states and grads) | all (the parameters too; ds_configs/zero3_offload.json)")
+    p.add_argument("--method", default="sap", help=f"{' | '.join(METHODS)}: the headline (SFT, SAP and Lisa are always "
+                   "shown; safety_mix is SFT's column)")
+    p.add_argument("--lora", action="store_true", help="LoRA instead of full fine-tuning (lora.enabled)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (lora.r)")
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated module names LoRA adapts "
+                   "(lora.target_modules)")
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout probability, 0 to 1 (lora.dropout; "
+                   "above 0 it keeps the dropped inputs for backward)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per task sequence (data.max_length)")
+    p.add_argument("--micro-batch", type=int, default=1, help="task sequences per GPU per forward/backward "
+                   "(train.micro_batch_size)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (train.grad_accum)")
+    p.add_argument("--safety-seq-len", type=int, default=256, help="tokens per safety sequence (data.safety_max_length)")
+    p.add_argument("--safety-batch", type=int, default=8,
+                   help="safety pairs per GPU per safety pass, 2 sequences each (sap.safety_batch_size)")
+    p.add_argument("--probe-layers", default="3,9", help="comma-separated decoder-layer indices of the SAP probe, "
+                   "0-based (sap.probe_layers)")
+    p.add_argument("--safety-every", type=int, default=1, help="steps between safety-direction passes "
+                   "(sap.safety_every)")
+    p.add_argument("--probe-fraction", type=float, default=1.0, help="share of steps that run the probe pass, in "
+                   "(0, 1] (sap.probe_fraction)")
+    p.add_argument("--probe-timing", default="next_step", help="sap.probe_timing: next_step (one probe pass, at W') "
+                   "or same_step (the paper's: also the pass at W before the main pass)")
+    p.add_argument("--probe-micro-batches", type=int, default=None,
+                   help="sap.probe_micro_batches: the probe passes on the first k of --grad-accum micro-batches "
+                   "(default: %(default)s = all of them)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each decoder layer's forward in backward, keeping only its input "
+                   "(model.gradient_checkpointing)")
+    p.add_argument("--mfu", type=float, default=0.4, help="achieved fraction of the bf16 dense peak, in (0, 1]")
+    p.add_argument("--internode-gbps", type=float, default=400.0, help="network Gb/s per GPU (400 = InfiniBand NDR)")
+    p.add_argument("--overlap", type=float, default=0.0, help="fraction of ZeRO-3 communication hidden behind "
+                   "compute, 0 to 1")
+    p.add_argument("--reserve-gib", type=float, default=3.0, help="per-GPU memory in GiB kept for CUDA "
+                   "context/NCCL/fragmentation")
+    p.add_argument("--prefetch-bucket-size", type=int, default=DS_PREFETCH_BUCKET, help="elements; the DeepSpeed "
+                   "config's zero_optimization.stage3_prefetch_bucket_size")
+    p.add_argument("--param-persistence-threshold", type=int, default=DS_PARAM_PERSISTENCE, help="elements; parameters "
+                   "this small stay whole on every GPU (stage3_param_persistence_threshold)")
+    p.add_argument("--reduce-bucket-size", type=int, default=DS_REDUCE_BUCKET, help="elements; gradients reduced per "
+                   "bucket (zero_optimization.reduce_bucket_size)")
+    p.add_argument("--sub-group-size", type=int, default=DS_SUB_GROUP, help="elements; the optimizer steps the "
+                   "partition in sub-groups this large (zero_optimization.sub_group_size)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (its fit_options: for a job that "
+                   "does not fit, the changes with which it would)")
+    return p
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PlanError(f"{flag}: expected comma-separated integers, got '{text}'") from None
+
+
+def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
+    return PlanInputs(
+        model=args.model, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu, offload=args.offload,
+        method=args.method, lora=args.lora, lora_r=args.lora_r,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        lora_dropout=args.lora_dropout, seq_len=args.seq_len, micro_batch=args.micro_batch,
+        grad_accum=args.grad_accum, safety_seq_len=args.safety_seq_len, safety_batch=args.safety_batch,
+        probe_layers=_int_list(args.probe_layers, "--probe-layers"), safety_every=args.safety_every,
+        probe_fraction=args.probe_fraction, probe_timing=args.probe_timing, probe_micro_batches=args.probe_micro_batches,
+        activation_checkpointing=args.activation_checkpointing, mfu=args.mfu,
+        internode_gbps=args.internode_gbps, overlap=args.overlap, reserve_gib=args.reserve_gib,
+        prefetch_bucket_size=args.prefetch_bucket_size, param_persistence_threshold=args.param_persistence_threshold,
+        reduce_bucket_size=args.reduce_bucket_size, sub_group_size=args.sub_group_size,
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the usage error (exit 2) or --help (exit 0)
+        return int(exc.code or 0)
+    try:
+        result = plan(inputs_from_args(args))
+    except PlanError as exc:
+        print(f"sap-ds plan: error: {exc}", file=sys.stderr)
+        return 2
+    options = [] if headline_fits(result) else fit_options(result.inputs)
+    if args.json:
+        text = json.dumps({**dataclasses.asdict(result), "fit_options": [dataclasses.asdict(o) for o in options]}, indent=2)
+    else:
+        text = format_table(result) + ("" if headline_fits(result) else "\n\n" + format_fit_options(result, options))
+    try:
+        print(text)
+    except BrokenPipeError:  # `sap-ds plan ... | head`
+        sys.stderr.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

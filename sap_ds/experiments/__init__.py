@@ -1,0 +1,1 @@
+"""Many runs: comparisons, sweeps, their launching and their reports."""

@@ -1,0 +1,1 @@
+"""Process groups, collectives and DeepSpeed ZeRO-3: everything that knows about ranks and shards."""

@@ -1,0 +1,102 @@
+"""Process-group set-up that works the same under ``deepspeed``, ``torchrun``, SLURM and
+plain ``python`` (one process), on GPUs (NCCL) and on CPUs (gloo).
+
+Two timeouts (``distributed:`` in the run config; slurm/README.md, "Collective timeouts"):
+
+* the training process group gets ``timeout_minutes``, passed to
+  ``deepspeed.init_distributed`` (DeepSpeed's default is 10 minutes, or $DEEPSPEED_TIMEOUT;
+  the NCCL watchdog aborts a collective that has not finished by then, gloo raises);
+* ``barrier()``, the one place where ranks wait for rank 0 alone (export, checkpoint
+  rename and pruning), runs on a separate gloo group created with ``wait_timeout_minutes``.
+  A long wait there blocks a CPU thread only; no NCCL work is pending, so the watchdog
+  has nothing to time out, and a hang during training is still caught after
+  ``timeout_minutes`` instead of hours.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import torch
+
+    from sap_ds.config.run import DistributedConfig
+
+log = logging.getLogger("sap_ds")
+_wait_group = None  # the gloo group barrier() uses; None: one process, or not initialised by us
+
+
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def prepare_environment() -> None:
+    """Must run before deepspeed is imported: pick the CPU accelerator where there is no
+    GPU, and give a single ``python`` process the rendezvous variables torchrun would."""
+    if on_cpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+
+
+def timeouts(cfg: Optional["DistributedConfig"] = None) -> tuple[datetime.timedelta, datetime.timedelta]:
+    """(training collectives, waits for rank 0) from the run config's ``distributed`` section."""
+    from sap_ds.config.run import DistributedConfig
+
+    cfg = cfg or DistributedConfig()
+    return datetime.timedelta(minutes=cfg.timeout_minutes), datetime.timedelta(minutes=cfg.wait_timeout_minutes)
+
+
+def init_distributed(cfg: Optional["DistributedConfig"] = None) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) after initialising the default process group with
+    ``cfg.timeout_minutes`` and the wait group with ``cfg.wait_timeout_minutes``."""
+    global _wait_group
+    prepare_environment()
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    timeout, wait_timeout = timeouts(cfg)
+    if "DEEPSPEED_TIMEOUT" in os.environ:
+        log.warning("DEEPSPEED_TIMEOUT=%s is not used: sap-ds passes distributed.timeout_minutes=%g to DeepSpeed",
+                    os.environ["DEEPSPEED_TIMEOUT"], timeout.total_seconds() / 60)
+    if on_cpu():
+        # The shared-memory comm op would be compiled on first use (~70 s); gloo does not need it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
+    else:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        deepspeed.init_distributed(dist_backend="nccl", timeout=timeout)
+    if _wait_group is None and dist.get_world_size() > 1:
+        _wait_group = dist.new_group(backend="gloo", timeout=wait_timeout)  # collective: every rank
+    return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+
+
+def device() -> "torch.device":
+    import torch
+
+    if on_cpu():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def is_main() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank, with the wait timeout where init_distributed made the wait group
+    (a process group someone else initialised keeps its own timeout)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier(group=_wait_group)

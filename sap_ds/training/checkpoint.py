@@ -1,0 +1,287 @@
+"""Atomic, resumable checkpoints.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step_00000020/          one complete checkpoint (DeepSpeed's shards + ours)
+    latest                  the tag of the newest complete checkpoint, written last
+    zero_to_fp32.py         DeepSpeed's scripts that rebuild whole weights from a checkpoint
+    .staging/               where a checkpoint is written before it is renamed into place
+
+A checkpoint is written into ``.staging``, renamed into place when every rank has
+finished, and only then does ``latest`` (itself written to a temporary file and renamed)
+point at it; DeepSpeed's recovery scripts, which it writes beside the checkpoint, are moved
+up beside ``latest`` (where DeepSpeed's usage has them), and ``.staging`` is removed once
+empty. A crash at any moment leaves the previous checkpoint intact and findable; what it
+left in ``.staging`` (a checkpoint never renamed into place, so never one ``latest``
+names) is removed at the next start (``remove_interrupted_saves``).
+Our own state (trainer counters, RNG states, SAP probe/optimizer/direction) is saved as
+safetensors plus JSON, never pickled.
+
+A checkpoint written on N ranks resumes on M ranks (docs/design.md, "Resuming on another
+number of ranks"): rank 0 converts it once into DeepSpeed's universal format, inside the
+checkpoint folder (``step_N/universal``, written to a temporary folder and renamed), and
+every rank loads its new shard from there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sap_ds.errors import CheckpointError  # defined there (a user error is reported without importing torch)
+from sap_ds.parallel.distributed import barrier, is_main
+
+LATEST = "latest"
+STAGING = ".staging"
+RECOVERY_SCRIPTS = "zero_to_*.py"  # what DeepSpeed's save_checkpoint writes beside the tag folder (rank 0)
+META = "sap_ds_meta.json"
+UNIVERSAL = "universal"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_tag(root: Path) -> str | None:
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text(encoding="utf-8").strip()
+    if not (root / tag).is_dir():
+        raise CheckpointError(f"{pointer} names '{tag}', which does not exist in {root}; remove the pointer or restore the folder")
+    return tag
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available() and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+def save(engine, root: Path, step: int, meta: dict, tensors: dict[str, torch.Tensor], keep: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    tag = tag_for(step)
+    staging = root / STAGING
+    if is_main():
+        shutil.rmtree(staging / tag, ignore_errors=True)
+        staging.mkdir(parents=True, exist_ok=True)
+    barrier()
+    engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
+    folder = staging / tag
+    own = {f"rng.{k}": v for k, v in rng_state().items()}
+    own.update({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    save_file(own, str(own_file(folder, rank)))
+    if is_main():
+        meta = {**meta, "step": step, "python_random": _encode_random_state()}
+        atomic_write_text(folder / META, json.dumps(meta, indent=1))
+    barrier()
+    final = root / tag
+    if is_main():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(folder, final)
+        atomic_write_text(root / LATEST, tag + "\n")
+        _prune(root, keep)
+        for script in staging.glob(RECOVERY_SCRIPTS):
+            os.replace(script, root / script.name)
+        try:
+            staging.rmdir()  # empty now; not empty only with another save's leftovers (removed at the next start)
+        except OSError:
+            pass
+    barrier()
+    return final
+
+
+def remove_interrupted_saves(root: Path) -> list[str]:
+    """Rank 0, when a run starts (before any save): delete ``.staging``, which holds only
+    the unfinished writes of a save that was interrupted (a finished one is renamed out of
+    it before ``latest`` names it). Returns what was there, for the log."""
+    staging = root / STAGING
+    if not staging.is_dir():
+        return []
+    left = sorted(p.name for p in staging.iterdir())
+    shutil.rmtree(staging)
+    return left
+
+
+def _prune(root: Path, keep: int) -> None:
+    tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    current = (root / LATEST).read_text().strip()
+    for old in tags[:-keep]:
+        if old != current:
+            shutil.rmtree(root / old, ignore_errors=True)
+
+
+def _encode_random_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def own_file(folder: Path, rank: int) -> Path:
+    return folder / f"sap_ds_rank{rank:05d}.safetensors"
+
+
+def read_meta(root: Path) -> tuple[Path, dict] | None:
+    """(folder, metadata) of the checkpoint ``latest`` points at; None if there is none."""
+    tag = latest_tag(root)
+    if tag is None:
+        return None
+    folder = root / tag
+    meta_path = folder / META
+    try:
+        return folder, json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({exc}); the checkpoint is corrupt") from None
+
+
+def peek_meta(root: Path) -> dict | None:
+    """``read_meta``'s metadata, or None for any problem (``load`` reports it later): what
+    the trainer needs to know before it builds the engine (the world size the checkpoint
+    was written on)."""
+    try:
+        found = read_meta(root)
+    except CheckpointError:
+        return None
+    return found[1] if found else None
+
+
+def check_identity(folder: Path, meta: dict, expect: dict) -> None:
+    """A checkpoint of another model or method cannot be resumed: say which key differs,
+    before anything is loaded or written."""
+    for key, value in expect.items():
+        if meta.get(key) != value:
+            raise CheckpointError(
+                f"{folder}: this checkpoint was written with {key}={meta.get(key)!r}, this run has {key}={value!r}: "
+                f"it belongs to another run and was neither loaded nor changed. Use a new output_dir, or set "
+                f"train.resume=never to start this one over (which deletes the old run's checkpoints)"
+            )
+
+
+def config_identity(cfg) -> dict:
+    """The part of ``Trainer.checkpoint_identity`` a run config fixes on its own (the
+    trainable parameter count needs the model)."""
+    return {"method": cfg.method, "model_path": str(cfg.model.path), "lora": cfg.lora.enabled}
+
+
+def check_resumable(cfg) -> None:
+    """Before the model loads: a checkpoint in output_dir of another method, model or LoRA
+    setting is refused in seconds, not after a 70B model has been loaded and sharded.
+    Unreadable metadata is left to ``Trainer.maybe_resume``, which checks the full identity
+    again and reports it after the config's own errors."""
+    root = Path(cfg.output_dir) / "checkpoints"
+    meta = peek_meta(root) if cfg.train.resume != "never" else None
+    if meta is not None:
+        check_identity(root / latest_tag(root), meta, config_identity(cfg))
+
+
+def convert_to_universal(folder: Path, workers: int = 1) -> Path:
+    """``folder/universal``: the checkpoint in DeepSpeed's universal format (every
+    parameter's fp32 weights and Adam moments whole, one file each), which any number of
+    ranks can load. Made once (rank 0 only), in a temporary folder renamed into place, so
+    an interrupted conversion is never taken for a finished one."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    target = folder / UNIVERSAL
+    if target.is_dir():
+        return target
+    tmp = folder / f".{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints progress bars and its arguments
+        ds_to_universal.main(args)
+    (folder / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer names the temporary folder
+    os.replace(tmp, target)
+    return target
+
+
+def _on_rank0_then_all(fn, what: str):
+    """Run ``fn`` on rank 0 while the others wait; every rank raises if it failed there."""
+    error = None
+    if is_main():
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - any failure must reach every rank, not hang them
+            error = f"{type(exc).__name__}: {exc}"
+    if torch.distributed.is_initialized():
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise CheckpointError(f"{what} failed on rank 0 ({error})")
+
+
+def load(engine, root: Path, expect: dict, world: int) -> tuple[dict, dict[str, torch.Tensor], bool] | None:
+    """Resume from ``latest`` if there is one: (meta, tensors, resharded).
+
+    On the world size the checkpoint was written on, every rank loads its own shards and
+    its own tensors. On another one (``resharded``), the engine must have been built with
+    ``checkpoint.load_universal`` (the trainer does so when ``peek_meta`` shows another
+    world size); the tensors are rank 0's replicated ones (probe, its optimizer, counters),
+    without the shard-shaped SAP direction and RNG states, which the trainer renews."""
+    found = read_meta(root)
+    if found is None:
+        return None
+    folder, meta = found
+    check_identity(folder, meta, expect)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    resharded = meta.get("world_size", world) != world
+    try:
+        if resharded:
+            _on_rank0_then_all(lambda: convert_to_universal(folder), f"{folder}: converting the checkpoint of "
+                               f"{meta.get('world_size')} ranks for {world} ranks")
+            tensors = {k: v for k, v in load_file(str(own_file(folder, 0))).items()
+                       if not k.startswith(("rng.", "sap.direction."))}
+            load_path, _ = engine.load_checkpoint(str(folder), tag=UNIVERSAL, load_module_strict=True)
+        else:
+            tensors = load_file(str(own_file(folder, rank)))
+            load_path, _ = engine.load_checkpoint(str(root), tag=folder.name, load_module_strict=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors, DeepSpeed and torch raise many types for a bad file
+        raise CheckpointError(f"{folder}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
+    if load_path is None:
+        raise CheckpointError(f"{folder}: DeepSpeed found no loadable checkpoint there")
+    if not resharded:
+        set_rng_state(tensors)
+    version, internal, gauss = meta["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    return meta, tensors, resharded
+
+
+def atomic_save_figure(fig, path: Path, dpi: int) -> None:
+    """Save a matplotlib figure to ``path`` (PNG) atomically and close it: a reader never
+    sees half a file, and an interrupted save leaves the previous plot in place."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
