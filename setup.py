@@ -96,7 +96,7 @@ setup(
         "flash": ["flash-attn>=2.6"],
         "vllm": ["vllm>=0.6"],  # sap-ds eval backend: vllm (CUDA only); docs/evaluation.md
         "wandb": ["wandb>=0.19"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "wandb>=0.19"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "wandb>=0.19", "import-linter>=2.17"],
     },
     entry_points={"console_scripts": ["sap-ds=sap_ds.cli:main"]},
 )

@@ -6,8 +6,8 @@
 
 The config is a run config (the same file train.py takes) with an optional ``bench:``
 section (warm-up and timed steps, the variants and their dotted overrides; without it:
-sft, paper, fast, lisa and safety_mix). ``key=value`` arguments override the base config for every
-variant. Each variant builds a fresh Trainer on the same model, data and DeepSpeed
+every method's own, ``MethodSection.bench_variants``: sft, paper, fast, lisa and
+safety_mix). ``key=value`` arguments override the base config for every variant. Each variant builds a fresh Trainer on the same model, data and DeepSpeed
 config, runs W warm-up and N timed optimizer steps, and is torn down (a second
 ``deepspeed.initialize`` in the same process works: checked by the tests, and the SFT
 losses of a re-built engine reproduce bit for bit).
@@ -34,30 +34,17 @@ import weakref
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # run as a script (deepspeed sap_ds/bench.py): make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__: sys.path.insert(0, str(Path(__file__).absolute().parents[1]))  # noqa: E701 - run by path
 
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from sap_ds.cost.hardware import job_peak_flops  # noqa: E402,F401
+from sap_ds.entry import run_command  # noqa: E402
 
 log = logging.getLogger("sap_ds")
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "sap-ds-bench/1"
 
-# The authors' settings (docs/algorithm.md) and the fast preset (configs/sap_fast.yaml,
-# justified in docs/benchmarks.md). The test checks that the YAML and this list agree.
-PAPER_OVERRIDES = ["method=sap", "sap.safety_every=1", "sap.probe_fraction=1.0"]
-FAST_OVERRIDES = ["method=sap", "sap.safety_every=16", "sap.probe_fraction=0.125", "data.safety_max_length=64"]
-
-# Lisa at the authors' 1:9 share of alignment steps is 100 of every 1,000; a bench times ~16
-# steps, so a 16-step cycle with 2 alignment steps (12.5 %) puts both kinds in the timed window.
-LISA_OVERRIDES = ["method=lisa", "lisa.align_steps=2", "lisa.finetune_steps=14"]
-# Safety-data mixing (method safety_mix) runs SFT's step on the task batches with refusal
-# demonstrations among them: measured, not assumed, like every other variant.
-SAFETY_MIX_OVERRIDES = ["method=safety_mix"]
-
-PHASES = ("safety", "perturb", "probe", "restore", "main")
 
 
 class Variant(BaseModel):
@@ -67,9 +54,13 @@ class Variant(BaseModel):
 
 
 def _default_variants() -> list[Variant]:
-    return [Variant(name="sft", overrides=["method=sft"]), Variant(name="paper", overrides=PAPER_OVERRIDES),
-            Variant(name="fast", overrides=FAST_OVERRIDES), Variant(name="lisa", overrides=LISA_OVERRIDES),
-            Variant(name="safety_mix", overrides=SAFETY_MIX_OVERRIDES)]
+    """Every method's variants (``MethodSection.bench_variants``), in the registry's order. A
+    method whose step is SFT's on other batches (safety_mix) is measured, not assumed, like
+    every other."""
+    from sap_ds.config.methods import METHOD_SECTIONS
+
+    return [Variant(name=name, overrides=overrides) for section in METHOD_SECTIONS.values()
+            for name, overrides in section.bench_variants().items()]
 
 
 class BenchSection(BaseModel):
@@ -211,15 +202,12 @@ def _gather(obj) -> list:
 
 
 def warmup_for(cfg, warmup_steps: int) -> int:
-    """Warm-up steps for a variant: at least ``warmup_steps``, and through its first probe
-    step, so first-use costs of the SAP phases (buffers, allocator growth) are never timed
-    (with probe_fraction 0.5 step 0 runs no probe and step 1 would carry them)."""
-    from sap_ds.sap.step import runs_probe
+    """Warm-up steps for a variant: at least ``warmup_steps``, and through the first step
+    that runs every pass of its method (``Method.min_warmup_steps``: SAP's first probe step),
+    so that first-use costs (buffers, allocator growth) are never timed."""
+    from sap_ds.methods import build_method
 
-    if cfg.method != "sap" or not cfg.sap.probe_enabled:
-        return warmup_steps
-    first_probe = next(s for s in range(10**6) if runs_probe(s, cfg.sap.probe_fraction))
-    return max(warmup_steps, first_probe + 1)
+    return max(warmup_steps, build_method(cfg).min_warmup_steps())
 
 
 def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: BenchSection, rank: int, world: int,
@@ -247,7 +235,7 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
     init_s = time.perf_counter() - t0
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
-    step_times, phases, finite = [], [], []
+    step_times, phases, finite, extras = [], [], [], []
     for step in range(W + N):
         barrier()
         start = time.perf_counter()
@@ -255,6 +243,7 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
         sync()
         step_times.append(time.perf_counter() - start)
         phases.append(trainer.timer.pop())
+        extras.append(trainer.method.extra_passes(trainer, step))  # the passes it ran (SAP's), for the FLOPs
         finite.append(bool(trainer._last_step_finite))
         if rank == 0:
             log.info("bench: %s: %s step %d/%d: %.3f s", variant.name, "warm-up" if step < W else "timed",
@@ -268,15 +257,11 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
         task = trainer.method.trained_micro_batches(trainer, step)  # Lisa: an alignment step's batches
         task_len = [n for b in task for n in sequence_lengths(b)]
         padded = sum(int(b["input_ids"].numel()) for b in task)
-        safety_len = []
-        if trainer.sap_state is not None:
-            safety_len = [int(n) for n in trainer.safety_batch(step)["attention_mask"].sum(1).tolist()]
-        mine.append({"task": task_len, "padded": padded, "safety": safety_len, "trains_on": trainer.method.trains_on(step),
+        mine.append({"task": task_len, "padded": padded, "trains_on": trainer.method.trains_on(step),
                      "global_tokens": sum(trainer.method.trained_lengths(trainer, step))})
     gathered = _gather({"steps": mine, "times": step_times, "phases": phases, "mem": mem})
     fm = flops_mod.from_run_config(cfg, trainer.model_path)
-    lowest = min(trainer.sap_state.probe.layers) if trainer.sap_state is not None else 0
-    n_safety_mix = trainer.data.n_safety_mix
+    nominal, settings = trainer.method.nominal_passes(), trainer.method.bench_settings(trainer)
 
     # Tear down so the next variant's deepspeed.initialize starts clean.
     engine_ref = weakref.ref(trainer.engine)
@@ -292,22 +277,19 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
     barrier()
     if rank != 0:
         return None
-    return {"cfg": cfg, "fm": fm, "lowest": lowest, "gathered": gathered, "released": released, "finite": finite, "init_s": init_s,
-            "safety_mix_examples": n_safety_mix,
-            "mem_kind": mem_kind, "load_avg_1m": [load_before[0], os.getloadavg()[0]], "W": W, "N": N}
+    return {"cfg": cfg, "fm": fm, "extras": extras, "nominal": nominal, "method_settings": settings,
+            "gathered": gathered, "released": released, "finite": finite, "init_s": init_s, "mem_kind": mem_kind, "load_avg_1m": [load_before[0], os.getloadavg()[0]], "W": W, "N": N}
 
 
 def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
     """One JSON record from a variant's raw measurements (one per round; their timed
     steps are pooled). A step ends when its slowest rank does; phases are rank means."""
     from sap_ds.cost import flops as flops_mod
+    from sap_ds.methods import all_phases
 
-    cfg, fm, lowest, W, N = (raws[0][k] for k in ("cfg", "fm", "lowest", "W", "N"))
-    # probe passes per probe step in whole-batch equivalents: 2 under probe_timing same_step (both
-    # timed as probe), times k / grad_accum under sap.probe_micro_batches k
-    passes = cfg.sap.probe_share(cfg.train.grad_accum)
+    cfg, fm, nominal, W, N = (raws[0][k] for k in ("cfg", "fm", "nominal", "W", "N"))
     times, round_tps, warmup = [], [], []
-    phase_sums = {p: 0.0 for p in PHASES}
+    phase_sums = {p: 0.0 for p in all_phases()}  # every method's phases: the records line up
     total, sft_equiv = flops_mod.StepFlops(), flops_mod.StepFlops()
     real_tokens = padded_tokens = safety_passes = probe_passes = skipped = 0
     task_step_tokens = other_steps = 0  # Lisa: tokens of the steps that trained on task data; alignment steps
@@ -320,14 +302,12 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
         for i, s in enumerate(range(W, W + N)):
             step_time = max(g["times"][s] for g in gathered)
             times.append(step_time)
-            for p in PHASES:
-                phase_sums[p] += statistics.fmean(g["phases"][s][p] for g in gathered)
+            for p in phase_sums:
+                phase_sums[p] += statistics.fmean(g["phases"][s].get(p, 0.0) for g in gathered)
             task_len = [n for g in gathered for n in g["steps"][i]["task"]]
-            safety_len = [n for g in gathered for n in g["steps"][i]["safety"]]
-            ran_safety = gathered[0]["phases"][s]["safety"] > 0  # the schedule is the same on every rank
-            ran_probe = gathered[0]["phases"][s]["probe"] > 0
-            safety_passes += ran_safety
-            probe_passes += ran_probe
+            extra = raw["extras"][s]  # the same on every rank: the schedule and the lengths are global
+            safety_passes += extra.safety > 0
+            probe_passes += extra.probe > 0
             real_tokens += sum(task_len)
             if gathered[0]["steps"][i]["trains_on"] == "task":
                 task_step_tokens += sum(task_len)
@@ -339,28 +319,19 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
             if sum(task_len) != gathered[0]["steps"][i]["global_tokens"]:
                 log.warning("bench: step %d: %d real tokens in the batches, trainer counts %d", s, sum(task_len),
                             gathered[0]["steps"][i]["global_tokens"])
-            total = total + fm.step(task_len, safety_len if ran_safety else (), safety=float(ran_safety),
-                                    probe=float(ran_probe), lowest_probe_layer=lowest, probe_passes=passes)
+            total = total + fm.step(task_len, extra.safety_lengths if extra.safety else (), safety=extra.safety,
+                                    probe=extra.probe, lowest_probe_layer=extra.lowest_probe_layer,
+                                    probe_passes=extra.probe_passes)
             sft_equiv = sft_equiv + fm.step(task_len)
             task_lengths_all += task_len
-            safety_lengths_all += safety_len
+            safety_lengths_all += extra.safety_lengths
         round_tps.append(round_tokens / round_time)
     steps = len(times)
     wall = sum(times)
     phase_mean = {p: v / steps for p, v in phase_sums.items()}
     flops_per_s = total.total / wall
-    is_sap = cfg.method == "sap"
     settings = {"micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
-                "max_length": cfg.data.max_length, "packing": cfg.data.packing}
-    if cfg.method == "lisa":
-        settings.update(align_steps=cfg.lisa.align_steps, finetune_steps=cfg.lisa.finetune_steps, rho=cfg.lisa.rho)
-    if cfg.method == "safety_mix":
-        settings.update(safety_mix_ratio=cfg.safety_mix.ratio, safety_mix_examples=raws[0]["safety_mix_examples"])
-    if is_sap:
-        settings.update(safety_every=cfg.sap.safety_every, probe_fraction=cfg.sap.probe_fraction,
-                        safety_batch_size=cfg.sap.safety_batch_size, safety_max_length=cfg.data.safety_max_length,
-                        probe_layers=cfg.sap.probe_layers, probe_update=cfg.sap.probe_update,
-                        probe_timing=cfg.sap.probe_timing)
+                "max_length": cfg.data.max_length, "packing": cfg.data.packing, **raws[0]["method_settings"]}
     record = {
         "variant": variant.name,
         "method": cfg.method,
@@ -399,18 +370,17 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
         "init_time_s": [raw["init_s"] for raw in raws],
         "load_avg_1m": [raw["load_avg_1m"] for raw in raws],
     }
-    if is_sap:
+    if nominal is not None:  # a method whose steps run passes beside SFT's (SAP: Method.nominal_passes)
         record["ideal_ratio"] = sft_equiv.total / total.total
         # Contention-robust proxy: the main phase *is* an SFT step (same batches, forward,
-        # backward, optimizer step), timed inside the same steps as the SAP phases.
+        # backward, optimizer step), timed inside the same steps as the method's other phases.
         record["ratio_vs_main_phase"] = phase_mean["main"] / statistics.fmean(times)
-        safety_share, probe_share = flops_mod.nominal_shares(cfg.sap.safety_every, cfg.sap.probe_fraction)
         # Long-run value for these knobs: the timed task batches and the safety batches
         # the trainer draws for them, weighted by the nominal shares.
         record["ideal_ratio_nominal"] = flops_mod.ideal_ratio(
-            fm, task_lengths_all, safety_lengths_all, safety=safety_share, probe=probe_share, lowest_probe_layer=lowest,
-            probe_passes=passes)
-        record["nominal_shares"] = {"safety": safety_share, "probe": probe_share}
+            fm, task_lengths_all, safety_lengths_all, safety=nominal.safety, probe=nominal.probe,
+            lowest_probe_layer=nominal.lowest_probe_layer, probe_passes=nominal.probe_passes)
+        record["nominal_shares"] = {"safety": nominal.safety, "probe": nominal.probe}
     return record
 
 
@@ -423,7 +393,7 @@ def add_ratios(records: list[dict]) -> None:
     base = next((r for r in records if r["method"] == "sft"), None)
     for r in records:
         r["ratio_vs_sft"] = r["task_tokens_per_s"] / base["task_tokens_per_s"] if base else None
-        if r["method"] == "sap" and r["ratio_vs_sft"] is not None:
+        if r.get("ideal_ratio") is not None and r["ratio_vs_sft"] is not None:
             r["efficiency_vs_ideal"] = r["ratio_vs_sft"] / r["ideal_ratio"]
 
 
@@ -450,7 +420,7 @@ def plot(result: dict, path: Path) -> None:
     ax1.set_title("throughput (ratio vs SFT)")
     ax1.margins(y=0.2)
     bottom = [0.0] * len(records)
-    for phase in PHASES:
+    for phase in records[0]["phase_time_s"]:  # the same columns in every record (all_phases)
         values = [r["phase_time_s"][phase] for r in records]
         ax2.bar(x, values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values)]
@@ -461,14 +431,15 @@ def plot(result: dict, path: Path) -> None:
     m = result["machine"]
     fig.suptitle(f"sap-ds bench: {m.get('gpu') or m['cpu']} x{result['world_size']}, {result['date_utc'][:10]}", fontsize=10)
     fig.tight_layout()
-    from sap_ds.training.checkpoint import atomic_save_figure
+    from sap_ds.files import atomic_save_figure
 
     atomic_save_figure(fig, path, dpi=110)
 
 
 def format_table(result: dict) -> str:
-    rows = [("variant", "task tokens/s", "pad %", "vs SFT", "in-run", "ideal", "step s (med)", "safety", "perturb", "probe", "restore",
-             "main", "MFU", "peak mem GiB")]
+    phases = list(result["variants"][0]["phase_time_s"])  # the same columns in every record (all_phases)
+    rows = [("variant", "task tokens/s", "pad %", "vs SFT", "in-run", "ideal", "step s (med)", *phases, "MFU",
+             "peak mem GiB")]
     for r in result["variants"]:
         p = r["phase_time_s"]
         rows.append((r["variant"], f"{r['task_tokens_per_s']:.1f}",
@@ -476,7 +447,7 @@ def format_table(result: dict) -> str:
                      f"{r['ratio_vs_sft']:.3f}" if r.get("ratio_vs_sft") is not None else "-",
                      f"{r['ratio_vs_main_phase']:.3f}" if r.get("ratio_vs_main_phase") else "-",
                      f"{r['ideal_ratio']:.3f}" if r.get("ideal_ratio") else "-",
-                     f"{r['step_time_s']['median']:.3f}", *(f"{p[k]:.3f}" for k in PHASES),
+                     f"{r['step_time_s']['median']:.3f}", *(f"{p[k]:.3f}" for k in phases),
                      f"{100 * r['mfu']:.2f}%" if r.get("mfu") is not None else "-", f"{r['peak_mem_bytes'] / 2**30:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows)
@@ -527,44 +498,38 @@ def select(bench: BenchSection, args) -> BenchSection:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sap_ds.dependencies import refuse_old_packages
+    return run_command(lambda: bench_and_report(args, argv), version_floors="bench", console_log=True)
 
-    if (code := refuse_old_packages("bench")) is not None:  # before anything heavy is imported
-        return code
-    from sap_ds.errors import USER_ERRORS, report_user_error
 
-    logging.basicConfig(level=logging.INFO, format="[sap-ds] %(message)s")
-    try:
-        bench, base, tree = load_bench_config(args.config, args.overrides)
-        bench = select(bench, args)
-        from sap_ds.train import fail_fast
+def bench_and_report(args, argv) -> int:
+    bench, base, tree = load_bench_config(args.config, args.overrides)
+    bench = select(bench, args)
+    from sap_ds.train import fail_fast
 
-        fail_fast(base)
-        from sap_ds.parallel.distributed import init_distributed, is_main
+    fail_fast(base)
+    from sap_ds.parallel.distributed import init_distributed, is_main
 
-        rank, _, world = init_distributed(base.distributed)
-        out = Path(args.out)
-        runs_dir = out.parent / f"{out.stem}_runs"
-        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        peak = peak_flops(base.model.dtype, bench.cpu_gemm_size)
-        raws = {v.name: [] for v in bench.variants}
-        for round_ in range(bench.rounds):  # rounds interleave the variants against load drift
-            for variant in bench.variants:
-                if is_main():
-                    log.info("bench: round %d/%d, variant '%s' (%s): %d warm-up + %d timed steps", round_ + 1,
-                             bench.rounds, variant.name, " ".join(variant.overrides) or "base config",
-                             bench.warmup_steps, bench.timed_steps)
-                raw = measure_variant(tree, list(args.overrides), variant, bench, rank, world, runs_dir)
-                if is_main():
-                    raws[variant.name].append(raw)
-        records = [summarize(v, raws[v.name], peak) for v in bench.variants] if is_main() else []
-    except USER_ERRORS as exc:
-        return report_user_error(exc)
+    rank, _, world = init_distributed(base.distributed)
+    out = Path(args.out)
+    runs_dir = out.parent / f"{out.stem}_runs"
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    peak = peak_flops(base.model.dtype, bench.cpu_gemm_size)
+    raws = {v.name: [] for v in bench.variants}
+    for round_ in range(bench.rounds):  # rounds interleave the variants against load drift
+        for variant in bench.variants:
+            if is_main():
+                log.info("bench: round %d/%d, variant '%s' (%s): %d warm-up + %d timed steps", round_ + 1,
+                         bench.rounds, variant.name, " ".join(variant.overrides) or "base config",
+                         bench.warmup_steps, bench.timed_steps)
+            raw = measure_variant(tree, list(args.overrides), variant, bench, rank, world, runs_dir)
+            if is_main():
+                raws[variant.name].append(raw)
+    records = [summarize(v, raws[v.name], peak) for v in bench.variants] if is_main() else []
     if not is_main():
         return 0
     from sap_ds.config.run import config_to_dict
     from sap_ds.cost import flops as flops_mod
-    from sap_ds.training.checkpoint import atomic_write_text
+    from sap_ds.files import atomic_write_text
 
     add_ratios(records)
     commit, dirty = git_commit()

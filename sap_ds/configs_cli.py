@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from sap_ds.entry import run_command
+
 KINDS = ("run", "eval", "compare", "sweep", "bench")
 
 
@@ -42,7 +44,7 @@ def schema_for(kind: str):
 
         return CompareConfig
     if kind == "sweep":
-        from sap_ds.experiments.sweep import SweepConfig
+        from sap_ds.experiments.sweep_config import SweepConfig
 
         return SweepConfig
     from sap_ds.config.run import RunConfig
@@ -125,28 +127,27 @@ def main(argv=None) -> int:
     slurm.add_argument("dest", nargs="?", default=".", help="folder to submit jobs from (default: the working directory)")
     slurm.add_argument("--force", action="store_true", help="overwrite existing files")
     args = parser.parse_args(argv)
-    from sap_ds.errors import USER_ERRORS, report_user_error
+    return run_command(lambda: act(args))
 
-    try:
-        if args.action is None:
-            rows = list_configs()
-            width = max(len(name) for name, _, _ in rows)
-            for name, kind, about in rows:
-                print(f"{name:<{width}}  {kind:<7}  {about}")
-            print("\nUse a name wherever a config is expected (sap-ds train --config demo); "
-                  "sap-ds configs copy NAME writes one out to edit.")
-        elif args.action == "path":
-            from sap_ds.config.reading import find_config_file
 
-            print(find_config_file(args.name).resolve())
-        elif args.action == "slurm":
-            target = copy_slurm_templates(Path(args.dest), args.force)
-            print(f"sap-ds configs: wrote the SLURM templates to {target}; submit from {target.parent}, e.g. "
-                  f"sbatch slurm/sap_single_node.sbatch (see {target / 'README.md'})")
-        else:
-            print(f"sap-ds configs: wrote {copy_config(args.name, Path(args.dest), args.force)}")
-    except USER_ERRORS as exc:
-        return report_user_error(exc)
+def act(args) -> int:
+    if args.action is None:
+        rows = list_configs()
+        width = max(len(name) for name, _, _ in rows)
+        for name, kind, about in rows:
+            print(f"{name:<{width}}  {kind:<7}  {about}")
+        print("\nUse a name wherever a config is expected (sap-ds train --config demo); "
+              "sap-ds configs copy NAME writes one out to edit.")
+    elif args.action == "path":
+        from sap_ds.config.reading import find_config_file
+
+        print(find_config_file(args.name).resolve())
+    elif args.action == "slurm":
+        target = copy_slurm_templates(Path(args.dest), args.force)
+        print(f"sap-ds configs: wrote the SLURM templates to {target}; submit from {target.parent}, e.g. "
+              f"sbatch slurm/sap_single_node.sbatch (see {target / 'README.md'})")
+    else:
+        print(f"sap-ds configs: wrote {copy_config(args.name, Path(args.dest), args.force)}")
     return 0
 
 

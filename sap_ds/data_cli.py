@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import logging
 import os
 import random
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sap_ds.entry import run_command
 
 SPLITS = ("train", "eval", "safety")
 OPEN, CLOSE = "⟦", "⟧"  # around trained tokens in plain output
@@ -224,33 +222,27 @@ def example_blocks(data, tokenizer, cfg, split: str, indices: list[int], marks: 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sap_ds.dependencies import refuse_old_packages
+    return run_command(lambda: show(args), version_floors="data", console_log=True)  # console: the pipeline's lines
 
-    if (code := refuse_old_packages("data")) is not None:
-        return code
-    from sap_ds.errors import USER_ERRORS, report_user_error
 
-    logging.basicConfig(level=logging.INFO, format="[sap-ds] %(message)s")  # the pipeline's lines, on stderr
-    try:
-        from sap_ds.config.run import load_config
-        from sap_ds.errors import ConfigError
+def show(args) -> int:
+    from sap_ds.config.run import load_config
+    from sap_ds.errors import ConfigError
 
-        cfg = load_config(args.config, args.overrides)
-        data, tokenizer = prepare(cfg)
-        table = _split_set(data, args.split)
-        if args.split == "safety" and len(table) == 0:
-            if not cfg.data.safety:
-                raise ConfigError("--split safety: data.safety is empty; give it a source, e.g. "
-                                  "{path: data/advbench/harmful_behaviors.csv, format: safety_pairs}")
-            raise ConfigError(f"--split safety: method {cfg.method} trains on no safety pairs (sap does, and lisa with "
-                              "lisa.align_steps > 0), so this run's data has none; give method=sap to see them")
-        if args.split == "eval" and len(table) == 0:
-            raise ConfigError("--split eval: this run has no eval examples; give data.eval sources or "
-                              "data.eval_fraction > 0")
-        indices = pick(len(table), args)
-        marks = Marks(use_colour(args.color, sys.stdout))
-    except USER_ERRORS as exc:
-        return report_user_error(exc)
+    cfg = load_config(args.config, args.overrides)
+    data, tokenizer = prepare(cfg)
+    table = _split_set(data, args.split)
+    if args.split == "safety" and len(table) == 0:
+        if not cfg.data.safety:
+            raise ConfigError("--split safety: data.safety is empty; give it a source, e.g. "
+                              "{path: data/advbench/harmful_behaviors.csv, format: safety_pairs}")
+        raise ConfigError(f"--split safety: method {cfg.method} trains on no safety pairs (sap does, and lisa with "
+                          "lisa.align_steps > 0), so this run's data has none; give method=sap to see them")
+    if args.split == "eval" and len(table) == 0:
+        raise ConfigError("--split eval: this run has no eval examples; give data.eval sources or "
+                          "data.eval_fraction > 0")
+    indices = pick(len(table), args)
+    marks = Marks(use_colour(args.color, sys.stdout))
     lines = summary_lines(data, cfg, args.config)
     if indices:
         how = f"drawn at random (--seed {args.seed})" if args.random else f"from {args.start}"

@@ -5,6 +5,7 @@ config is reported without importing torch: seconds less for every mistyped key.
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 
 class ConfigError(ValueError):
@@ -41,10 +42,26 @@ class TrainingStopped(RuntimeError):
     """Too many non-finite steps in a row: the run stopped, with a checkpoint."""
 
 
-def report_user_error(exc: Exception) -> int:
-    from sap_ds.training.metrics import record_in_train_log
+# Where a reported error's line goes besides stderr: a run under way adds its train.log here
+# (sap_ds.training.metrics.TrainLog), so that a run that ended on a user error has the reason in
+# output_dir/train.log too. Registered from above rather than imported from here: this module is
+# the foundation every other one imports, and imports none of them.
+_ERROR_RECORDERS: list[Callable[[str], None]] = []
 
+
+def add_error_recorder(recorder: Callable[[str], None]) -> None:
+    """Give ``recorder`` every line ``report_user_error`` prints, until ``remove_error_recorder``."""
+    _ERROR_RECORDERS.append(recorder)
+
+
+def remove_error_recorder(recorder: Callable[[str], None]) -> None:
+    if recorder in _ERROR_RECORDERS:
+        _ERROR_RECORDERS.remove(recorder)
+
+
+def report_user_error(exc: Exception) -> int:
     message = f"sap-ds: error: {exc}"
     print(message, file=sys.stderr, flush=True)
-    record_in_train_log(message)  # a run that ended here has its reason in output_dir/train.log too
+    for record in list(_ERROR_RECORDERS):
+        record(message)
     return EXIT_USER_ERROR

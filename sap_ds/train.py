@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
+from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__: sys.path.insert(0, str(Path(__file__).absolute().parents[1]))  # noqa: E701 - run by path
+
+from sap_ds.entry import run_command  # noqa: E402
+from sap_ds.errors import EXIT_STOPPED_RESUMABLE, EXIT_TRAINING_STOPPED, TrainingStopped  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -32,46 +34,34 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     started = time.time()  # a stop file older than this was meant for an earlier run
     args = parse_args(argv)
-    from sap_ds.dependencies import refuse_old_packages
+    return run_command(lambda: train(args, started), version_floors="train", console_log=True)
 
-    if (code := refuse_old_packages("train")) is not None:  # before anything heavy is imported
-        return code
-    from sap_ds.errors import (
-        EXIT_STOPPED_RESUMABLE,
-        EXIT_TRAINING_STOPPED,
-        USER_ERRORS,
-        TrainingStopped,
-        report_user_error,
-    )
 
-    logging.basicConfig(level=logging.INFO, format="[sap-ds] %(message)s")
-    try:
-        from sap_ds.config.run import load_config
+def train(args, started: float) -> int:
+    """The run ``args`` asks for, from its config to its summary: the exit code (0, 3 or 75;
+    a user error is raised, for ``run_command`` to report)."""
+    from sap_ds.config.run import load_config
 
-        cfg = load_config(args.config, args.overrides)  # validate before any process group exists
-        from pathlib import Path
+    cfg = load_config(args.config, args.overrides)  # validate before any process group exists
+    from sap_ds.training.resume import clear_stale_stop_file, finished_run
 
-        from sap_ds.training.resume import clear_stale_stop_file, finished_run
-
-        check_inputs(cfg)  # first: a mistyped path in a finished run's folder is a missing file, not a config change
-        done = finished_run(cfg)  # a finished run: done, or an error if it was trained under another config
-        rank0 = int(os.environ.get("RANK", "0")) == 0
-        if done is not None:
-            if rank0:
-                print_done(cfg.output_dir, done)
-            return 0
+    check_inputs(cfg)  # first: a mistyped path in a finished run's folder is a missing file, not a config change
+    done = finished_run(cfg)  # a finished run: done, or an error if it was trained under another config
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if done is not None:
         if rank0:
-            clear_stale_stop_file(Path(cfg.output_dir), started)
-        fail_fast(cfg)
-        from sap_ds.parallel.distributed import init_distributed, is_main
+            print_done(cfg.output_dir, done)
+        return 0
+    if rank0:
+        clear_stale_stop_file(Path(cfg.output_dir), started)
+    fail_fast(cfg)
+    from sap_ds.parallel.distributed import init_distributed, is_main
 
-        rank, _, world = init_distributed(cfg.distributed)
-        from sap_ds.training.trainer import Trainer
+    rank, _, world = init_distributed(cfg.distributed)
+    from sap_ds.training.trainer import Trainer
 
-        trainer = Trainer(cfg, rank, world)
-        summary = trainer.train()
-    except USER_ERRORS as exc:
-        return report_user_error(exc)
+    try:
+        summary = Trainer(cfg, rank, world).train()
     except TrainingStopped as exc:
         print(f"sap-ds: stopped: {exc}", file=sys.stderr, flush=True)
         return EXIT_TRAINING_STOPPED
@@ -101,7 +91,7 @@ def fail_fast(cfg) -> None:
 
 def check_run(cfg, world_size: int, on_gpu: bool) -> None:
     """``fail_fast``'s checks themselves, for callers that build Trainers in a process whose
-    environment is already set up (tests/shipped_configs_runner.py): one list, so a check
+    environment is already set up (tests/support/shipped_configs_runner.py): one list, so a check
     added here reaches every entry point."""
     from sap_ds.methods.safelora import check_export_config as check_safelora_models
     from sap_ds.model.loading import check_attention
@@ -110,7 +100,7 @@ def check_run(cfg, world_size: int, on_gpu: bool) -> None:
     from sap_ds.training.metrics import check_logging
 
     check_inputs(cfg)
-    check_probe_layers(cfg)
+    check_model_config(cfg)
     check_attention(cfg.model.attn_implementation)
     check_safelora_models(cfg)
     check_logging(cfg)
@@ -135,15 +125,14 @@ def check_inputs(cfg) -> None:
         raise ConfigError("the config names files that are not here:\n  " + "\n  ".join(problems))
 
 
-def check_probe_layers(cfg) -> None:
-    """SAP's probe layers against the depth in the model's config.json: a band such as
-    '11-20' on a shallower model fails here, before the model loads (ProbeError)."""
-    if cfg.method != "sap":
-        return
+def check_model_config(cfg) -> None:
+    """The method's checks against the model's config.json, before the model loads
+    (``Method.check_model_config``: SAP's probe layers against the depth, so that a band
+    such as '11-20' on a shallower model fails here, a ProbeError)."""
+    from sap_ds.methods import build_method
     from sap_ds.model.loading import resolve_model_path
-    from sap_ds.sap.probe import check_layers_from_config
 
-    check_layers_from_config(cfg.sap.probe_layers, resolve_model_path(cfg.model) / "config.json")
+    build_method(cfg).check_model_config(resolve_model_path(cfg.model))
 
 
 def print_done(output_dir: str, summary: dict) -> None:
@@ -154,8 +143,6 @@ def print_done(output_dir: str, summary: dict) -> None:
 
 def print_summary(summary: dict) -> None:
     if summary.get("preempted"):
-        from sap_ds.errors import EXIT_STOPPED_RESUMABLE
-
         print(f"\nsap-ds: stopped at step {summary['step']} on request; checkpoint {summary['checkpoint']}. The same "
               f"command resumes the run (exit code {EXIT_STOPPED_RESUMABLE}: stopped, resumable).", flush=True)
         return

@@ -8,7 +8,7 @@ q_proj/v_proj, or full fine-tuning) and layer count, a random-weight Llama (the 
 test model's config with ``num_hidden_layers`` changed: hidden 64, so it runs on CPU) is
 trained by the sap-ds ``Trainer`` found under ``--repo`` (default: this checkout; point it
 at another checkout to count older code: only ``Trainer``, ``train_step``, ``timer`` and
-``sap_state`` are used). After warm-up steps, one SFT step and one SAP step (paper
+SAP's state, ``method.state`` (``sap_state`` in older checkouts), are used). After warm-up steps, one SFT step and one SAP step (paper
 settings: a safety pass and a probe pass every step) are counted, each with the reads the
 trainer does when it logs that step, under:
 
@@ -139,7 +139,8 @@ def log_reads(trainer) -> None:
     from sap_ds.sap import step as sap_step
 
     trainer.timer.pop()
-    state = trainer.sap_state
+    state = getattr(trainer.method, "state", None) if hasattr(trainer, "method") else None
+    state = getattr(trainer, "sap_state", state)  # older checkouts kept SAP's state on the trainer
     if state is None:
         return
     if hasattr(sap_step, "stats_as_floats"):

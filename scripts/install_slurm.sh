@@ -3,7 +3,7 @@
 #
 # Idempotent and fast when already installed: it checks for the binaries first and only
 # runs apt-get when one is missing. Needs root (or passwordless sudo) to install; the
-# tests themselves (tests/slurm_cluster.py) start munged/slurmctld/slurmd from a temp
+# tests themselves (tests/support/slurm_cluster.py) start munged/slurmctld/slurmd from a temp
 # folder and need no systemd.
 set -euo pipefail
 

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     ax.set_ylim(0, max([*ys, stat(args.reference, harm_name)[0]]) * 1.15)
     ax.set_title("SAP's forms: speed against safety (one point per form)", fontsize=9)
     fig.tight_layout()
-    from sap_ds.training.checkpoint import atomic_save_figure
+    from sap_ds.files import atomic_save_figure
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ from typing import Callable
 
 import pytest
 
-from tests.conftest import REPO, run_single
+from tests.support.launch import run_single
+from tests.support.repo import REPO
 
 TINY = "configs/tiny.yaml"
 PARALLEL = 2

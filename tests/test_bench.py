@@ -8,7 +8,8 @@ import yaml
 
 from sap_ds.cost import flops
 from sap_ds.cost.model_spec import NAMED_MODELS, ModelSpec
-from tests.conftest import REPO, launch
+from tests.support.launch import launch
+from tests.support.repo import REPO
 
 # A tiny Llama: h=8, I=16, L=4, 2 heads of 4 (q_dim 8), 1 kv head (kv_dim 4), V=32.
 TINY = ModelSpec("hand", hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2,
@@ -73,21 +74,21 @@ def test_ideal_ratios_match_design():
 def test_nominal_shares_follow_the_trainer_schedule():
     from sap_ds.sap import step as sap_step
 
-    assert flops.nominal_shares(1, 1.0) == (1.0, 1.0)
-    assert flops.nominal_shares(4, 0.5) == (0.25, 0.5)
-    assert flops.nominal_shares(3, 0.5) == (0.25, 0.5)  # probe steps are odd: due at 4, runs at 5
-    assert flops.nominal_shares(1, 0.5) == (0.5, 0.5)  # safety only runs on probe steps
+    assert sap_step.nominal_shares(1, 1.0) == (1.0, 1.0)
+    assert sap_step.nominal_shares(4, 0.5) == (0.25, 0.5)
+    assert sap_step.nominal_shares(3, 0.5) == (0.25, 0.5)  # probe steps are odd: due at 4, runs at 5
+    assert sap_step.nominal_shares(1, 0.5) == (0.5, 0.5)  # safety only runs on probe steps
     assert all(sap_step.runs_probe(s, 0.3) == (int((s + 1) * 0.3) > int(s * 0.3)) for s in range(50))
 
 
 def test_fast_preset_is_demo_plus_fast_knobs():
-    from sap_ds.bench import FAST_OVERRIDES
+    from sap_ds.config.methods import SAP_FAST_OVERRIDES
     from sap_ds.config.reading import parse_overrides
     from sap_ds.config.run import load_config
 
     fast = load_config(REPO / "configs/sap_fast.yaml")
     demo = load_config(REPO / "configs/demo.yaml")
-    for key, value in parse_overrides(FAST_OVERRIDES):
+    for key, value in parse_overrides(SAP_FAST_OVERRIDES):
         node = fast
         for part in key.split("."):
             node = getattr(node, part)

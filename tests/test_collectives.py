@@ -4,7 +4,7 @@ gloo accepts CPU tensors, so the CPU suite cannot catch a CPU tensor given to an
 by running. Three checks instead: the helper picks the device from the backend (mocked
 NCCL: cuda); no sap_ds module calls a torch.distributed / deepspeed.comm tensor collective
 directly (read from the source); and during a 2-rank ZeRO-Offload SAP run every sap_ds
-collective is recorded with its tensors' devices (tests/collective_checker.py; that run
+collective is recorded with its tensors' devices (tests/support/collective_checker.py; that run
 shares its launch with the gradient-accumulation runs, in tests/test_zero3_reference.py:
 test_offload_sap_run_issues_every_collective_on_the_groups_device)."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from sap_ds.parallel import collectives
-from tests.collective_checker import TENSOR_COLLECTIVES, CollectiveChecker
-from tests.conftest import REPO
+from tests.support.collective_checker import TENSOR_COLLECTIVES, CollectiveChecker
+from tests.support.repo import REPO
 
 
 @pytest.mark.parametrize("backend, prefer, want", [

@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from sap_ds.experiments.compare import main
-from tests.conftest import REPO
+from tests.support.repo import REPO
 
 
 def _run_tiny_compare(tmp_path: Path, steps: int, new_tokens: int, **keys) -> tuple[Path, subprocess.CompletedProcess]:
@@ -81,22 +81,25 @@ def test_runs_side_by_side(tmp_path):
 def test_runs_side_by_side_are_refused_on_gpus(monkeypatch):
     """On a GPU machine every launch would take devices 0..nproc-1: refused before anything runs."""
     import sap_ds.parallel.distributed
-    from sap_ds.experiments.compare import CompareConfig, CompareError, Plan
+    from sap_ds.experiments.compare import CompareConfig, Plan
+    from sap_ds.experiments.runs import RunError
 
     monkeypatch.setattr(sap_ds.parallel.distributed, "on_cpu", lambda: False)
     cfg = CompareConfig(train_config=str(REPO / "configs/tiny.yaml"), eval_config=str(REPO / "configs/eval/tiny.yaml"),
                         start_model="tiny-random", parallel=2, nproc=1)
-    with pytest.raises(CompareError, match="parallel: 2: every launch takes GPUs 0..nproc-1"):
+    with pytest.raises(RunError, match="parallel: 2: every launch takes GPUs 0..nproc-1"):
         Plan(cfg)
 
 
 def test_launch_order_puts_the_longest_runs_first():
-    from types import SimpleNamespace
-
-    from sap_ds.experiments.compare import launch_order
+    """The costliest steps first (each method's section says how costly: SAP's probe and safety
+    passes), then the most steps x micro-batches."""
+    from sap_ds.config.run import load_config
+    from sap_ds.experiments.runs import launch_order
 
     def run(method, steps, accum=1):
-        return {"config": SimpleNamespace(method=method, train=SimpleNamespace(max_steps=steps, grad_accum=accum))}
+        overrides = [f"method={method}", f"train.max_steps={steps}", f"train.grad_accum={accum}"]
+        return {"config": load_config(REPO / "configs/tiny.yaml", overrides)}
 
     assert launch_order([run("sft", 24), run("sft", 24, 2), run("sap", 12), run("lisa", 30)]) == [2, 1, 3, 0]
 
@@ -105,7 +108,7 @@ def test_runs_of_more_than_one_rank_go_through_the_deepspeed_launcher():
     """The end-to-end test above trains one rank per run (plain ``python train.py``); with
     nproc > 1 a run is launched as a user's is, by the ``deepspeed`` next to this Python (the
     2-rank launch itself is tests/test_resume.py's and the others')."""
-    from sap_ds.experiments.compare import launch_command
+    from sap_ds.experiments.runs import launch_command
 
     assert launch_command("train.py", 1) == [sys.executable, str(REPO / "sap_ds" / "train.py")]
     cmd = launch_command("eval.py", 4)
@@ -205,7 +208,7 @@ def test_any_method_is_a_compared_method(monkeypatch):
     mix = runs["safety_mix"]
     assert "safety_mix.ratio=0.1" in mix and mix.index("method=safety_mix") > mix.index("safety_mix.ratio=0.1")
     assert "safety_mix.ratio=0.1" not in runs["sft"] and "method=sap" in runs["sap"]
-    with pytest.raises(ValidationError, match="'dpo' is not a method .*safety_mix.*needs its method in method_overrides"):
+    with pytest.raises(ValidationError, match="'dpo' is not a method .*safety_mix.*needs a method= among its method_overrides"):
         CompareConfig(train_config="x", eval_config="y", methods=["sft", "dpo"])
 
 

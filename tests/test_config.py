@@ -46,7 +46,7 @@ def test_every_shipped_config_loads(path):
         assert eval_config.load_eval_config(path) is not None
         return
     if path.parent.name == "sweeps":  # sweep configs (sap-ds sweep): every point of the sweep must validate
-        from sap_ds.experiments.sweep import SweepConfig, expand_points
+        from sap_ds.experiments.sweep_config import SweepConfig, expand_points
 
         cfg = validate_tree(SweepConfig, read_config_file(path, schema=SweepConfig), [], str(path))
         for name, overrides in expand_points(cfg).items():

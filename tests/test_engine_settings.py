@@ -12,7 +12,7 @@ import pytest
 from sap_ds.config.run import load_config
 from sap_ds.errors import ConfigError
 from sap_ds.parallel import ds_config
-from tests.conftest import REPO
+from tests.support.repo import REPO
 
 TINY = REPO / "configs" / "tiny.yaml"
 SAP = ["method=sap"]

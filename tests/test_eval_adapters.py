@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from sap_ds.eval import main
-from tests.conftest import with_repo_paths
+from tests.support.repo import with_repo_paths
 
 EVAL = {
     "seed": 3,
@@ -22,7 +22,7 @@ EVAL = {
 
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
-    from tests.conftest import REPO
+    from tests.support.repo import REPO
 
     monkeypatch.chdir(REPO)
 

@@ -120,11 +120,11 @@ def test_backends_give_the_same_answers(tiny_model_path, monkeypatch):
     """hf, device_map (on one CPU device) and vLLM (stand-in) on the same prompts: the same
     answers in the same order, the same test loss, and the documented vLLM arguments."""
     from sap_ds.config.reading import validate_tree
-    from sap_ds.eval import evaluate
     from sap_ds.evaluation.config import EvalConfig
+    from sap_ds.evaluation.evaluate import evaluate
     from sap_ds.evaluation.generation import chat_prompts, encode_prompts
     from sap_ds.model.loading import load_tokenizer
-    from tests.conftest import REPO
+    from tests.support.repo import REPO
 
     monkeypatch.chdir(REPO)
     results = {b: evaluate(str(tiny_model_path), validate_tree(EvalConfig, TINY_EVAL, [f"backend={b}"]))
@@ -175,7 +175,7 @@ def test_missing_packages_are_clear_errors(tiny_model_path, tmp_path, monkeypatc
     import yaml
 
     from sap_ds.eval import main
-    from tests.conftest import REPO, with_repo_paths
+    from tests.support.repo import REPO, with_repo_paths
 
     monkeypatch.chdir(REPO)
     config = tmp_path / "eval.yaml"

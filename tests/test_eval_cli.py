@@ -5,14 +5,14 @@ import pytest
 import yaml
 
 from sap_ds.eval import main
-from tests.conftest import REPO
+from tests.support.repo import REPO
 
 TINY = "configs/eval/tiny.yaml"
 
 
 @pytest.fixture(autouse=True)
 def _repo_root(monkeypatch):
-    from tests.conftest import REPO
+    from tests.support.repo import REPO
 
     monkeypatch.chdir(REPO)  # configs name data/ relative to the repository
 
@@ -100,7 +100,7 @@ def test_prompt_files_of_every_kind(tmp_path):
 
 def test_two_ranks_give_the_single_process_result(tmp_path, tiny_model_path):
     """Sharded over 2 ranks by the DeepSpeed launcher: same records, same order."""
-    from tests.conftest import launch
+    from tests.support.launch import launch
 
     args = ["--model", str(tiny_model_path), "--config", TINY, "tasks=[]"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
@@ -118,7 +118,7 @@ def test_two_ranks_give_the_single_process_result(tmp_path, tiny_model_path):
 def lora_run(tmp_path_factory):
     """A real tiny LoRA run (1 step, `sap-ds train`): its output_dir holds config.json,
     checkpoints, summary.json and export/model (LoRA merged in) beside export/adapter."""
-    from tests.conftest import run_single
+    from tests.support.launch import run_single
 
     run = tmp_path_factory.mktemp("run") / "lora"
     proc = run_single(["--config", "configs/tiny.yaml", f"output_dir={run}", "lora.enabled=true", "train.max_steps=1",

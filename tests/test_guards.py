@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port, run_single
+from tests.support.launch import free_port, run_single
+from tests.support.repo import REPO
 
 BASE = ["--config", "configs/tiny.yaml", "train.eval_every=0"]
 
@@ -166,12 +167,14 @@ def _consistency_worker(rank, port, diverge, results):
 
     import torch.distributed as dist
 
+    from sap_ds.methods.sap import SapMethod
     from sap_ds.training.trainer import Trainer
 
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
     probe = types.SimpleNamespace(vectors=torch.ones(2, 4) + (1e-7 if diverge and rank == 1 else 0.0))
-    fake = types.SimpleNamespace(world=2, rank=rank, step=5, device=torch.device("cpu"),
-                                 sap_state=types.SimpleNamespace(probe=probe, scale=torch.tensor(0.5)))
+    method = SapMethod(None)  # its replicated values: the probe and the direction scale
+    method.state = types.SimpleNamespace(probe=probe, scale=torch.tensor(0.5))
+    fake = types.SimpleNamespace(world=2, rank=rank, step=5, device=torch.device("cpu"), method=method)
     try:
         Trainer.check_rank_consistency(fake)
         results[rank] = "ok"

@@ -3,7 +3,7 @@ config of safety-data mixing (its data: tests/test_data.py; its 2-rank run again
 reference: tests/test_zero3_reference.py, in that module's shared launch).
 
 The 2-rank test runs Lisa on ZeRO-3 for full fine-tuning and for LoRA in one launch and
-compares every trainable parameter with the plain-PyTorch reference (tests/reference.py,
+compares every trainable parameter with the plain-PyTorch reference (tests/support/reference.py,
 the authors' LisaTrainer bookkeeping), at the tolerances of tests/test_zero3_reference.py
 (fp32, Adam eps 1e-4; LoRA see RTOL_LORA). Full fine-tuning runs on ZeRO-Offload with 2
 micro-batches per rank, LoRA on the default engine. Five steps with lisa.align_steps =
@@ -26,8 +26,9 @@ from sap_ds.config.run import RunConfig, load_config
 from sap_ds.errors import ConfigError
 from sap_ds.methods import METHODS
 from sap_ds.methods.lisa import LisaMethod
-from tests.conftest import REPO, launch
-from tests.reference import _RefLisa, run_reference
+from tests.support.launch import launch
+from tests.support.reference import _RefLisa, run_reference
+from tests.support.repo import REPO
 
 STEPS = 5
 COMMON = ["train.adam_eps=1e-4", "method=lisa", "lisa.align_steps=2", "lisa.finetune_steps=2", "lisa.rho=20",
@@ -76,7 +77,7 @@ def lisa_runs(tmp_path_factory):
     ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
     ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     (out / "offload.json").write_text(json.dumps(ds))
-    proc = launch(["tests/lisa_runner.py", "--config", "configs/tiny.yaml", "--steps", str(STEPS), "--out", str(out),
+    proc = launch(["tests/support/lisa_runner.py", "--config", "configs/tiny.yaml", "--steps", str(STEPS), "--out", str(out),
                    "--variants", json.dumps(_variants(out)), *COMMON])
     assert proc.returncode == 0, "2-rank Lisa run failed (output above)"
     return out, {v["name"]: (json.loads((out / v["name"] / "result.json").read_text()),
@@ -136,7 +137,15 @@ def _check_bf16_follows_the_reference(params, ref, result, overrides):
 
 
 def test_registry_is_the_configs_method_names():
-    assert set(METHODS) == set(typing.get_args(RunConfig.model_fields["method"].annotation))
+    """One registry (sap_ds.config.methods.METHOD_SECTIONS): the config's method: values, each
+    section's name and its Method's agree."""
+    from sap_ds.config.methods import METHOD_SECTIONS
+
+    assert list(METHODS) == list(typing.get_args(RunConfig.model_fields["method"].annotation)) == list(METHOD_SECTIONS)
+    for name, section in METHOD_SECTIONS.items():
+        assert section.name == METHODS[name].name == name
+        if section.model_fields:  # a method with knobs has its section under its name
+            assert RunConfig.model_fields[name].annotation is section
 
 
 @pytest.mark.parametrize("align,finetune", [(2, 3), (1, 1), (3, 0), (0, 4), (100, 900)])
@@ -233,9 +242,9 @@ def test_sap_export_transform_is_keep_probe():
 
     from sap_ds.methods.sap import SapMethod
     from sap_ds.sap.probe import Probe
-    from tests.test_probe import CPU, HIDDEN, _model
+    from tests.support.tiny_models import CPU, HIDDEN, tiny_model
 
-    model = _model("llama", layers=3)
+    model = tiny_model("llama", layers=3)
     probe = Probe(model, [0, 2], HIDDEN, CPU)
     probe.init_random(3.0, seed=0)
     probe.remove()

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from sap_ds.training.curves import curve_series
-from tests.conftest import REPO, free_port, run_single
+from tests.support.launch import free_port, run_single
+from tests.support.repo import REPO
 
 STEPS = 4
 # logged at steps 2 and 4 (log_every), evaluated at 3 (eval_every) and at the last step (the final eval)

@@ -1,9 +1,10 @@
-"""Packing (sap_ds/data/packing.py): first-fit decreasing packs, attention that never crosses
-an example (packed loss and gradients equal the unpacked ones, fp32, 1e-5, for every
-attention path, and a packed row without restarting positions does not), the error for a
-model that can do none of it, and SAP on packed batches: 2-rank ZeRO-3 against the
-plain-PyTorch reference, which runs every pack's examples unpacked (in
-tests/test_zero3_reference.py, whose single launch runs it with the other reference runs)."""
+"""Packing (sap_ds/data/packing.py; the forward, sap_ds/model/packed_forward.py): first-fit
+decreasing packs, attention that never crosses an example (packed loss and gradients equal
+the unpacked ones, fp32, 1e-5, for every attention path, and a packed row without
+restarting positions does not), the error for a model that can do none of it, and SAP on
+packed batches: 2-rank ZeRO-3 against the plain-PyTorch reference, which runs every pack's
+examples unpacked (in tests/test_zero3_reference.py, whose single launch runs it with the
+other reference runs)."""
 from __future__ import annotations
 
 import types
@@ -19,15 +20,14 @@ from sap_ds.data import (
     collate,
     load_examples,
     pack,
-    packed_forward,
-    packing_attention,
     sequence_lengths,
 )
 from sap_ds.data.packing import first_fit_decreasing
 from sap_ds.errors import ModelError
 from sap_ds.model.loading import load_model
 from sap_ds.model.losses import forward_logits, task_loss
-from tests.conftest import REPO
+from sap_ds.model.packed_forward import packed_forward, packing_attention
+from tests.support.repo import REPO
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -226,7 +226,7 @@ def test_plan_methods_are_the_trainers():
     from sap_ds.config.run import MethodName
 
     assert set(P.METHODS) == set(typing.get_args(MethodName))
-    with pytest.raises(model_spec.PlanError, match="unknown method 'dpo'; valid: sap, lisa, sft, safety_mix"):
+    with pytest.raises(model_spec.PlanError, match="unknown method 'dpo'; valid: sft, sap, lisa, safety_mix"):
         _plan(model="llama2-7b", nodes=1, gpus_per_node=8, method="dpo")
 
 
@@ -422,7 +422,7 @@ def test_safety_mix_is_sfts_memory_and_step(capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--model", "llama2-7b", "--method", "dpo"], "valid: sap, lisa, sft, safety_mix"),
+    (["--model", "llama2-7b", "--method", "dpo"], "valid: sft, sap, lisa, safety_mix"),
     (["--model", "llama9-1t"], "llama2-7b"),  # lists the valid names
     (["--model", "llama2-7b", "--gpu", "tpu-v5"], "h100-80gb"),
     (["--model", "llama2-7b", "--nodes", "0"], "--nodes must be a positive integer"),

@@ -8,38 +8,7 @@ from torch import nn
 
 from sap_ds.errors import ProbeError
 from sap_ds.sap.probe import Probe, find_decoder_layers
-
-HIDDEN, VOCAB = 32, 64
-CPU = torch.device("cpu")
-
-
-def _config(arch: str, layers: int = 2, tie: bool = True):
-    import transformers as T
-
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, tie_word_embeddings=tie)
-    if arch == "llama":
-        return T.LlamaConfig(num_key_value_heads=2, **common)
-    if arch == "qwen2":
-        return T.Qwen2Config(num_key_value_heads=2, **common)
-    if arch == "mistral":
-        return T.MistralConfig(num_key_value_heads=2, **common)
-    if arch == "gemma":
-        return T.GemmaConfig(num_key_value_heads=2, head_dim=8, **common)
-    if arch == "gpt_neox":
-        return T.GPTNeoXConfig(**common)
-    if arch == "gpt2":
-        return T.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=layers, n_head=4, n_positions=64,
-                            bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie)
-    raise ValueError(arch)
-
-
-def _model(arch: str, layers: int = 2, tie: bool = True, seed: int = 0) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(_config(arch, layers, tie), dtype=torch.float32).eval()
-
+from tests.support.tiny_models import CPU, HIDDEN, VOCAB, tiny_model
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "gpt_neox", "gpt2"]
 EXPECTED_BLOCK = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "mistral": "MistralDecoderLayer",
@@ -69,7 +38,7 @@ def _layer_inputs(model) -> dict[int, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_find_decoder_layers(arch):
-    model = _model(arch, layers=2)
+    model = tiny_model(arch, layers=2)
     layers = find_decoder_layers(model)
     assert isinstance(layers, nn.ModuleList) and len(layers) == 2
     assert all(type(block).__name__ == EXPECTED_BLOCK[arch] for block in layers)
@@ -78,7 +47,7 @@ def test_find_decoder_layers(arch):
 def test_find_decoder_layers_through_peft():
     from peft import LoraConfig, get_peft_model
 
-    base = _model("llama", layers=3)
+    base = tiny_model("llama", layers=3)
     layers = find_decoder_layers(base)
     wrapped = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     assert find_decoder_layers(wrapped) is layers
@@ -98,7 +67,7 @@ def test_find_decoder_layers_through_engine_style_wrapper():
             super().__init__()
             self.module = module
 
-    model = _model("gpt2")
+    model = tiny_model("gpt2")
     assert find_decoder_layers(Engine(model)) is find_decoder_layers(model)
 
 
@@ -118,7 +87,7 @@ def test_unknown_architecture():
 
 @pytest.mark.parametrize("layers_asked", [[0, 99], [2], [-3], [5, -9]])
 def test_probe_layer_out_of_range(layers_asked):
-    model = _model("llama", layers=2)
+    model = tiny_model("llama", layers=2)
     with pytest.raises(ProbeError) as info:
         Probe(model, layers_asked, HIDDEN, CPU)
     msg = str(info.value)
@@ -129,7 +98,7 @@ def test_probe_layer_out_of_range(layers_asked):
 
 
 def test_negative_layer_indices_count_from_the_top():
-    model = _model("llama", layers=4)
+    model = tiny_model("llama", layers=4)
     probe = Probe(model, [-1, 1], HIDDEN, CPU)
     assert probe.layers == [1, 3]
     assert probe.vectors.shape == (2, HIDDEN) and probe.vectors.dtype == torch.float32 and probe.vectors.requires_grad
@@ -141,8 +110,8 @@ def test_negative_layer_indices_count_from_the_top():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_hook_adds_v_to_the_block_output(arch):
     ids = _ids()
-    reference = _model(arch, layers=3)
-    probed = _model(arch, layers=3)  # same seed: same weights
+    reference = tiny_model(arch, layers=3)
+    probed = tiny_model(arch, layers=3)  # same seed: same weights
     ref_inputs, probed_inputs = _layer_inputs(reference), _layer_inputs(probed)
     # Attached before the first forward, as the trainer does: transformers (5.x) installs its
     # output_hidden_states capture hooks on the first forward, so they then run after the
@@ -167,7 +136,7 @@ def test_hook_adds_v_to_the_block_output(arch):
 
 def test_each_probe_layer_gets_its_own_vector():
     ids = _ids()
-    reference, probed = _model("llama", layers=4), _model("llama", layers=4)
+    reference, probed = tiny_model("llama", layers=4), tiny_model("llama", layers=4)
     probe = Probe(probed, [2, 0], HIDDEN, CPU)  # sorted: vectors[0] is layer 0, vectors[1] layer 2
     assert probe.layers == [0, 2]
     ref_in, probed_in = _layer_inputs(reference), _layer_inputs(probed)
@@ -182,7 +151,7 @@ def test_each_probe_layer_gets_its_own_vector():
 
 def test_enabled_false_and_remove_are_no_ops():
     ids = _ids()
-    reference, probed = _model("llama", layers=3), _model("llama", layers=3)
+    reference, probed = tiny_model("llama", layers=3), tiny_model("llama", layers=3)
     probe = Probe(probed, [0, 2], HIDDEN, CPU)
     with torch.no_grad():
         probe.vectors.fill_(2.0)
@@ -201,7 +170,7 @@ def test_enabled_false_and_remove_are_no_ops():
 
 def test_zero_probe_is_a_no_op_and_reset_zeroes():
     ids = _ids()
-    reference, probed = _model("qwen2"), _model("qwen2")
+    reference, probed = tiny_model("qwen2"), tiny_model("qwen2")
     probe = Probe(probed, [0, 1], HIDDEN, CPU)
     with torch.no_grad():
         assert torch.equal(probed(input_ids=ids).logits, reference(input_ids=ids).logits)
@@ -211,7 +180,7 @@ def test_zero_probe_is_a_no_op_and_reset_zeroes():
 
 
 def test_gradient_reaches_v():
-    model = _model("llama", layers=3)
+    model = tiny_model("llama", layers=3)
     probe = Probe(model, [1], HIDDEN, CPU)
     loss = model(input_ids=_ids()).logits.square().mean()
     (grad,) = torch.autograd.grad(loss, [probe.vectors])
@@ -219,7 +188,7 @@ def test_gradient_reaches_v():
 
 
 def test_bf16_model_keeps_fp32_probe():
-    model = _model("llama", layers=2).to(torch.bfloat16)
+    model = tiny_model("llama", layers=2).to(torch.bfloat16)
     probe = Probe(model, [0], HIDDEN, CPU)
     loss = model(input_ids=_ids()).logits.float().square().mean()
     (grad,) = torch.autograd.grad(loss, [probe.vectors])
@@ -248,7 +217,7 @@ def _loss_and_grads(model, probe, ids, cut: bool):
 
 
 def test_cut_below_detaches_under_the_lowest_probe_layer():
-    model = _model("llama", layers=4, tie=False)
+    model = tiny_model("llama", layers=4, tie=False)
     probe = Probe(model, [3, 1], HIDDEN, CPU)
     with torch.no_grad():
         probe.vectors.normal_(generator=torch.Generator().manual_seed(0))
@@ -273,7 +242,7 @@ def test_cut_below_detaches_under_the_lowest_probe_layer():
 
 
 def test_hidden_norms_are_measured_before_the_probe_is_added():
-    model = _model("llama", layers=3)
+    model = tiny_model("llama", layers=3)
     probe = Probe(model, [0, 2], HIDDEN, CPU)
     with torch.no_grad():
         probe.vectors.fill_(5.0)
@@ -291,11 +260,11 @@ def test_hidden_norms_are_measured_before_the_probe_is_added():
 
 
 def test_rescale_and_random_init():
-    model = _model("llama", layers=3)
+    model = tiny_model("llama", layers=3)
     probe = Probe(model, [0, 2], HIDDEN, CPU)
     probe.init_random(2.5, seed=3)
     assert torch.allclose(probe.vectors.norm(dim=-1), torch.full((2,), 2.5))
-    other = Probe(_model("llama", layers=3), [0, 2], HIDDEN, CPU)
+    other = Probe(tiny_model("llama", layers=3), [0, 2], HIDDEN, CPU)
     other.init_random(2.5, seed=3)
     assert torch.equal(probe.vectors, other.vectors)  # same seed on every rank: the same probe
     direction = probe.vectors.detach().clone()
@@ -310,9 +279,9 @@ def test_rescale_and_random_init():
 def test_probe_written_as_down_proj_bias_gives_the_hooked_logits():
     """export.keep_probe: the plain model with the probe as mlp.down_proj.bias computes what
     the model with the probe hooks computes, and loads back in plain transformers."""
-    from sap_ds.training.export import with_probe_as_bias
+    from sap_ds.sap.probe import with_probe_as_bias
 
-    model = _model("llama", layers=3)
+    model = tiny_model("llama", layers=3)
     probe = Probe(model, [0, 2], HIDDEN, CPU)
     probe.init_random(3.0, seed=0)
     with torch.no_grad():
@@ -329,9 +298,9 @@ def test_probe_written_as_down_proj_bias_gives_the_hooked_logits():
 
 
 def test_keep_probe_needs_an_mlp_bias_option():
-    from sap_ds.training.export import with_probe_as_bias
+    from sap_ds.sap.probe import with_probe_as_bias
 
-    model = _model("gpt2", layers=2)
+    model = tiny_model("gpt2", layers=2)
     probe = Probe(model, [0], HIDDEN, CPU)
     with pytest.raises(ValueError, match="has no mlp_bias option"):
         with_probe_as_bias(model, probe)
@@ -343,7 +312,7 @@ def test_probe_pass_gradient_bypasses_an_output_hook_that_rescales():
     hands on the gradient as it arrived (sap._bypass_engine_grad_scaling)."""
     from sap_ds.sap.step import _bypass_engine_grad_scaling
 
-    model = _model("llama", layers=2)
+    model = tiny_model("llama", layers=2)
     probe = Probe(model, [0], HIDDEN, CPU)
     ids = _ids()
 

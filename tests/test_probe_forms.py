@@ -13,7 +13,7 @@ import torch
 from sap_ds.config.methods import parse_layer_band
 from sap_ds.config.run import config_changes, config_to_dict, load_config
 from sap_ds.errors import ConfigError
-from tests.conftest import REPO
+from tests.support.repo import REPO
 
 TINY = REPO / "configs" / "tiny.yaml"
 PAPER = ["method=sap", "sap.probe_update=gradient", "sap.probe_timing=same_step"]
@@ -33,9 +33,9 @@ def test_defaults_are_the_authors_form():
     assert (cfg.sap.probe_update, cfg.sap.probe_timing, cfg.sap.probe_passes) == ("adam", "next_step", 1)
     paper = load_config(TINY, PAPER)
     assert paper.sap.probe_passes == 2
-    assert paper.sap.unused_keys("sap") == {"probe_adam_eps"}  # no Adam: its eps cannot change the run
+    assert paper.sap.unused_keys() == {"probe_adam_eps", "resolution_check"}  # no Adam: its eps cannot change the run
     fixed = load_config(TINY, ["method=sap", "sap.probe_train=false", "sap.probe_init=random"])
-    assert {"probe_update", "probe_timing"} <= fixed.sap.unused_keys("sap")
+    assert {"probe_update", "probe_timing"} <= fixed.sap.unused_keys()
 
 
 def test_wrong_choices_name_the_key_and_the_valid_values():
@@ -82,18 +82,19 @@ def test_config_changes_read_runs_recorded_before_the_keys_existed():
 
 
 def test_probe_layers_are_checked_against_the_depth_before_the_model_loads(tiny_model_path, tmp_path):
-    """sap_ds.train.fail_fast reads the depth from config.json: the paper's band on the
-    4-layer test model fails in seconds, naming the key, the depth and what is valid."""
+    """sap_ds.train.fail_fast reads the depth from config.json (SapMethod.check_model_config):
+    the paper's band on the 4-layer test model fails in seconds, naming the key, the depth
+    and what is valid."""
     from sap_ds.errors import ProbeError
     from sap_ds.sap.probe import check_layers_from_config
-    from sap_ds.train import check_probe_layers
+    from sap_ds.train import check_model_config
 
     with pytest.raises(ProbeError) as info:
-        check_probe_layers(load_config(TINY, ["method=sap", "sap.probe_layers=11-20"]))
+        check_model_config(load_config(TINY, ["method=sap", "sap.probe_layers=11-20"]))
     msg = str(info.value)
     assert "sap.probe_layers" in msg and "4 decoder layers" in msg and "0..3" in msg and "[11, 12," in msg
-    check_probe_layers(load_config(TINY, ["method=sap", "sap.probe_layers=0-3"]))
-    check_probe_layers(load_config(TINY, ["method=sft", "sap.probe_layers=11-20"]))  # SFT has no probe
+    check_model_config(load_config(TINY, ["method=sap", "sap.probe_layers=0-3"]))
+    check_model_config(load_config(TINY, ["method=sft", "sap.probe_layers=11-20"]))  # SFT has no probe
     gpt2 = tmp_path / "config.json"
     gpt2.write_text(json.dumps({"n_layer": 2}))
     with pytest.raises(ProbeError, match="2 decoder layers"):
@@ -138,23 +139,35 @@ def test_flops_count_the_extra_probe_pass_of_same_step():
 
 
 def test_trainer_throughput_counts_the_passes_the_step_ran():
-    """The per-step TFLOP/s (sap_ds/cost/throughput.py) take the probe passes from the step's
-    ``ran`` record (sap_step sets ``probe_passes`` 2 under same_step, 0 without a probe pass)."""
+    """The per-step TFLOP/s (sap_ds/cost/throughput.py) count the passes the method says the
+    step ran (``SapMethod.extra_passes``, from the step's ``ran`` record: sap_step sets
+    ``probe_passes`` 2 under same_step, 0 without a probe pass; the safety batch it draws)."""
+    import types
+
     from sap_ds.cost import flops
     from sap_ds.cost.model_spec import ModelSpec
     from sap_ds.cost.throughput import Throughput
+    from sap_ds.methods.base import NO_EXTRA_PASSES
+    from sap_ds.methods.sap import SapMethod
 
     fm = flops.FlopsModel(ModelSpec("hand", 8, 16, 4, 2, 1, 32))
     meter = Throughput.__new__(Throughput)  # no peak measurement: only the FLOPs are checked
     meter.flops_model, meter.note, meter.peak, meter.flops, meter.seconds = fm, None, {"total": None}, 0.0, 0.0
-    task, safety = [3, 5], [4, 4]
+    method = SapMethod(load_config(TINY, ["method=sap", "sap.probe_layers=[2, 1]"]))  # 2 safety pairs per rank
+    pair = types.SimpleNamespace(safe=types.SimpleNamespace(input_ids=[0] * 4),
+                                 harmful=types.SimpleNamespace(input_ids=[0] * 4))
+    trainer = types.SimpleNamespace(data=types.SimpleNamespace(safety=[pair, pair]))
+    task, safety = [3, 5], [4, 4, 4, 4]
     for ran, passes in (({"safety": True, "probe": True, "probe_passes": 2}, 2),
                         ({"safety": True, "probe": True, "probe_passes": 1}, 1), ({"safety": True, "probe": True}, 1)):
-        got = meter.step(task, safety, ran, seconds=1.0, lowest_probe_layer=1)["model_tflops_per_s"]
+        method.state = types.SimpleNamespace(ran=ran, probe=types.SimpleNamespace(layers=[2, 1]))
+        got = meter.step(task, method.extra_passes(trainer, 0), seconds=1.0)["model_tflops_per_s"]
         want = fm.step(task, safety, safety=1, probe=1, lowest_probe_layer=1, probe_passes=passes).total / 1e12
         assert got == pytest.approx(want)
-    skipped = meter.step(task, [], {"safety": False, "probe": False, "probe_passes": 0}, seconds=1.0)
+    method.state.ran = {"safety": False, "probe": False, "probe_passes": 0}
+    skipped = meter.step(task, method.extra_passes(trainer, 1), seconds=1.0)
     assert skipped["model_tflops_per_s"] == pytest.approx(fm.step(task).total / 1e12)
+    assert meter.step(task, NO_EXTRA_PASSES, seconds=1.0) == skipped  # SFT's step
 
 
 # --------------------------------------------------------------------------- the update rules
@@ -259,7 +272,7 @@ def test_probe_micro_batches_is_checked_against_grad_accum():
     paper = load_config(TINY, [*PAPER, "train.grad_accum=4", "sap.probe_micro_batches=2"])
     assert paper.sap.probe_share(4) == 1.0  # two passes on half the micro-batches
     assert "probe_micro_batches" in load_config(TINY, ["method=sap", "sap.probe_train=false",
-                                                       "sap.probe_init=random"]).sap.unused_keys("sap")
+                                                       "sap.probe_init=random"]).sap.unused_keys()
 
 
 def test_plan_counts_the_probe_on_k_micro_batches():

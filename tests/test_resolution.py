@@ -17,7 +17,7 @@ import torch
 from sap_ds.config.methods import SapConfig
 from sap_ds.errors import ConfigError
 from sap_ds.sap import resolution
-from tests.conftest import launch, run_single
+from tests.support.launch import launch, run_single
 
 
 def _weights(n=1 << 20, seed=0):
@@ -135,18 +135,17 @@ def test_bf16_run_at_a_representable_rho_logs_the_realised_perturbation(tmp_path
 def test_loss_of_resolution_during_the_run_is_warned_once(caplog):
     """The check before step 1 sees only the first direction (LoRA: B = 0, always resolved);
     a logged step whose realised perturbation leaves the tolerance is warned about once."""
-    from sap_ds.training.trainer import Trainer
+    from sap_ds.methods.sap import SapMethod
 
-    fake = types.SimpleNamespace(_resolution_warned=False, step=7, cfg=types.SimpleNamespace(
-        model=types.SimpleNamespace(dtype="bf16"), sap=SapConfig()))
+    method = SapMethod(types.SimpleNamespace(model=types.SimpleNamespace(dtype="bf16"), sap=SapConfig()))
     good = {"sap/perturb_realized_ratio": 1.01, "sap/perturb_cosine": 0.998, "sap/perturb_changed_fraction": 0.9}
     bad = {"sap/perturb_realized_ratio": 4.2, "sap/perturb_cosine": 0.31, "sap/perturb_changed_fraction": 0.02}
     with caplog.at_level("WARNING", logger="sap_ds"):
-        Trainer._watch_resolution(fake, good)
-        Trainer._watch_resolution(fake, {"sap/perturb_realized_ratio": float("nan"), "sap/perturb_cosine": float("nan")})
-        assert not fake._resolution_warned and not caplog.records
-        Trainer._watch_resolution(fake, bad)
-        Trainer._watch_resolution(fake, bad)
-    assert fake._resolution_warned
+        method._watch_resolution(7, good)
+        method._watch_resolution(7, {"sap/perturb_realized_ratio": float("nan"), "sap/perturb_cosine": float("nan")})
+        assert not method._resolution_warned and not caplog.records
+        method._watch_resolution(7, bad)
+        method._watch_resolution(7, bad)
+    assert method._resolution_warned
     assert len(caplog.records) == 1
     assert "step 7" in caplog.text and "sap.rho" in caplog.text and "cosine 0.31" in caplog.text

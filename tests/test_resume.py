@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_single
+from tests.support.launch import run_single
+from tests.support.repo import REPO
 
 STEPS = 4  # the world-size tests run STEPS - 1
 
@@ -93,7 +94,7 @@ def test_resume_under_changed_config_keeps_the_old_one_and_is_stale(tmp_path, st
     which keys changed, keeps the config the first steps were trained with, and compare and
     sweep then refuse to reuse the run as if it had been trained under one config."""
     from sap_ds.config.run import load_config
-    from sap_ds.experiments.compare import config_drift
+    from sap_ds.experiments.runs import config_drift
 
     run_dir = _resumable_copy(stopped_sap, tmp_path / "run")
     proc = _run(run_dir, "sap", extra=["sap.temperature=2.0"])
@@ -121,7 +122,7 @@ WORLD_RUN = ["method=sap", "sap.safety_every=1", "sap.rho=0.05", "train.eval_eve
 
 
 def _run_on(ranks, out, extra=(), expect=None):
-    from tests.conftest import launch
+    from tests.support.launch import launch
 
     args = ["--config", "configs/tiny.yaml", f"output_dir={out}", *WORLD_RUN, *ON_RANKS[ranks], *extra]
     extra_path = _wandb_dir()  # a private install (not the venv's): the subprocess needs it on its path
@@ -167,17 +168,17 @@ def _copy_run_at(source: Path, out: Path, step: int) -> None:
 
 
 def _assert_matches(run: Path, reference: Path) -> None:
-    from tests.test_zero3_reference import RTOL, _assert_close
+    from tests.support.reference import RTOL, assert_matches_reference
 
     a = load_file(str(reference / "export" / "model" / "model.safetensors"))
     b = load_file(str(run / "export" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
-        _assert_close(name, b[name], a[name], RTOL)
+        assert_matches_reference(name, b[name], a[name], RTOL)
     pa = load_file(str(reference / "export" / "probe.safetensors"))["probe"]
     pb = load_file(str(run / "export" / "probe.safetensors"))["probe"]
     assert pa.abs().max() > 0
-    _assert_close("probe", pb, pa, RTOL)
+    assert_matches_reference("probe", pb, pa, RTOL)
 
 
 def test_resume_on_another_world_size_matches_an_uninterrupted_run(tmp_path, uninterrupted):
@@ -310,7 +311,7 @@ def test_another_world_size_must_keep_the_global_batches():
 CHANGED = ["train.max_steps=6", "train.lr=1e-3", "train.lr_schedule=linear", "train.warmup_steps=4",
            "train.min_lr_ratio=0.1", "train.weight_decay=0.1", "train.adam_betas=[0.8,0.99]", "train.adam_eps=1e-6",
            "train.grad_clip=0.5", "sap.probe_lr=0.02", "sap.probe_adam_eps=1e-6"]
-RUNNER = "tests/resume_settings_runner.py"
+RUNNER = "tests/support/resume_settings_runner.py"
 
 
 def _changed_lr(step: int) -> float:
@@ -323,7 +324,7 @@ def _changed_lr(step: int) -> float:
 
 
 def _record_run(out: Path, record: Path, args: list[str]) -> str:
-    from tests.conftest import launch
+    from tests.support.launch import launch
 
     proc = launch([RUNNER, "--record", str(record), "--config", "configs/tiny.yaml", f"output_dir={out}", *args])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -335,7 +336,7 @@ def changed_settings(request, tmp_path_factory):
     """(method, run folder, settings each step used, printed output, resumed step): SFT
     trained 2 steps on 2 ranks and resumed there (DeepSpeed's per-rank checkpoint); SAP
     resumed on 2 ranks from the 1-rank run's step-1 checkpoint (the universal one). Both
-    through the real launcher, their optimizers read by tests/resume_settings_runner.py."""
+    through the real launcher, their optimizers read by tests/support/resume_settings_runner.py."""
     method, root = request.param, tmp_path_factory.mktemp(f"changed_{request.param}")
     out = root / "run"
     if method == "sft":

@@ -1,4 +1,4 @@
-"""SafeLoRA (sap_ds/methods/safelora.py) against the authors' code (tests/reference_safelora.py), its
+"""SafeLoRA (sap_ds/methods/safelora.py) against the authors' code (tests/support/reference_safelora.py), its
 properties, the export step of a real run, the CLI on that run's adapter, and bad input.
 
 The models: tiny-random is the unaligned base; the "aligned" model is it plus a rank-2
@@ -28,8 +28,9 @@ from sap_ds.methods.safelora import (
     project_lora,
     weight_name,
 )
-from tests.conftest import REPO, run_single
-from tests.reference_safelora import safelora_reference
+from tests.support.launch import run_single
+from tests.support.reference_safelora import safelora_reference
+from tests.support.repo import REPO
 
 ALIGN_RANK = 2
 LORA_R = 8

@@ -1,7 +1,7 @@
 """Every file under configs/ runs: its first step on 2 CPU ranks for each run config, the runs a
 compare config would launch validated (and the distinct ones run), every sweep point validated, each eval config
 evaluated on the tiny model, all from a working directory outside the checkout and by the
-configs' shipped names (tests/shipped_configs_runner.py: one launch for all of them).
+configs' shipped names (tests/support/shipped_configs_runner.py: one launch for all of them).
 
 A new config is covered by being there: the parameters are the glob of configs/. The only
 changes from a user's run are the overrides a test must make (one step, fp32, the CPU
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.support.launch import free_port
+from tests.support.repo import REPO
 
 sys.path.insert(0, str(REPO))
 from sap_ds.resources import config_name, shipped_configs  # noqa: E402
@@ -61,7 +62,7 @@ def shipped(tmp_path_factory, tiny_model_path):
     alpaca = _alpaca_stand_in(work / "alpaca_data.json")
     results = work / "results.json"
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "tests" / "shipped_configs_runner.py"),
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "tests" / "support" / "shipped_configs_runner.py"),
            "--results", str(results), "--model", str(model), "--alpaca", str(alpaca)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     try:

@@ -1,6 +1,6 @@
 """The sbatch templates on a real SLURM cluster (two fake nodes on this machine).
 
-The cluster (tests/slurm_cluster.py) is started once per session; every test is skipped
+The cluster (tests/support/slurm_cluster.py) is started once per session; every test is skipped
 with the reason when it cannot start (no slurm-wlm/munge: run scripts/install_slurm.sh;
 not root). Jobs are submitted through the REAL templates (slurm/sap_multinode.sbatch +
 slurm/common.sh), 2 nodes x 1 rank, on CPU (SAP_DS_CPU=1), with MASTER_ADDR=127.0.0.1
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import ClusterUnavailable, SlurmCluster  # noqa: E402
+from tests.support.slurm_cluster import ClusterUnavailable, SlurmCluster
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "slurm" / "sap_multinode.sbatch"

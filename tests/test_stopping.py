@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from sap_ds.errors import EXIT_STOPPED_RESUMABLE
-from tests.conftest import REPO, STOP_RUNNER, free_port
+from tests.support.launch import STOP_RUNNER, free_port
+from tests.support.repo import REPO
 
 STEPS = 3
 RUN = ["--config", "configs/tiny.yaml", f"train.max_steps={STEPS}", "train.eval_every=0", "export.enabled=false"]
@@ -101,23 +102,24 @@ def _sweep_config(tmp_path) -> Path:
 
 
 def test_sweep_takes_exit_75_as_stopped_not_failed(tmp_path, monkeypatch, capsys):
-    import sap_ds.experiments.compare
+    import sap_ds.experiments.runs
     from sap_ds.experiments.sweep import main
 
     monkeypatch.chdir(REPO)
     config = _sweep_config(tmp_path)
-    monkeypatch.setattr(sap_ds.experiments.compare, "launch_command", _exits_with(EXIT_STOPPED_RESUMABLE))
+    monkeypatch.setattr(sap_ds.experiments.runs, "launch_command", _exits_with(EXIT_STOPPED_RESUMABLE))
     assert main(["--config", str(config), "--only", "0"]) == EXIT_STOPPED_RESUMABLE
     err = capsys.readouterr().err
     assert "sap-ds sweep: stopped: sft seed 0: training stopped before its last step" in err and "failed" not in err
-    monkeypatch.setattr(sap_ds.experiments.compare, "launch_command", _exits_with(1))
+    monkeypatch.setattr(sap_ds.experiments.runs, "launch_command", _exits_with(1))
     assert main(["--config", str(config), "--only", "0"]) == 1
     assert "sap-ds sweep: failed: sft seed 0: train sft/seed0 failed with exit code 1" in capsys.readouterr().err
 
 
 def test_compare_takes_exit_75_as_stopped_not_failed(tmp_path, monkeypatch, capsys):
-    import sap_ds.experiments.compare
-    from sap_ds.experiments.compare import RunSet, main
+    import sap_ds.experiments.runs
+    from sap_ds.experiments.compare import main
+    from sap_ds.experiments.runs import RunSet
 
     monkeypatch.chdir(REPO)
     config = tmp_path / "compare.yaml"
@@ -126,11 +128,11 @@ def test_compare_takes_exit_75_as_stopped_not_failed(tmp_path, monkeypatch, caps
         "methods": ["sft"], "nproc": 1, "eval_nproc": 1, "out_dir": str(tmp_path / "out"),
         "overrides": ["train.max_steps=2"]}))
     monkeypatch.setattr(RunSet, "evaluate", lambda self, model, out, in_process=True: {})  # the start model's eval
-    monkeypatch.setattr(sap_ds.experiments.compare, "launch_command", _exits_with(EXIT_STOPPED_RESUMABLE))
+    monkeypatch.setattr(sap_ds.experiments.runs, "launch_command", _exits_with(EXIT_STOPPED_RESUMABLE))
     assert main(["--config", str(config)]) == EXIT_STOPPED_RESUMABLE
     err = capsys.readouterr().err
     assert "sap-ds compare: stopped: train default/sft/seed" in err and "running the comparison again resumes it" in err
-    monkeypatch.setattr(sap_ds.experiments.compare, "launch_command", _exits_with(1))
+    monkeypatch.setattr(sap_ds.experiments.runs, "launch_command", _exits_with(1))
     assert main(["--config", str(config)]) == 1
     assert "sap-ds compare: error: train default/sft/seed" in capsys.readouterr().err
 

@@ -8,9 +8,10 @@ import sys
 import pytest
 import yaml
 
-from sap_ds.experiments.sweep import Range, SweepConfig, expand_points, main, point_name
+from sap_ds.experiments.sweep import main
+from sap_ds.experiments.sweep_config import Range, SweepConfig, expand_points, point_name
 from sap_ds.experiments.sweep_report import pareto_front
-from tests.conftest import REPO
+from tests.support.repo import REPO
 
 
 def tiny_sweep(tmp_path, **extra) -> dict:
@@ -187,11 +188,11 @@ def test_bad_sweep_configs(tmp_path, monkeypatch, capsys):
 def test_plot_draws_the_curve_through_its_points_in_order(tmp_path, monkeypatch):
     """``curve``: the named points joined in the config's order (not sorted, not the front),
     points without results left out."""
+    from sap_ds.experiments import sweep_report
     from sap_ds.experiments.sweep_report import plot
-    from sap_ds.training import checkpoint
 
     figures = []
-    monkeypatch.setattr(checkpoint, "atomic_save_figure", lambda fig, path, dpi: figures.append(fig))
+    monkeypatch.setattr(sweep_report, "atomic_save_figure", lambda fig, path, dpi: figures.append(fig))
     cell = lambda harm, loss: {"harmful score": {"mean": harm, "std": 1.0}, "gsm8k_test loss": {"mean": loss, "std": 0.01}}
     rows = [{"point": name, "pareto": False, "columns": cell(h, l)}
             for name, h, l in [("lr_low", 20.0, 1.20), ("sft", 60.0, 1.10), ("lr_mid", 40.0, 1.15), ("sap", 15.0, 1.16)]]

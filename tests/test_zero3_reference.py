@@ -1,7 +1,8 @@
 """The central proof: 2-rank ZeRO-3 training equals an independent plain-PyTorch run.
 
 fp32 throughout, same global batches, 3 steps. Tolerance: relative 1e-5 of each tensor's
-scale for 99.9 % of the elements and 1e-4 for every element (see ``_assert_close``), which allows floating-point reduction order
+scale for 99.9 % of the elements and 1e-4 for every element
+(``tests.support.reference.assert_matches_reference``), which allows floating-point reduction order
 (all-reduce, reduce-scatter, flat-buffer Adam) and nothing else: a wrong sign, a missing
 rank average or a stale gathered weight moves parameters by 1e-3 or more after 3 steps.
 
@@ -22,8 +23,9 @@ from safetensors.torch import load_file
 
 from sap_ds.config.run import load_config
 from sap_ds.data import build_run_data
-from tests.conftest import REPO, launch
-from tests.reference import run_reference
+from tests.support.launch import launch
+from tests.support.reference import RTOL, assert_matches_reference, run_reference
+from tests.support.repo import REPO
 
 STEPS = 3
 # SAP compares at 2e-4. The safety direction g/||g|| carries reduction-order noise into
@@ -35,16 +37,15 @@ STEPS = 3
 # (a wrong sign, a missing rank average, stale gathered weights) moves them by 1e-2 or more.
 RTOL_SAP = 2e-4
 COMMON = ["train.adam_eps=1e-4", "sap.probe_adam_eps=1e-4"]
-RTOL = 1e-5
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj,down_proj]"]
 
 
 def _launch(tmp, variants, triton=False):
-    """Every variant in one 2-rank launch (tests/zero3_runner.py --variants: one Trainer after
+    """Every variant in one 2-rank launch (tests/support/zero3_runner.py --variants: one Trainer after
     another in one process), so the start-up of a launch is paid once, not per variant.
     Triton runs on CPU only under its interpreter, chosen before import: its variants get a
     launch of their own."""
-    args = ["tests/zero3_runner.py", "--config", "configs/tiny.yaml", "--steps", str(STEPS), "--out", str(tmp),
+    args = ["tests/support/zero3_runner.py", "--config", "configs/tiny.yaml", "--steps", str(STEPS), "--out", str(tmp),
             "--variants", json.dumps([{"name": name, **v} for name, v in variants.items()]), *COMMON]
     proc = launch(args, timeout=1500, env={"TRITON_INTERPRET": "1"} if triton else None)
     assert proc.returncode == 0, "2-rank run failed (output above)"
@@ -66,29 +67,13 @@ def _load_run(out):
     return result, params, probes
 
 
-def _assert_close(name, got, ref, rtol=RTOL):
-    """Every element within 10 x RTOL of the tensor's scale, and 99.9 % within RTOL.
-
-    Adam divides by sqrt(v) + eps, so an element whose gradient is near zero can turn
-    reduction-order noise into a visibly different update (seen: 1 element in 3.1M at
-    2e-5 after 3 SAP steps, everything else under 7e-6); a real bug moves thousands of
-    elements by 1e-3 or more.
-    """
-    err = (got - ref).abs().flatten()
-    scale = ref.abs().max().item() + 1e-12
-    worst = err.max().item() / scale
-    q999 = torch.quantile(err[: 2**24].double(), 0.999).item() / scale if err.numel() > 1 else worst
-    assert worst <= 10 * rtol, f"{name}: max |zero3 - reference| = {worst:.2e} of scale > {10 * rtol:.0e}"
-    assert q999 <= rtol, f"{name}: 99.9th percentile error {q999:.2e} of scale > {rtol:.0e}"
-
-
 def _compare(overrides, run, rtol=RTOL, steps=STEPS):
     result, params, probes = run
     cfg = load_config(REPO / "configs/tiny.yaml", COMMON + overrides + [f"train.max_steps={steps}"])
     ref = run_reference(cfg, world=2, steps=steps)
     assert set(params) == set(ref["params"]), "different trainable parameter sets"
     for name, tensor in ref["params"].items():
-        _assert_close(name, params[name], tensor, rtol)
+        assert_matches_reference(name, params[name], tensor, rtol)
     for step, (got, want) in enumerate(zip(result["losses"], ref["losses"])):
         assert got == pytest.approx(want, rel=1e-5), f"step {step} losses differ"
     return result, params, probes, ref
@@ -224,7 +209,7 @@ def test_zero3_sap_matches_reference_after_3_steps(request, variant):
     assert len(probes) == 2
     assert torch.equal(probes[0], probes[1]), "the probe differs between ranks"
     assert ref["probe"].abs().max() > 0, "the probe never moved: the test would not see a probe bug"
-    _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
+    assert_matches_reference("probe", probes[0], ref["probe"], RTOL_SAP)
 
 
 def test_rho_zero_and_disabled_probe_reduce_to_sft(runs):
@@ -236,7 +221,7 @@ def test_rho_zero_and_disabled_probe_reduce_to_sft(runs):
     assert probes[0].abs().max() == 0
     for name in sft:
         assert torch.equal(off[name], sft[name]), f"{name}: probe disabled differs from SFT"
-        _assert_close(f"{name} (rho=0)", rho0[name], sft[name])  # same run up to the safety pass: SFT's bound
+        assert_matches_reference(f"{name} (rho=0)", rho0[name], sft[name])  # same run up to the safety pass: SFT's bound
 
 
 def test_perturb_changes_loss_and_restore_is_bit_exact_bf16(triton_runs):
@@ -301,7 +286,7 @@ def test_zero3_sap_with_grad_accum_matches_reference(runs, name):
         "all micro-batches hold the same number of tokens: the test would not see a wrong weighting"
     assert torch.equal(probes[0], probes[1]), "the probe differs between ranks"
     assert ref["probe"].abs().max() > 0
-    _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
+    assert_matches_reference("probe", probes[0], ref["probe"], RTOL_SAP)
 
 
 @pytest.mark.parametrize("name", ["rho0-gas2", "rho0-probe1-gas2"])
@@ -317,7 +302,7 @@ def test_rho_zero_with_grad_accum_keeps_the_probe_at_zero(runs, name):
     cfg = load_config(REPO / "configs/tiny.yaml", COMMON + ["method=sft", "train.grad_accum=2", f"train.max_steps={GAS_STEPS}"])
     ref = run_reference(cfg, world=2, steps=GAS_STEPS)
     for name, tensor in ref["params"].items():
-        _assert_close(f"{name} (rho=0, grad_accum 2)", params[name], tensor)
+        assert_matches_reference(f"{name} (rho=0, grad_accum 2)", params[name], tensor)
     for step, (got, want) in enumerate(zip(result["losses"], ref["losses"])):
         assert got == pytest.approx(want, rel=1e-5), f"step {step} losses differ"
 
@@ -333,7 +318,7 @@ def test_probing_fewer_micro_batches_changes_the_probe(runs):
 def test_offload_sap_run_issues_every_collective_on_the_groups_device(runs):
     """ZeRO-Offload (the fp32 master, direction and sums on the CPU): every tensor collective
     sap_ds issues goes through sap_ds.parallel.collectives with its tensor on the group's device
-    (tests/collective_checker.py; on gloo that is the CPU, so what this run proves is the
+    (tests/support/collective_checker.py; on gloo that is the CPU, so what this run proves is the
     routing: test_collectives.py checks the device choice under NCCL). The same run proves
     the offloaded gradient layout (per-group copy equals DeepSpeed's per-parameter accessor)
     and that train.offload_adam=torch steps torch AdamW."""
@@ -368,14 +353,14 @@ def test_zero3_safety_mix_matches_reference(runs):
 @pytest.mark.parametrize("name", list(FORM_VARIANTS))
 def test_zero3_probe_forms_match_reference(runs, name):
     """sap.probe_update=gradient and sap.probe_timing=same_step against the reference's
-    SafeTune-style step (tests/reference.py): weights, losses and the probe; the probe moves
+    SafeTune-style step (tests/support/reference.py): weights, losses and the probe; the probe moves
     and is bitwise identical on both ranks."""
     variant = FORM_VARIANTS[name]
     steps = variant.get("steps", STEPS)
     result, _, probes, ref = _compare(variant["overrides"], runs[name], rtol=RTOL_SAP, steps=steps)
     assert torch.equal(probes[0], probes[1]), "the probe differs between ranks"
     assert ref["probe"].abs().max() > 0 and probes[0].abs().max() > 0, "the probe never moved"
-    _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
+    assert_matches_reference("probe", probes[0], ref["probe"], RTOL_SAP)
     if "gas2" in name:
         assert any(len(set(rank)) > 1 for step in result["micro_batch_tokens"] for rank in step), \
             "all micro-batches hold the same number of tokens: the test would not see a wrong weighting"
@@ -399,7 +384,7 @@ def test_zero3_sap_on_packed_batches_matches_reference(runs, tokenizer):
     unpacked) on 2 ZeRO-3 ranks, against the reference run on the same examples unpacked."""
     result, params, probes, ref = _compare(PACKED_SAP, runs["packed"], rtol=RTOL_SAP)
     assert torch.equal(probes[0], probes[1]) and ref["probe"].abs().max() > 0
-    _assert_close("probe", probes[0], ref["probe"], RTOL_SAP)
+    assert_matches_reference("probe", probes[0], ref["probe"], RTOL_SAP)
     cfg = load_config(REPO / "configs/tiny.yaml", PACKED_SAP)
     data = build_run_data(cfg.data, tokenizer, cfg.seed, need_safety=True)
     assert data.packed and len(data.train) < len(data.examples) * 2 // 3, "the run hardly packed"
@@ -412,10 +397,11 @@ def test_model_states_match_a_live_zero3_engine_on_2_cpu_ranks(runs, tiny_model_
     """sap-ds plan's per-rank parameter, gradient and optimizer bytes against what a real
     2-rank bf16 ZeRO-3 engine holds (read from its buffers after one step). Equal up to
     ZeRO-3's padding of each parameter to a multiple of the world size."""
-    from tests.test_plan import _plan
+    from sap_ds.cost.plan import PlanInputs, plan
 
     measured = runs["memory"][0]["memory"]
-    r = _plan(model=str(tiny_model_path / "config.json"), nodes=1, gpus_per_node=2, method="sft", probe_layers=(1, 2))
+    r = plan(PlanInputs(model=str(tiny_model_path / "config.json"), nodes=1, gpus_per_node=2, method="sft",
+                        probe_layers=(1, 2)))
     mem = r.gpu_memory_sft
     expected = {
         "params": mem["params (bf16, 2 B/param / world)"],

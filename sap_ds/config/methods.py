@@ -1,19 +1,129 @@
-"""The config sections of the training methods other than SFT (``sap``, ``lisa``,
-``safety_mix``) and of SafeLoRA at export: each method's knobs, their defaults and which
-source each default comes from (docs/algorithm.md). Part of the run config
-(``sap_ds.config.run.RunConfig``), kept apart so that the shared sections stay short.
+"""The training methods' config sections and their registry, ``METHOD_SECTIONS``; and
+SafeLoRA's section at export.
+
+Each method has a section (``MethodSection``): its knobs, their defaults and which source
+each default comes from (docs/algorithm.md), and what the rest of sap-ds asks of the method
+before torch is imported, so that none of it branches on the method's name: which data the
+run needs, which keys cannot change it, what resume must keep, which engine settings it
+refuses, how costly a step is (compare's launch order, the planner's column) and the bench's
+variants. What needs the model or the engine is the method object's
+(``sap_ds.methods.base.Method``). Part of the run config (``sap_ds.config.run.RunConfig``,
+one key per section with knobs), kept apart so that the shared sections stay short.
+
+Adding a method: its module in ``sap_ds/methods/`` (a ``Method``), its section here, and its
+entry in ``METHOD_SECTIONS``.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NamedTuple, Optional
 
 from pydantic import Field, field_validator, model_validator
 
 from sap_ds.config.reading import Section
+from sap_ds.errors import ConfigError
 
 
-class SapConfig(Section):
+class RankBatch(NamedTuple):
+    """A batch a method draws beside the task batch, ``size_key`` examples per rank and
+    indexed by step as the task batch is: its global size is kept in checkpoint metadata
+    (``meta_key``), and a resume on another number of ranks must keep it, or the run would
+    skip or repeat examples (``sap_ds.training.resume.check_batch_on_new_world``)."""
+
+    size_key: str  # the section's key of its per-rank size
+    meta_key: str  # the checkpoint metadata entry of its global size
+    what: str  # how an error names it ("safety batch")
+    unit: str  # what it counts ("pairs")
+
+
+class MethodSection(Section):
+    """A training method's section of the run config, and its answers to the questions the
+    config validator, resume, the DeepSpeed config, compare, bench and plan ask of a method
+    (each hook says who asks and why). The defaults are SFT's: a step that is the trainer's
+    main pass and nothing else."""
+
+    name: ClassVar[str]  # the config's ``method:`` value, and this section's key in the run config
+    implementation: ClassVar[str]  # "module:Class" of its Method, imported when a run starts (sap_ds.methods)
+    # Keys that set how one of the method's optimizers steps: a change on resume is applied from the
+    # next step and logged with the train.* ones (sap_ds/training/resume_optimizer.py: OPTIMIZER_KEYS).
+    optimizer_keys: ClassVar[tuple[str, ...]] = ()
+    rank_batches: ClassVar[tuple[RankBatch, ...]] = ()  # batches besides the task batch that resume must keep
+    # sap-ds plan's estimate for the method: which of its columns ("sft", "sap", "lisa") models the
+    # step and the memory, and a line for its assumptions where that column is not the method's own.
+    plan_column: ClassVar[str] = "sft"
+    plan_note: ClassVar[str] = ""
+
+    def check_run(self, run) -> None:
+        """The method's demands on the rest of the run config ``run`` (data it needs, keys of
+        other sections it depends on): ValueError naming the keys. Run by the config
+        validator for the run's own method only, so a mistake fails before anything loads."""
+
+    def unused_keys(self) -> set[str]:
+        """This section's keys that cannot change what a run of this method trains with these
+        settings: a change of one is no change of the run (``config_changes``, the resume log).
+        (Every key of another method's section is unused too: the run config says so.)"""
+        return set()
+
+    def check_engine(self, zero: dict, offloaded: list[str], path: Path) -> None:
+        """Refuse the DeepSpeed ``zero_optimization`` settings this run cannot honour
+        (ConfigError naming ``path``), before any rank starts (``load_ds_config``).
+        ``offloaded``: the ``offload_*`` sections whose device is not none."""
+
+    @property
+    def relative_step_cost(self) -> float:
+        """About what one optimizer step costs against an SFT step on the same batch:
+        ``sap-ds compare`` starts the costliest runs first, so that runs side by side end
+        together (a heuristic, never a measurement)."""
+        return 1.0
+
+    @classmethod
+    def bench_variants(cls) -> dict[str, list[str]]:
+        """The variants ``sap-ds bench`` times for this method when the config names none:
+        name -> overrides of the base config (default: one, the method as configured)."""
+        return {cls.name: [f"method={cls.name}"]}
+
+
+class SftConfig(MethodSection):
+    """Plain supervised fine-tuning: no knobs, so no section in a run config."""
+
+    name: ClassVar[str] = "sft"
+    implementation: ClassVar[str] = "sap_ds.methods.sft:SftMethod"
+
+
+# ZeRO settings under which SAP's perturbation cannot reach the probe pass (refused only when the run
+# perturbs: a trained, enabled probe; SFT accepts them all): key -> (refused value?, why).
+SAP_REFUSED = {
+    "zero_hpz_partition_size": (
+        lambda v: v not in (None, 0, 1),
+        "ZeRO++ hpZ keeps a secondary copy of every weight that the forward gathers from and only DeepSpeed's own "
+        "optimizer step refreshes, so the probe pass would run at W instead of the perturbed W'; set it to 1"),
+    "zero_quantized_weights": (
+        lambda v: bool(v),
+        "ZeRO++ qwZ gathers the weights quantized to int8 blocks, whose error (~1e-2 relative) swamps a perturbation "
+        "of rho ~ 1e-5 to 1e-2 relative; set it to false (zero_quantized_nontrainable_weights, which quantizes only "
+        "frozen weights, is accepted)"),
+    "mics_shard_size": (
+        lambda v: v not in (None, -1, 0),
+        "MiCS shards each weight within a sub-group and replicates it across sub-groups, so SAP's sums over the "
+        "world (norms, the realised perturbation) would count every shard several times, and this path is untested; "
+        "remove it (or set it to -1)"),
+}
+
+# The bench's SAP variants: the authors' settings (docs/algorithm.md) and the fast preset
+# (configs/sap_fast.yaml, justified in docs/benchmarks.md; tests/test_bench.py checks they agree).
+SAP_PAPER_OVERRIDES = ["method=sap", "sap.safety_every=1", "sap.probe_fraction=1.0"]
+SAP_FAST_OVERRIDES = ["method=sap", "sap.safety_every=16", "sap.probe_fraction=0.125", "data.safety_max_length=64"]
+
+
+class SapConfig(MethodSection):
     """Safety-Aware Probing (docs/algorithm.md). Ignored unless method is 'sap'."""
+
+    name: ClassVar[str] = "sap"
+    implementation: ClassVar[str] = "sap_ds.methods.sap:SapMethod"
+    optimizer_keys: ClassVar[tuple[str, ...]] = ("probe_lr", "probe_adam_eps", "probe_lr_schedule")  # the probe's AdamW
+    rank_batches: ClassVar[tuple[RankBatch, ...]] = (
+        RankBatch("safety_batch_size", "safety_global_batch", "safety batch", "pairs"),)
+    plan_column: ClassVar[str] = "sap"
 
     rho: float = Field(2e-5, ge=0.0, description="Perturbation radius relative to ||W|| (authors' grad_rate).")
     probe_layers: list[int] = Field(default_factory=lambda: [3, 9], description="Decoder blocks whose output gets the "
@@ -72,7 +182,28 @@ class SapConfig(Section):
             raise ValueError("sap.probe_init random with sap.probe_timing same_step and sap.probe_reset true: the probe "
                              "is zeroed before every probe pass, so the random start would never be used; set "
                              "sap.probe_reset false (start from it and keep updating it) or sap.probe_init zeros")
+        if not self.probe_train and self.probe_init == "zeros":
+            raise ValueError("sap.probe_train false keeps the probe at its initial value, which is zero: "
+                             "set sap.probe_init: random (the fixed-random-probe ablation)")
+        if len(set(self.probe_layers)) != len(self.probe_layers):
+            raise ValueError(f"sap.probe_layers has duplicates: {self.probe_layers}")
         return self
+
+    @property
+    def perturbs(self) -> bool:
+        """Whether a step perturbs the weights (a trained, enabled probe): what the safety
+        pass, the engine settings and the cost depend on."""
+        return self.probe_enabled and self.probe_train
+
+    def check_run(self, run) -> None:
+        """The safety direction needs data.safety; the probe passes run on at most the step's
+        micro-batches."""
+        if self.direction == "safety" and self.perturbs and not run.data.safety:
+            raise ValueError("method 'sap' needs safety pairs: set data.safety to a list of sources")
+        if self.probe_micro_batches is not None and self.probe_micro_batches > run.train.grad_accum:
+            accum = run.train.grad_accum
+            raise ValueError(f"sap.probe_micro_batches {self.probe_micro_batches} is more than the step's "
+                             f"train.grad_accum {accum} micro-batches: set it to 1..{accum} (or null: all of them)")
 
     @property
     def probe_passes(self) -> int:
@@ -89,19 +220,44 @@ class SapConfig(Section):
         weight): ``probe_passes`` times the probed share of the micro-batches."""
         return self.probe_passes * self.probed_micro_batches(grad_accum) / grad_accum
 
-    def unused_keys(self, method: str) -> set[str]:
-        """The keys that cannot change a run of ``method`` with these settings: all of them
-        for SFT; for a fixed probe (``probe_train: false``) the ones of the passes it skips;
-        the probe's Adam eps under ``probe_update: gradient``."""
-        if method != "sap":
-            return set(type(self).model_fields)
+    def unused_keys(self) -> set[str]:
+        """``resolution_check`` (it only decides whether a run may start); for a fixed probe
+        (``probe_train: false``) the keys of the passes it skips; the probe's Adam eps under
+        ``probe_update: gradient``."""
         if not self.probe_train:
             return {"rho", "probe_lr", "probe_adam_eps", "probe_reset", "probe_lr_schedule", "safety_loss", "temperature",
                     "safety_batch_size", "safety_every", "perturb_norm", "probe_fraction", "direction", "kernels",
                     "resolution_check", "probe_update", "probe_timing", "probe_micro_batches"}
         if self.probe_update == "gradient":
-            return {"probe_adam_eps"}
-        return set()
+            return {"resolution_check", "probe_adam_eps"}
+        return {"resolution_check"}
+
+    def check_engine(self, zero: dict, offloaded: list[str], path: Path) -> None:
+        """``SAP_REFUSED`` when the run perturbs; offload with ``kernels: triton``."""
+        if not self.perturbs:
+            return
+        for key, (refused, why) in SAP_REFUSED.items():
+            if key in zero and refused(zero[key]):
+                raise ConfigError(f"{path}: 'zero_optimization.{key}' is {zero[key]!r}, which method sap cannot "
+                                  f"honour: {why} (SFT runs accept it)")
+        if offloaded and self.kernels == "triton":
+            where = " and ".join(f"'zero_optimization.{k}.device' is {zero[k]['device']}" for k in offloaded)
+            raise ConfigError(f"sap.kernels is 'triton' but in {path} {where}: the fp32 master or the working shards "
+                              f"then live in CPU memory, where the Triton kernels cannot run; set sap.kernels to 'auto' "
+                              f"or 'torch' (the PyTorch twins run there)")
+
+    @property
+    def relative_step_cost(self) -> float:
+        """The main pass, plus on the steps that probe (``probe_fraction``) the probe passes
+        and, every ``safety_every`` steps, the safety pass: each counted as about one pass."""
+        if not self.perturbs:
+            return 1.0
+        return 1.0 + self.probe_fraction * (self.probe_passes + 1 / self.safety_every)
+
+    @classmethod
+    def bench_variants(cls) -> dict[str, list[str]]:
+        """The authors' settings ("paper") and the fast preset ("fast")."""
+        return {"paper": list(SAP_PAPER_OVERRIDES), "fast": list(SAP_FAST_OVERRIDES)}
 
 
 def parse_layer_band(text: str) -> list[int]:
@@ -113,11 +269,15 @@ def parse_layer_band(text: str) -> list[int]:
     return list(range(int(first), int(last) + 1))
 
 
-class LisaConfig(Section):
+class LisaConfig(MethodSection):
     """Lisa (Huang et al., NeurIPS 2024; docs/algorithm.md, "Lisa"): alternating phases of
     alignment-data steps (the safe responses of data.safety) and task-data steps, with a
     proximal term toward the other phase's last weights. Ignored unless method is 'lisa'.
     Defaults: the authors' script/finetune/lisa_poison_ratio.sh."""
+
+    name: ClassVar[str] = "lisa"
+    implementation: ClassVar[str] = "sap_ds.methods.lisa:LisaMethod"
+    plan_column: ClassVar[str] = "lisa"
 
     align_steps: int = Field(100, ge=0, description="Optimizer steps on alignment data per cycle (authors: 100).")
     finetune_steps: int = Field(900, ge=0, description="Optimizer steps on task data per cycle (authors: 900).")
@@ -131,8 +291,21 @@ class LisaConfig(Section):
             raise ValueError("lisa.align_steps and lisa.finetune_steps are both 0: give at least one a step count")
         return self
 
+    def check_run(self, run) -> None:
+        """Alignment steps train on the safe responses of data.safety."""
+        if self.align_steps > 0 and not run.data.safety:
+            raise ValueError("method 'lisa' aligns on the safe responses of data.safety: set data.safety to a list of "
+                             "sources (or lisa.align_steps: 0)")
 
-class SafetyMixConfig(Section):
+    @classmethod
+    def bench_variants(cls) -> dict[str, list[str]]:
+        """The authors' 1:9 share of alignment steps is 100 of every 1,000; a bench times ~16
+        steps, so a 16-step cycle with 2 alignment steps (12.5 %) puts both kinds in the timed
+        window."""
+        return {"lisa": ["method=lisa", "lisa.align_steps=2", "lisa.finetune_steps=14"]}
+
+
+class SafetyMixConfig(MethodSection):
     """Safety-data mixing (docs/algorithm.md, "Safety-data mixing"): refusal demonstrations,
     the harmful prompts of data.safety answered with their safe responses, added to the task
     data, which is then fine-tuned as plain SFT. SafeInstr (Bianchi et al., "Safety-Tuned
@@ -147,9 +320,24 @@ class SafetyMixConfig(Section):
                          "data.safety's pairs for N task examples (SafeInstr's headline: 0.03); more than "
                          "data.safety holds is an error.")
 
-    def unused_keys(self, method: str) -> set[str]:
-        """The keys that cannot change a run of ``method``: all of them unless it is safety_mix."""
-        return set(type(self).model_fields) if method != "safety_mix" else set()
+    name: ClassVar[str] = "safety_mix"
+    implementation: ClassVar[str] = "sap_ds.methods.safety_mix:SafetyMixMethod"
+    plan_note: ClassVar[str] = ("safety_mix: SFT's step (the SFT column); its refusal demonstrations are task "
+                                "examples, so an epoch holds (1 + safety_mix.ratio) x the task examples and takes "
+                                "that many more steps")
+
+    def check_run(self, run) -> None:
+        """The demonstrations come from data.safety."""
+        if not run.data.safety:
+            raise ValueError("method 'safety_mix' adds refusal demonstrations (the prompts of data.safety with their "
+                             "safe responses) to the task data: set data.safety to a list of sources")
+
+
+# The training methods, by the config's ``method:`` value; the order is the one the docs, the
+# error messages and the bench's default variants list them in. A new method adds its section's
+# class here (tests/test_methods.py checks that every entry's name and Method agree).
+METHOD_SECTIONS: dict[str, type[MethodSection]] = {
+    section.name: section for section in (SftConfig, SapConfig, LisaConfig, SafetyMixConfig)}
 
 
 class SafeLoraExportConfig(Section):

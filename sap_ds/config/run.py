@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
-from sap_ds.config.methods import LisaConfig, SafeLoraExportConfig, SafetyMixConfig, SapConfig
+from sap_ds.config.methods import METHOD_SECTIONS, MethodSection, SafeLoraExportConfig
 
 # Reading files (sap_ds.config.reading) and the method sections (sap_ds.config.methods) live in
 # modules of their own; callers import each name from the module that defines it.
@@ -157,9 +157,9 @@ class ExportConfig(Section):
     safelora: SafeLoraExportConfig = Field(default_factory=SafeLoraExportConfig)
 
 
-# The ``method:`` values: sap_ds/methods/ has one class for each (tests/test_methods.py checks
-# that METHODS and this list agree); compare.py's ``methods`` takes the same names.
-MethodName = Literal["sft", "sap", "lisa", "safety_mix"]
+# The ``method:`` values: the registry's (sap_ds.config.methods.METHOD_SECTIONS), each with its
+# Method in sap_ds/methods/; compare.py's ``methods`` takes the same names.
+MethodName = Literal[tuple(METHOD_SECTIONS)]
 
 
 def _synonyms(table: dict[str, tuple[str, ...]]) -> dict[str, str]:
@@ -225,21 +225,21 @@ KEY_SYNONYMS = _synonyms({
 })
 
 
-class RunConfig(Section):
+class RunConfigBase(Section):
+    """The keys and sections every run has, whatever its method; ``RunConfig`` adds the
+    sections of the methods (one key per method with knobs: ``sap``, ``lisa``, ...)."""
+
     KEY_SYNONYMS: ClassVar[dict[str, str]] = KEY_SYNONYMS
     run_name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 42
-    method: MethodName = Field("sft", description="sap_ds/methods/: sft, sap, lisa or safety_mix.")
+    method: MethodName = Field("sft", description=f"sap_ds/methods/: {', '.join(METHOD_SECTIONS)}.")
     deepspeed_config: str = Field("ds_configs/zero3_cpu.json", json_schema_extra=CONFIG_PATH,
                                   description="DeepSpeed JSON: a path, or a shipped one's name (zero3_bf16.json).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    sap: SapConfig = Field(default_factory=SapConfig)
-    lisa: LisaConfig = Field(default_factory=LisaConfig)
-    safety_mix: SafetyMixConfig = Field(default_factory=SafetyMixConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -259,39 +259,43 @@ class RunConfig(Section):
         already resolved by ``read_config_file``.)"""
         return shipped_or_as_given(value)
 
+    @property
+    def method_section(self) -> MethodSection:
+        """The section of this run's method: the file's, or the defaults of a method without
+        knobs (SFT), which has none. What the rest of sap-ds asks of the method before torch
+        is imported, it asks this (``MethodSection``)."""
+        name = self.method
+        return getattr(self, name) if name in type(self).model_fields else METHOD_SECTIONS[name]()
+
+    def method_sections(self) -> dict[str, MethodSection]:
+        """Every method section this config holds (one per method with knobs), by method name."""
+        return {name: getattr(self, name) for name in METHOD_SECTIONS if name in type(self).model_fields}
+
     @model_validator(mode="after")
-    def _sap_needs_safety_data(self) -> "RunConfig":
-        needs_safety = self.sap.direction == "safety" and self.sap.probe_train and self.sap.probe_enabled
-        if self.method == "sap" and needs_safety and not self.data.safety:
-            raise ValueError("method 'sap' needs safety pairs: set data.safety to a list of sources")
-        if self.method == "lisa" and self.lisa.align_steps > 0 and not self.data.safety:
-            raise ValueError("method 'lisa' aligns on the safe responses of data.safety: set data.safety to a list of "
-                             "sources (or lisa.align_steps: 0)")
-        if self.method == "safety_mix" and not self.data.safety:
-            raise ValueError("method 'safety_mix' adds refusal demonstrations (the prompts of data.safety with their "
-                             "safe responses) to the task data: set data.safety to a list of sources")
-        if not self.sap.probe_train and self.sap.probe_init == "zeros":
-            raise ValueError("sap.probe_train false keeps the probe at its initial value, which is zero: "
-                             "set sap.probe_init: random (the fixed-random-probe ablation)")
+    def _sections_agree(self) -> "RunConfigBase":
+        self.method_section.check_run(self)  # what the method needs of the rest (data.safety, ...)
         if self.export.keep_probe and self.lora.enabled and not self.export.merge_lora:
             raise ValueError("export.keep_probe writes the probe into the merged model: it needs export.merge_lora true")
         if self.data.harmful_ratio > 0 and self.data.harmful is None:
             raise ValueError("data.harmful_ratio > 0 needs data.harmful (a harmful instruction file)")
-        if self.sap.probe_micro_batches is not None and self.sap.probe_micro_batches > self.train.grad_accum:
-            raise ValueError(f"sap.probe_micro_batches {self.sap.probe_micro_batches} is more than the step's "
-                             f"train.grad_accum {self.train.grad_accum} micro-batches: set it to 1..{self.train.grad_accum} "
-                             "(or null: all of them)")
-        if len(set(self.sap.probe_layers)) != len(self.sap.probe_layers):
-            raise ValueError(f"sap.probe_layers has duplicates: {self.sap.probe_layers}")
         return self
 
     @model_validator(mode="after")
-    def _safelora_needs_lora(self) -> "RunConfig":
+    def _safelora_needs_lora(self) -> "RunConfigBase":
         if self.export.safelora.enabled and not self.lora.enabled:
             raise ValueError("export.safelora.enabled projects LoRA updates: it needs lora.enabled true")
         if self.export.safelora.enabled and not self.export.enabled:
             raise ValueError("export.safelora.enabled runs at export: it needs export.enabled true")
         return self
+
+
+# The run config: the shared keys, then one section per method with knobs, made from the registry so
+# that a new method's section needs no line here (its key in a file is the method's name: ``sap:``).
+RunConfig = create_model(
+    "RunConfig", __base__=RunConfigBase, __module__=__name__,
+    __doc__="A run's whole configuration: ``RunConfigBase``'s keys and every method's section.",
+    **{name: (section, Field(default_factory=section))
+       for name, section in METHOD_SECTIONS.items() if section.model_fields})
 
 
 # --------------------------------------------------------------------------- run configs
@@ -328,15 +332,11 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
     long value is shortened in the middle (``change_line``).
 
     The output folder is not compared (a moved run is the same run), nor the timeouts of the
-    ``distributed`` section, nor the keys this run cannot read (``SapConfig.unused_keys``: the
-    ``sap`` section of an SFT run; the ``lisa`` and ``safety_mix`` sections of other methods),
-    so that only a change that alters what is trained is reported."""
-    # sap.resolution_check only decides whether a run may start: it never changes what is trained.
-    ignore = NOT_TRAINING_KEYS | {"sap.resolution_check"} | {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
+    ``distributed`` section, nor the keys that cannot change what this run trains
+    (``unused_method_keys``: the ``sap`` section of an SFT run, ``sap.resolution_check``), so
+    that only a change that alters what is trained is reported."""
+    ignore = NOT_TRAINING_KEYS | unused_method_keys(cfg)
     ignore |= {f"distributed.{key}" for key in DistributedConfig.model_fields}
-    if cfg.method != "lisa":  # also: a run from before the lisa section existed has none
-        ignore |= {f"lisa.{key}" for key in LisaConfig.model_fields}
-    ignore |= {f"safety_mix.{key}" for key in cfg.safety_mix.unused_keys(cfg.method)}  # likewise
     found: list[tuple[str, Any, Any]] = []
     _differences(saved, config_to_dict(cfg), "", found)
     lines = []
@@ -346,6 +346,16 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
         if old != new and key not in ignore and not key.startswith("logging."):
             lines.append(change_line(key, old, new))
     return lines
+
+
+def unused_method_keys(cfg: RunConfig) -> set[str]:
+    """The dotted keys of method sections that cannot change what ``cfg`` trains: every key
+    of another method's section (also: a run recorded before a section existed has none of
+    it), and those of its own method's that these settings leave unread
+    (``MethodSection.unused_keys``)."""
+    active = cfg.method_section
+    return {f"{name}.{key}" for name, section in cfg.method_sections().items()
+            for key in (section.unused_keys() if section is active else type(section).model_fields)}
 
 
 class _NotSet:

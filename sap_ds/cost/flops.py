@@ -36,9 +36,10 @@ sequences) of the step, all ranks together:
     SAP step = SFT step + s * (F(S) + B(S)) + p * q * (F(T) + B_p(T))
 
 where s and p are how often the safety pass and the probe step run: 1 and 1 for the
-authors' settings; measured per step in the benchmark (0 or 1 each step, from the
-trainer's phase timer); ``nominal_shares`` gives the long-run values of the trainer's
-schedule for ``safety_every`` k and ``probe_fraction`` f. q is the number of probe passes
+authors' settings; observed per step in training and in the benchmark (0 or 1 each step:
+the passes the step ran, ``SapMethod.extra_passes``); ``sap_ds.sap.step.nominal_shares``
+gives the long-run values of SAP's schedule for ``safety_every`` k and ``probe_fraction`` f.
+q is the number of probe passes
 on the task batch per probe step (``SapConfig.probe_passes``): 1 under
 ``sap.probe_timing: next_step`` (the pass at W'), 2 under ``same_step`` (also the pass at W
 before the main pass; the same forward and probe backward), times k / grad_accum when
@@ -194,21 +195,6 @@ def from_run_config(cfg, model_path) -> FlopsModel:
     if cfg.lora.enabled:
         return FlopsModel(spec, cfg.lora.r, tuple(cfg.lora.target_modules))
     return FlopsModel(spec)
-
-
-def nominal_shares(safety_every: int, probe_fraction: float, horizon: int = 10_000) -> tuple[float, float]:
-    """Long-run (safety, probe) pass shares per step under the trainer's schedule: the
-    probe pass runs on the steps where floor((s+1)f) > floor(s f) (``sap.runs_probe``);
-    the safety pass runs on a probe step once the direction is ``safety_every`` or more
-    steps old (``sap.direction_due``). E.g. k=4, f=0.5: (1/4, 1/2); k=3, f=0.5: (1/4, 1/2)."""
-    f, k = float(probe_fraction), int(safety_every)
-    last, safety, probe = None, 0, 0
-    for s in range(horizon):
-        if math.floor((s + 1) * f) > math.floor(s * f):
-            probe += 1
-            if last is None or s - last >= k:
-                safety, last = safety + 1, s
-    return safety / horizon, probe / horizon
 
 
 def ideal_ratio(model: FlopsModel, task_lengths: Sequence[int], safety_lengths: Sequence[int], *,

@@ -20,16 +20,17 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from sap_ds.config.methods import METHOD_SECTIONS
+
 # the models' numbers live in sap_ds.cost.model_spec; re-exported here, where callers found them
 from sap_ds.cost.model_spec import NAMED_MODELS, ModelSpec, PlanError, resolve_model
 
 GIB = 2**30
-# The headline choices: every training method (tests/test_plan.py checks them against the
-# config's). Methods whose step is SFT's take the SFT column: safety_mix's refusal
-# demonstrations are task examples (sap_ds/methods/safety_mix.py), the same step on other
-# batches, with round(ratio x N) more examples per epoch.
-SFT_STEP_METHODS = ("sft", "safety_mix")
-METHODS = ("sap", "lisa", *SFT_STEP_METHODS)
+# The headline choices: every training method. Each takes the column its section names
+# (``MethodSection.plan_column``): a method whose step is SFT's takes the SFT column (safety_mix:
+# its refusal demonstrations are task examples, the same step on other batches, with
+# round(ratio x N) more examples per epoch; its ``plan_note`` says so).
+METHODS = tuple(METHOD_SECTIONS)
 # probe passes per probe step by sap.probe_timing (sap_ds.config.methods.SapConfig.probe_passes; tests/test_plan.py)
 PROBE_PASSES = {"next_step": 1, "same_step": 2}
 
@@ -387,9 +388,8 @@ def plan(inp: PlanInputs) -> PlanResult:
         "proximal term is element-wise on the local shards, no collective) + the anchor, fp32 4 B/trainable/world",
         f"step time = compute + {1 - inp.overlap:g} * comm (overlap {inp.overlap:g}); the fully-overlapped bound max(compute, comm) is shown too",
     ]
-    if inp.method == "safety_mix":
-        assumptions.append("safety_mix: SFT's step (the SFT column); its refusal demonstrations are task examples, so an "
-                           "epoch holds (1 + safety_mix.ratio) x the task examples and takes that many more steps")
+    if note := METHOD_SECTIONS[inp.method].plan_note:  # where the method's column is another's (safety_mix: SFT's)
+        assumptions.append(note)
 
     return PlanResult(
         inputs=inp, model=m, gpu=gpu, world_size=world, total_params=total, trainable_params=trainable,
@@ -404,9 +404,15 @@ def plan(inp: PlanInputs) -> PlanResult:
     )
 
 
+def headline_column(inp: PlanInputs) -> str:
+    """The column of the headline method (``--method``): "sft", "sap" or "lisa", as its
+    section says (``MethodSection.plan_column``)."""
+    return METHOD_SECTIONS[inp.method].plan_column
+
+
 def headline_total(r: PlanResult) -> float:
-    """Per-GPU bytes of the headline method (``--method``): SAP's, Lisa's, else SFT's column."""
-    return {"sap": r.gpu_total_sap, "lisa": r.gpu_total_lisa}.get(r.inputs.method, r.gpu_total_sft)
+    """Per-GPU bytes of the headline method (``--method``): its column's."""
+    return {"sft": r.gpu_total_sft, "sap": r.gpu_total_sap, "lisa": r.gpu_total_lisa}[headline_column(r.inputs)]
 
 
 def headline_fits(r: PlanResult) -> bool:
@@ -414,8 +420,8 @@ def headline_fits(r: PlanResult) -> bool:
 
 
 def _headline_cpu(r: PlanResult) -> float:
-    return {"sap": r.cpu_memory_per_node_sap, "lisa": r.cpu_memory_per_node_lisa}.get(r.inputs.method,
-                                                                                       r.cpu_memory_per_node_sft)
+    return {"sft": r.cpu_memory_per_node_sft, "sap": r.cpu_memory_per_node_sap,
+            "lisa": r.cpu_memory_per_node_lisa}[headline_column(r.inputs)]
 
 
 # --------------------------------------------------------------------------- when it does not fit
@@ -497,7 +503,7 @@ def fit_options(inp: PlanInputs) -> list[FitOption]:
                                      + (" model.gradient_checkpointing=true" if also else "")
                                      + f": the same {examples} examples per GPU per step, in more micro-batches"))
             break
-    if inp.method == "sap" and (found := _largest_fitting(inp, "safety_batch", inp.safety_batch)) is not None:
+    if headline_column(inp) == "sap" and (found := _largest_fitting(inp, "safety_batch", inp.safety_batch)) is not None:
         value, r = found
         options.append(FitOption(("--safety-batch", str(value)), headline_total(r),
                                  f"sap.safety_batch_size={value}: fewer safety pairs per GPU per step (a noisier "
@@ -526,7 +532,8 @@ def format_fit_options(r: PlanResult, options: list[FitOption]) -> str:
     usable = (r.gpu_capacity - i.reserve_gib * GIB) / GIB
     if not options:
         return (f"No single change makes it fit (tried: offload, LoRA, activation checkpointing, a smaller micro-batch"
-                f"{' or safety batch' if i.method == 'sap' else ''}, up to {MAX_NODES} nodes, a larger GPU): shorten "
+                f"{' or safety batch' if headline_column(i) == 'sap' else ''}, up to {MAX_NODES} nodes, a larger GPU): "
+                "shorten "
                 "--seq-len, or combine changes (e.g. --lora --offload optimizer)")
     flags = [" ".join(o.flags) for o in options]
     width = max(map(len, flags))

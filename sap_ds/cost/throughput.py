@@ -1,9 +1,9 @@
 """Model TFLOP/s and MFU of every training step, from the step's real token counts.
 
-The FLOPs are the benchmark's model (``sap_ds.cost.flops``: forward, backward, and SAP's
-safety and probe passes on the steps where the SAP step ran them), counted on
-real, unpadded sequence lengths of the whole job's batch, so the number means the same
-on every machine and padding never inflates it. MFU divides by the job's peak
+The FLOPs are the benchmark's model (``sap_ds.cost.flops``: forward, backward, and the
+extra passes a method's step ran, ``Method.extra_passes``: SAP's safety and probe passes on
+the steps that ran them), counted on real, unpadded sequence lengths of the whole job's
+batch, so the number means the same on every machine and padding never inflates it. MFU divides by the job's peak
 (``sap_ds.cost.hardware``): the GPU table, or on CPU a GEMM measured once when the trainer
 starts. When there is no peak (a GPU missing from the table) MFU is null and
 ``mfu_note`` says why; when the model's config.json is not a Llama-style one the FLOPs
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 from typing import Optional, Sequence
+
+from sap_ds.methods.base import ExtraPasses
 
 log = logging.getLogger("sap_ds")
 
@@ -37,17 +39,16 @@ class Throughput:
         self.flops = 0.0
         self.seconds = 0.0
 
-    def step(self, task_lengths: Sequence[int], safety_lengths: Sequence[int], ran: dict, seconds: float,
-             lowest_probe_layer: int = 0) -> dict:
-        """The record entries of one step. ``ran``: which of SAP's extra passes the step ran
-        (``{"safety": bool, "probe": bool, "probe_passes": int}``; empty for SFT): they count
-        where they ran, the probe pass ``probe_passes`` times (2 under ``same_step``)."""
+    def step(self, task_lengths: Sequence[int], extra: ExtraPasses, seconds: float) -> dict:
+        """The record entries of one step. ``extra``: what the step computed beside its task
+        batch's forward and backward (``Method.extra_passes``; nothing for SFT): SAP's safety
+        and probe passes count where they ran, the probe pass ``probe_passes`` times (2 under
+        ``same_step``)."""
         if self.flops_model is None or seconds <= 0:
             return {"model_tflops_per_s": None, "mfu": None, "mfu_note": self.note}
-        share = lambda name: 1.0 if ran.get(name) else 0.0  # noqa: E731
-        flops = self.flops_model.step(task_lengths, safety_lengths, safety=share("safety"), probe=share("probe"),
-                                      lowest_probe_layer=lowest_probe_layer,
-                                      probe_passes=ran.get("probe_passes") or 1).total
+        flops = self.flops_model.step(task_lengths, extra.safety_lengths, safety=extra.safety, probe=extra.probe,
+                                      lowest_probe_layer=extra.lowest_probe_layer,
+                                      probe_passes=extra.probe_passes).total
         self.flops += flops
         self.seconds += seconds
         return self._entries(flops, seconds)

@@ -5,7 +5,7 @@
     tables    one source -> a formatted, windowed Arrow table
     tokenize  chat template and assistant-only labels, the length limit
     mixing    the held-out split and the harmful mix, by index
-    packing   several examples per sequence, attention kept within each
+    packing   several examples per sequence (the model's forward on them: sap_ds/model/packed_forward.py)
     batching  padded/packed batches and the example order of every step
     cache     fingerprint, one writer per node, atomic folders
     pipeline  preparing a run's data (datasets.map, batched, num_proc)
@@ -36,8 +36,6 @@ from sap_ds.data.packing import (
                                  collate_packed,
                                  is_packed,
                                  pack,
-                                 packed_forward,
-                                 packing_attention,
                                  sequence_lengths,
 )
 from sap_ds.data.run import PackedSet, PairSet, RunData, TokenizedSet, build_run_data
@@ -51,6 +49,6 @@ __all__ = [
     "SST2_LABELS", "ChatTokenizer", "Conversation", "DataError", "EncodedPair", "Example", "Packed", "PackedSet", "PairSet",
     "RunData", "SafetyPair", "Status", "Tokenized", "TokenizedSet", "build_run_data", "collate", "collate_packed",
     "collate_pairs", "encode_all", "encode_pairs", "epoch_order", "global_batch_indices", "is_packed", "load_examples",
-    "load_safety_pairs", "mix_harmful", "pack", "packed_forward", "packing_attention", "read_rows", "read_table",
+    "load_safety_pairs", "mix_harmful", "pack", "read_rows", "read_table",
     "refusal_for", "sequence_lengths",
 ]

@@ -20,14 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
+from sap_ds import files
 from sap_ds.errors import DataError
+from sap_ds.files import atomic_folder
 
 # 2: truncation at turn boundaries (tokenize._fit) and each row's record of what the
 # length limit did (pipeline.RECORD_COLUMNS): a cache written by version 1 is not read.
@@ -40,9 +40,7 @@ WAIT_TIMEOUT = timedelta(hours=6)
 def cache_root(configured: Optional[str]) -> Path:
     if configured:
         return Path(configured)
-    from sap_ds.model.embedded import cache_root as sap_ds_cache
-
-    return sap_ds_cache() / "data"
+    return files.cache_root() / "data"
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -91,21 +89,6 @@ def _share_outcome(error: Optional[tuple[str, str]]) -> Optional[tuple[str, str]
     return next((e for e in gathered if e is not None), None)
 
 
-def _write_atomically(final: Path, build: Callable[[Path], None]) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():  # not another writer's finished folder: a real failure
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build_once(final: Path, build: Callable[[Path], None]) -> tuple[bool, float]:
     """(cache hit, seconds spent building on this rank): ``build(folder)`` writes the data
     into a fresh folder, which becomes ``final`` atomically, on the first rank per node
@@ -115,7 +98,8 @@ def build_once(final: Path, build: Callable[[Path], None]) -> tuple[bool, float]
     if not hit and is_node_leader():
         start = time.perf_counter()
         try:
-            _write_atomically(final, build)
+            with atomic_folder(final, if_exists="keep") as folder:  # kept: another writer's finished folder
+                build(folder)
         except DataError as exc:
             error = ("DataError", str(exc))
         except Exception as exc:  # a bug or an I/O error: still release the waiting ranks

@@ -3,18 +3,9 @@
 Examples are packed once, when the data is prepared (first-fit decreasing: longest
 first, each into the first pack with room; ties in a seeded order), and a pack is then
 the unit of training: ``train.micro_batch_size`` packs per micro-batch, batches and epochs
-counted in packs. Position ids restart at 0 for each example, and attention never crosses
-an example boundary:
-
-- ``position_ids``: no attention mask is passed; transformers' masking utilities find the
-  examples from the restarting position ids and build a block-diagonal causal mask (sdpa,
-  eager, flex). Checked by tests/test_packing.py against the examples run unpacked.
-- ``flash_varlen``: flash-attention 2/3 reads the example boundaries from the position
-  ids (varlen kernels), but only for a batch of one row, so a micro-batch's packs are laid
-  end to end into one row for the forward.
-- ``block_mask``: a model whose code does not read packed position ids but takes a 4-D
-  attention mask gets an explicit block-diagonal causal mask (additive, model dtype).
-- anything else: an error before the first step (``packing_attention``).
+counted in packs. Position ids restart at 0 for each example (``collate_packed``), and
+``sequence_ids`` number a row's examples; the model's forward on such a batch keeps
+attention within each example (``sap_ds/model/packed_forward.py``).
 
 The loss of a packed micro-batch is the token mean over its response tokens, exactly the
 loss of the same examples collated unpacked (each example's first label is masked so the
@@ -22,18 +13,13 @@ last token of one example never learns to predict the next example).
 """
 from __future__ import annotations
 
-import inspect
 import random
-import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from sap_ds.data.tokenize import IGNORE_INDEX, Tokenized
-
-FLASH = ("flash_attention_2", "flash_attention_3")
-MASK_READING = ("sdpa", "eager", "flex_attention")
 
 
 @dataclass
@@ -112,6 +98,7 @@ def collate_packed(items: Sequence[Packed], pad_id: int) -> dict[str, torch.Tens
 
 
 def is_packed(batch: dict) -> bool:
+    """Whether ``batch`` holds packs (``collate_packed``: position ids, no padding mask)."""
     return "position_ids" in batch
 
 
@@ -124,53 +111,3 @@ def sequence_lengths(batch: dict) -> list[int]:
         real = row[row >= 0]
         out += torch.bincount(real).tolist() if real.numel() else []
     return out
-
-
-def block_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, T, T] additive mask: causal, and only within one example (padding: among itself)."""
-    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
-    width = sequence_ids.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=sequence_ids.device).tril()
-    allowed = (same & causal)[:, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def packing_attention(model) -> str:
-    """How ``model`` keeps packed examples apart: 'position_ids', 'flash_varlen' or
-    'block_mask' (module docstring); a ModelError when it can do none of them."""
-    from transformers import masking_utils
-
-    from sap_ds.errors import ModelError
-    from sap_ds.sap.probe import _unwrap
-
-    base = _unwrap(model)
-    impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    params = inspect.signature(base.forward).parameters
-    takes_positions = "position_ids" in params and "attention_mask" in params
-    module = sys.modules.get(type(base).__module__)
-    if impl in FLASH and takes_positions:
-        return "flash_varlen"
-    if impl in MASK_READING and takes_positions and getattr(module, "create_causal_mask", None) is masking_utils.create_causal_mask:
-        return "position_ids"
-    if impl in ("sdpa", "eager") and takes_positions:
-        return "block_mask"
-    raise ModelError(
-        f"data.packing: {type(base).__name__} (attention '{impl}') can keep packed examples apart neither by position ids "
-        "(transformers' masking utilities, flash-attention varlen) nor by a 4-D block mask (sdpa/eager with position_ids "
-        "and attention_mask arguments); set data.packing=false, or model.attn_implementation to sdpa or flash_attention_2"
-    )
-
-
-def packed_forward(model, batch: dict, mode: str):
-    """The model's output on a packed batch, attention kept within each example."""
-    ids, positions = batch["input_ids"], batch["position_ids"]
-    if mode == "flash_varlen":
-        rows, width = ids.shape
-        out = model(input_ids=ids.reshape(1, -1), position_ids=positions.reshape(1, -1), use_cache=False)
-        return out.logits.reshape(rows, width, -1)
-    mask = None
-    if mode == "block_mask":
-        from sap_ds.sap.probe import _unwrap
-
-        mask = block_mask(batch["sequence_ids"], _unwrap(model).dtype)
-    return model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False).logits

@@ -29,14 +29,13 @@ import torch
 
 from sap_ds.errors import ConfigError
 from sap_ds.evaluation.runtime import device, gather, rank_world, shard_map
+from sap_ds.evaluation.vllm_backend import VLLM_MISSING, VllmBackend
 from sap_ds.model.loading import DTYPES
 
 GIB = 1 << 30
 BYTES = {"bf16": 2, "fp32": 4}
 ASSUMED_PROMPT_TOKENS = 1024  # KV-cache estimate: prompts up to this long, plus max_new_tokens
 RESERVE_BYTES = 1 * GIB  # CUDA context, allocator slack, activations of one layer
-VLLM_MISSING = ("backend '{asked}' needs the vllm package, which is not installed: pip install 'sap-ds[vllm]' "
-                "(CUDA machines only), or set backend: device_map (transformers over the node's GPUs) or hf")
 
 
 def has_package(name: str) -> bool:
@@ -244,8 +243,6 @@ def load_backend(source, tokenizer, cfg, dtype: str):
             "memory_gib": None if estimate is None else estimate.as_gib(),
             "free_gib": None if free is None else round(free / GIB, 2)}
     if choice.backend == "vllm":
-        from sap_ds.evaluation.vllm_backend import VllmBackend
-
         backend = VllmBackend(source, tokenizer, cfg, dtype)
         info["tensor_parallel_size"] = backend.tensor_parallel_size
         return backend, info

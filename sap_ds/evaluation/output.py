@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from sap_ds.training.checkpoint import atomic_write_text
+from sap_ds.files import atomic_write_text
 
 JSON_NAME, MARKDOWN_NAME = "eval.json", "eval.md"
 

@@ -25,11 +25,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from sap_ds.evaluation.backends import VLLM_MISSING
 from sap_ds.evaluation.generation import Generation, encode_prompts, eos_ids, finished
 from sap_ds.evaluation.runtime import is_main
 
 VLLM_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+VLLM_MISSING = ("backend '{asked}' needs the vllm package, which is not installed: pip install 'sap-ds[vllm]' "
+                "(CUDA machines only), or set backend: device_map (transformers over the node's GPUs) or hf")
 
 
 def import_vllm():

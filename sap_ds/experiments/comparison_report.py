@@ -8,6 +8,8 @@ import json
 import statistics
 from pathlib import Path
 
+from sap_ds.files import atomic_save_figure, atomic_write_text
+
 HARMFUL_SCORE, OVER_REFUSAL = "harmful score", "over-refusal (%)"
 
 
@@ -102,14 +104,10 @@ def comparison_figure(report: dict):
 
 
 def plot(report: dict, path: Path) -> None:
-    from sap_ds.training.checkpoint import atomic_save_figure
-
     atomic_save_figure(comparison_figure(report), path, dpi=120)
 
 
 def write_outputs(report: dict, out: Path) -> None:
-    from sap_ds.training.checkpoint import atomic_write_text
-
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "comparison.json", json.dumps(report, indent=1))
     atomic_write_text(out / "comparison.md", markdown(report))

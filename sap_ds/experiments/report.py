@@ -1,8 +1,9 @@
 """Side-by-side summary of finished runs: ``python -m sap_ds.experiments.report RUN_DIR [RUN_DIR ...]``.
 
 Reads each run's ``summary.json`` and ``metrics.jsonl`` and prints one markdown table:
-losses, throughput, mean step time, and the per-phase split that shows where SAP's
-extra time goes. The first run is the baseline for the step-time ratio.
+losses, throughput, mean step time, and the per-phase split that shows where a method's
+extra time goes (every method's phases, ``sap_ds.methods.all_phases``). The first run is
+the baseline for the step-time ratio.
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from sap_ds.sap.step import PHASES
+from sap_ds.methods import all_phases
+
+PHASES = all_phases()
 
 
 def load_run(folder: Path) -> dict:

@@ -1,18 +1,18 @@
 """The report of a sweep: the table (``sweep.md``), its data (``sweep.json``) and the plot
 (``sweep.png``: the task metric against the harmful score, the reference curve drawn as a
-line, over-refusal beside it), written from the runs' records. Kept apart from the runner
-(``sap_ds.experiments.sweep``) so that reading results never imports the training side."""
+line, over-refusal beside it), written from the runs' records into a folder. It takes the
+sweep's config (``sap_ds.experiments.sweep_config``), not the runner
+(``sap_ds.experiments.sweep``), so that reading results never imports the launching side."""
 from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from sap_ds.experiments.comparison_report import OVER_REFUSAL, mean_std
-
-if TYPE_CHECKING:
-    from sap_ds.experiments.sweep import Sweep, SweepConfig
+from sap_ds.experiments.sweep_config import SweepConfig
+from sap_ds.files import atomic_save_figure, atomic_write_text
 
 
 def pareto_front(points: list[tuple[str, float, float]]) -> set[str]:
@@ -131,8 +131,6 @@ def plot(summary: dict, path: Path) -> None:
     if refusals:
         _over_refusal_panel(axes[0][1], summary, harm, start)
     fig.tight_layout()
-    from sap_ds.training.checkpoint import atomic_save_figure
-
     atomic_save_figure(fig, path, dpi=130)
 
 
@@ -163,13 +161,11 @@ def _over_refusal_panel(ax, summary: dict, harm: str, start: dict) -> None:
     ax.set_title("safety vs over-refusal (red: on the loss Pareto front)")
 
 
-def write_outputs(sweep: Sweep, records: list[dict], start_metrics: Optional[dict]) -> dict:
-    from sap_ds.training.checkpoint import atomic_write_text
-
-    out = sweep.report_dir
+def write_outputs(out: Path, cfg: SweepConfig, records: list[dict], start_metrics: Optional[dict]) -> dict:
+    """``results.jsonl`` (the records), ``sweep.json``, ``sweep.md`` and ``sweep.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in records))
-    summary = summarise(sweep.cfg, records, start_metrics)
+    summary = summarise(cfg, records, start_metrics)
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "sweep.md", markdown(summary))
     if summary["rows"]:

@@ -13,16 +13,13 @@ import argparse
 import gc
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from sap_ds.gpu_check import interfaces, workspace  # noqa: E402
-from sap_ds.gpu_check.report import Step, running, write_atomic  # noqa: E402
+from sap_ds.files import atomic_write_text
+from sap_ds.gpu_check import interfaces, workspace
+from sap_ds.gpu_check.report import Step, running
 
 RHOS = (0.0, 2e-5, 1e-3, 0.05)
 BENCH_CONFIG = "configs/bench_gpu_1b.yaml"
@@ -88,8 +85,9 @@ def engine_path_checks(step: Step, label: str, found: dict) -> None:
 def capture_probe_update(trainer) -> list:
     """The gradient SAP's probe optimizer steps on (all-reduced): a pre-step hook records it."""
     seen = []
-    trainer.sap_state.probe_optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: seen.append(trainer.sap_state.probe.vectors.grad.detach().double().clone()))
+    state = trainer.method.state
+    state.probe_optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(state.probe.vectors.grad.detach().double().clone()))
     return seen
 
 
@@ -146,9 +144,9 @@ def step5(ctx: Context, step: Step, shared: dict) -> None:
     try:
         from sap_ds.sap import step as sap_step
 
-        sap_step.safety_direction(t.engine, t.shards, t.sap_state, t.safety_batch(0), t.cfg.sap, 0)
+        sap_step.safety_direction(t.engine, t.shards, t.method.state, t.method.safety_batch(t, 0), t.cfg.sap, 0)
         masters = [g.master for g in t.shards.groups]
-        table = [interfaces.perturbation_stats(masters, t.sap_state.direction, rho) for rho in RHOS]
+        table = [interfaces.perturbation_stats(masters, t.method.state.direction, rho) for rho in RHOS]
         t.shards.drop_grads()
         step.figure("model", ctx.model + " (full fine-tuning, bf16 working shards)")
         step.figure("perturbation", table)
@@ -247,7 +245,7 @@ def step7(ctx: Context, step: Step) -> None:
                summary["steps_this_run"] == 1 and summary["final_step"] == 3, summary)
     step.check("checkpoint step 3 written", latest_tag(second.ckpt_root) == tag_for(3), latest_tag(second.ckpt_root))
     batch = second.task_micro_batches(0)[0]
-    second.sap_state.probe.enabled = False  # the exported model has no probe
+    second.method.state.probe.enabled = False  # the exported model has no probe
     with torch.no_grad():
         engine_loss = task_loss(forward_logits(second.engine, batch), batch["labels"]).item()
     export = Path(summary["export_dir"])
@@ -284,6 +282,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[sap-ds] %(message)s")
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     ok, why = workspace.datasets_importable()
     if not ok:
         workspace.use_plain_reader()
@@ -299,7 +298,7 @@ def main(argv=None) -> int:
              6: lambda: step6(ctx, step), 7: lambda: step7(ctx, step)}[number]()
         records.append(step.to_dict())
         if ctx.rank == 0:
-            write_atomic(out / "engine_steps.json", json.dumps({"world_size": ctx.world, "steps": records}, indent=1,
+            atomic_write_text(out / "engine_steps.json", json.dumps({"world_size": ctx.world, "steps": records}, indent=1,
                                                                 default=str))
     for t in shared.values():
         close(t)

@@ -70,12 +70,12 @@ def inspect_engine_path(trainer, step: int = 0, rho: float | None = None) -> dic
     and ``noise`` = ||probe grad + main grad|| / ||main grad|| (the two terms of SAP's probe
     update: 0 at rho = 0 up to run-to-run noise)."""
     cfg = trainer.cfg.sap if rho is None else trainer.cfg.sap.model_copy(update={"rho": rho})
-    engine, shards, state = trainer.engine, trainer.shards, trainer.sap_state
+    engine, shards, state = trainer.engine, trainer.shards, trainer.method.state
     batches = trainer.task_micro_batches(step)
     out = {"loss_w": _loss(engine, batches)}
     before = [g.lp.detach().clone() for g in shards.groups]
     direction_step = state.direction_step
-    sap_step.safety_direction(engine, shards, state, trainer.safety_batch(step), cfg, step)
+    sap_step.safety_direction(engine, shards, state, trainer.method.safety_batch(trainer, step), cfg, step)
     sap_step.perturb(shards, state, cfg.kernels)
     out["loss_perturbed"] = _loss(engine, batches)
     rng = sap_step._rng_state()

@@ -3,13 +3,13 @@ a verdict and the measured value behind it) and its figures; written as JSON and
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
+
+from sap_ds.files import atomic_write_text
 
 SCHEMA = "sap-ds-gpu-check/1"
 STEP_NAMES = {
@@ -79,14 +79,6 @@ def running(step: Step):
         step.seconds = round(time.perf_counter() - start, 2)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -127,6 +119,7 @@ def markdown(report: dict) -> str:
 
 def write_report(out: Path, report: dict) -> tuple[Path, Path]:
     json_path, md_path = out / "gpu_check.json", out / "gpu_check.md"
-    write_atomic(json_path, json.dumps(report, indent=1, default=str))
-    write_atomic(md_path, markdown(report))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps(report, indent=1, default=str))
+    atomic_write_text(md_path, markdown(report))
     return json_path, md_path

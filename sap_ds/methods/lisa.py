@@ -124,6 +124,10 @@ class LisaMethod(Method):
         return {"lisa/aligning": float(self.aligning(trainer.step - 1)), "lisa/proximal": float(self._proximal_on),
                 "lisa/drift_sq": all_reduce_sum(drift.reshape(1)).item()}
 
+    def bench_settings(self, trainer) -> dict:
+        lisa = self.cfg.lisa
+        return {"align_steps": lisa.align_steps, "finetune_steps": lisa.finetune_steps, "rho": lisa.rho}
+
     # ------------------------------------------------------------------ checkpoint state
 
     def state_dict(self) -> dict:

@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from sap_ds.errors import ModelError
-from sap_ds.training.checkpoint import atomic_write_text
+from sap_ds.files import atomic_folder, atomic_write_text
 
 log = logging.getLogger("sap_ds")
 
@@ -358,19 +357,13 @@ def apply_safelora(adapter_dir, base_path, aligned_path, out_dir, cfg, report_pa
                                      source=str(adapter_dir / ADAPTER_WEIGHTS))
     report = {"adapter": adapter_label or str(adapter_dir), "base_model": str(base_path), "aligned_model": str(aligned_path),
               "projection": cfg.projection, **report}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         for item in adapter_dir.iterdir():
             if item.is_file() and item.name != ADAPTER_WEIGHTS:
                 shutil.copy2(item, tmp / item.name)
         save_file({k: v.contiguous() for k, v in new_state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         if report_path is None:
             atomic_write_text(tmp / REPORT_FILE, json.dumps(report, indent=1))
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if report_path is not None:
         atomic_write_text(Path(report_path), json.dumps(report, indent=1))
     return report

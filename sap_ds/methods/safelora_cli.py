@@ -12,12 +12,12 @@ Exit codes: 0 done, 2 bad input.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+
+from sap_ds.entry import run_command
+from sap_ds.files import atomic_folder
 
 
 def parse_args(argv=None):
@@ -58,28 +58,23 @@ def merge_into(model_dir: Path, adapter_dir: Path, out: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sap_ds.errors import USER_ERRORS, report_user_error
+    return run_command(lambda: project_adapter(args))
+
+
+def project_adapter(args) -> int:
     from sap_ds.methods.safelora import SafeLoraError, apply_safelora, resolve_model_folder, summary_line
 
     out = Path(args.out)
-    try:
-        if out.exists():
-            raise SafeLoraError(f"--out: '{out}' already exists; give a new folder (nothing was written)")
-        model_dir = resolve_model_folder(args.model or args.aligned, "--model" if args.model else "--aligned")
-        cfg = SimpleNamespace(select=args.select, threshold=args.threshold, num_layers=args.num_layers,
-                              projection=args.projection)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
-            report = apply_safelora(args.adapter, args.base, args.aligned, tmp / "adapter", cfg,
-                                    report_path=tmp / "safelora.json", device=args.device, keys=("--adapter", "--base", "--aligned"))
-            if args.merge:
-                merge_into(model_dir, tmp / "adapter", tmp / "model")
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except USER_ERRORS as exc:
-        return report_user_error(exc)
+    if out.exists():
+        raise SafeLoraError(f"--out: '{out}' already exists; give a new folder (nothing was written)")
+    model_dir = resolve_model_folder(args.model or args.aligned, "--model" if args.model else "--aligned")
+    cfg = SimpleNamespace(select=args.select, threshold=args.threshold, num_layers=args.num_layers,
+                          projection=args.projection)
+    with atomic_folder(out) as tmp:
+        report = apply_safelora(args.adapter, args.base, args.aligned, tmp / "adapter", cfg,
+                                report_path=tmp / "safelora.json", device=args.device, keys=("--adapter", "--base", "--aligned"))
+        if args.merge:
+            merge_into(model_dir, tmp / "adapter", tmp / "model")
     print(f"sap-ds safelora: {summary_line(report)}; written to {out}", flush=True)
     return 0
 

@@ -28,3 +28,7 @@ class SafetyMixMethod(SftMethod):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.safety_mix = cfg.safety_mix.ratio
+
+    def bench_settings(self, trainer) -> dict:
+        """The ratio, and how many demonstrations it added to this run's data."""
+        return {"safety_mix_ratio": self.safety_mix, "safety_mix_examples": trainer.data.n_safety_mix}

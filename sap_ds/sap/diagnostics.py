@@ -6,7 +6,7 @@ gathered weights), restore is bit-exact (shards and loss), the probe gradient is
 the probe pass gives no parameter a gradient and leaves the engine's gradient shards
 untouched, the per-group gradient copy equals DeepSpeed's per-parameter accessor, and
 the perturbed shards equal what the PyTorch twin writes. The test runner
-(``tests/zero3_runner.py --inspect``) and the GPU check (``scripts/gpu_check.sh``) call
+(``tests/support/zero3_runner.py --inspect``) and the GPU check (``scripts/gpu_check.sh``) call
 it; every rank must call it (the forwards are collective). It leaves the trainer's
 gradients dropped; run it on a trainer that is not trained further.
 """
@@ -43,7 +43,7 @@ def grad_shards(shards, per_param: bool = False) -> list[torch.Tensor]:
 def inspect_sap_step(trainer, step: int = 0) -> dict:
     """Run the phases of SAP step ``step`` one at a time and return the checks (plain
     values, JSON-ready; ``all_ok`` summarises the boolean ones)."""
-    st, shards, cfg = trainer.sap_state, trainer.shards, trainer.cfg.sap
+    st, shards, cfg = trainer.method.state, trainer.shards, trainer.cfg.sap
     engine = trainer.engine
     batches = trainer.task_micro_batches(step)
 
@@ -53,7 +53,7 @@ def inspect_sap_step(trainer, step: int = 0) -> dict:
 
     original_lp = [g.lp.clone() for g in shards.groups]
     loss_w = loss_now()
-    sap_step.safety_direction(engine, shards, st, trainer.safety_batch(step), cfg, step)
+    sap_step.safety_direction(engine, shards, st, trainer.method.safety_batch(trainer, step), cfg, step)
     # The safety gradients are dropped by now; run one more backward to compare the two copies.
     engine.set_gradient_accumulation_boundary(True)
     engine.backward(task_loss(forward_logits(engine, batches[0]), batches[0]["labels"]), scale_wrt_gas=False)

@@ -3,7 +3,8 @@
 The probe is a plain fp32 tensor owned by this object, not a model parameter, so ZeRO-3
 never partitions it: every rank holds the same full copy (kept identical by averaging its
 gradient across ranks). Hooks add it to the residual stream; the authors add it as a bias
-on ``mlp.down_proj`` of the same layers, which is the same thing.
+on ``mlp.down_proj`` of the same layers, which is the same thing (``with_probe_as_bias``
+writes it so into an exported model: ``export.keep_probe``).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from sap_ds.errors import ProbeError  # defined there (a user error is reported without importing torch)
+from sap_ds.model.loading import unwrap_model
 
 # Where the decoder blocks live, per architecture family (first match wins).
 DECODER_LAYER_PATHS = (
@@ -23,19 +25,8 @@ DECODER_LAYER_PATHS = (
 )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DeepSpeed and peft wrappers down to the transformers model."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
-
-
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = _unwrap(model)
+    base = unwrap_model(model)
     for path in DECODER_LAYER_PATHS:
         node = base
         for part in path.split("."):
@@ -134,3 +125,31 @@ class Probe:
         """Each layer's vector to L2 norm ``targets[i]``, direction kept (zero stays zero)."""
         norms = self.vectors.norm(dim=-1, keepdim=True)
         self.vectors.mul_(torch.where(norms > 0, targets.to(norms).unsqueeze(-1) / norms.clamp_min(1e-30), torch.zeros_like(norms)))
+
+
+def with_probe_as_bias(model, probe):
+    """The same model with ``config.mlp_bias`` on: zero MLP biases except ``down_proj`` of
+    the probe layers, which holds the probe vector. A block's output is ``h + mlp(...)``,
+    so a bias on its last projection adds the vector to the block's output, as the hook
+    does in training. Only architectures whose config has ``mlp_bias`` (Llama family)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if not hasattr(config, "mlp_bias"):
+        raise ValueError(f"export.keep_probe: {type(model).__name__} has no mlp_bias option to hold the probe; "
+                         "set export.keep_probe false (the probe is saved as probe.safetensors either way)")
+    config = config.__class__.from_dict(config.to_dict())
+    config.mlp_bias = True
+    biased = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    missing, unexpected = biased.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.endswith(".bias") and not k.endswith("lm_head.weight") for k in missing):
+        raise RuntimeError(f"export.keep_probe: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    biased.tie_weights()
+    blocks = find_decoder_layers(biased)
+    with torch.no_grad():
+        for name, param in biased.named_parameters():
+            if name.endswith(".bias") and ".mlp." in name:
+                param.zero_()
+        for index, layer in enumerate(probe.layers):
+            blocks[layer].mlp.down_proj.bias.copy_(probe.vectors[index].detach().to(blocks[layer].mlp.down_proj.bias))
+    return biased

@@ -21,8 +21,6 @@ run of the same global batch, up to floating-point reduction order.
 from __future__ import annotations
 
 import math
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import sap_ds_kernels
@@ -35,55 +33,11 @@ from sap_ds.parallel.zero3 import Zero3Shards
 from sap_ds.sap import resolution
 from sap_ds.sap.probe import Probe
 from sap_ds.sap.probe_update import make_optimizer, rescale_probe, update_probe
+from sap_ds.timing import PhaseTimer
 
+# The phases a SAP step times (sap_ds.timing.PhaseTimer): the trainer logs them as time/<phase>, the bench
+# reports them; the last is the trainer's main pass, shared with SFT.
 PHASES = ("safety", "perturb", "probe", "restore", "main")
-
-
-class PhaseTimer:
-    """Time per phase, without synchronising the device while the step runs.
-
-    On CUDA each phase is bracketed by two timing events on the current stream; the
-    elapsed times are read in ``pop`` (one synchronisation, on the last event), which
-    the trainer calls only on a step it logs (``discard`` drops the others unread). On
-    CPU the phase's wall time is taken directly (nothing runs asynchronously there)."""
-
-    def __init__(self):
-        self.totals = {name: 0.0 for name in PHASES}
-        self._events: list = []  # (phase, start event, end event), read by pop()
-        self._cuda = torch.cuda.is_available()
-
-    @contextmanager
-    def __call__(self, name: str):
-        if self._cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            try:
-                yield
-            finally:
-                end = torch.cuda.Event(enable_timing=True)
-                end.record()
-                self._events.append((name, start, end))
-            return
-        begin = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.totals[name] += time.perf_counter() - begin
-
-    def pop(self) -> dict[str, float]:
-        """Seconds per phase since the last pop or discard."""
-        if self._events:
-            self._events[-1][2].synchronize()  # events complete in stream order: the last one is enough
-            for name, start, end in self._events:
-                self.totals[name] += start.elapsed_time(end) / 1e3
-        out = self.totals
-        self.discard()
-        return out
-
-    def discard(self) -> None:
-        """Forget the phases since the last pop, without reading (or waiting for) them."""
-        self.totals = {name: 0.0 for name in PHASES}
-        self._events = []
 
 
 @dataclass
@@ -329,6 +283,22 @@ def _set_rng_state(state) -> None:
 def runs_probe(step: int, fraction: float) -> bool:
     """Whether step ``step`` runs the probe pass: evenly spaced, deterministic."""
     return math.floor((step + 1) * fraction) > math.floor(step * fraction)
+
+
+def nominal_shares(safety_every: int, probe_fraction: float, horizon: int = 10_000) -> tuple[float, float]:
+    """Long-run (safety, probe) pass shares per step under this schedule: the probe pass
+    runs on the steps where floor((s+1)f) > floor(s f) (``runs_probe``); the safety pass
+    runs on a probe step once the direction is ``safety_every`` or more steps old
+    (``direction_due``). E.g. k=4, f=0.5: (1/4, 1/2); k=3, f=0.5: (1/4, 1/2). The bench
+    weighs its ideal ratio with them (``SapMethod.nominal_passes``)."""
+    f, k = float(probe_fraction), int(safety_every)
+    last, safety, probe = None, 0, 0
+    for s in range(horizon):
+        if math.floor((s + 1) * f) > math.floor(s * f):
+            probe += 1
+            if last is None or s - last >= k:
+                safety, last = safety + 1, s
+    return safety / horizon, probe / horizon
 
 
 def preflight(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, safety_batch: dict | None,

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sap_ds.errors import CheckpointError  # defined there (a user error is reported without importing torch)
+from sap_ds.files import atomic_write_text
 from sap_ds.parallel.distributed import barrier, is_main
 
 LATEST = "latest"
@@ -41,15 +42,6 @@ STAGING = ".staging"
 RECOVERY_SCRIPTS = "zero_to_*.py"  # what DeepSpeed's save_checkpoint writes beside the tag folder (rank 0)
 META = "sap_ds_meta.json"
 UNIVERSAL = "universal"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def tag_for(step: int) -> str:
@@ -273,15 +265,3 @@ def load(engine, root: Path, expect: dict, world: int) -> tuple[dict, dict[str, 
     version, internal, gauss = meta["python_random"]
     random.setstate((version, tuple(internal), gauss))
     return meta, tensors, resharded
-
-
-def atomic_save_figure(fig, path: Path, dpi: int) -> None:
-    """Save a matplotlib figure to ``path`` (PNG) atomically and close it: a reader never
-    sees half a file, and an interrupted save leaves the previous plot in place."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)

@@ -10,6 +10,8 @@ import logging
 import math
 from pathlib import Path
 
+from sap_ds.files import atomic_save_figure
+
 log = logging.getLogger("sap_ds")
 
 CURVES = "curves.png"
@@ -56,8 +58,6 @@ def write_curves(out_dir: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from sap_ds.training.checkpoint import atomic_save_figure
 
     out_dir = Path(out_dir)
     series = curve_series(out_dir / "metrics.jsonl")

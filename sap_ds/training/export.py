@@ -7,21 +7,17 @@ and saved. LoRA runs write the adapter (``adapter/``) and, by default, the merge
 ``AutoModelForCausalLM.from_pretrained`` and no sap-ds code. With ``export.safelora`` the
 adapter is projected before the merge (``sap_ds/methods/safelora.py``): ``adapter/`` and
 ``model/`` hold the projected update, ``adapter_unprojected/`` the trained one and
-``safelora.json`` the per-layer report. The SAP probe is a
-training-time device and is not part of the exported model; it is saved beside it as
-``probe.safetensors`` for analysis. ``export.keep_probe`` writes it into the model as
-the authors' code leaves it: ``mlp.down_proj.bias`` of the probe layers (other biases 0).
+``safelora.json`` the per-layer report. The SAP probe is a training-time device and is not
+part of the exported model; the method saves it beside it as ``probe.safetensors`` for
+analysis (``Method.save_beside_export``). ``export.keep_probe`` writes it into the model as
+the authors' code leaves it: ``mlp.down_proj.bias`` of the probe layers, other biases 0
+(``Method.export_transform``: ``sap_ds.sap.probe.with_probe_as_bias``).
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
+from sap_ds.files import atomic_folder
 from sap_ds.model.loading import DTYPES
 from sap_ds.parallel.distributed import barrier, is_main
 
@@ -44,16 +40,8 @@ def export_model(trainer) -> Path:
 
 
 def _write_export(trainer, state: dict, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)  # the run folder may not exist yet (export before any step)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
-    try:
+    with atomic_folder(target, if_exists="replace") as tmp:  # (it makes the run folder too: export before any step)
         _save_models(trainer, state, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
 
 
 def _save_models(trainer, state: dict, tmp: Path) -> None:
@@ -83,36 +71,4 @@ def _save_models(trainer, state: dict, tmp: Path) -> None:
         model = trainer.method.export_transform(trainer, model)  # SAP's export.keep_probe
         model.save_pretrained(tmp / "model", safe_serialization=True)
         trainer.tokenizer.save_pretrained(tmp / "model")
-    if trainer.sap_state is not None:
-        save_file({"probe": trainer.sap_state.probe.vectors.detach().cpu().contiguous(),
-                   "layers": torch.tensor(trainer.sap_state.probe.layers)}, str(tmp / "probe.safetensors"))
-
-
-def with_probe_as_bias(model, probe):
-    """The same model with ``config.mlp_bias`` on: zero MLP biases except ``down_proj`` of
-    the probe layers, which holds the probe vector. A block's output is ``h + mlp(...)``,
-    so a bias on its last projection adds the vector to the block's output, as the hook
-    does in training. Only architectures whose config has ``mlp_bias`` (Llama family)."""
-    from transformers import AutoModelForCausalLM
-
-    from sap_ds.sap.probe import find_decoder_layers
-
-    config = model.config
-    if not hasattr(config, "mlp_bias"):
-        raise ValueError(f"export.keep_probe: {type(model).__name__} has no mlp_bias option to hold the probe; "
-                         "set export.keep_probe false (the probe is saved as probe.safetensors either way)")
-    config = config.__class__.from_dict(config.to_dict())
-    config.mlp_bias = True
-    biased = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
-    missing, unexpected = biased.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not k.endswith(".bias") and not k.endswith("lm_head.weight") for k in missing):
-        raise RuntimeError(f"export.keep_probe: state dict mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    biased.tie_weights()
-    blocks = find_decoder_layers(biased)
-    with torch.no_grad():
-        for name, param in biased.named_parameters():
-            if name.endswith(".bias") and ".mlp." in name:
-                param.zero_()
-        for index, layer in enumerate(probe.layers):
-            blocks[layer].mlp.down_proj.bias.copy_(probe.vectors[index].detach().to(blocks[layer].mlp.down_proj.bias))
-    return biased
+    trainer.method.save_beside_export(tmp)  # SAP's probe.safetensors

@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from sap_ds.errors import ConfigError, add_error_recorder, remove_error_recorder
+from sap_ds.files import atomic_write_text
+
 WANDB_ID_FILE = "wandb_run_id"
 TRAIN_LOG = "train.log"
 WANDB_VERSION = "0.31.0"  # the version the dev extra and requirements-cpu.txt install
@@ -31,8 +34,6 @@ WANDB_VERSION = "0.31.0"  # the version the dev extra and requirements-cpu.txt i
 
 def check_logging(cfg) -> None:
     """Before step 1: W&B asked for but not installed is a ConfigError, not a silent skip."""
-    from sap_ds.errors import ConfigError
-
     if cfg.logging.wandb is not None and cfg.logging.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
         raise ConfigError(
             f"logging.wandb: W&B logging is set (project '{cfg.logging.wandb.project}') but the wandb package is not "
@@ -71,8 +72,6 @@ class MetricsLogger:
 
     def _start_wandb(self, wandb_cfg):
         import wandb
-
-        from sap_ds.training.checkpoint import atomic_write_text
 
         id_file = self.out_dir / WANDB_ID_FILE
         run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else secrets.token_hex(4)
@@ -178,6 +177,11 @@ class _TrainLogHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - logging's rule: a failed log line never stops the program
             self.handleError(record)
 
+    def record_error(self, message: str) -> None:
+        """A line the console got outside the ``sap_ds`` logger (the error that ends a run)."""
+        logger = logging.getLogger("sap_ds")
+        self.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None))
+
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
@@ -208,6 +212,7 @@ class TrainLog:
             return
         self._handler = _TrainLogHandler(logging.Formatter(self.FORMAT, "%Y-%m-%d %H:%M:%S"))
         logging.getLogger("sap_ds").addHandler(self._handler)
+        add_error_recorder(self._handler.record_error)  # the user error that ends the run, as the console shows it
 
     def start(self, header: str) -> None:
         """The run is under way: append the header line for this start and what was logged so far."""
@@ -227,6 +232,7 @@ class TrainLog:
 
     def close(self) -> None:
         if self._handler is not None:
+            remove_error_recorder(self._handler.record_error)
             logging.getLogger("sap_ds").removeHandler(self._handler)
             self._handler.close()
             self._handler = None
@@ -235,7 +241,6 @@ class TrainLog:
 def record_in_train_log(message: str) -> None:
     """A line the console got outside the ``sap_ds`` logger (the error that ends a run) into
     the train.log of this process's run, if one is under way."""
-    logger = logging.getLogger("sap_ds")
-    for handler in logger.handlers:
+    for handler in logging.getLogger("sap_ds").handlers:
         if isinstance(handler, _TrainLogHandler):
-            handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None))
+            handler.record_error(message)

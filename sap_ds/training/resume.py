@@ -30,7 +30,7 @@ from typing import Optional
 
 from sap_ds.config.run import RunConfig, config_changes, config_to_dict
 from sap_ds.errors import ConfigError
-from sap_ds.training.checkpoint import atomic_write_text
+from sap_ds.files import atomic_write_text
 
 log = logging.getLogger("sap_ds")
 
@@ -164,9 +164,10 @@ def record_config(out: Path, cfg: RunConfig, previous: Optional[dict], step: int
 
 def check_batch_on_new_world(meta: dict, cfg: RunConfig, world: int, folder: Path) -> None:
     """Resuming on another number of ranks keeps the run's global batches: the task batch
-    (micro_batch_size x grad_accum x ranks) and SAP's safety batch (safety_batch_size x
-    ranks) index the data by step, so another size would skip or repeat examples and
-    change the optimisation. Names the overrides that restore them."""
+    (micro_batch_size x grad_accum x ranks) and the method's own (``MethodSection.rank_batches``:
+    SAP's safety batch, safety_batch_size x ranks) index the data by step, so another size
+    would skip or repeat examples and change the optimisation. Names the overrides that
+    restore them."""
     problems = []
     task = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     saved_task = meta.get("global_batch")
@@ -181,12 +182,15 @@ def check_batch_on_new_world(meta: dict, cfg: RunConfig, world: int, folder: Pat
         problems.append(f"the task batch was {saved_task} examples per step and would be {task} "
                         f"(train.micro_batch_size {cfg.train.micro_batch_size} x train.grad_accum "
                         f"{cfg.train.grad_accum} x {world} ranks); {hint}")
-    saved_safety = meta.get("safety_global_batch")
-    if cfg.method == "sap" and saved_safety is not None and saved_safety != cfg.sap.safety_batch_size * world:
-        per_rank = saved_safety / world
-        hint = f"sap.safety_batch_size={int(per_rank)}" if per_rank == int(per_rank) else "a world size that divides it"
-        problems.append(f"the safety batch was {saved_safety} pairs per step and would be "
-                        f"{cfg.sap.safety_batch_size * world} (sap.safety_batch_size x {world} ranks); {hint}")
+    section = cfg.method_section
+    for batch in section.rank_batches:
+        saved, key = meta.get(batch.meta_key), f"{section.name}.{batch.size_key}"
+        now = getattr(section, batch.size_key) * world
+        if saved is not None and saved != now:
+            per_rank = saved / world
+            hint = f"{key}={int(per_rank)}" if per_rank == int(per_rank) else "a world size that divides it"
+            problems.append(f"the {batch.what} was {saved} {batch.unit} per step and would be {now} "
+                            f"({key} x {world} ranks); {hint}")
     if problems:
         raise ConfigError(f"{folder}: written on {meta.get('world_size')} ranks, resumed on {world}: "
                           + "; ".join(problems) + ". Keep the global batch when the number of ranks changes.")

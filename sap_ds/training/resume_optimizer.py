@@ -14,20 +14,22 @@ the schedule's shape (``lr_schedule``, ``warmup_steps``, ``min_lr_ratio``, the t
 from ``max_steps``/``epochs``: the trainer's ``lr_lambda`` is built from the run config and
 LambdaLR does not save a plain function), gradient clipping (DeepSpeed's optimizer takes
 ``gradient_clipping`` from the DeepSpeed config at engine set-up; the checkpoint holds no
-copy), and SAP's probe AdamW (its lr is set before every step from ``sap.probe_lr``; the
-checkpoint holds its moments only, so ``sap.probe_adam_eps`` is the config's).
+copy), and a method's own optimizer (SAP's probe AdamW: its lr is set before every step from
+``sap.probe_lr``; the checkpoint holds its moments only, so ``sap.probe_adam_eps`` is the
+config's), whose keys its section names (``MethodSection.optimizer_keys``).
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from sap_ds.config.run import RunConfig, config_to_dict, flatten
+from sap_ds.config.methods import METHOD_SECTIONS
+from sap_ds.config.run import RunConfig, config_to_dict, flatten, unused_method_keys
 
 # The run-config keys that decide how the optimizers step; on resume a change of any of
 # them is applied from the next step on (and named in the log line of maybe_resume).
 OPTIMIZER_KEYS = ("train.lr", "train.lr_schedule", "train.warmup_steps", "train.min_lr_ratio", "train.max_steps",
                   "train.epochs", "train.weight_decay", "train.adam_betas", "train.adam_eps", "train.grad_clip",
-                  "sap.probe_lr", "sap.probe_adam_eps", "sap.probe_lr_schedule")
+                  *(f"{name}.{key}" for name, section in METHOD_SECTIONS.items() for key in section.optimizer_keys))
 
 # Param-group entries that load_checkpoint restores, and the run-config key each comes from.
 GROUP_KEYS = {"weight_decay": "train.weight_decay", "betas": "train.adam_betas", "eps": "train.adam_eps"}
@@ -70,7 +72,7 @@ def changed_settings(previous: Optional[dict], cfg: RunConfig, applied: list[str
     if previous is None:
         return list(applied)
     old, new = flatten(previous), flatten(config_to_dict(cfg))
-    unused = {f"sap.{key}" for key in cfg.sap.unused_keys(cfg.method)}
+    unused = unused_method_keys(cfg)
     if cfg.train.max_steps and old.get("train.max_steps"):
         unused.add("train.epochs")  # the total steps came from max_steps before and after
     named = {entry.split(" ", 1)[0] for entry in applied}

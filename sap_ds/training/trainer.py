@@ -21,16 +21,18 @@ import torch.distributed as dist
 
 from sap_ds.config.run import RunConfig, config_to_dict
 from sap_ds.cost.throughput import Throughput
-from sap_ds.data import RunData, build_run_data, collate, collate_pairs, global_batch_indices, packing_attention
+from sap_ds.data import RunData, build_run_data, collate, global_batch_indices
 from sap_ds.errors import ConfigError, TrainingStopped
+from sap_ds.files import atomic_write_text
 from sap_ds.methods import build_method
 from sap_ds.model.loading import apply_lora, load_model, load_tokenizer, resolve_model_path
 from sap_ds.model.losses import forward_logits, task_loss
+from sap_ds.model.packed_forward import packing_attention
 from sap_ds.parallel.collectives import all_reduce
 from sap_ds.parallel.distributed import barrier, device, is_main
 from sap_ds.parallel.ds_config import load_ds_config, optimizer_choice
 from sap_ds.parallel.zero3 import Zero3Shards
-from sap_ds.sap import step as sap_step
+from sap_ds.timing import PhaseTimer
 from sap_ds.training import checkpoint, resume, resume_optimizer
 from sap_ds.training.metrics import MetricsLogger, TrainLog, record_in_train_log, step_line
 
@@ -109,14 +111,12 @@ class Trainer:
         if is_main():
             log.info("optimizer: %s; %s", type(self.engine.basic_optimizer).__name__, optimizer_choice(cfg, ds_config)[1])
         self.shards = Zero3Shards(self.engine)
-        self.sap_state = None  # SAP's state (set by its method's setup), read by export, bench and diagnostics
         self.method.setup(self)
-        self.timer = sap_step.PhaseTimer()
+        self.timer = PhaseTimer(self.method.phases)
         self.step = 0
         self.tokens_seen = 0
         self.bad_steps = 0
         self.skipped_steps = 0
-        self._resolution_warned = False
         self.stop_requested = False
         self.metrics = MetricsLogger(self.out, enabled=is_main(), logging_cfg=cfg.logging,
                                      run_config=config_to_dict(cfg), run_name=cfg.run_name)
@@ -141,13 +141,6 @@ class Trainer:
             self._to_device(collate([self.data.train[i] for i in mine[m * t.micro_batch_size : (m + 1) * t.micro_batch_size]], pad))
             for m in range(t.grad_accum)
         ]
-
-    def safety_batch(self, step: int) -> dict:
-        size = self.cfg.sap.safety_batch_size
-        n = len(self.data.safety)
-        idx = global_batch_indices(n, size * self.world, step // self.cfg.sap.safety_every, self.cfg.seed + 7)
-        mine = idx[self.rank * size : (self.rank + 1) * size]
-        return self._to_device(collate_pairs([self.data.safety[i] for i in mine], self.tokenizer.pad_token_id))
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -216,8 +209,11 @@ class Trainer:
         # world_size and the global batches are not part of the identity: another number of
         # ranks may resume the run (resume.check_batch_on_new_world says on what terms).
         state = self.method.state_dict()
+        section = self.cfg.method_section
+        # the global sizes of the method's own batches (SAP's safety batch): resume keeps them (resume.py)
+        kept = {b.meta_key: getattr(section, b.size_key) * self.world for b in section.rank_batches}
         meta = {**self.checkpoint_identity(), "world_size": self.world, "global_batch": self.global_batch,
-                "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps, **state["meta"]}
+                "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps, **kept, **state["meta"]}
         return checkpoint.save(self.engine, self.ckpt_root, self.step, meta, state["tensors"], self.cfg.train.save_total_limit)
 
     def maybe_resume(self, previous: dict | None = None) -> None:
@@ -268,44 +264,23 @@ class Trainer:
         if self.step == 0:
             self.method.preflight(self)
 
-    def _watch_resolution(self, record: dict) -> None:
-        """The check before step 1 sees only the first direction; a LoRA run starts with B = 0,
-        where bf16 holds any step, and loses resolution as B grows. Warn once (rank 0) when a
-        logged probe step's realised perturbation leaves the tolerance, naming the figures."""
-        from sap_ds.sap.resolution import Fidelity
-
-        ratio, cosine = record.get("sap/perturb_realized_ratio"), record.get("sap/perturb_cosine")
-        if self._resolution_warned or ratio is None or cosine is None or math.isnan(ratio) or math.isnan(cosine):
-            return
-        measured = Fidelity(ratio, cosine, record.get("sap/perturb_changed_fraction", float("nan")))
-        if measured.ok or self.cfg.sap.resolution_check == "off":
-            return
-        self._resolution_warned = True
-        if is_main():
-            log.warning("step %d: the %s working shards no longer hold SAP's perturbation (%s; the check before step 1 "
-                        "passed): the probe pass measures rounding noise from here on. Raise sap.rho or train in fp32; "
-                        "sap/perturb_* in metrics.jsonl follow it (warned once)", self.step, self.cfg.model.dtype,
-                        measured.describe())
-
     # ------------------------------------------------------------------ rank consistency
 
     def check_rank_consistency(self) -> None:
-        """Fail loudly if ranks disagree on what must be replicated: the probe, the
-        direction scale and the step (a silent divergence would train a different model
-        on every rank)."""
+        """Fail loudly if ranks disagree on what must be replicated: the step and the
+        method's replicated state (``Method.replicated_values``: SAP's probe and direction
+        scale); a silent divergence would train a different model on every rank."""
         if not dist.is_initialized() or self.world == 1:
             return
         parts = [torch.tensor([float(self.step)], device=self.device)]
-        if self.sap_state is not None:  # the scale lives with the master: on the CPU under ZeRO-Offload
-            parts += [self.sap_state.probe.vectors.detach().flatten().to(self.device),
-                      self.sap_state.scale.reshape(1).float().to(self.device)]
-        local = torch.cat(parts).double()
+        parts += [v.detach().reshape(-1).to(self.device) for v in self.method.replicated_values()]
+        local = torch.cat([p.double() for p in parts])
         high, low = all_reduce(local.clone(), "max"), all_reduce(local.clone(), "min")
         if not torch.equal(high, low):
             bad = (high != low).nonzero().flatten().tolist()
             raise RuntimeError(
                 f"rank {self.rank}: ranks disagree at step {self.step} on {len(bad)} replicated values "
-                f"(step counter, probe or direction scale; first index {bad[0]}): a rank diverged"
+                f"(the step counter, then the method's replicated state; first index {bad[0]}): a rank diverged"
             )
 
     # ------------------------------------------------------------------ stopping
@@ -322,13 +297,12 @@ class Trainer:
 
     def close(self) -> None:
         """Tear the engine down so that another Trainer in this process starts clean (bench
-        variants, the GPU check, the shipped-config runner): the probe hooks, the metrics
-        files, the engine, and DeepSpeed's module-level references to it. The caller drops
-        its reference and collects."""
+        variants, the GPU check, the shipped-config runner): what the method attached (SAP's
+        probe hooks), the metrics files, the engine, and DeepSpeed's module-level references
+        to it. The caller drops its reference and collects."""
         from sap_ds.parallel.zero3 import release_deepspeed_globals
 
-        if self.sap_state is not None:
-            self.sap_state.probe.remove()
+        self.method.close()
         self.metrics.close()
         self.train_log.close()
         self.engine.destroy()
@@ -389,15 +363,13 @@ class Trainer:
             self.step += 1
             record = {"step": self.step, "loss": last_loss, "lr": self.engine.get_lr()[0], "tokens_per_s": tokens / elapsed,
                       "step_time_s": elapsed, "skipped_steps": self.skipped_steps}
-            ran = self.sap_state.ran if self.sap_state is not None else {}
-            record.update(self.throughput.step(task_lengths, self._safety_lengths(self.step - 1, ran), ran, elapsed,
-                                               min(self.sap_state.probe.layers) if self.sap_state else 0))
+            record.update(self.throughput.step(task_lengths, self.method.extra_passes(self, self.step - 1), elapsed))
             last_step = self.step == self.total_steps
             # The final eval is the last step's: one record, at that step, with its loss and eval loss.
             evaluating = (bool(cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
                           or (last_step and bool(self.data.eval)))
             if self.step % cfg.train.log_every == 0 or evaluating:
-                # Device reads (phase times, SAP statistics) only on the steps that are logged.
+                # Device reads (phase times, the method's statistics) only on the steps that are logged.
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
@@ -434,7 +406,7 @@ class Trainer:
         if preempted:
             folder = self.save_checkpoint()
             if is_main():
-                checkpoint.atomic_write_text(self.out / "REQUEUE", f"{folder.name}\n")
+                atomic_write_text(self.out / "REQUEUE", f"{folder.name}\n")
                 # Every rank has agreed to stop (should_stop's all-reduce): the request is honoured and
                 # removed, so that the next start trains on instead of stopping after one step.
                 consumed = resume.consume_stop_file(self.out)
@@ -468,7 +440,7 @@ class Trainer:
             "checkpoint_dir": str(self.ckpt_root),
         }
         if is_main():
-            checkpoint.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
             self.metrics.summary(summary)
             stale = self.out / "REQUEUE"
             if stale.exists():
@@ -503,12 +475,3 @@ class Trainer:
         step's global task batch, from the lengths the data cache keeps (no rows read)."""
         idx = global_batch_indices(len(self.data.train), self.global_batch, step, self.cfg.seed, self.cfg.data.shuffle)
         return [int(self.data.train.lengths[i]) for i in idx]
-
-    def _safety_lengths(self, step: int, ran: dict) -> list[int]:
-        """Real lengths of the safety batch (safe and harmful responses, all ranks) when this
-        step ran the safety pass; empty otherwise (and for the random-direction ablation)."""
-        if self.sap_state is None or not ran.get("safety") or self.cfg.sap.direction != "safety":
-            return []
-        size = self.cfg.sap.safety_batch_size
-        idx = global_batch_indices(len(self.data.safety), size * self.world, step // self.cfg.sap.safety_every, self.cfg.seed + 7)
-        return [len(t.input_ids) for i in idx for t in (self.data.safety[i].safe, self.data.safety[i].harmful)]

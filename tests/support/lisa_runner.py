@@ -1,6 +1,6 @@
 """Lisa on 2 ZeRO-3 ranks, full fine-tuning and LoRA in one launch (tests/test_methods.py).
 
-    deepspeed --num_gpus 2 tests/lisa_runner.py --config C --steps N --out DIR --variants JSON [key=value ...]
+    deepspeed --num_gpus 2 tests/support/lisa_runner.py --config C --steps N --out DIR --variants JSON [key=value ...]
 
 Each variant (``{name, overrides[, resume_at]}``) builds a Trainer, runs ``steps`` steps
 and writes ``DIR/name/params.safetensors`` (rank 0, gathered) and ``result.json`` (the
@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the checkout
 
 
 def _steps(trainer, until: int, losses: list) -> None:

@@ -1,6 +1,6 @@
 """``sap-ds train`` under the real launcher, recording the optimizer settings each step used.
 
-    deepspeed --num_gpus 2 tests/resume_settings_runner.py --record FILE --config C [key=value ...]
+    deepspeed --num_gpus 2 tests/support/resume_settings_runner.py --record FILE --config C [key=value ...]
 
 Runs ``sap_ds.train.main`` unchanged (resume included) with every Trainer's optimizers
 wrapped: just before each weight step, the ZeRO-3 optimizer's param group (lr, betas, eps,
@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the checkout
 
 
 def instrument(records: dict) -> None:
@@ -38,7 +38,8 @@ def instrument(records: dict) -> None:
             return weight_step(*a, **k)
 
         zero.step = step_weights
-        probe_optimizer = trainer.sap_state.probe_optimizer if trainer.sap_state is not None else None
+        sap_state = getattr(trainer.method, "state", None)  # SapMethod's
+        probe_optimizer = sap_state.probe_optimizer if sap_state is not None else None
         if probe_optimizer is not None:
             probe_step = probe_optimizer.step
 

@@ -1,6 +1,6 @@
 """Run a few trainer steps under the real launcher and dump what the tests compare.
 
-    deepspeed --num_gpus 2 tests/zero3_runner.py --config C --steps N --out DIR [--inspect] [key=value ...]
+    deepspeed --num_gpus 2 tests/support/zero3_runner.py --config C --steps N --out DIR [--inspect] [key=value ...]
 
 Writes to DIR: ``params.safetensors`` (every trainable parameter, gathered, rank 0),
 ``probe_rank{r}.safetensors`` (each rank's probe), ``result.json`` (all ranks' losses and,
@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the checkout
 
 
 def inspect_first_step(trainer) -> dict:
@@ -32,8 +32,9 @@ def export_with_logits(trainer, out: str) -> None:
     from sap_ds.model.losses import forward_logits
     from sap_ds.training.export import export_model
 
-    if trainer.sap_state is not None:
-        trainer.sap_state.probe.enabled = False
+    sap_state = getattr(trainer.method, "state", None)  # SapMethod's
+    if sap_state is not None:
+        sap_state.probe.enabled = False
     batch = trainer.task_micro_batches(0)[0]
     with torch.no_grad():
         logits = forward_logits(trainer.engine, batch)  # collective: every rank runs it
@@ -74,7 +75,7 @@ def run_one(cfg, rank: int, world: int, steps: int, out: str, inspect: bool = Fa
     os.makedirs(out, exist_ok=True)
     checker = None
     if check_collectives:  # every collective of the whole run: engine set-up, SAP steps, checks
-        from tests.collective_checker import CollectiveChecker
+        from tests.support.collective_checker import CollectiveChecker
 
         checker = CollectiveChecker().install()
     trainer = Trainer(cfg, rank, world)
@@ -107,8 +108,8 @@ def run_one(cfg, rank: int, world: int, steps: int, out: str, inspect: bool = Fa
             # response tokens per micro-batch (the GAS tests want micro-batches of unequal sizes)
             tokens.append([int((b["labels"][:, 1:] != -100).sum()) for b in trainer.task_micro_batches(step)])
             losses.append(trainer.train_step(step))
-            if trainer.sap_state is not None:
-                result["sap_stats"].append(_stats(trainer.sap_state))
+            if getattr(trainer.method, "state", None) is not None:
+                result["sap_stats"].append(_stats(trainer.method.state))
         gathered = [None] * world
         dist.all_gather_object(gathered, [losses, tokens])
         result["losses"] = [[x for r in range(world) for x in gathered[r][0][s]] for s in range(steps)]
@@ -120,8 +121,8 @@ def run_one(cfg, rank: int, world: int, steps: int, out: str, inspect: bool = Fa
             save_file(full, os.path.join(out, "params.safetensors"))
         if export:
             export_with_logits(trainer, out)
-    if trainer.sap_state is not None:
-        save_file({"probe": trainer.sap_state.probe.vectors.detach().clone()},
+    if getattr(trainer.method, "state", None) is not None:
+        save_file({"probe": trainer.method.state.probe.vectors.detach().clone()},
                   os.path.join(out, f"probe_rank{rank}.safetensors"))
     if rank == 0:
         with open(os.path.join(out, "result.json"), "w") as handle:
@@ -148,7 +149,7 @@ def main() -> int:
     parser.add_argument("--memory", action="store_true", help="report this rank's model-state bytes and exit")
     parser.add_argument("--export", action="store_true", help="after training: logits of the engine, then export")
     parser.add_argument("--check-collectives", action="store_true",
-                        help="inspect step 0, train, check ranks and evaluate under tests/collective_checker.py")
+                        help="inspect step 0, train, check ranks and evaluate under tests/support/collective_checker.py")
     parser.add_argument("--variants", help="JSON list of {name, overrides[, steps, inspect, memory, export, check_collectives]}: "
                                            "one Trainer after another in this process, each writing to OUT/name (saves "
                                            "a launch per variant)")

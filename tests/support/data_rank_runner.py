@@ -1,6 +1,6 @@
 """Two gloo ranks prepare the same data, as the trainer's ranks do after init_distributed:
 
-    python tests/data_rank_runner.py OUT_DIR CACHE_DIR GOOD_FILE BAD_FILE
+    python tests/support/data_rank_runner.py OUT_DIR CACHE_DIR GOOD_FILE BAD_FILE
 
 Rank 0 (the node's first rank) writes the cache while rank 1 waits and then reads it; a
 bad file fails both ranks with the builder's message (rank 1 is never left waiting).
@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the checkout
 
 import torch.distributed as dist  # noqa: E402
 

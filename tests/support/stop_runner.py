@@ -1,6 +1,6 @@
 """``sap-ds train`` stopped by a person at a known step, for the tests of stopping and resuming.
 
-    SAP_DS_TEST_STOP_AFTER=N [deepspeed --num_gpus 2] tests/stop_runner.py --config C [key=value ...]
+    SAP_DS_TEST_STOP_AFTER=N [deepspeed --num_gpus 2] tests/support/stop_runner.py --config C [key=value ...]
 
 Runs ``sap_ds.train.main`` unchanged, except that rank 0 creates the stop file
 (``$SAP_DS_STOP_FILE``, default ``output_dir/STOP``) as soon as it has trained step N, as a
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the checkout
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Every shipped config, run for a step as a user's run, in one launch (tests/test_shipped_configs.py).
 
-``deepspeed --num_gpus 2 tests/shipped_configs_runner.py --results R --model M --alpaca A``,
+``deepspeed --num_gpus 2 tests/support/shipped_configs_runner.py --results R --model M --alpaca A``,
 from a working directory outside the checkout. Each config under configs/ is found by
 globbing (sap_ds.resources.shipped_configs) and loaded by its shipped name (``demo``,
 ``70b/llama2_70b_chat_lora``), then, by kind:
@@ -17,7 +17,7 @@ globbing (sap_ds.resources.shipped_configs) and loaded by its shipped name (``de
   the distinct ones run; sweep configs: every point is validated (their train config runs
   as a shipped config of its own);
 * bench configs: every variant validated, the base run run;
-* eval configs: validated, and ``sap_ds.eval.evaluate`` run on the tiny model with a few
+* eval configs: validated, and ``sap_ds.evaluation.evaluate.evaluate`` run on the tiny model with a few
   prompts and examples of each set.
 
 One Trainer after another in this process (as sap_ds/bench.py does): the start-up of a
@@ -34,7 +34,7 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 STEPS = 1  # data loading, mixing, validation, the first step, the final eval, a checkpoint and the export
@@ -178,7 +178,7 @@ class Runner:
         from sap_ds.config.reading import read_config_file, validate_tree
         from sap_ds.config.run import load_config
         from sap_ds.evaluation.config import load_eval_config
-        from sap_ds.experiments.sweep import SweepConfig, expand_points
+        from sap_ds.experiments.sweep_config import SweepConfig, expand_points
 
         cfg = validate_tree(SweepConfig, read_config_file(path, schema=SweepConfig), [], name)
         load_eval_config(cfg.eval_config)
@@ -213,8 +213,8 @@ class Runner:
         return [f"{len(bench.variants)} variants validated"] + self.run_config(name, tree=tree)
 
     def evaluation(self, name: str, path: Path) -> list[str]:
-        from sap_ds.eval import evaluate
         from sap_ds.evaluation.config import load_eval_config
+        from sap_ds.evaluation.evaluate import evaluate
 
         cfg = load_eval_config(name)
         small = ["generation.max_new_tokens=4"]
