@@ -105,7 +105,16 @@ def test_runs_side_by_side(tmp_path):
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["index"], r["point"], r["status"]) for r in records] == [(0, "sft", "done"), (1, "sap.rho=0.01", "done")]
     launched = [line for line in proc.stdout.splitlines() if line.startswith("sap-ds sweep: train ")]
-    assert len(launched) == 4 and "train sap.rho=0.01/seed0" in launched[0]  # 2 starts, 2 ends; SAP submitted first
+    # 2 starts, then 2 ends: both ran at once (which of the two threads prints its start line first is a race)
+    assert len(launched) == 4 and all("(output in " in line for line in launched[:2])
+    # ... and SAP was submitted first: the order the pool took them in
+    from sap_ds.config.reading import read_config_file, validate_tree
+    from sap_ds.experiments.runs import launch_order
+    from sap_ds.experiments.sweep import Sweep
+
+    cfg = validate_tree(SweepConfig, read_config_file(str(config), schema=SweepConfig), [], str(config))
+    runs = Sweep(cfg).runs
+    assert [runs[i]["point"] for i in launch_order(runs)] == ["sap.rho=0.01", "sft"]
     assert sum("(output in " in line for line in launched) == 2 and sum("finished in" in line for line in launched) == 2
     for point in ("sft", "sap.rho=0.01"):
         run_dir = out / point / "seed0"
