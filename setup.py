@@ -51,9 +51,9 @@ class BuildWithShippedFiles(build_py):
                 target = package / "shipped" / name
                 shutil.rmtree(target, ignore_errors=True)
                 shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        commit = _git("rev-parse", "HEAD")
+        commit = _git("rev-parse", "HEAD")  # dirty by sap_ds/version.py's rule: tracked changes or untracked files
         info = {"version": VERSION, "commit": commit,
-                "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+                "dirty": bool(_git("--no-optional-locks", "status", "--porcelain")) if commit else None}
         (package / "_build_info.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
 
 

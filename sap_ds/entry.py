@@ -18,17 +18,20 @@ from sap_ds.dependencies import refuse_old_packages
 from sap_ds.errors import USER_ERRORS, report_user_error
 
 
-def run_command(work: Callable[[], int], version_floors: Optional[str] = None, console_log: bool = False) -> int:
+def run_command(work: Callable[[], int], version_floors: Optional[str] = None, console_log: bool = False,
+                user_errors: tuple[type[Exception], ...] = (), command: str = "sap-ds") -> int:
     """``work()``'s exit code, or 2 with one line on stderr for a user error it raised.
 
     ``version_floors``: the command whose package floors to check first
     (``sap_ds.dependencies.COMMAND_PACKAGES``; a package below its floor is exit code 2).
-    ``console_log``: the ``sap_ds`` logger's INFO lines on the console, as ``[sap-ds] ...``."""
+    ``console_log``: the ``sap_ds`` logger's INFO lines on the console, as ``[sap-ds] ...``.
+    ``user_errors``: the command's own user errors besides ``USER_ERRORS`` (the planner's
+    ``PlanError``); ``command``: the line's prefix, ``<command>: error: ...``."""
     if version_floors is not None and (code := refuse_old_packages(version_floors)) is not None:
         return code
     if console_log:
         logging.basicConfig(level=logging.INFO, format="[sap-ds] %(message)s")
     try:
         return work()
-    except USER_ERRORS as exc:
-        return report_user_error(exc)
+    except (*USER_ERRORS, *user_errors) as exc:
+        return report_user_error(exc, command)

@@ -59,8 +59,8 @@ def remove_error_recorder(recorder: Callable[[str], None]) -> None:
         _ERROR_RECORDERS.remove(recorder)
 
 
-def report_user_error(exc: Exception) -> int:
-    message = f"sap-ds: error: {exc}"
+def report_user_error(exc: Exception, command: str = "sap-ds") -> int:
+    message = f"{command}: error: {exc}"
     print(message, file=sys.stderr, flush=True)
     for record in list(_ERROR_RECORDERS):
         record(message)

@@ -6,8 +6,10 @@ import json
 import pytest
 import yaml
 
+from sap_ds import version
 from sap_ds.cost import flops
 from sap_ds.cost.model_spec import NAMED_MODELS, ModelSpec
+from sap_ds.methods import all_phases
 from tests.support.launch import launch
 from tests.support.repo import REPO
 
@@ -101,8 +103,9 @@ def test_fast_preset_is_demo_plus_fast_knobs():
 
 
 def test_bench_config_errors(tmp_path):
-    from sap_ds.bench import load_bench_config, parse_args, select
+    from sap_ds.bench import parse_args, select
     from sap_ds.errors import ConfigError
+    from sap_ds.experiments.bench_runs import load_bench_config
 
     tree = yaml.safe_load((REPO / "configs/tiny.yaml").read_text())
     bad = tmp_path / "bad.yaml"
@@ -119,6 +122,33 @@ def test_bench_config_errors(tmp_path):
         select(bench, parse_args(["--config", "c", "--out", "o", "--variants", "sft,nope"]))
     picked = select(bench, parse_args(["--config", "c", "--out", "o", "--variants", "paper,sft", "--steps", "3"]))
     assert [v.name for v in picked.variants] == ["paper", "sft"] and picked.timed_steps == 3
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_bench_record_names_the_commit_sap_ds_version_names(installed, tmp_path, monkeypatch):
+    """The bench JSON's git_commit and git_dirty are ``sap_ds.version.commit()``'s (what
+    ``sap-ds --version`` prints), in a checkout and in an installed package (no git; the
+    build record setup.py writes), where the bench once wrote null."""
+    from sap_ds import version
+    from sap_ds.config.run import load_config
+    from sap_ds.experiments.bench_report import bench_result
+    from sap_ds.experiments.bench_runs import BenchSection
+
+    if installed:  # a package folder with its build record and no checkout around it
+        package = tmp_path / "site" / "sap_ds"
+        package.mkdir(parents=True)
+        (package / "_build_info.json").write_text(json.dumps({"version": "0.1.0", "commit": "0123abc", "dirty": True}))
+        monkeypatch.setattr(version, "PACKAGE_DIR", package)
+        monkeypatch.setattr(version, "BUILD_INFO", package / "_build_info.json")
+    found = version.commit()
+    assert found.hash and (found.source == "recorded at build time") == installed
+    result = bench_result([], date="2026-01-01T00:00:00+00:00", world=1, command="sap-ds bench", peak={},
+                          bench=BenchSection(variants=[]), base=load_config(REPO / "configs/tiny.yaml"))
+    assert (result["git_commit"], result["git_dirty"]) == (found.hash, found.dirty)
+    named = result["git_commit"] + ("+dirty" if result["git_dirty"] else "")
+    assert f"(commit {named}, {found.source})" in version.version_line()
+    if installed:
+        assert (result["git_commit"], result["git_dirty"]) == ("0123abc", True)
 
 
 RECORD_FIELDS = {"variant", "method", "overrides", "tokens_per_s", "task_tokens_per_s", "padded_tokens_per_s", "step_time_s", "phase_time_s",
@@ -140,6 +170,8 @@ def test_bench_end_to_end_two_ranks(tmp_path):
     assert TOP_FIELDS <= set(result) and result["world_size"] == 2
     assert result["versions"]["torch"] and result["versions"]["deepspeed"]
     assert result["machine"]["device"] == "cpu" and result["peak_flops_per_s"]["total"] > 0
+    code = version.commit()  # the commit `sap-ds --version` names
+    assert (result["git_commit"], result["git_dirty"]) == (code.hash, code.dirty) and code.hash
     sft, paper, lisa, mix = result["variants"]
     assert (sft["variant"], sft["method"], paper["variant"], paper["method"]) == ("sft", "sft", "paper", "sap")
     assert (mix["variant"], mix["method"]) == ("safety_mix", "safety_mix") and mix["settings"]["safety_mix_examples"] == 1
@@ -148,7 +180,7 @@ def test_bench_end_to_end_two_ranks(tmp_path):
         assert RECORD_FIELDS <= set(r)
         assert r["tokens_per_s"] > 0 and r["padded_tokens_per_s"] >= r["tokens_per_s"]
         assert len(r["step_time_s"]["per_step"]) == 2 and r["peak_mem_bytes"] > 0 and 0 < r["mfu"]
-        assert set(r["phase_time_s"]) == {"safety", "perturb", "probe", "restore", "main"}
+        assert tuple(r["phase_time_s"]) == all_phases()  # every method's phases, in every record
         assert r["engine_released"]  # teardown freed the engine: no model leaks into the next variant
     assert sft["ratio_vs_sft"] == 1.0 and sft["model_flops_breakdown"]["probe_forward"] == 0
     assert paper["safety_passes"] == 2 and paper["probe_passes"] == 2

@@ -60,8 +60,8 @@ def test_every_shipped_config_loads(path):
         eval_config.load_eval_config(cfg.eval_config)
         return
     if "bench" in tree:  # benchmark configs (sap-ds bench): a run config plus a bench section
-        bench = pytest.importorskip("sap_ds.bench")
-        _, cfg, _ = bench.load_bench_config(str(path), [])
+        bench_runs = pytest.importorskip("sap_ds.experiments.bench_runs")
+        _, cfg, _ = bench_runs.load_bench_config(str(path), [])
     else:
         cfg = load_config(path)
     assert isinstance(cfg, RunConfig)

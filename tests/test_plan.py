@@ -244,9 +244,7 @@ def test_sap_costs_more_time_than_sft():
 def test_same_step_adds_one_probe_pass_of_compute_and_gathers():
     """sap.probe_timing same_step: the probe pass at W as well as at W', each a forward and a
     backward down to the lowest probe layer, with its gathers; nothing else changes."""
-    from sap_ds.config.methods import SapConfig
-
-    assert {t: SapConfig(probe_timing=t).probe_passes for t in P.PROBE_PASSES} == P.PROBE_PASSES
+    assert P.PROBE_PASSES == {"next_step": 1, "same_step": 2}  # SAP's section's count, every timing it takes
     common = dict(model="llama2-7b", nodes=2, gpus_per_node=8, seq_len=1024, micro_batch=2, grad_accum=2)
     nxt, same = _plan(**common), _plan(**common, probe_timing="same_step")
     extra = same.sap.flops_per_step_per_gpu - nxt.sap.flops_per_step_per_gpu
@@ -309,6 +307,21 @@ def test_cli_named_size_table(capsys):
     assert "TOTAL per GPU" in out and "SAP/SFT throughput" in out and "assumptions:" in out
     assert "68,976,648,192" in out
     assert "(fits on h100-80gb)" in out and "It fits with" not in out and "No single change" not in out
+
+
+def test_each_default_is_written_once():
+    """The flags' defaults are ``PlanInputs``' (a bare command plans ``PlanInputs(model=...)``),
+    and an input that is a run-config key defaults to that key's default."""
+    from sap_ds.config.methods import SapConfig
+    from sap_ds.config.run import DataConfig, LoraConfig
+
+    assert P.inputs_from_args(P.build_parser().parse_args(["--model", "llama2-7b"])) == P.PlanInputs(model="llama2-7b")
+    i, lora, sap = P.PlanInputs(model="m"), LoraConfig(), SapConfig()
+    assert (i.lora_r, list(i.lora_targets), i.lora_dropout) == (lora.r, lora.target_modules, lora.dropout)
+    assert i.safety_seq_len == DataConfig.model_fields["safety_max_length"].default
+    assert (i.safety_batch, list(i.probe_layers), i.safety_every, i.probe_fraction, i.probe_timing,
+            i.probe_micro_batches) == (sap.safety_batch_size, sap.probe_layers, sap.safety_every, sap.probe_fraction,
+                                       sap.probe_timing, sap.probe_micro_batches)
 
 
 def test_cli_help_has_a_help_string_for_every_option(capsys):

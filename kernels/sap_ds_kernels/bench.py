@@ -22,7 +22,6 @@ import importlib.metadata
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -124,6 +123,8 @@ def median_seconds(fused, unfused, repeats: int, cuda: bool, flush) -> tuple[flo
 
 
 def environment() -> dict:
+    from sap_ds.version import commit  # the one commit reader (``sap-ds --version``'s): "<hash>[+dirty]" or "unknown"
+
     cuda = torch.cuda.is_available()
     if cuda:
         name = torch.cuda.get_device_name()
@@ -132,11 +133,6 @@ def environment() -> dict:
         if os.path.exists("/proc/cpuinfo"):
             with open("/proc/cpuinfo") as f:
                 name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
     try:
         triton_version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
@@ -147,7 +143,7 @@ def environment() -> dict:
         "device_type": "cuda" if cuda else "cpu",
         "peak_bandwidth_TBps": peak,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit,
+        "git_commit": str(commit()),
         "torch_version": torch.__version__,
         "triton_version": triton_version,
     }

@@ -1,4 +1,5 @@
-"""Peak FLOP/s of the machine, the denominator of MFU, for the trainer and the benchmark.
+"""The machine: its peak FLOP/s, the denominator of MFU, for the trainer and the benchmark;
+and what it is (CPU, GPUs, threads, package versions), for the benchmark's record.
 
 GPUs: a table of dense peaks by device name and dtype (vendor data sheets). CPUs have no
 such number a user could look up, so it is measured: the best time of a square GEMM in
@@ -8,6 +9,8 @@ with the machine's load, and is labelled as measured wherever it is written.
 """
 from __future__ import annotations
 
+import os
+import platform
 import time
 from typing import Optional
 
@@ -70,3 +73,39 @@ def job_peak_flops(dtype: str, world: int, gemm_size: int = CPU_GEMM_SIZE, repea
     return {"source": f"measured: best {dtype} GEMM {gemm_size}^3 per rank, all ranks at once, "
                       f"{torch.get_num_threads()} thread(s) per rank",
             "per_rank": total / world, "total": total}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(world: int) -> dict:
+    """What a measurement ran on: CPU, cores, OS, Python, ranks and threads, the GPU and its
+    count (no hostname)."""
+    import torch
+
+    info = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "world_size": world,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info.update(device="cuda", gpu=torch.cuda.get_device_name(), gpu_count=torch.cuda.device_count(),
+                    cuda=torch.version.cuda)
+    else:
+        info.update(device="cpu", gpu=None, gpu_count=0)
+    return info
+
+
+def software_versions() -> dict:
+    """The versions of the packages a training step runs in, as imported."""
+    import deepspeed
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}

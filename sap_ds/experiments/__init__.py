@@ -1,1 +1,1 @@
-"""Many runs: comparisons, sweeps, their launching and their reports."""
+"""Many runs: comparisons, sweeps, the throughput benchmark's variants, their launching and their reports."""

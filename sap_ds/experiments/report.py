@@ -11,9 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from sap_ds.entry import run_command
 from sap_ds.methods import all_phases
-
-PHASES = all_phases()
 
 
 def load_run(folder: Path) -> dict:
@@ -25,21 +24,22 @@ def load_run(folder: Path) -> dict:
     timed = [r for r in records if "step_time_s" in r][1:] or [r for r in records if "step_time_s" in r]  # skip warm-up
     mean = lambda key: sum(r.get(key, 0.0) or 0.0 for r in timed) / max(1, len(timed))  # noqa: E731
     summary["mean_step_time_s"] = mean("step_time_s")
-    summary["phases"] = {p: mean(f"time/{p}") for p in PHASES}
+    summary["phases"] = {p: mean(f"time/{p}") for p in all_phases()}
     return summary
 
 
 def table(runs: dict[str, dict]) -> str:
     base = next(iter(runs.values()))["mean_step_time_s"]
-    head = "| run | method | steps | train loss | eval loss | tokens/s | step time (s) | vs first | " + " | ".join(PHASES) + " |"
-    rule = "|" + "---|" * (8 + len(PHASES))
+    phases = all_phases()
+    head = "| run | method | steps | train loss | eval loss | tokens/s | step time (s) | vs first | " + " | ".join(phases) + " |"
+    rule = "|" + "---|" * (8 + len(phases))
     rows = [head, rule]
     for name, s in runs.items():
         ratio = s["mean_step_time_s"] / base if base else float("nan")
         cells = [name, s["method"], str(s["final_step"]), f"{s['final_train_loss']:.4f}",
                  f"{s['final_eval_loss']:.4f}" if s["final_eval_loss"] is not None else "n/a",
                  f"{s['tokens_per_s']:.1f}", f"{s['mean_step_time_s']:.3f}", f"{ratio:.2f}x"]
-        cells += [f"{s['phases'][p]:.3f}" for p in PHASES]
+        cells += [f"{s['phases'][p]:.3f}" for p in phases]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -49,8 +49,11 @@ def main(argv=None) -> int:
     if not folders:
         print("usage: python -m sap_ds.experiments.report RUN_DIR [RUN_DIR ...]", file=sys.stderr)
         return 2
-    runs = {str(f): load_run(f) for f in folders}
-    print(table(runs))
+    return run_command(lambda: print_table(folders))
+
+
+def print_table(folders: list[Path]) -> int:
+    print(table({str(f): load_run(f) for f in folders}))
     return 0
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from sap_ds.gpu_check.report import STEP_NAMES, Step, running, write_report
+from sap_ds.version import commit
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE_STEPS = (4, 5, 6, 7)
@@ -90,13 +91,6 @@ def machine() -> dict:
     return info
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
@@ -127,7 +121,7 @@ def main(argv=None) -> int:
         for step in engine_steps:
             print(f"gpu_check: step {step.number} ({STEP_NAMES[step.number]}): {step.status} in {step.seconds:.1f} s", flush=True)
         steps += engine_steps
-    report = {"schema": "sap-ds-gpu-check/1", "mode": "cpu" if args.cpu else "gpu", "date_utc": date, "git_commit": git_commit(),
+    report = {"schema": "sap-ds-gpu-check/1", "mode": "cpu" if args.cpu else "gpu", "date_utc": date, "git_commit": str(commit()),
               "machine": machine(), "engine_world_size": world, "engine_command": command,
               "command": " ".join(["gpu_check", *(argv if argv is not None else sys.argv[1:])]),
               "seconds": round(time.perf_counter() - start, 1), "steps": [s.to_dict() for s in sorted(steps, key=lambda s: s.number)]}

@@ -204,8 +204,8 @@ class Runner:
         return checks
 
     def bench(self, name: str, path: Path) -> list[str]:
-        from sap_ds.bench import load_bench_config
         from sap_ds.config.run import build_config
+        from sap_ds.experiments.bench_runs import load_bench_config
 
         bench, _, tree = load_bench_config(str(path), [])
         for variant in bench.variants:
