@@ -50,12 +50,15 @@ def evaluate_and_report(args) -> int:
     cfg = load_eval_config(args.config, args.overrides)  # validate before loading anything heavy
     from sap_ds.evaluation.output import markdown, write_report
     from sap_ds.evaluation.runtime import init_from_env, is_main
+    from sap_ds.parallel.distributed import shutdown_distributed
 
     init_from_env()
     from sap_ds.evaluation.evaluate import evaluate
 
     result = evaluate(args.model, cfg, args.base)
-    if is_main():
+    main_rank = is_main()  # before the groups go: without one, every process would count as rank 0
+    shutdown_distributed()
+    if main_rank:
         path = write_report(result, Path(args.out) if args.out else default_out(args.model))
         print(markdown(result), flush=True)
         print(f"sap-ds eval: wrote {path} and {path.with_suffix('.md')}", flush=True)

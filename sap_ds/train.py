@@ -58,12 +58,14 @@ def train(args, started: float) -> int:
     from sap_ds.parallel.distributed import init_distributed, is_main
 
     rank, _, world = init_distributed(cfg.distributed)
+    from sap_ds.parallel.distributed import shutdown_distributed
     from sap_ds.training.trainer import Trainer
 
     try:
         summary = Trainer(cfg, rank, world).train()
-    except TrainingStopped as exc:
+    except TrainingStopped as exc:  # every rank stops at the same step, with its checkpoint written
         print(f"sap-ds: stopped: {exc}", file=sys.stderr, flush=True)
+        shutdown_distributed()
         return EXIT_TRAINING_STOPPED
     if is_main():
         print_done(cfg.output_dir, summary) if summary.get("already_done") else print_summary(summary)
@@ -73,7 +75,9 @@ def train(args, started: float) -> int:
         # The deepspeed launcher ends every rank once one exits non-zero: all ranks leave together,
         # after rank 0 has written the REQUEUE marker, removed the stop file and printed the above.
         barrier()
+        shutdown_distributed()
         return EXIT_STOPPED_RESUMABLE
+    shutdown_distributed()
     return 0
 
 

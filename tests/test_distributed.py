@@ -78,3 +78,21 @@ def test_wait_barrier_outlasts_the_training_timeout_which_is_applied():
     torch.multiprocessing.spawn(_timeout_worker, args=(free_port(), results), nprocs=2)
     assert results["wait0"] == results["wait1"] == "ok"
     assert results["train1"] == "timeout", dict(results)
+
+
+def _shutdown_worker(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.init_distributed()
+    distributed.barrier()
+    distributed.shutdown_distributed()
+    results[rank] = (dist.is_initialized(), distributed._wait_group is None)
+
+
+def test_shutdown_destroys_every_group_of_a_rank():
+    """A rank that leaves with its gloo groups alive can die in interpreter finalisation after its
+    work is done (CI at 345b5a2: exit 250 through the launcher); every entry ends with this call."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_shutdown_worker, args=(free_port(), results), nprocs=2)
+    assert dict(results) == {0: (False, True), 1: (False, True)}

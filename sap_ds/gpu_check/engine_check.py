@@ -302,6 +302,9 @@ def main(argv=None) -> int:
                                                                 default=str))
     for t in shared.values():
         close(t)
+    from sap_ds.parallel.distributed import shutdown_distributed
+
+    shutdown_distributed()
     return 0
 
 

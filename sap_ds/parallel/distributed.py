@@ -100,3 +100,21 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier(group=_wait_group)
+
+
+def shutdown_distributed() -> None:
+    """Destroy every process group of this process (the wait group included) once its last
+    collective is done: call it on every rank at the end of a run.
+
+    Why: a process that leaves with its gloo groups alive lets their C++ worker threads outlive
+    Python's finalisation, and a rank whose work is done can still die with "terminate called
+    without an active exception" (pytorch/pytorch#190489); the deepspeed launcher then ends the
+    job with exit 250 although every result was written. With NCCL, torch asks for the same
+    call ("process group has NOT been destroyed"). Not called on an error path: with NCCL,
+    destroying a group while another rank still waits in a collective can block."""
+    global _wait_group
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()  # None: the default group and every group made after it
+    _wait_group = None

@@ -71,7 +71,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from sap_ds.config.run import load_config
-    from sap_ds.parallel.distributed import init_distributed
+    from sap_ds.parallel.distributed import init_distributed, shutdown_distributed
 
     rank, _, world = init_distributed()
     for variant in json.loads(args.variants):
@@ -79,6 +79,7 @@ def main() -> int:
         cfg = load_config(args.config, args.overrides + variant["overrides"] +
                           [f"train.max_steps={args.steps}", f"output_dir={out}/run"])
         run_variant(cfg, rank, world, args.steps, out, variant.get("resume_at"))
+    shutdown_distributed()
     return 0
 
 

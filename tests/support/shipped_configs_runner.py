@@ -271,10 +271,11 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None, help="config names (default: all)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = parser.parse_args()
-    from sap_ds.parallel.distributed import init_distributed
+    from sap_ds.parallel.distributed import init_distributed, shutdown_distributed
 
     rank, _, world = init_distributed()
     Runner(args, rank, world).run_all()
+    shutdown_distributed()
     return 0
 
 

@@ -158,12 +158,13 @@ def main() -> int:
     args = parser.parse_args()
 
     from sap_ds.config.run import load_config
-    from sap_ds.parallel.distributed import init_distributed
+    from sap_ds.parallel.distributed import init_distributed, shutdown_distributed
 
     rank, _, world = init_distributed()
     if args.variants is None:
         cfg = load_config(args.config, args.overrides + [f"train.max_steps={args.steps}"])
         run_one(cfg, rank, world, args.steps, args.out, args.inspect, args.memory, args.export, args.check_collectives)
+        shutdown_distributed()
         return 0
     from sap_ds.parallel.zero3 import release_deepspeed_globals
 
@@ -175,6 +176,7 @@ def main() -> int:
                 inspect=variant.get("inspect", False), memory=variant.get("memory", False), export=variant.get("export", False),
                 check_collectives=variant.get("check_collectives", False))
         release_deepspeed_globals()  # no gc.collect here: the next engine's set-up collects (zero.utils.defragment)
+    shutdown_distributed()
     return 0
 
 
