@@ -42,9 +42,11 @@ test: $(STAMP)
 
 # tests/test_user_install.py: a fresh venv, torch, then `pip install` of the checkout resolved against the
 # package registry (not requirements-cpu.txt), and tiny SFT/SAP runs from an empty folder; it fails unless
-# every dependency resolved to its `<=` bound in setup.py. Minutes; needs the registry; not in `make test`.
+# every dependency resolved to its `<=` bound in setup.py. tests/test_gpu_wheels.py: the wheel folder of
+# scripts/build_gpu_wheels.sh installed by scripts/gpu_check.sh into a clean Python 3.12 venv holding the GPU
+# image's versions, then pip check and imports (~4 min). Minutes; needs the registry; not in `make test`.
 test-install: $(STAMP)
-	$(RUN_ENV) $(PY) -m pytest -q -s -m user_install --durations=0 tests/test_user_install.py
+	$(RUN_ENV) $(PY) -m pytest -q -s -m user_install --durations=0 tests/test_user_install.py tests/test_gpu_wheels.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -85,13 +85,12 @@ def bench_and_report(args, argv) -> int:
 
     fail_fast(base)
     from sap_ds.experiments import bench_report, bench_runs
-    from sap_ds.parallel.distributed import init_distributed, shutdown_distributed
+    from sap_ds.parallel.distributed import process_groups
 
-    rank, _, world = init_distributed(base.distributed)
     out = Path(args.out)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    measured = bench_runs.measure(tree, list(args.overrides), base, bench, rank, world, out.parent / f"{out.stem}_runs")
-    shutdown_distributed()  # measure held the last collective; what follows is rank 0's report
+    with process_groups(base.distributed) as (rank, _, world):  # measure holds the last collective
+        measured = bench_runs.measure(tree, list(args.overrides), base, bench, rank, world, out.parent / f"{out.stem}_runs")
     if measured is None:  # not rank 0
         return 0
     peak, records = measured

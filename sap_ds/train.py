@@ -55,29 +55,29 @@ def train(args, started: float) -> int:
     if rank0:
         clear_stale_stop_file(Path(cfg.output_dir), started)
     fail_fast(cfg)
-    from sap_ds.parallel.distributed import init_distributed, is_main
+    from sap_ds.parallel.distributed import process_groups
 
-    rank, _, world = init_distributed(cfg.distributed)
-    from sap_ds.parallel.distributed import shutdown_distributed
+    with process_groups(cfg.distributed) as (rank, _, world):
+        return train_in_groups(cfg, rank, world)
+
+
+def train_in_groups(cfg, rank: int, world: int) -> int:
+    """``train``'s part inside the process groups, which end with it (0, 3 or 75)."""
+    from sap_ds.parallel.distributed import barrier, is_main
     from sap_ds.training.trainer import Trainer
 
     try:
         summary = Trainer(cfg, rank, world).train()
     except TrainingStopped as exc:  # every rank stops at the same step, with its checkpoint written
         print(f"sap-ds: stopped: {exc}", file=sys.stderr, flush=True)
-        shutdown_distributed()
         return EXIT_TRAINING_STOPPED
     if is_main():
         print_done(cfg.output_dir, summary) if summary.get("already_done") else print_summary(summary)
     if summary.get("preempted"):
-        from sap_ds.parallel.distributed import barrier
-
         # The deepspeed launcher ends every rank once one exits non-zero: all ranks leave together,
         # after rank 0 has written the REQUEUE marker, removed the stop file and printed the above.
         barrier()
-        shutdown_distributed()
         return EXIT_STOPPED_RESUMABLE
-    shutdown_distributed()
     return 0
 
 
@@ -85,15 +85,13 @@ def fail_fast(cfg) -> None:
     """Checks that need no process group: a bad model path, attention backend or DeepSpeed
     file, or a checkpoint of another run in output_dir, should fail in seconds, before
     ranks start and data loads."""
-    import torch
-
     from sap_ds.parallel.distributed import prepare_environment
 
     prepare_environment()
-    check_run(cfg, int(os.environ["WORLD_SIZE"]), on_gpu=torch.cuda.is_available())
+    check_run(cfg, int(os.environ["WORLD_SIZE"]))
 
 
-def check_run(cfg, world_size: int, on_gpu: bool) -> None:
+def check_run(cfg, world_size: int) -> None:
     """``fail_fast``'s checks themselves, for callers that build Trainers in a process whose
     environment is already set up (tests/support/shipped_configs_runner.py): one list, so a check
     added here reaches every entry point."""
@@ -108,7 +106,7 @@ def check_run(cfg, world_size: int, on_gpu: bool) -> None:
     check_attention(cfg.model.attn_implementation)
     check_safelora_models(cfg)
     check_logging(cfg)
-    load_ds_config(cfg, world_size, on_gpu=on_gpu)
+    load_ds_config(cfg, world_size)
     check_resumable(cfg)
 
 

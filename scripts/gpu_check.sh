@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# One command that proves the GPU path and writes one report (issue 17, "The GPU check"):
+# The GPU check (issue 17, "The GPU check"; split in two parts for short GPU leases, issue 31):
 #
-#   scripts/gpu_check.sh --out runs/gpu_check            # one GPU (H100/H200), < 8 minutes
-#   scripts/gpu_check.sh --cpu --out runs/gpu_check_cpu  # no GPU: the CPU-runnable steps
+#   scripts/gpu_check.sh --part 1 --out OUT/gc1 --scratch /tmp/gc  # correctness (steps 1,2,4,5,7), ~4-5 min
+#   scripts/gpu_check.sh --part 2 --out OUT/gc2 --scratch /tmp/gc  # speed (steps 1,3,6), ~4-5 min
+#   scripts/gpu_check.sh --out runs/gpu_check                      # all 7 steps in one go, ~8-10 min
+#   scripts/gpu_check.sh --cpu --out runs/gpu_check_cpu            # no GPU: every step, CPU-sized
 #
-# Writes DIR/gpu_check.json and DIR/gpu_check.md (steps, checks, figures) plus each step's
-# outputs. On a GPU image without deepspeed, datasets or pydantic it first installs them from
-# wheels built beforehand by scripts/build_gpu_wheels.sh (--wheels DIR, default .whl/):
-# offline, --no-deps, never touching torch. Extra arguments go to python -m sap_ds.gpu_check
-# (e.g. --steps 1,2,3). Exit code: 0 when every step that ran passed.
+# Each writes OUT/gpu_check.json and OUT/gpu_check.md (steps, checks, figures) plus small
+# records (logs, JSON); runs, checkpoints and exports go under --scratch (default OUT/scratch).
+# On a GPU image without deepspeed, datasets or pydantic it first installs them from wheels
+# built beforehand by scripts/build_gpu_wheels.sh (--wheels DIR, default .whl/): offline,
+# --no-deps, never touching torch. Other arguments go to python -m sap_ds.gpu_check
+# (--part, --steps, --scratch, --engine-timeout). Exit code: 0 when every step that ran passed.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,7 +26,7 @@ while [ $# -gt 0 ]; do
         --cpu) CPU=1; shift ;;
         --wheels) WHEELS="$2"; shift 2 ;;
         --python) PY="$2"; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) ARGS+=("$1"); shift ;;
     esac
 done
@@ -69,8 +72,7 @@ if [ "$CPU" = 1 ]; then
     export DS_ACCELERATOR=cpu TRITON_INTERPRET=1 OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=""
     ARGS+=(--cpu)
 else
-    # Deterministic cuBLAS for step 5's noise floor with torch.use_deterministic_algorithms.
-    export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
+    # (step 5's deterministic cuBLAS workspace is set by sap_ds.gpu_check for its launch only)
     export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/triton-cache-gpu-check}"
 fi
 exec "$PY" -m sap_ds.gpu_check --out "$OUT" "${ARGS[@]}"

@@ -80,17 +80,25 @@ sapds_setup() {
         sapds_network
     fi
     export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
-    # Triton's compile cache on node-local disk: otherwise every rank of every node compiles
-    # into ~/.triton on the (NFS) home, 64 ranks writing and locking the same folder at start.
-    export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/triton-cache-${USER:-$(id -u)}}"
+    sapds_node_local_caches
     export PYTHONUNBUFFERED=1
     export PYTHONFAULTHANDLER=1
 
     sapds_log "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT NNODES=$NNODES GPUS_PER_NODE=${GPUS_PER_NODE:-?}"
     sapds_log "CONFIG=${CONFIG:-} OUTPUT_DIR=$OUTPUT_DIR EXTRA_ARGS=${EXTRA_ARGS:-} SAP_DS_NET=${SAP_DS_NET:-auto} SAP_DS_CPU=${SAP_DS_CPU:-0}"
-    sapds_log "TRITON_CACHE_DIR=$TRITON_CACHE_DIR NCCL_PROTO=${NCCL_PROTO:-unset, NCCL decides}"
+    sapds_log "TRITON_CACHE_DIR=$TRITON_CACHE_DIR TORCH_EXTENSIONS_DIR=$TORCH_EXTENSIONS_DIR NCCL_PROTO=${NCCL_PROTO:-unset, NCCL decides}"
     trap sapds_on_usr1 USR1
     trap sapds_on_term TERM
+}
+
+# Compile caches on node-local disk: by default every rank of every node would compile into
+# the (NFS) home, 64 ranks writing and locking the same folder at start. Triton's (~/.triton:
+# the SAP kernels) and torch's C++ extensions' (~/.cache/torch_extensions: DeepSpeed builds
+# CPU Adam there on first use under optimizer offload).
+sapds_node_local_caches() {
+    local user="${USER:-$(id -u)}"
+    export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/triton-cache-$user}"
+    export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/torch-extensions-$user}"
 }
 
 # One job at a time in an OUTPUT_DIR: two jobs training into one folder would overwrite each
@@ -155,6 +163,56 @@ sapds_network() {
         auto) ;;
         *) sapds_log "unknown SAP_DS_NET='${SAP_DS_NET}' (auto|ib|efa|socket); leaving NCCL defaults" ;;
     esac
+    sapds_gloo_interface
+}
+
+# gloo (sap-ds's wait group, the data cache's group) binds the address the host name resolves
+# to unless GLOO_SOCKET_IFNAME names an interface; where that is loopback (127.0.1.1 on
+# Debian-style hosts) or an address other nodes cannot reach, group creation hangs before
+# step 1. gloo takes interface names, not NCCL's ^ exclusions, so it gets the first up IPv4
+# interface that NCCL_SOCKET_IFNAME's rule admits (NCCL's own default, ^lo,docker, when it is
+# unset). Picked on the batch host and passed to every node by srun: on nodes whose interface
+# names differ, export GLOO_SOCKET_IFNAME yourself (a value you export is kept).
+sapds_gloo_interface() {
+    if [ -n "${GLOO_SOCKET_IFNAME:-}" ]; then
+        export GLOO_SOCKET_IFNAME
+        sapds_log "GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME (exported before the job)"
+        return
+    fi
+    local rule="${NCCL_SOCKET_IFNAME:-^lo,docker}" name
+    name="$(sapds_first_interface "$rule")"
+    if [ -n "$name" ]; then
+        export GLOO_SOCKET_IFNAME="$name"
+        sapds_log "GLOO_SOCKET_IFNAME=$name (the first up IPv4 interface that NCCL_SOCKET_IFNAME=$rule admits)"
+    else
+        sapds_log "WARNING: GLOO_SOCKET_IFNAME is unset: no up IPv4 interface that NCCL_SOCKET_IFNAME=$rule admits" \
+            "(\`ip -o -4 addr show up\`). gloo binds the address $(hostname) resolves to, which must be reachable" \
+            "from every node on a multi-node job; export GLOO_SOCKET_IFNAME=<interface> otherwise"
+    fi
+}
+
+# The first interface of `ip -o -4 addr show up` (in its order) that an NCCL_SOCKET_IFNAME rule
+# admits: "a,b" names starting with a or b, "^a,b" all others, "=" before either whole names.
+sapds_first_interface() {
+    local rule="$1" exclude=0 exact=0 name prefix listed
+    local -a prefixes
+    case "$rule" in ^*) exclude=1; rule="${rule#^}" ;; esac
+    case "$rule" in =*) exact=1; rule="${rule#=}" ;; esac
+    IFS=, read -r -a prefixes <<<"$rule"
+    for name in $(ip -o -4 addr show up 2>/dev/null | awk '{print $2}'); do
+        name="${name%%@*}"
+        listed=0
+        for prefix in "${prefixes[@]}"; do
+            if { [ "$exact" = 1 ] && [ "$name" = "$prefix" ]; } || { [ "$exact" = 0 ] && [[ "$name" == "$prefix"* ]]; }; then
+                listed=1
+                break
+            fi
+        done
+        if [ "$listed" != "$exclude" ]; then
+            echo "$name"
+            return
+        fi
+    done
 }
 
 # --------------------------------------------------------------------------- signals

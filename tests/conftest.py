@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton reads TRITON_INTERPRET once, when it is imported, and transformers.modeling_utils
+# imports it: set here, before any test file is collected, so that the kernel tests run the
+# interpreter whichever file of a worker imports triton first (tests/test_kernels.py).
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

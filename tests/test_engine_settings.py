@@ -25,7 +25,7 @@ def _load(tmp_path, zero_extra=None, overrides=(), world_size=2, top=None):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
     cfg = load_config(TINY, [f"deepspeed_config={path}", *overrides])
-    return ds_config.load_ds_config(cfg, world_size=world_size, on_gpu=False)
+    return ds_config.load_ds_config(cfg, world_size=world_size)
 
 
 @pytest.mark.parametrize("key, value, why", [

@@ -17,15 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_check")
+    out, scratch = tmp_path_factory.mktemp("gpu_check"), tmp_path_factory.mktemp("gpu_check_scratch")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHON"] = sys.executable
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu", "--out", str(out), "--scratch", str(scratch)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
     data = json.loads((out / "gpu_check.json").read_text())
     data["_exit"], data["_md"] = proc.returncode, (out / "gpu_check.md").read_text()
-    return {"json": data, "steps": {s["step"]: s for s in data["steps"]}}
+    return {"json": data, "steps": {s["step"]: s for s in data["steps"]}, "out": out, "scratch": scratch}
 
 
 def failing_checks(step: dict) -> list[str]:
@@ -43,6 +43,19 @@ def test_every_step_is_reported_and_passes_on_cpu(report):
     assert data["passed"] and data["_exit"] == 0
     for number, step in steps.items():
         assert f"## {number}. {step['name']}: {step['status']}" in data["_md"]
+
+
+def test_out_holds_the_small_records_and_scratch_the_runs(report):
+    """What comes back from a GPU lease is --out (at most 8 small files there); the data,
+    runs, checkpoints and the export of steps 4-7 go under --scratch."""
+    out, scratch = report["out"], report["scratch"]
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["bench.json", "engine_steps.json", "engine_steps.log", "gpu_check.json", "gpu_check.md",
+                     "install.log", "kernels_bench.json"]
+    assert all((out / f).stat().st_size < 2**20 for f in files)
+    assert list((scratch / "runs" / "resume" / "checkpoints").iterdir()) and (scratch / "data" / "task.jsonl").is_file()
+    assert (scratch / "bench" / "bench.json").read_text() == (out / "bench.json").read_text()
+    assert report["json"]["not_proven"] and "not proven by this run" in report["json"]["_md"]
 
 
 def test_versions_and_kernel_figures(report):
@@ -86,18 +99,3 @@ def test_bench_and_resume_figures(report):
     assert variants["recommended"]["ideal"] is not None and variants["lisa"]["vs SFT"] is not None
     losses = s7["figures"]["loss_on_a_batch"]
     assert losses["engine"] > 0 and losses["exported model"] > 0
-
-
-def test_plain_reader_gives_the_rows_datasets_gives():
-    """The GPU check's fallback reader (no pyarrow) reads the shipped files as datasets does."""
-    from sap_ds import data
-    from sap_ds.gpu_check import workspace
-
-    files = [REPO / "data/advbench/harmful_behaviors.csv", REPO / "configs/../data/gsm8k/test.jsonl"]
-    expected = [data.read_rows(f) for f in files]
-    real = data.read_rows
-    try:
-        workspace.use_plain_reader()
-        assert [data.read_rows(f) for f in files] == expected
-    finally:
-        data.read_rows = real

@@ -1,20 +1,17 @@
 """Triton kernels against their PyTorch twins, on CPU through the Triton interpreter.
 
-The interpreter is selected by TRITON_INTERPRET=1, set here before anything imports
-triton (kernels are built on first use, so importing `sap_ds_kernels` does not import it).
+The interpreter is selected by TRITON_INTERPRET=1, set by tests/conftest.py before any test
+file is collected (triton reads it when it is imported).
 Casts must be bit-exact; NaN positions are compared by NaN-ness, because PyTorch's own
 CPU cast writes 0xFFFF (vectorised) or 0x7FC0 (scalar) while the kernels always write the
 canonical quiet NaN 0x7FC0.
 """
 import os
+import subprocess
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 try:
     import triton  # noqa: E402,F401

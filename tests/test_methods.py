@@ -43,7 +43,7 @@ RTOL = 1e-5  # as tests/test_zero3_reference.py
 # (tests/test_zero3_reference.py, RTOL_SAP). A wrong term moves them by ~1 of scale.
 RTOL_LORA = 5e-5
 # Full fine-tuning on ZeRO-Offload (the gradient in the offloaded fp32 buffer, clipping from
-# the per-parameter norms DeepSpeed keeps, which add_to_local_grads must update) with 2
+# the per-parameter norms DeepSpeed keeps, which add_proximal_gradient must update) with 2
 # micro-batches per rank; LoRA on the default engine (the flat gradient buffer).
 OFFLOAD = ["deepspeed_config={tmp}/offload.json", "train.offload_adam=torch", "train.grad_accum=2"]
 # bf16 (the GPU path: bf16 weights and gradients, fp32 master and anchor) against the fp32
@@ -91,6 +91,8 @@ def test_zero3_lisa_matches_reference(lisa_runs, variant):
     variant = next(v for v in _variants(tmp) if v["name"] == variant["name"])
     if "resume_at" in variant:
         assert result["resumed_at"] == variant["resume_at"], "the run did not resume from its checkpoint"
+    # the proximal term went through the per-group gradient views, not parameter by parameter
+    assert result["grads_per_group"], "the proximal gradient was added through DeepSpeed's per-parameter accessors"
     overrides = COMMON + variant["overrides"] + variant.get("reference", []) + [f"train.max_steps={STEPS}"]
     ref = run_reference(load_config(REPO / "configs/tiny.yaml", overrides), world=2, steps=STEPS)
     assert set(params) == set(ref["params"]), "different trainable parameter sets"

@@ -128,6 +128,7 @@ def test_bf16_run_at_a_representable_rho_logs_the_realised_perturbation(tmp_path
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     ratio, cosine = record["sap/perturb_realized_ratio"], record["sap/perturb_cosine"]
     assert abs(ratio - 1) <= resolution.RATIO_TOLERANCE and cosine >= resolution.COSINE_MIN, record
+    assert record["sap/probe_signal_ratio"] >= resolution.PROBE_SIGNAL_MIN, record  # gV resolved too (bf16 only)
     # the embedding dominates the tiny model and most of its rows get no gradient: few elements move
     assert 0 < record["sap/perturb_changed_fraction"] <= 1 and math.isfinite(record["sap/safety_grad_norm"])
 

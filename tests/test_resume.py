@@ -58,26 +58,41 @@ def _resumable_copy(source: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("method", ["sft", "sap"])
-def test_resume_after_stop_is_bitwise_identical(tmp_path, method, request):
-    """SAP resumes the run its STOP file stopped; SFT a copy of the straight run at its
-    step-1 checkpoint (the same checkpoint code, one process fewer)."""
+def _method_tensors(run: Path, step: int) -> set[str]:
+    """The names of the method's tensors in rank 0's file of checkpoint ``step``."""
+    return set(load_file(str(run / "checkpoints" / f"step_{step:08d}" / "sap_ds_rank00000.safetensors")))
+
+
+@pytest.mark.parametrize("variant", ["sft", "sap", "sap-safety_every1"])
+def test_resume_after_stop_is_bitwise_identical(tmp_path, variant, request):
+    """SAP resumes the run its STOP file stopped (safety_every 2: step 1 reuses the direction
+    of step 0, so the checkpoint must hold it); SFT and SAP with safety_every 1 a copy of the
+    straight run at its step-1 checkpoint (the same checkpoint code, one process fewer), which
+    for safety_every 1 holds no direction: every probing step computes its own."""
+    method = variant.split("-")[0]
+    copied = ["train.save_every=1", f"train.save_total_limit={STEPS}"] if variant != "sap" else []
+    if variant == "sap-safety_every1":
+        copied.append("sap.safety_every=1")
     straight = tmp_path / "straight"
-    _run(straight, method, extra=["train.save_every=1", f"train.save_total_limit={STEPS}"] if method == "sft" else ())
+    _run(straight, method, extra=copied)
 
     resumed = tmp_path / "resumed"
-    if method == "sap":
+    if variant == "sap":
         _resumable_copy(request.getfixturevalue("stopped_sap"), resumed)
+        assert "sap.direction.0" in _method_tensors(resumed, 1)
     else:
         _copy_run_at(straight, resumed, 1)
-    _run(resumed, method, extra=["train.save_every=1", f"train.save_total_limit={STEPS}"] if method == "sft" else ())
+    if variant == "sap-safety_every1":
+        assert "sap.probe" in _method_tensors(resumed, 1)
+        assert not any(k.startswith("sap.direction.") for k in _method_tensors(resumed, 1)), _method_tensors(resumed, 1)
+    _run(resumed, method, extra=copied)
     assert not (resumed / "REQUEUE").exists()
     assert not list(resumed.glob("config.before_step*")), "an unchanged config was reported as changed on resume"
 
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["final_step"] == STEPS and summary["steps_this_run"] == STEPS - 1
     assert {k: v for k, v in _losses(resumed).items() if k > 1} == {k: v for k, v in _losses(straight).items() if k > 1}
-    if method == "sap":
+    if variant == "sap":  # the stopped run's own metrics.jsonl: steps 0 and 1 too
         assert _losses(resumed) == _losses(straight)
     a = load_file(str(straight / "export" / "model" / "model.safetensors"))
     b = load_file(str(resumed / "export" / "model" / "model.safetensors"))

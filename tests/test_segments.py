@@ -55,7 +55,8 @@ def test_segment_sums_and_scaling_equal_a_per_tensor_loop():
 
 
 def test_launches_do_not_grow_with_the_number_of_tensors():
-    """One piece table per chunk: 1000 small tensors in one group are one chunk."""
+    """One plan per chunk: 1000 small tensors in one group (less than a block) are one
+    chunk whose pieces are all in the tail."""
     slices = [(0, None, 3 * i, 2) for i in range(1000)]  # 2 real + 1 padding each
     seg = Segments(slices, [3000], "cpu")
-    assert len(seg.chunks[0]) == 1 and seg.chunks[0][0].ids.numel() == 2000
+    assert len(seg.chunks[0]) == 1 and seg.chunks[0][0].piece_ids.numel() == 2000

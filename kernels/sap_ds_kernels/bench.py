@@ -34,11 +34,17 @@ from .sumsq import sumsq_torch, sumsq_triton
 GPU_SIZES = "1M,4M,16M,64M,256M,1B"
 CPU_SIZES = "1M,4M,16M"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Peak memory bandwidth in TB/s, matched in order on torch.cuda.get_device_name().
+# Peak memory bandwidth in TB/s (the vendors' data sheets), matched in order on
+# torch.cuda.get_device_name(): the first entry whose key is in the name wins, so a more
+# specific name comes before one it contains ("GH200 480GB" before "H200"). A card not
+# listed has no peak: the GPU check then says its bandwidth target cannot be judged.
 PEAK_TBPS = [
     ("H100 PCIe", 2.0),
+    ("H100 NVL", 3.9),
     ("H100 SXM", 3.35),
     ("H100 80GB HBM3", 3.35),
+    ("GH200 480GB", 4.0),  # the 96 GB HBM3 Grace Hopper
+    ("GH200 144G HBM3e", 4.9),
     ("H200", 4.8),
     ("A100-SXM4-80GB", 2.039),
     ("A100 40GB", 1.555),

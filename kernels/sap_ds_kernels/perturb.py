@@ -19,12 +19,20 @@ shard, with ``r = cast(W + d) - cast(W)`` (what the engine sees) and ``d = scale
 direction`` (what was intended): ``[sum r*r, sum d*d, sum r*d, count(r != 0)]``. From
 those (summed over ranks) follow the realised/intended norm ratio, the cosine and the
 fraction of elements that changed (``sap_ds/sap/resolution.py``).
+
+The PyTorch twin is what runs under CPU offload (the master is a CPU tensor): it walks the
+shard in chunks of ``OFFLOAD_CHUNK`` elements, so its temporaries are one chunk's worth
+rather than ~16 B per element of the shard, and writes a CUDA ``out`` through pinned memory
+(``_offload.py``). Chunking changes no value written (every operation is element-wise); the
+statistics are summed per chunk in fp32 and across chunks in float64, as the kernel sums
+per block.
 """
 import functools
 
 import torch
 
 from ._checks import OUT_DTYPES, check_same_device, check_same_numel, check_scale, check_tensor
+from ._offload import OFFLOAD_CHUNK, chunk_ranges, write_cast
 from ._triton import build_store_cast, checked_kernel, import_triton, launch_options, out_arg
 
 N_STATS = 4  # sum r*r, sum d*d, sum r*d, count(r != 0)
@@ -52,11 +60,22 @@ def _check_stats(stats, device) -> None:
 
 def realised_stats_torch(master, tmp, cast) -> torch.Tensor:
     """``[sum r*r, sum d*d, sum r*d, count(r != 0)]`` (float64) with ``d = tmp`` and
-    ``r = cast.float() - master.to(cast.dtype).float()``: the twin of the kernel's sums."""
-    r = cast.float()
-    r.sub_(master.to(cast.dtype).float())
+    ``r = cast.float() - master.to(cast.dtype).float()``: the twin of the kernel's sums.
+    Temporaries: ``r`` and one product at a time (4 B/element each), ``master.to(cast.dtype)``.
+    The products are summed by ``sum`` (cascade summation), not ``dot``: a BLAS dot
+    accumulates naively and drifted 2e-5 from float64 over 1M elements."""
+    r = cast.to(torch.float32, copy=True)  # a copy even for fp32: ``cast`` may be ``out`` in flight
+    r.sub_(master.to(cast.dtype))
     sums = (r.square().sum(), tmp.square().sum(), (r * tmp).sum(), r.count_nonzero())
     return torch.stack([s.double() for s in sums])
+
+
+def _chunks(master, direction, scale):
+    """Per chunk: ``(start, master chunk, scale * direction chunk)``; the product is the
+    chunk's first temporary (4 B/element)."""
+    flat_master, flat_direction = master.view(-1), direction.view(-1)
+    for start, length in chunk_ranges(master.numel(), OFFLOAD_CHUNK):
+        yield start, flat_master.narrow(0, start, length), flat_direction.narrow(0, start, length) * scale
 
 
 def perturb_from_master_torch(master, direction, scale, out, stats=None) -> None:
@@ -65,22 +84,21 @@ def perturb_from_master_torch(master, direction, scale, out, stats=None) -> None
     statistics are added to it; the values written are the same bit for bit."""
     _check(master, direction, scale, out)
     _check_stats(stats, master.device)
-    tmp = direction * scale
-    if stats is None:
-        tmp.add_(master)
-        out.view(-1).copy_(tmp.view(-1))
-        return
-    cast = (tmp + master).to(out.dtype)  # the rounding copy_ would do, kept to measure it
-    out.view(-1).copy_(cast.view(-1))
-    stats += realised_stats_torch(master.view(-1), tmp.view(-1), cast.view(-1))
+    flat_out = out.view(-1)
+    for start, m, tmp in _chunks(master, direction, scale):
+        cast = write_cast(flat_out.narrow(0, start, m.numel()), tmp + m)
+        if stats is not None:
+            stats += realised_stats_torch(m, tmp, cast)
 
 
 def perturbation_stats_torch(master, direction, scale, out_dtype) -> torch.Tensor:
     """The statistics ``perturb_from_master_torch`` would add, for an ``out_dtype`` shard,
     without writing anything (for a what-if radius: ``sap_ds.sap.resolution``)."""
     _check(master, direction, scale, torch.empty(master.numel(), dtype=out_dtype, device="meta"))
-    tmp = direction * scale
-    return realised_stats_torch(master.view(-1), tmp.view(-1), (tmp + master).to(out_dtype).view(-1))
+    stats = torch.zeros(N_STATS, dtype=torch.float64, device=master.device)
+    for _, m, tmp in _chunks(master, direction, scale):
+        stats += realised_stats_torch(m, tmp, (tmp + m).to(out_dtype))
+    return stats
 
 
 def perturb_from_master_triton(master, direction, scale, out, stats=None) -> None:

@@ -9,6 +9,7 @@ import functools
 import torch
 
 from ._checks import OUT_DTYPES, check_same_device, check_same_numel, check_tensor
+from ._offload import OFFLOAD_CHUNK, chunk_ranges, write_cast
 from ._triton import build_store_cast, import_triton, launch_store
 
 
@@ -19,9 +20,12 @@ def _check(master, out) -> None:
 
 
 def restore_from_master_torch(master, out) -> None:
-    """PyTorch twin and test reference. ``out`` may live on another device (offloaded master)."""
+    """PyTorch twin and test reference. ``out`` may live on another device (offloaded master):
+    then chunk by chunk through pinned memory (``_offload.py``), never a shard-sized cast."""
     _check(master, out)
-    out.view(-1).copy_(master.view(-1))
+    flat_master, flat_out = master.view(-1), out.view(-1)
+    for start, length in chunk_ranges(master.numel(), OFFLOAD_CHUNK):
+        write_cast(flat_out.narrow(0, start, length), flat_master.narrow(0, start, length))
 
 
 def restore_from_master_triton(master, out) -> None:

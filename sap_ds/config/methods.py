@@ -144,8 +144,9 @@ class SapConfig(MethodSection):
                                                "pass's same k (a cheaper, noisier gV); null: all of them.")
     kernels: Literal["auto", "triton", "torch"] = "auto"
     resolution_check: Literal["error", "warn", "off"] = Field(
-        "error", description="Before step 1: can the working dtype (bf16) hold the perturbation rho gives? 'error' stops "
-        "the run naming the smallest rho that passes, 'warn' only says so (docs/algorithm.md, precision).")
+        "error", description="Before step 1: can the working dtype (bf16) hold the perturbation rho gives, and resolve "
+        "the probe gradient it gives? 'error' stops the run naming a rho that passes, 'warn' only says so "
+        "(docs/algorithm.md, precision).")
     # Variants and ablations (docs/algorithm.md, "Variants"): the authors' method is the default.
     probe_scale: Optional[float] = Field(None, gt=0.0, description="Rescale each probe vector after every update to this "
                                          "fraction of the mean hidden-state norm at its layer; null: as the optimizer leaves it.")

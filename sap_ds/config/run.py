@@ -37,6 +37,16 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
 
+    @model_validator(mode="after")
+    def _flash_attention_needs_half_precision(self) -> "ModelConfig":
+        """flash-attention's kernels take fp16/bf16 only: fp32 with them would load, shard and
+        then fail at the first forward; refused here, whether or not flash-attn is installed."""
+        if self.dtype == "fp32" and self.attn_implementation == "flash_attention_2":
+            raise ValueError("model.dtype fp32 with model.attn_implementation flash_attention_2: flash-attention "
+                             "computes in fp16/bf16 only; set model.dtype=bf16, or model.attn_implementation to sdpa "
+                             "or eager for fp32")
+        return self
+
 
 class LoraConfig(Section):
     enabled: bool = False

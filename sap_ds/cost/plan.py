@@ -305,6 +305,18 @@ def task_pass(m: ModelSpec, inp: PlanInputs) -> dict[str, int]:
 
 STEP_COPY = "optimizer-step fp32 grad copy beyond fwd/bwd peak (4 B * min(sub_group, shard))"
 
+# Under offload SAP's perturb/restore run as PyTorch twins on the CPU master
+# (kernels/sap_ds_kernels/perturb.py, _offload.py), one sub-group at a time, in chunks of
+# OFFLOAD_TWIN_CHUNK elements (the kernels' OFFLOAD_CHUNK; tests/test_offload_twin_memory.py
+# holds the two equal and measures the figure below). Live per element of a chunk: scale *
+# direction (4 B), master + that (4 B, until cast), then for the statistics r and one product
+# at a time (4 B each) or the master cast (2 B); on a GPU node also the cast in pinned memory
+# (2 B) and a second pinned buffer still copying (2 B). Peak RSS grew by 16 B per chunk element
+# on CPU (the allocator keeps some freed chunks); 24 B leaves the pinned buffers room.
+OFFLOAD_TWIN_CHUNK = 2**22
+OFFLOAD_TWIN_BYTES_PER_ELEMENT = 24
+OFFLOAD_TWIN = "SAP offload twin temporaries (on CPU, one chunk per rank)"
+
 
 def optimizer_step_copy(inp: PlanInputs, n: Parameters, world: int) -> float:
     """The optimizer step's transient: the fp32 copy of one sub-group's gradient (on the GPU
@@ -329,7 +341,8 @@ def sap_memory(m: ModelSpec, inp: PlanInputs, n: Parameters, world: int, sft: di
     """SFT's plus SAP's buffers: the safety pass (2 sequences per pair of ``safety_seq_len``
     tokens; its peak is the larger of the two passes, not their sum), the fp32 safety
     direction (4 B per trainable parameter over the world, on the CPU with the master under
-    offload) and the probe (value, Adam m and v per probed layer)."""
+    offload, where the perturb/restore twins' chunk of temporaries joins it) and the probe
+    (value, Adam m and v per probed layer)."""
     mem = dict(sft)
     task = sum(task_pass(m, inp).values())
     safety = activation_bytes(m, 2 * inp.safety_batch, inp.safety_seq_len, inp.activation_checkpointing,
@@ -342,9 +355,16 @@ def sap_memory(m: ModelSpec, inp: PlanInputs, n: Parameters, world: int, sft: di
         mem["SAP direction buffer (fp32, 4 B/trainable / world)"] = direction
     else:
         mem["SAP direction buffer (on CPU with the master)"] = 0
-        cpu_rank = cpu_rank + direction
+        mem[OFFLOAD_TWIN] = 0
+        cpu_rank = cpu_rank + direction + offload_twin_transient(inp, n, world)
     mem["SAP probe (layers*hidden*4 B * 3: value, Adam m, v)"] = len(inp.probe_layers) * m.hidden_size * 4 * 3
     return mem, cpu_rank
+
+
+def offload_twin_transient(inp: PlanInputs, n: Parameters, world: int) -> float:
+    """CPU bytes per rank the offload twins hold while perturbing or restoring: one chunk's
+    temporaries, or one sub-group's where the rank's sub-group is smaller than a chunk."""
+    return OFFLOAD_TWIN_BYTES_PER_ELEMENT * min(OFFLOAD_TWIN_CHUNK, inp.sub_group_size, n.trainable / world)
 
 
 def lisa_memory(inp: PlanInputs, n: Parameters, world: int, sft: dict[str, float],
@@ -492,7 +512,9 @@ def assumptions(m: ModelSpec, inp: PlanInputs, gpu: GpuSpec, world: int, n: Para
         if inp.activation_checkpointing else "no activation checkpointing: all layers' activations kept",
         "logits: micro_batch*seq*vocab*4 bytes (fp32 copy for the loss; bf16 logits and the softmax grad not counted)",
         f"SAP: safety pass on {sb} pair(s) = {2 * sb} sequences x {ssl} tokens (peak is the max of task and safety pass, "
-        "not the sum); direction buffer fp32 4 B/trainable/world; probe len(layers)*hidden*4 B*3",
+        "not the sum); direction buffer fp32 4 B/trainable/world; probe len(layers)*hidden*4 B*3"
+        + ("" if inp.offload == "none" else f"; under offload, perturb/restore temporaries on CPU: "
+           f"{OFFLOAD_TWIN_BYTES_PER_ELEMENT} B * min({OFFLOAD_TWIN_CHUNK:,}-element chunk, sub-group) per rank"),
         f"usable GPU memory: {gpu.memory_bytes / GIB:.1f} GiB ({gpu.name}) - {inp.reserve_gib:g} GiB reserve "
         "(CUDA context, NCCL, fragmentation)",
         f"FLOPs: forward = 2*(matmul weights incl. lm_head) + 4*layers*seq*q_dim per token (attention, non-causal count); "

@@ -74,6 +74,8 @@ def plot(result: dict, path: Path) -> None:
             label = f"x{r['ratio_vs_sft']:.2f}"
             if r.get("ideal_ratio"):
                 label += f"\n(ideal {r['ideal_ratio']:.2f})"
+        if r.get("throughput_only"):
+            label += "\nthroughput only"
         ax1.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     ax1.set_xticks(list(x), names, rotation=30, ha="right")
     ax1.set_ylabel("task tokens/s (real, all ranks)")
@@ -110,4 +112,7 @@ def format_table(result: dict) -> str:
                      f"{r['step_time_s']['median']:.3f}", *(f"{p[k]:.3f}" for k in phases),
                      f"{100 * r['mfu']:.2f}%" if r.get("mfu") is not None else "-", f"{r['peak_mem_bytes'] / 2**30:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows)
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    # a variant whose check before step 1 warned: its settings cannot train as configured
+    lines += [f"{r['variant']}: {r['throughput_only']}" for r in result["variants"] if r.get("throughput_only")]
+    return "\n".join(lines)

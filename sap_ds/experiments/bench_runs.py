@@ -5,6 +5,12 @@ of every rank, summarized into one record per variant (``bench_report`` writes t
 The bench config is a run config with an optional ``bench:`` section (``BenchSection``):
 warm-up and timed steps, rounds, the CPU GEMM size of the peak, and the variants with their
 dotted overrides; without variants, every method's own (``MethodSection.bench_variants``).
+
+Each variant runs the method's checks before step 1 (``Trainer.preflight``), as a training
+run would: SAP's check that the working dtype can hold its perturbation refuses a variant
+under ``sap.resolution_check: error``; under ``warn`` the variant is measured and its record
+says it is a throughput-only measurement (``throughput_only``: what the check warned), since
+the same settings could not train what they claim to.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import resource
 import statistics
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -152,6 +159,47 @@ def measure(tree: dict, overrides: list[str], base, bench: BenchSection, rank: i
 # --------------------------------------------------------------------------- one variant
 
 
+class _Collect(logging.Handler):
+    """Keeps the messages of the WARNING and higher records it is handed."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def warnings_logged():
+    """The warnings sap-ds logs (logger ``sap_ds``, rank 0's) inside the block."""
+    handler = _Collect()
+    logger = logging.getLogger("sap_ds")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def run_preflight(trainer, variant: Variant) -> Optional[str]:
+    """The method's checks before step 1, as ``Trainer.train`` runs them. A refusal names the
+    variant; a warning makes the variant a throughput-only measurement: the returned label
+    (None when the checks said nothing)."""
+    from sap_ds.errors import ConfigError
+
+    try:
+        with warnings_logged() as warned:
+            trainer.preflight()
+    except ConfigError as exc:
+        raise ConfigError(f"bench variant '{variant.name}': {exc}. A bench that measures only throughput may set "
+                          "sap.resolution_check=warn: the variant's record is then labelled throughput only") from None
+    if not warned:
+        return None
+    return "throughput only: the check before step 1 warned that these settings cannot train as configured: " + \
+        " | ".join(warned)
+
+
 def warmup_for(cfg, warmup_steps: int) -> int:
     """Warm-up steps for a variant: at least ``warmup_steps``, and through the first step
     that runs every pass of its method (``Method.min_warmup_steps``: SAP's first probe step),
@@ -183,6 +231,7 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
     t0 = time.perf_counter()
     trainer = Trainer(cfg, rank, world)
     init_s = time.perf_counter() - t0
+    throughput_only = run_preflight(trainer, variant)  # step 0 then reuses its safety direction, as in training
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     step_times, phases, finite, extras = [], [], [], []
@@ -228,7 +277,8 @@ def measure_variant(tree: dict, overrides: list[str], variant: Variant, bench: B
     if rank != 0:
         return None
     return {"cfg": cfg, "fm": fm, "extras": extras, "nominal": nominal, "method_settings": settings,
-            "gathered": gathered, "released": released, "finite": finite, "init_s": init_s, "mem_kind": mem_kind, "load_avg_1m": [load_before[0], os.getloadavg()[0]], "W": W, "N": N}
+            "gathered": gathered, "released": released, "finite": finite, "init_s": init_s, "mem_kind": mem_kind,
+            "load_avg_1m": [load_before[0], os.getloadavg()[0]], "W": W, "N": N, "throughput_only": throughput_only}
 
 
 @dataclass
@@ -314,6 +364,8 @@ def summarize(variant: Variant, raws: list[dict], peak: dict) -> dict:
         "variant": variant.name,
         "method": cfg.method,
         "overrides": variant.overrides,
+        # None, or why this variant's numbers are a throughput-only measurement (run_preflight)
+        "throughput_only": next((raw["throughput_only"] for raw in raws if raw["throughput_only"]), None),
         "settings": settings,
         "warmup_steps": W,
         "timed_steps": N,

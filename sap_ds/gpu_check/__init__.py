@@ -1,5 +1,7 @@
-"""The GPU check (``scripts/gpu_check.sh``): one run that proves the GPU path and writes one
-report, ``gpu_check.json`` and ``gpu_check.md``, under ``--out``.
+"""The GPU check (``scripts/gpu_check.sh``): proves the GPU path and writes a report,
+``gpu_check.json`` and ``gpu_check.md``, under ``--out``; on a GPU as two parts of ~5 minutes
+each (``--part 1``: correctness, ``--part 2``: speed; ``__main__.PARTS``), each with its own
+report, or all steps in one run.
 
 Steps (issue 17, "The GPU check"), each recorded as pass / fail / skipped with its checks and
 figures; a failing step never stops the ones after it:

@@ -1,11 +1,13 @@
 """Steps 4-7 of the GPU check, in one launch (every rank runs this module):
 
     python -m torch.distributed.run --standalone --nproc_per_node N -m sap_ds.gpu_check.engine_check \
-        --out DIR [--cpu]
+        --out OUT [--scratch DIR] [--cpu]
 
 GPU: one rank, bf16, Triton kernels, the 0.5B (steps 4, 5, 7) and 1B (step 6) random Llamas.
 CPU: 2 gloo ranks, bf16, the Triton interpreter, the tiny Llama. Rank 0 writes
-``DIR/engine_steps.json`` after every step, so a crash keeps the steps before it.
+``OUT/engine_steps.json`` after every step, so a crash keeps the steps before it. ``OUT``
+gets small records only (what comes back from a GPU lease); the data files, runs,
+checkpoints (~7 GB each for the 0.5B model) and exports go under ``--scratch``.
 """
 from __future__ import annotations
 
@@ -29,20 +31,20 @@ BENCH_VARIANTS = ["sft", "paper", "fast", "recommended", "rec_p2_d8", "rec_kept_
 
 
 class Context:
-    def __init__(self, out: Path, cpu: bool):
+    def __init__(self, out: Path, scratch: Path, cpu: bool):
         from sap_ds.parallel.distributed import barrier, init_distributed
 
-        self.out, self.cpu = out, cpu
+        self.out, self.scratch, self.cpu = out, scratch, cpu
         self.rank, _, self.world = init_distributed()
         self.model = "llama-tiny" if cpu else "llama-0.5b"
-        folder = out / "data"
+        folder = scratch / "data"
         if self.rank == 0:
             workspace.write_data(folder, workspace.corpus_words())
         barrier()
         self.files = {"task": folder / "task.jsonl", "safety": folder / "safety.jsonl"}
 
     def tree(self, name: str, **sections) -> dict:
-        return workspace.run_tree(self.out, name, self.model, self.files, self.cpu, **sections)
+        return workspace.run_tree(self.scratch, name, self.model, self.files, self.cpu, **sections)
 
     def trainer(self, name: str, **sections):
         from sap_ds.config.run import build_config
@@ -177,9 +179,9 @@ def step5(ctx: Context, step: Step, shared: dict) -> None:
 def step6(ctx: Context, step: Step) -> None:
     from sap_ds import bench
 
-    out = ctx.out / "bench" / "bench.json"
+    out = ctx.scratch / "bench" / "bench.json"  # its per-variant runs go beside it (bench_runs/)
     args = ["--config", BENCH_CONFIG, "--out", str(out), "--no-plot"]
-    overrides = [f"output_dir={ctx.out / 'bench'}"]
+    overrides = [f"output_dir={ctx.scratch / 'bench'}"]
     if ctx.cpu:
         args += ["--warmup", "1", "--steps", "2"]
         overrides += [f"model.path={workspace.model_dir('llama-tiny')}", "model.dtype=fp32",
@@ -193,6 +195,7 @@ def step6(ctx: Context, step: Step) -> None:
     step.check("sap-ds bench exits 0", code == 0, code)
     if ctx.rank != 0 or code != 0:
         return
+    shutil.copyfile(out, ctx.out / "bench.json")  # the record comes back with the report
     result = json.loads(out.read_text())
     rows = []
     for r in result["variants"]:
@@ -200,7 +203,8 @@ def step6(ctx: Context, step: Step) -> None:
                      "MFU": r["mfu"], "peak mem GiB": round(r["peak_mem_bytes"] / 2**30, 2),
                      "vs SFT": r.get("ratio_vs_sft"), "ideal": r.get("ideal_ratio"),
                      "measured/ideal": r.get("efficiency_vs_ideal"),
-                     "phases s": {k: round(v, 4) for k, v in r["phase_time_s"].items()}})
+                     "phases s": {k: round(v, 4) for k, v in r["phase_time_s"].items()},
+                     "throughput only": r.get("throughput_only")})
     step.figure("config", BENCH_CONFIG + (" (CPU overrides: llama-tiny, fp32, 2 ranks)" if ctx.cpu else ""))
     step.figure("variants", rows)
     names = [r["variant"] for r in rows]
@@ -225,8 +229,8 @@ def step7(ctx: Context, step: Step) -> None:
     from sap_ds.training.checkpoint import latest_tag, tag_for
 
     dtype = "fp32" if ctx.cpu else "bf16"  # CPU: bf16 matmuls are slow, and step 4 covered bf16
-    if ctx.rank == 0:  # a rerun into the same --out must start from scratch, not resume
-        shutil.rmtree(ctx.out / "runs" / "resume", ignore_errors=True)
+    if ctx.rank == 0:  # a rerun into the same --scratch must start afresh, not resume
+        shutil.rmtree(ctx.scratch / "runs" / "resume", ignore_errors=True)
     barrier()
     sections = dict(train={"max_steps": 3, "resume": "auto"}, export={"enabled": True}, model={"dtype": dtype})
     first = ctx.trainer("resume", **sections)
@@ -275,27 +279,29 @@ def step7(ctx: Context, step: Step) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="the step records and the bench's JSON (small)")
+    parser.add_argument("--scratch", default=None, help="data, runs, checkpoints, exports (GBs on a GPU; default OUT/scratch)")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--steps", default="4,5,6,7")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[sap-ds] %(message)s")
     out = Path(args.out)
+    scratch = Path(args.scratch) if args.scratch else out / "scratch"
     out.mkdir(parents=True, exist_ok=True)
-    ok, why = workspace.datasets_importable()
-    if not ok:
-        workspace.use_plain_reader()
-    ctx = Context(out, args.cpu)
+    scratch.mkdir(parents=True, exist_ok=True)
+    missing = workspace.datasets_missing()
+    ctx = Context(out, scratch, args.cpu)
     wanted = [int(s) for s in args.steps.split(",")]
     records, shared = [], {}
     for number in wanted:
         step = Step(number)
-        if number == 4 and not ok:
-            step.note(f"datasets does not import ({why}): the check's JSONL files are read with the standard library")
         with running(step):
-            {4: lambda: step4(ctx, step, shared), 5: lambda: step5(ctx, step, shared),
-             6: lambda: step6(ctx, step), 7: lambda: step7(ctx, step)}[number]()
+            if missing:  # every step trains, and training needs datasets: say so before any engine
+                step.check("datasets imports", False, missing)
+            else:
+                {4: lambda: step4(ctx, step, shared), 5: lambda: step5(ctx, step, shared),
+                 6: lambda: step6(ctx, step), 7: lambda: step7(ctx, step)}[number]()
         records.append(step.to_dict())
         if ctx.rank == 0:
             atomic_write_text(out / "engine_steps.json", json.dumps({"world_size": ctx.world, "steps": records}, indent=1,

@@ -164,7 +164,8 @@ def _special_values(step: Step, dev) -> None:
     master[::7] = float("nan")
     master[1::7] = float("inf")
     master[2::7] = -float("inf")
-    master[3::7] = 3.0e38  # overflows to inf in bf16
+    master[3::7] = 3.4e38  # past bf16's largest finite value (3.3895e38) and its rounding half-way point: inf
+    master[4::7] = -3.4e38
     _cast_cases(step, "NaN/inf/overflow", master, direction, torch.tensor(1e-3, device=dev), dev)
     got = sumsq_triton(torch.tensor([1.0, float("inf")], device=dev), torch.tensor([float("nan"), 2.0], device=dev))
     step.check("sumsq: inf -> inf, NaN -> NaN", bool(torch.isinf(got[0]) and torch.isnan(got[1])), got.tolist())
@@ -214,12 +215,18 @@ def _big_case(step: Step, dev, cpu: bool) -> None:
 # --------------------------------------------------------------------------- step 3
 
 GPU_SIZES = "16M,64M,256M,1B"
-PEAK_TARGET, SPEEDUP_TARGET, LARGE_BYTES = 0.85, 3.0, 64 * 2**20
+# Judged rows: shards of at least LARGE_BYTES (below it, launch latency and the L2 cache blur
+# the bandwidth). Each fused kernel must reach PEAK_FRACTION_TARGET of the card's peak memory
+# bandwidth (sap_ds_kernels/bench.py PEAK_TBPS) and SPEEDUP_FRACTION_OF_BOUND of its traffic
+# bound over the unfused sequence: what physics allows, not a round number (issue 31, item 1).
+PEAK_FRACTION_TARGET, SPEEDUP_FRACTION_OF_BOUND, LARGE_BYTES = 0.85, 0.9, 64 * 2**20
 # Bytes per element the unfused sequences of kernels/sap_ds_kernels/bench.py move over the fused kernel's
 # (bf16 out): the speedup an ideal fused kernel can show over an unfused one at the same
 # bandwidth. sumsq: pow (r4 w4) + sum (r4) per tensor = 12 vs 4; perturb: mul (r4 w4), add_
 # (r8 w4), copy_ (r4 w2) = 26 vs 10; restore: .to (r4 w2) + copy_ (r2 w2) = 10 vs 6.
+# tests/test_gpu_check_targets.py counts them again from the aten ops the sequences run.
 TRAFFIC_BOUND = {"sumsq": 3.0, "perturb": 2.6, "restore": 10 / 6}
+SPEEDUP_TARGET = {kernel: SPEEDUP_FRACTION_OF_BOUND * bound for kernel, bound in TRAFFIC_BOUND.items()}
 
 
 def bandwidth_step(step: Step, cpu: bool, out: Path) -> None:
@@ -244,7 +251,8 @@ def bandwidth_step(step: Step, cpu: bool, out: Path) -> None:
         return
     record = json.loads(record_path.read_text())
     rows = [{"kernel": r["kernel"], "numel": r["numel"], "MB": round(r["bytes_moved"] / 2**20), "GB/s": round(r["GBps"], 1),
-             "peak": r["peak_fraction"], "unfused GB/s": round(r["unfused_GBps"], 1), "speedup": round(r["speedup"], 2)}
+             "peak": r["peak_fraction"], "unfused GB/s": round(r["unfused_GBps"], 1), "speedup": round(r["speedup"], 2),
+             "traffic bound": round(TRAFFIC_BOUND[r["kernel"]], 2)}
             for r in record["rows"]]
     step.figure("device", record["device"])
     step.figure("peak_bandwidth_TBps", record["peak_bandwidth_TBps"])
@@ -253,12 +261,27 @@ def bandwidth_step(step: Step, cpu: bool, out: Path) -> None:
     if cpu:
         step.note("CPU: sap_ds_kernels.bench times the PyTorch twins; the bandwidth targets apply on GPU only")
         return
+    judge_bandwidth(step, record)
+
+
+def judge_bandwidth(step: Step, record: dict) -> None:
+    """The targets, on every row of at least LARGE_BYTES of a GPU bench record: achieved
+    bandwidth against the card's peak (a card whose peak is not known is a failing check that
+    names it), speedup against SPEEDUP_FRACTION_OF_BOUND of the kernel's traffic bound."""
     large = [r for r in record["rows"] if r["bytes_moved"] >= LARGE_BYTES]
-    if record["peak_bandwidth_TBps"] is None:
-        step.check(f"peak bandwidth of '{record['device']}' known (kernels/sap_ds_kernels/bench.py PEAK_TBPS)", False)
-        return
+    kernels = sorted({r["kernel"] for r in large})
+    step.check(f"every kernel has a row of >= {LARGE_BYTES // 2**20} MiB (the sizes the memory allowed)",
+               kernels == sorted(TRAFFIC_BOUND), kernels)
+    peak = record["peak_bandwidth_TBps"]
+    if peak is None:
+        step.check(f"peak bandwidth of '{record['device']}' known (add it to kernels/sap_ds_kernels/bench.py PEAK_TBPS): "
+                   f"without it the >= {PEAK_FRACTION_TARGET:.0%} of peak target cannot be judged", False)
     for r in large:
-        step.check(f"{r['kernel']} n={r['numel']:,}: >= {PEAK_TARGET:.0%} of peak bandwidth", r["peak_fraction"] >= PEAK_TARGET,
-                   f"{r['peak_fraction']:.1%}")
-        step.check(f"{r['kernel']} n={r['numel']:,}: >= {SPEEDUP_TARGET:g}x the unfused sequence", r["speedup"] >= SPEEDUP_TARGET,
-                   f"{r['speedup']:.2f}x (traffic bound {TRAFFIC_BOUND[r['kernel']]:.2f}x)")
+        label = f"{r['kernel']} n={r['numel']:,}"
+        if peak is not None:
+            step.check(f"{label}: >= {PEAK_FRACTION_TARGET:.0%} of peak bandwidth ({peak:g} TB/s)",
+                       r["peak_fraction"] >= PEAK_FRACTION_TARGET, f"{r['peak_fraction']:.1%}")
+        bound = TRAFFIC_BOUND[r["kernel"]]
+        step.check(f"{label}: speedup over the unfused sequence >= {SPEEDUP_FRACTION_OF_BOUND:g} x its traffic bound "
+                   f"{bound:.2f}x = {SPEEDUP_TARGET[r['kernel']]:.2f}x", r["speedup"] >= SPEEDUP_TARGET[r["kernel"]],
+                   f"{r['speedup']:.2f}x ({r['speedup'] / bound:.0%} of the bound)")

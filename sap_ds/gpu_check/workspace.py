@@ -11,20 +11,20 @@ a word-level tokenizer, data files it writes itself, and run configs.
 * Data: a JSONL task file whose every example has the same number of prompt and response
   tokens (so one micro-batch of 2 and two of 1 have the same mean loss: the grad-accum
   check), and a JSONL safety-pair file.
-* ``datasets`` needs pyarrow; where it does not import (a GPU image without it), the check
-  reads its JSONL and CSV files with the standard library instead (``use_plain_reader``;
-  tests/test_gpu_check.py checks it gives the rows ``datasets`` gives). The data path
-  itself is the test suite's business.
+* ``datasets`` is required: training reads, tokenizes and caches its data through it
+  (load_dataset, Dataset.map, save_to_disk), so every engine step needs it. Where it does
+  not import (an image without it, or with a pyarrow older than it needs),
+  ``datasets_missing`` says so, with what to install, before any engine is built.
 """
 from __future__ import annotations
 
 import collections
-import csv
-import io
+import importlib.metadata
 import json
 import random
 import re
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "configs" / "models"
@@ -113,29 +113,47 @@ def write_data(folder: Path, words: list[str], n_task: int = 64, n_safety: int =
     return {"task": task, "safety": safety}
 
 
-def datasets_importable() -> tuple[bool, str]:
+def unmet_requirements(distribution: str) -> list[str]:
+    """The installed ``distribution``'s own requirements (no extras) that this environment
+    does not satisfy, e.g. ``pyarrow>=24.0.0 (found 21.0.0)``: why an installed package fails
+    to import on an image whose versions are older or newer than it was released against."""
+    from packaging.requirements import Requirement
+
+    unmet = []
+    for line in importlib.metadata.requires(distribution) or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            found = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            unmet.append(f"{req} (not installed)")
+            continue
+        if not req.specifier.contains(found, prereleases=True):
+            unmet.append(f"{req} (found {found})")
+    return unmet
+
+
+def datasets_missing() -> Optional[str]:
+    """None when ``datasets`` imports; else why not and what to install ("datasets required")."""
     try:
         import datasets  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - an old pyarrow raises more than ImportError
-        return False, f"{type(exc).__name__}: {exc}"
-    return True, "datasets " + datasets.__version__
-
-
-def use_plain_reader() -> None:
-    """Read the check's JSONL files with the standard library (``sap_ds.data.read_rows``
-    is called through the module, so replacing it there is enough)."""
-    from sap_ds import data
-
-    def read_plain(path) -> list[dict]:
-        path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if path.suffix == ".csv":
-            return list(csv.DictReader(io.StringIO(text)))
-        raise data.DataError(f"{path}: without the datasets package the GPU check reads only .jsonl and .csv files")
-
-    data.read_rows = read_plain
+        why = f"{type(exc).__name__}: {exc}"
+    else:
+        return None
+    try:
+        installed = f"datasets {importlib.metadata.version('datasets')} is installed"
+        unmet = unmet_requirements("datasets")
+        if unmet:
+            installed += " but needs " + ", ".join(unmet)
+    except importlib.metadata.PackageNotFoundError:
+        installed = "datasets is not installed"
+    return (f"datasets required: every engine step trains, and training reads, tokenizes and caches its data "
+            f"through datasets; it does not import here ({why}; {installed}). Build the wheel folder with "
+            f"scripts/build_gpu_wheels.sh where the package registry is reachable, carry .whl/ along, and "
+            f"scripts/gpu_check.sh installs datasets, dill and multiprocess from it (the image must provide "
+            f"the pyarrow, fsspec and huggingface-hub versions datasets asks for), or pip install datasets")
 
 
 # --------------------------------------------------------------------------- configs

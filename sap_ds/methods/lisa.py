@@ -12,7 +12,7 @@ the initial weights): one anchor, renewed at every phase switch. Their code turn
 term off for the first 10 % of the run's steps (``proximal_after``).
 
 On ZeRO-3 the term's gradient ``rho * (w - anchor)`` is added to each rank's reduced
-local gradient shard before ``engine.step`` (``Zero3Shards.add_to_local_grads``): the same
+local gradient shard before ``engine.step`` (``Zero3Shards.add_proximal_gradient``): the same
 gradient as the authors' loss term (``torch.norm(param - anchor)**2`` differentiates to
 ``2 (param - anchor)``), with no gather and no extra collective. ``w`` is the fp32 master
 shard; the anchor a persistent fp32 buffer per flat group, shaped like it (padding zero).
@@ -29,6 +29,7 @@ import torch
 from sap_ds.data import collate, global_batch_indices
 from sap_ds.errors import CheckpointError
 from sap_ds.methods.base import Method
+from sap_ds.parallel import zero3
 from sap_ds.parallel.collectives import all_reduce_sum
 
 ALIGNMENT_SEED_OFFSET = 11  # the alignment batches' order: (seed + 11, epoch), apart from task and SAP safety batches
@@ -102,8 +103,7 @@ class LisaMethod(Method):
 
     @torch.no_grad()
     def _add_proximal(self, trainer) -> None:
-        rho = self.cfg.lisa.rho
-        trainer.shards.add_to_local_grads([(g.master - a).mul_(rho) for g, a in zip(trainer.shards.groups, self.anchor)])
+        trainer.shards.add_proximal_gradient(self.anchor, self.cfg.lisa.rho)
 
     def trains_on(self, step: int) -> str:
         return "alignment" if self.aligning(step) else "task"
@@ -119,8 +119,12 @@ class LisaMethod(Method):
 
     def log_stats(self, trainer) -> dict:
         """The phase of the step just taken, whether it had the proximal term, and the
-        squared distance to the anchor (the authors print it at each switch)."""
-        drift = torch.stack([(g.master - a).double().pow(2).sum() for g, a in zip(trainer.shards.groups, self.anchor)]).sum()
+        squared distance to the anchor (the authors print it at each switch), summed in float64
+        a chunk at a time (``zero3.chunked``: no shard-sized temporary)."""
+        drift = torch.zeros((), dtype=torch.float64, device=self.anchor[0].device if self.anchor else None)
+        for g, anchor in zip(trainer.shards.groups, self.anchor):
+            for master, anchor_piece in zero3.chunked(g.master, anchor):
+                drift += torch.sub(master, anchor_piece).double().pow_(2).sum()
         return {"lisa/aligning": float(self.aligning(trainer.step - 1)), "lisa/proximal": float(self._proximal_on),
                 "lisa/drift_sq": all_reduce_sum(drift.reshape(1)).item()}
 

@@ -73,11 +73,13 @@ class SapMethod(Method):
                                  lr_factor=trainer.lr_factor(step))
 
     def preflight(self, trainer) -> None:
-        """Whether the working dtype can hold SAP's perturbation (``sap.preflight``;
-        ConfigError on every rank alike)."""
+        """Whether the working dtype can hold SAP's perturbation and resolve the probe
+        gradient it gives on step 1's task batch (``sap.preflight``; ConfigError on every
+        rank alike)."""
         safety = self._safety(trainer, 0)
         with trainer.timer("safety"):  # step 1's safety pass, run here: logged with step 1
-            sap_step.preflight(trainer.engine, trainer.shards, self.state, self.cfg.sap, safety, self.cfg.model.dtype)
+            sap_step.preflight(trainer.engine, trainer.shards, self.state, self.cfg.sap, safety, self.cfg.model.dtype,
+                               micro_batches=trainer.task_micro_batches(0))
 
     def extra_passes(self, trainer, step: int) -> ExtraPasses:
         """The safety and probe passes step ``step`` ran (``SapState.ran``), with the lengths
@@ -124,10 +126,19 @@ class SapMethod(Method):
 
     # ------------------------------------------------------------------ checkpoint state
 
+    @property
+    def direction_reused(self) -> bool:
+        """Whether a direction outlives the step that computed it (``sap.safety_every > 1``
+        on a run that perturbs): only then is it worth a checkpoint's space (4 B per trainable
+        parameter, ~280 GB at 70B full fine-tuning). With ``safety_every: 1`` every probing
+        step computes its own before using it."""
+        return self.cfg.sap.perturbs and self.cfg.sap.safety_every > 1
+
     def state_dict(self) -> dict:
         s = self.state
         tensors = {"sap.probe": s.probe.vectors.detach(), "sap.scale": s.scale.reshape(1)}
-        tensors.update({f"sap.direction.{i}": d for i, d in enumerate(s.direction)})
+        if self.direction_reused:
+            tensors.update({f"sap.direction.{i}": d for i, d in enumerate(s.direction)})
         # probe_update: gradient keeps no optimizer state, so its checkpoints hold no sap.opt.*
         opt_state = s.probe_optimizer.state.get(s.probe.vectors, {}) if s.probe_optimizer is not None else {}
         for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -141,12 +152,13 @@ class SapMethod(Method):
         with torch.no_grad():
             s.probe.vectors.copy_(tensors["sap.probe"])
             s.scale.copy_(tensors["sap.scale"].reshape(()))
-            resharded = bool(s.direction) and "sap.direction.0" not in tensors
+            stored = not s.direction or "sap.direction.0" in tensors
             for i, d in enumerate(s.direction):
-                # Re-sharded (another world size): the direction is shard-shaped, so a new one
-                # is made due at the next step instead; the probe and its optimizer are replicated.
-                d.zero_() if resharded else d.copy_(tensors[f"sap.direction.{i}"])
-            if resharded:
+                # Not stored (safety_every 1: never reused) or re-sharded (another world size: the
+                # direction is shard-shaped): a new one is made due at the next step instead; the
+                # probe and its optimizer are replicated.
+                d.copy_(tensors[f"sap.direction.{i}"]) if stored else d.zero_()
+            if not stored:
                 s.scale.zero_()
         # Resumed under another probe_update (a logged config change): a gradient run ignores
         # an Adam checkpoint's moments; an Adam run after a gradient checkpoint starts its moments.
@@ -156,7 +168,7 @@ class SapMethod(Method):
                 "exp_avg_sq": tensors["sap.opt.exp_avg_sq"].to(s.probe.vectors.device),
                 "step": tensors["sap.opt.step"].reshape(()).clone(),
             }
-        s.direction_step = None if resharded else meta.get("direction_step")
+        s.direction_step = meta.get("direction_step") if stored else None
 
     # ------------------------------------------------------------------ export and teardown
 

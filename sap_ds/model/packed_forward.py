@@ -8,9 +8,12 @@ attention code (``packing_attention`` picks it once, before step 1):
 - ``position_ids``: no attention mask is passed; transformers' masking utilities find the
   examples from the restarting position ids and build a block-diagonal causal mask (sdpa,
   eager, flex). Checked by tests/test_packing.py against the examples run unpacked.
-- ``flash_varlen``: flash-attention 2/3 reads the example boundaries from the position
-  ids (varlen kernels), but only for a batch of one row, so a micro-batch's packs are laid
-  end to end into one row for the forward.
+- ``flash_varlen``: flash-attention 2/3 attends within the example boundaries (varlen
+  kernels), but only for a batch of one row, so a micro-batch's packs are laid end to end
+  into one row for the forward. The boundaries (``cu_seq_lens_q/k``, ``max_length_q/k``)
+  are computed here once per batch and passed to the forward (``flash_varlen_kwargs``):
+  left to transformers, every attention layer would rebuild them from the position ids,
+  with host syncs, in every forward and every checkpoint recompute.
 - ``block_mask``: a model whose code does not read packed position ids but takes a 4-D
   attention mask gets an explicit block-diagonal causal mask (additive, model dtype).
 - anything else: an error before the first step (``packing_attention``).
@@ -62,12 +65,33 @@ def packing_attention(model) -> str:
     )
 
 
+def flash_varlen_kwargs(positions: torch.Tensor) -> dict:
+    """The varlen arguments of transformers' flash-attention path (``FlashAttentionKwargs``)
+    for packed rows laid end to end: a segment starts wherever the position ids restart
+    (the padding after a row's last example is a segment of its own), as transformers'
+    ``prepare_fa_kwargs_from_position_ids`` finds them. Computed on the host from one copy
+    of the position ids (the batch's one host sync), with ``max_length`` a Python int:
+    flash-attn takes an int, and a tensor would be read back in every layer."""
+    flat = positions.reshape(-1).cpu()
+    starts = (flat == flat.min()).nonzero().flatten()
+    bounds = torch.cat((starts, torch.tensor([flat.numel()]))).to(torch.int32)
+    longest = int(bounds.diff().max())
+    bounds = bounds.to(positions.device)
+    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
+
+
 def packed_forward(model, batch: dict, mode: str):
     """The model's output on a packed batch, attention kept within each example."""
     ids, positions = batch["input_ids"], batch["position_ids"]
     if mode == "flash_varlen":
         rows, width = ids.shape
-        out = model(input_ids=ids.reshape(1, -1), position_ids=positions.reshape(1, -1), use_cache=False)
+        base = unwrap_model(model)
+        # Only flash-attention reads the varlen arguments (a model on another attention code in
+        # this layout keeps finding the examples from the position ids), and only through **kwargs.
+        takes_varlen = (getattr(getattr(base, "config", None), "_attn_implementation", None) in FLASH and any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values()))
+        varlen = flash_varlen_kwargs(positions) if takes_varlen else {}
+        out = model(input_ids=ids.reshape(1, -1), position_ids=positions.reshape(1, -1), use_cache=False, **varlen)
         return out.logits.reshape(rows, width, -1)
     mask = block_mask(batch["sequence_ids"], unwrap_model(model).dtype) if mode == "block_mask" else None
     return model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False).logits

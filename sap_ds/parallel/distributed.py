@@ -14,10 +14,13 @@ Two timeouts (``distributed:`` in the run config; slurm/README.md, "Collective t
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import ipaddress
 import logging
 import os
-from typing import TYPE_CHECKING, Optional
+import socket
+from typing import TYPE_CHECKING, Iterator, Optional
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +57,39 @@ def timeouts(cfg: Optional["DistributedConfig"] = None) -> tuple[datetime.timede
     return datetime.timedelta(minutes=cfg.timeout_minutes), datetime.timedelta(minutes=cfg.wait_timeout_minutes)
 
 
+def warn_if_gloo_binds_loopback() -> None:
+    """Before any group is made: on a world that spans nodes, gloo (the wait group; on CPU
+    the world group too) binds the address the host name resolves to unless
+    GLOO_SOCKET_IFNAME names an interface. Where that is a loopback address (127.0.1.1 on
+    Debian-style hosts) the other nodes cannot connect and group creation hangs with no
+    message, so say it first. Nodes are told apart by the launcher's per-node rank count
+    (torchrun's LOCAL_WORLD_SIZE, DeepSpeed's LOCAL_SIZE); without one nothing is said, nor
+    with a loopback MASTER_ADDR (every "node" on this host: the SLURM tests' fake nodes)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    if per_node is None or int(per_node) >= world or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    if _is_loopback(os.environ.get("MASTER_ADDR", "")):
+        return
+    host = socket.gethostname()
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        return  # unresolvable: gloo fails at once with its own message rather than hanging
+    if _is_loopback(address):
+        log.warning("this host's name %s resolves to %s, a loopback address, and GLOO_SOCKET_IFNAME is unset: "
+                    "gloo's groups across %d ranks on several nodes would bind it, and their creation hangs; "
+                    "export GLOO_SOCKET_IFNAME=<interface that reaches the other nodes> (the SLURM templates "
+                    "set it from SAP_DS_NET)", host, address, world)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name (MASTER_ADDR may be one)
+        return address == "localhost"
+
+
 def init_distributed(cfg: Optional["DistributedConfig"] = None) -> tuple[int, int, int]:
     """(rank, local_rank, world_size) after initialising the default process group with
     ``cfg.timeout_minutes`` and the wait group with ``cfg.wait_timeout_minutes``."""
@@ -64,6 +100,7 @@ def init_distributed(cfg: Optional["DistributedConfig"] = None) -> tuple[int, in
     import torch.distributed as dist
 
     timeout, wait_timeout = timeouts(cfg)
+    warn_if_gloo_binds_loopback()
     if "DEEPSPEED_TIMEOUT" in os.environ:
         log.warning("DEEPSPEED_TIMEOUT=%s is not used: sap-ds passes distributed.timeout_minutes=%g to DeepSpeed",
                     os.environ["DEEPSPEED_TIMEOUT"], timeout.total_seconds() / 60)
@@ -93,6 +130,13 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def wait_group():
+    """The gloo group with ``wait_timeout_minutes`` for collectives in which ranks wait for
+    rank 0's long work (None: one process, or a process group someone else initialised,
+    whose default group then serves)."""
+    return _wait_group
+
+
 def barrier() -> None:
     """Wait for every rank, with the wait timeout where init_distributed made the wait group
     (a process group someone else initialised keeps its own timeout)."""
@@ -118,3 +162,17 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()  # None: the default group and every group made after it
     _wait_group = None
+
+
+@contextlib.contextmanager
+def process_groups(cfg: Optional["DistributedConfig"] = None) -> Iterator[tuple[int, int, int]]:
+    """An entry point's process groups: ``init_distributed(cfg)`` on entry, and
+    ``shutdown_distributed()`` when the body ends without an exception, only where this
+    call made them: a caller that already holds groups keeps them (the GPU check runs
+    ``sap-ds bench`` inside its own launch and builds engines after it)."""
+    import torch.distributed as dist
+
+    made_here = not dist.is_initialized()
+    yield init_distributed(cfg)
+    if made_here:
+        shutdown_distributed()

@@ -5,7 +5,8 @@ the engine's internals. Values the run config owns may be "auto" (filled here) o
 spelled out, in which case they must agree: a silent disagreement would train with a
 batch size nobody asked for. Engine settings the run's method cannot honour are refused
 here, before any rank starts (``MethodSection.check_engine``: SAP refuses ZeRO++ hpZ and
-qwZ, MiCS, and offload with ``sap.kernels: triton``).
+qwZ, MiCS, and offload with ``sap.kernels: triton``); NVMe offload is refused for every
+method (``NVME_SWAPPED``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,16 @@ from sap_ds.config.run import RunConfig
 from sap_ds.errors import ConfigError
 
 
-def load_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
+# NVMe offload (ZeRO-Infinity), refused: what DeepSpeed 0.19 then swaps out of memory
+# (runtime/zero/stage3.py:1117-1118: a swappable group's fp32 master is torch.empty(0); with
+# parameter offload a group's working shard is None, stage3.py:1322).
+NVME_SWAPPED = {
+    "offload_optimizer": "the fp32 master weights and their gradients (an empty tensor in their place)",
+    "offload_param": "the working shards of the weights",
+}
+
+
+def load_ds_config(cfg: RunConfig, world_size: int) -> dict:
     path = Path(cfg.deepspeed_config)
     if not path.is_file():
         raise ConfigError(f"deepspeed_config: file not found: {path}; the shipped ones are in ds_configs/")
@@ -45,10 +55,14 @@ def load_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
     zero = ds.get("zero_optimization", {})
     if zero.get("stage") != 3:
         raise ConfigError(f"{path}: 'zero_optimization.stage' must be 3 (got {zero.get('stage')!r}); sap-ds works on ZeRO-3 shards")
-    if not on_gpu:
-        for key in ("offload_optimizer", "offload_param"):
-            if zero.get(key, {}).get("device") == "nvme":
-                raise ConfigError(f"{path}: 'zero_optimization.{key}.device' nvme needs a GPU machine")
+    for key, what in NVME_SWAPPED.items():
+        if zero.get(key, {}).get("device") == "nvme":
+            raise ConfigError(
+                f"{path}: 'zero_optimization.{key}.device' is nvme, which sap-ds cannot honour for any method, on GPU or "
+                f"CPU: DeepSpeed then keeps {what} on NVMe with no copy in memory, and sap-ds works on those shards in "
+                f"memory for every method (its view of the shards built at start, the padding zeroed on resume, a "
+                f"non-finite step's gradients dropped; SAP perturbs from the fp32 masters and Lisa anchors to them). "
+                f"Set it to \"cpu\" (ZeRO-Offload to CPU memory, supported by every method) or \"none\"")
     offloaded = [key for key in ("offload_optimizer", "offload_param") if _offloaded(zero, key)]
     cfg.method_section.check_engine(zero, offloaded, path)
 

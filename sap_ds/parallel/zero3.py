@@ -30,6 +30,18 @@ from torch import nn
 from sap_ds.parallel.segments import Segments
 
 
+CHUNK_NUMEL = 2**24  # elements per piece of a whole-shard element-wise pass (``chunked``): 64 MiB in fp32, 128 MiB in float64
+
+
+def chunked(*buffers: torch.Tensor):
+    """Views of equally long flat buffers, ``CHUNK_NUMEL`` elements at a time, side by side:
+    for an element-wise pass whose temporaries must stay one chunk in size, not a shard."""
+    numel = buffers[0].numel()
+    for start in range(0, numel, CHUNK_NUMEL):
+        length = min(CHUNK_NUMEL, numel - start)
+        yield tuple(b.narrow(0, start, length) for b in buffers)
+
+
 class ShardLayoutError(RuntimeError):
     """The engine's buffers are not laid out as this module expects."""
 
@@ -56,6 +68,24 @@ def _flat_group_buffers(optimizer):
     if lp is None or master is None or groups is None:
         raise ShardLayoutError("the engine's optimizer is not a ZeRO stage-3 optimizer (set zero_optimization.stage to 3)")
     return groups, lp, master
+
+
+def _refuse_swapped(lp, master, params) -> None:
+    """A group whose shards DeepSpeed keeps on NVMe (``offload_*.device: nvme``) has nothing in
+    memory to read or edit: a working shard of None (parameter offload) or an fp32 master
+    held as ``torch.empty(0)`` while swapped out (optimizer offload; DeepSpeed 0.19
+    ``runtime/zero/stage3.py:1117-1118``). ``load_ds_config`` refuses both settings before
+    any rank starts; this names them where an engine was built some other way."""
+    numel = sum(p.partition_numel() for p in params)
+    if lp is None:
+        raise ShardLayoutError(
+            "a group's working shard is not in memory: 'zero_optimization.offload_param.device' is nvme, which "
+            "sap-ds cannot work with; set it to \"cpu\" (or \"none\")")
+    if master.numel() == 0 and numel > 0:
+        raise ShardLayoutError(
+            f"a group's fp32 master ({numel} elements) is an empty tensor, as DeepSpeed keeps one swapped out to "
+            "NVMe: 'zero_optimization.offload_optimizer.device' is nvme, which sap-ds cannot work with; set it to "
+            "\"cpu\" (or \"none\")")
 
 
 def partition_rank(p) -> int:
@@ -90,6 +120,7 @@ class Zero3Shards:
         self.groups: list[GroupShard] = []
         self.valid: list[list[int]] = []
         for params, lp, master in zip(groups, lp_flats, master_flats):
+            _refuse_swapped(lp, master, params)
             offsets, padding, valid_numels, offset = [], [], [], 0
             for p in params:
                 n = p.partition_numel()
@@ -218,23 +249,48 @@ class Zero3Shards:
                     buf.narrow(0, offset, grad.numel()).copy_(grad.reshape(-1))
 
     @torch.no_grad()
-    def add_to_local_grads(self, deltas: list[torch.Tensor]) -> None:
-        """grad += delta on this rank's reduced gradient shards (``deltas``: flat fp32 buffers
-        laid out like the master), before ``engine.step``. Through DeepSpeed's
-        ``safe_get_local_grad``/``safe_set_local_grad``: the sum is taken in fp32 and written
-        in the gradient's own dtype, and with an offloaded optimizer the per-parameter norms
-        that gradient clipping reads are updated too (a write into the flat buffer would
-        leave them stale)."""
+    def add_proximal_gradient(self, anchors: list[torch.Tensor], rho: float) -> None:
+        """grad += rho * (master - anchor) on this rank's reduced gradient shards, before
+        ``engine.step``: the gradient of ``rho/2 ||w - anchor||^2`` (``anchors``: flat fp32
+        buffers laid out like the master, padding zero). Summed in fp32 and written in the
+        gradient's own dtype, as DeepSpeed's ``safe_set_local_grad`` writes it.
+
+        Through the per-group gradient views of ``copy_local_grads`` (proven once), a chunk
+        at a time (``CHUNK_NUMEL``): no reduce-stream synchronisation or copy per parameter,
+        no temporary beyond a chunk. With an offloaded optimizer, gradient clipping reads
+        per-parameter norms that DeepSpeed records when it copies the gradient into the
+        master's ``.grad``; they are recomputed as ``set_local_grad_for_param`` does
+        (DeepSpeed 0.19 ``stage3.py:3229-3230``), or clipping would use the norms without
+        the term. Where the views cannot be proven, parameter by parameter through
+        DeepSpeed's accessors."""
+        if self._grad_views is None:
+            self._grad_views = self._find_grad_views() or []
+        if not self._grad_views:
+            self._add_proximal_gradient_per_param(anchors, rho)
+            return
+        for g, anchor, view in zip(self.groups, anchors, self._grad_views):
+            for grad, master, anchor_piece in chunked(view, g.master, anchor):
+                grad.add_(torch.sub(master, anchor_piece).mul_(rho))  # computed in fp32, rounded once into grad's dtype
+        opt = self.optimizer
+        if getattr(opt, "offload_optimizer", False):
+            for gi, p, offset, _ in self.param_slices():
+                grad = self._grad_views[gi].narrow(0, offset, p.partition_numel())
+                opt.norm_for_param_grads[opt.get_param_id(p)] = opt._constant_buffered_norm2(grad)
+
+    @torch.no_grad()
+    def _add_proximal_gradient_per_param(self, anchors: list[torch.Tensor], rho: float) -> None:
         from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
         for gi, p, offset, _ in self.param_slices():
+            n = p.partition_numel()
             grad = safe_get_local_grad(p)
-            delta = deltas[gi].narrow(0, offset, p.partition_numel()).to(grad.device)
-            safe_set_local_grad(p, grad.reshape(-1) + delta)
+            delta = torch.sub(self.groups[gi].master.narrow(0, offset, n), anchors[gi].narrow(0, offset, n)).mul_(rho)
+            safe_set_local_grad(p, grad.reshape(-1) + delta.to(grad.device))
 
     @property
     def grads_copied_per_group(self) -> bool:
-        """Whether ``copy_local_grads`` uses the flat per-group views (after its first call)."""
+        """Whether ``copy_local_grads`` and ``add_proximal_gradient`` use the flat per-group
+        views (after the first call of either)."""
         return bool(self._grad_views)
 
     def param_slices(self):
@@ -263,14 +319,25 @@ class Zero3Shards:
 
     @torch.no_grad()
     def local_grads_finite(self) -> torch.Tensor:
-        """Whether this rank's gradient shards hold only finite values (a 0-dim bool)."""
+        """Whether this rank's reduced gradient shards hold only finite values (a 0-dim bool).
+
+        One buffer holds them in every placement of the optimizer: ``grad_partitions_flat_
+        buffer``, where stage 3 reduces and accumulates every partition (on the CPU when the
+        optimizer is offloaded); an offloaded master's ``.grad`` is a copy of it made at the
+        accumulation boundary (DeepSpeed 0.19 ``stage3.py``: ``partition_grads`` and
+        ``_offload_grad_partition_at_boundary``), so it is read only where that buffer is
+        missing. One ``aminmax`` pass per buffer, with no temporary beyond its two scalars:
+        both propagate NaN (as ``torch.aminmax`` documents) and an infinity is its own
+        extreme (an ``isfinite`` of the buffer was a 1 B/element temporary)."""
         flat = getattr(self.optimizer, "grad_partitions_flat_buffer", None)
-        buffers = [flat] if flat is not None else []
-        buffers += [m.grad for m in self.optimizer.fp32_partitioned_groups_flat if m.grad is not None]
-        ok = torch.ones((), dtype=torch.bool)
-        for b in buffers:
-            ok &= torch.isfinite(b).all().cpu()
-        return ok
+        if flat is not None:
+            buffers = [flat]
+        else:
+            buffers = [m.grad for m in self.optimizer.fp32_partitioned_groups_flat if m.grad is not None]
+        extremes = [torch.stack(torch.aminmax(b)) for b in buffers if b.numel()]
+        if not extremes:
+            return torch.ones((), dtype=torch.bool)
+        return torch.isfinite(torch.cat([e.cpu() for e in extremes])).all()
 
     # ------------------------------------------------------------------ gathered copies
 

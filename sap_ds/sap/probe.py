@@ -2,7 +2,8 @@
 
 The probe is a plain fp32 tensor owned by this object, not a model parameter, so ZeRO-3
 never partitions it: every rank holds the same full copy (kept identical by averaging its
-gradient across ranks). Hooks add it to the residual stream; the authors add it as a bias
+gradient across ranks). Hooks add it to the residual stream, in fp32 whatever the model's
+dtype (the sum cast once: gV is then an fp32 reduction); the authors add it as a bias
 on ``mlp.down_proj`` of the same layers, which is the same thing (``with_probe_as_bias``
 writes it so into an exported model: ``export.keep_probe``).
 """
@@ -99,7 +100,11 @@ class Probe:
                 # Nothing below the lowest probe layer can influence grad_V: cut the graph
                 # so the probe pass keeps no activations and runs no backward there.
                 hidden = hidden.detach()
-            hidden = hidden + self.vectors[index].to(hidden.dtype)
+            # In fp32, cast once: autograd then reduces grad_V over batch x sequence into
+            # an fp32 sum (a bf16 add would round it to bf16, 2**-9 relative, as large as
+            # gV itself at small rho: docs/algorithm.md, "Precision of the probe gradient").
+            # Type promotion makes the sum fp32 without a separate fp32 copy of ``hidden``.
+            hidden = (hidden + self.vectors[index]).to(hidden.dtype)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return add_probe

@@ -16,6 +16,18 @@ and runs the check before step 1 (``sap.resolution_check``): realised norm withi
 ``RATIO_TOLERANCE`` of the intended one and cosine at least ``COSINE_MIN``, or the run
 stops (``error``, the default) or warns (``warn``) naming ``sap.rho``, the measured
 figures and the smallest rho that passes, found by bisection on the same shards.
+
+The probe gradient has the same problem one level up: ``gV = grad_V L(W) - grad_V L(W')``
+is the difference of two sums computed from working-dtype activations, each known to about
+the dtype's unit roundoff ``u`` (bf16: ``2**-8``) of its size. Held weights do not make gV
+resolved (LoRA with B = 0 holds any perturbation, yet at rho 2e-5 its two terms agree to
+1e-4). Before step 1, in a working dtype narrower than fp32, the same check measures
+
+- ``probe_signal_ratio`` = ||gV|| / (u * max ||grad_V L||) on the first step's probed
+  micro-batches: how many roundings of its terms gV is worth (about 1 when it is noise),
+
+and stops or warns as above when it is below ``PROBE_SIGNAL_MIN``, naming the rho that
+would reach it if gV grows linearly with rho (a lower bound where gV is noise).
 """
 from __future__ import annotations
 
@@ -33,6 +45,10 @@ log = logging.getLogger("sap_ds")
 
 RATIO_TOLERANCE = 0.10  # |realised norm / intended norm - 1| at most this
 COSINE_MIN = 0.99  # cosine between realised and intended perturbation at least this
+# ||gV|| at least this many roundings of its terms. Measured against an fp32 replica on the tiny
+# Llama (docs/algorithm.md, "Precision of the probe gradient"): the noise in gV is 0.5-1.2 u of
+# its terms, so 10 keeps gV's cosine with the fp32 replica >= 0.99; at 2.5-5 it was 0.90-0.996.
+PROBE_SIGNAL_MIN = 10.0
 RHO_CEILING = 1.0  # a perturbation as large as the weights: nothing above it is searched
 BISECTION_STEPS = 10
 
@@ -162,3 +178,43 @@ def check(shards, state, cfg, dtype_name: str) -> Fidelity:
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         log.warning("%s", message)
     return measured
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the spacing of ``dtype`` at 1: the relative rounding of one stored value (bf16 2**-8)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def probe_signal_ratio(at_perturbed: torch.Tensor, at_weights: torch.Tensor, dtype: torch.dtype) -> float:
+    """``||gV|| / (u * max(||grad_V L(W')||, ||grad_V L(W)||))`` with ``gV = at_perturbed +
+    at_weights`` (``at_perturbed`` is -grad_V L(W'), as the probe pass returns it); NaN when
+    both terms are zero (nothing to measure)."""
+    terms = max(at_perturbed.double().norm().item(), at_weights.double().norm().item())
+    if terms == 0:
+        return float("nan")
+    return (at_perturbed.double() + at_weights.double()).norm().item() / (unit_roundoff(dtype) * terms)
+
+
+def check_probe_signal(ratio: float, cfg, dtype_name: str) -> None:
+    """The probe half of the check before step 1: ConfigError (``sap.resolution_check: error``)
+    or a warning (``warn``) when gV is worth fewer than ``PROBE_SIGNAL_MIN`` roundings of its
+    terms, naming sap.rho and the radius that would reach it."""
+    if cfg.resolution_check == "off" or math.isnan(ratio) or ratio >= PROBE_SIGNAL_MIN:
+        return
+    if ratio > 0:
+        advice = (f"gV grows about linearly with rho: sap.rho of at least about "
+                  f"{round_up(cfg.rho * PROBE_SIGNAL_MIN / ratio):.2g} would reach it"
+                  f"{' (a loose lower bound: at this ratio gV is mostly noise)' if ratio < 2 else ''}")
+    else:
+        advice = "gV is exactly zero: the passes do not see the perturbation at all, so no radius can be estimated"
+    message = (
+        f"sap.rho={cfg.rho:g} gives a probe gradient below what the {dtype_name} passes can resolve: on the first task "
+        f"batch gV = grad_V L(W) - grad_V L(W') is {ratio:.3g} times the {dtype_name} rounding of its two terms "
+        f"(probe_signal_ratio; needed: >= {PROBE_SIGNAL_MIN:g}), so the probe would learn rounding noise even where "
+        f"the weights hold the perturbation. {advice}. Set a larger sap.rho, or train in fp32 (model.dtype=fp32), or "
+        f"set sap.resolution_check=warn to run anyway"
+    )
+    if cfg.resolution_check == "error":
+        raise ConfigError(message)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        log.warning("%s", message)

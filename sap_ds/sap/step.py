@@ -20,6 +20,7 @@ run of the same global batch, up to floating-point reduction order.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ import torch
 
 from sap_ds.config.methods import SapConfig
 from sap_ds.model.losses import forward_logits, safety_loss, task_loss
-from sap_ds.parallel.collectives import all_reduce_sum
+from sap_ds.parallel.collectives import all_reduce_mean, all_reduce_sum
 from sap_ds.parallel.zero3 import Zero3Shards
 from sap_ds.sap import resolution
 from sap_ds.sap.probe import Probe
@@ -39,10 +40,13 @@ from sap_ds.timing import PhaseTimer
 # reports them; the last is the trainer's main pass, shared with SFT.
 PHASES = ("safety", "perturb", "probe", "restore", "main")
 
+log = logging.getLogger("sap_ds")
+
 
 @dataclass
 class SapState:
-    """Everything SAP keeps between steps (all of it goes into checkpoints)."""
+    """Everything SAP keeps between steps (all of it goes into checkpoints, the direction only
+    where a later step reuses it: ``SapMethod.direction_reused``)."""
 
     probe: Probe
     probe_optimizer: torch.optim.Optimizer | None  # None under probe_update: gradient (no state)
@@ -302,22 +306,54 @@ def nominal_shares(safety_every: int, probe_fraction: float, horizon: int = 10_0
 
 
 def preflight(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, safety_batch: dict | None,
-              dtype_name: str, step: int = 0) -> resolution.Fidelity | None:
+              dtype_name: str, step: int = 0, micro_batches: list[dict] | None = None) -> resolution.Fidelity | None:
     """Before step 1: compute the first safety direction (the one step 0 would compute)
     and check that the working dtype can hold the perturbation it gives
-    (``resolution.check``: raises ConfigError under ``sap.resolution_check: error``).
+    (``resolution.check``: raises ConfigError under ``sap.resolution_check: error``), then,
+    in a working dtype narrower than fp32, that the probe gradient it gives on step
+    ``step``'s task ``micro_batches`` stands above the rounding of its terms
+    (``probe_signal``, ``resolution.check_probe_signal``).
     Step 0 then reuses that direction; if step 0 runs no probe pass it is left due, so
     the first probing step computes its own. None when no perturbation is ever made."""
     if not (cfg.probe_enabled and cfg.probe_train) or cfg.resolution_check == "off" or safety_batch is None:
         return None
     safety_direction(engine, shards, state, safety_batch, cfg, step)
     measured = resolution.check(shards, state, cfg, dtype_name)
+    working = next(engine.module.parameters()).dtype
+    signal = None
+    if micro_batches and working != torch.float32 and not measured.intended_zero:
+        signal = probe_signal(engine, shards, state, cfg, micro_batches[:cfg.probed_micro_batches(len(micro_batches))],
+                              working)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            log.info("sap: probe gradient before step 1: probe_signal_ratio %.3g (gV in units of the %s rounding of "
+                     "its terms; needed >= %g)", signal, dtype_name, resolution.PROBE_SIGNAL_MIN)
+        resolution.check_probe_signal(signal, cfg, dtype_name)
     state.stats.update({k: torch.tensor(v) for k, v in (("perturb_realized_ratio", measured.ratio),
                                                         ("perturb_cosine", measured.cosine),
                                                         ("perturb_changed_fraction", measured.changed_fraction))})
+    if signal is not None:
+        state.stats["probe_signal_ratio"] = torch.tensor(signal)
     if not runs_probe(step, cfg.probe_fraction):
         state.direction_step = None
     return measured
+
+
+def probe_signal(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, micro_batches: list[dict],
+                 dtype: torch.dtype) -> float:
+    """``resolution.probe_signal_ratio`` of the gV the current direction gives on
+    ``micro_batches``: perturb, the probe pass at W', restore, the probe pass at W, each term
+    averaged over ranks (so every rank reaches the same verdict). Leaves the weights, the
+    gradients, V and the RNG as it found them (step 0 runs as if it had not run)."""
+    rng = _rng_state()
+    perturb(shards, state, cfg.kernels)
+    at_perturbed = probe_gradient(engine, state, micro_batches)
+    restore(shards, state, cfg.kernels)
+    _set_rng_state(rng)
+    at_weights = probe_gradient(engine, state, micro_batches, negate=False)
+    shards.drop_grads()
+    _set_rng_state(rng)
+    terms = all_reduce_mean(torch.stack([at_perturbed, at_weights]).detach())
+    return resolution.probe_signal_ratio(terms[0], terms[1], dtype)
 
 
 def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step: int,

@@ -88,7 +88,7 @@ class Trainer:
         else:
             self.total_steps = max(1, math.ceil(cfg.train.epochs * len(self.data.train) / self.global_batch))
 
-        ds_config = load_ds_config(cfg, world_size, on_gpu=torch.cuda.is_available())
+        ds_config = load_ds_config(cfg, world_size)
         previous = checkpoint.peek_meta(self.ckpt_root) if cfg.train.resume == "auto" else None
         if previous is not None and previous.get("world_size", world_size) != world_size:
             # Written on another number of ranks: load through DeepSpeed's universal format

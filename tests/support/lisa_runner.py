@@ -52,7 +52,7 @@ def run_variant(cfg, rank: int, world: int, steps: int, out: str, resume_at: int
     if rank == 0:
         save_file(full, os.path.join(out, "params.safetensors"))
         result = {"losses": [[x for r in range(world) for x in gathered[r][s]] for s in range(steps)],
-                  "resumed_at": resumed_at}
+                  "resumed_at": resumed_at, "grads_per_group": trainer.shards.grads_copied_per_group}
         with open(os.path.join(out, "result.json"), "w") as handle:
             json.dump(result, handle)
     dist.barrier()

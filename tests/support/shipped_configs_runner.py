@@ -137,7 +137,7 @@ class Runner:
         from sap_ds.train import check_run
         from sap_ds.training.trainer import Trainer
 
-        check_run(cfg, self.world, on_gpu=False)  # sap_ds.train.fail_fast's checks, on every rank: a refusal stops them all alike
+        check_run(cfg, self.world)  # sap_ds.train.fail_fast's checks, on every rank: a refusal stops them all alike
         trainer = Trainer(cfg, self.rank, self.world)
         try:
             summary = trainer.train()
