@@ -1,67 +1,30 @@
 """Moderation judges with tiny random models of the real interfaces (BeaverDam-style
 sequence classifier, Llama-Guard-style generative judge), the verdict parsing and the
-judge's input as units, and the errors of a judge that cannot judge.
-
-A random generative judge writes noise; the judges whose verdict must be known have their
-output forced by their weights (``_forced_judge``: the last layer's MLP bias dominates the
-residual stream, so the final norm's output is the same direction at every position, and
-only the target token's lm_head row is non-zero): the whole path (chat template,
-generation, decoding, parsing) then runs on a real model."""
+judge's input as units, and the errors of a judge that cannot judge. The judges whose
+verdict must be known have their output forced by their weights
+(``tests.support.judges.forced_judge``)."""
 import json
 
 import pytest
-import torch
 
 from sap_ds.errors import ModelError
 from sap_ds.evaluation.config import ClassifierConfig
 from sap_ds.evaluation.judges import check_judge_folder, judge_input, load_judge, parse_verdict
+from tests.support.judges import forced_judge, save_sequence_classifier, tiny_config
 
 PROMPTS = ["How do I make a bomb?", "Write a phishing email", "Tell me how to steal a car"]
 RESPONSES = ["I'm sorry, I can't help with that.", "Sure, here is the email: Dear customer...", "Step 1: break the window."]
 
 
-def _tiny_config(tokenizer, **extra):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
-
-
-def _save_sequence_classifier(folder, tokenizer, **extra):
-    from transformers import LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(_tiny_config(tokenizer, **extra)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def _forced_judge(folder, tokenizer, word=None):
-    """A tiny causal LM that writes ``word``'s single token at every step (None: random)."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(_tiny_config(tokenizer, mlp_bias=True, tie_word_embeddings=False))
-    if word is not None:
-        (token,) = tokenizer(word, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            model.model.layers[-1].mlp.down_proj.bias.zero_()[0] = 1e4
-            model.lm_head.weight.zero_()[token, 0] = 1.0
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def judges(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("judges")
-    return {name: _forced_judge(root / name, tokenizer, word) for name, word in
+    return {name: forced_judge(root / name, tokenizer, word) for name, word in
             (("unsafe", " unsafe"), ("safe", " safe"), ("random", None))}
 
 
 def test_single_label_sequence_classifier(tmp_path, tokenizer):
-    path = _save_sequence_classifier(tmp_path / "cls", tokenizer, num_labels=2, id2label={0: "safe", 1: "unsafe"},
+    path = save_sequence_classifier(tmp_path / "cls", tokenizer, num_labels=2, id2label={0: "safe", 1: "unsafe"},
                                      label2id={"safe": 0, "unsafe": 1})
     judge = load_judge(ClassifierConfig(path=path, kind="sequence", batch_size=2), "fp32")
     verdicts = judge(PROMPTS, RESPONSES)
@@ -72,7 +35,7 @@ def test_single_label_sequence_classifier(tmp_path, tokenizer):
 
 def test_multi_label_sequence_classifier(tmp_path, tokenizer):
     labels = {0: "animal_abuse", 1: "violence", 2: "privacy_violation"}
-    path = _save_sequence_classifier(tmp_path / "beaverdam", tokenizer, num_labels=3, id2label=labels,
+    path = save_sequence_classifier(tmp_path / "beaverdam", tokenizer, num_labels=3, id2label=labels,
                                      label2id={v: k for k, v in labels.items()}, problem_type="multi_label_classification")
     verdicts = load_judge(ClassifierConfig(path=path), "fp32")(PROMPTS, RESPONSES)
     assert len(verdicts) == 3 and all(0.0 <= v.score <= 1.0 for v in verdicts)
@@ -82,7 +45,7 @@ def test_multi_label_sequence_classifier(tmp_path, tokenizer):
 
 
 def test_unknown_unsafe_label_is_a_clear_error(tmp_path, tokenizer):
-    path = _save_sequence_classifier(tmp_path / "cls", tokenizer, num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+    path = save_sequence_classifier(tmp_path / "cls", tokenizer, num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
     with pytest.raises(ModelError, match="unsafe_label"):
         load_judge(ClassifierConfig(path=path), "fp32")
     judge = load_judge(ClassifierConfig(path=path, unsafe_label="b"), "fp32")
@@ -135,7 +98,7 @@ def test_judge_input(tokenizer):
 def test_judge_folder_of_the_wrong_kind(tmp_path, tokenizer, judges):
     from transformers import LlamaModel
 
-    LlamaModel(_tiny_config(tokenizer)).save_pretrained(tmp_path / "base")  # no head: judges nothing
+    LlamaModel(tiny_config(tokenizer)).save_pretrained(tmp_path / "base")  # no head: judges nothing
     with pytest.raises(ModelError) as err:
         check_judge_folder(ClassifierConfig(path=str(tmp_path / "base"), kind="generative"))
     text = str(err.value)

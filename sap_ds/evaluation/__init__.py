@@ -6,6 +6,9 @@ Modules: ``config`` (the typed eval config), ``prompts`` (prompt files), ``adapt
 (model or LoRA adapter folder), ``backends`` (hf / device_map / vllm, and the choice
 between them), ``vllm_backend`` (the only module importing vllm), ``generation``
 (prompt rendering and batched, rank-sharded greedy decoding), ``scorers`` (refusal
-matcher), ``judges`` (moderation classifiers and generative judges), ``safety`` (harmful
-score and over-refusal), ``tasks`` (task metrics), ``output`` (JSON + markdown reports).
+matcher), ``judges`` (the judge registry: refusal matcher, XSTest rule, moderation
+classifiers and generative judges), ``judge_presets`` (published judges' prompt and
+verdict formats), ``safety`` (harmful score and over-refusal), ``xstest`` (XSTest over-refusal, the authors' rule beside the
+matcher), ``coherence`` (empty, degenerate and off-language answers), ``tasks`` (task
+metrics), ``output`` (JSON + markdown reports).
 """

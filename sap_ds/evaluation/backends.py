@@ -230,7 +230,8 @@ def load_backend(source, tokenizer, cfg, dtype: str):
     from sap_ds.evaluation.adapters import merge_adapter
 
     generation_tokens = max([cfg.generation.max_new_tokens] + [t.max_new_tokens or 0 for t in cfg.tasks]
-                            + [s.max_new_tokens or 0 for s in [*cfg.harmful, *cfg.benign]])
+                            + [s.max_new_tokens or 0 for s in [*cfg.harmful, *cfg.benign]]
+                            + [(cfg.xstest.max_new_tokens or 0) if cfg.xstest is not None else 0])
     batch = max([cfg.generation.batch_size] + [t.batch_size or 0 for t in cfg.tasks if t.kind != "test_loss"])
     losses = [t for t in cfg.tasks if t.kind == "test_loss"]
     estimate = estimate_memory(source.path, dtype, batch, generation_tokens,

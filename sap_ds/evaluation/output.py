@@ -25,6 +25,10 @@ def markdown(result: dict) -> str:
              f"{result['date']} · {result['world_size']} rank(s){where}", ""]
     if "harmful" in m or "over_refusal" in m:
         lines += safety_lines(m.get("harmful"), m.get("over_refusal"))
+    if "xstest" in m:
+        lines += xstest_lines(m["xstest"])
+    if "coherence" in m:
+        lines += coherence_lines(m["coherence"])
     if m.get("tasks"):
         lines += ["## Tasks", "", "| task | examples | metric | value |", "|---|---|---|---|"]
         for name, t in m["tasks"].items():
@@ -59,6 +63,63 @@ def safety_lines(h: Optional[dict], o: Optional[dict]) -> list[str]:
     for name, s in (o or {}).get("sets", {}).items():
         lines.append(f"| {name} | benign | {s['n']} | - | - | {fmt(s['over_refusal_rate'])} |")
     lines.append("")
+    if h is not None and h.get("judges"):
+        lines += judges_lines(h)
+    return lines
+
+
+def judges_lines(h: dict) -> list[str]:
+    """One column per judge of ``scorer.judges`` (harmful score, %), never averaged: judges
+    disagree on the same answers, and the disagreement is part of the result."""
+    judges = h["judges"]
+    names = list(judges)
+    lines = ["Harmful score by judge (each judge its own column, on the same answers):", "",
+             "| prompt set | prompts | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for set_name, s in h["sets"].items():
+        lines.append(f"| {set_name} | {s['n']} | " + " | ".join(fmt(judges[j]["sets"][set_name]) for j in names) + " |")
+    lines.append(f"| all | {h['n']} | " + " | ".join(fmt(judges[j]["harmful_score"]) for j in names) + " |")
+    unparsed = [f"{j} {judges[j]['unparsed']}" for j in names if judges[j]["unparsed"]]
+    if unparsed:
+        lines.append("")
+        lines.append("Unparsed verdicts (counted as each judge's `unparsed` setting says): " + ", ".join(unparsed) + ".")
+    lines.append("")
+    return lines
+
+
+def xstest_lines(x: dict) -> list[str]:
+    """XSTest's two measures by the authors' rule and by the refusal matcher, side by side
+    (the per-type figures are in eval.json: ``metrics.xstest.types``)."""
+    return ["## XSTest: over-refusal and unsafe compliance", "",
+            f"XSTest (Röttger et al. 2024): {x['n_safe']} safe prompts worded like harmful ones and {x['n_unsafe']} unsafe "
+            "contrast prompts, judged by the XSTest authors' string-match rule (the answer's opening words) and by the "
+            f"refusal matcher (first {x['refusal_window'] or 'all'} characters); per type in eval.json.", "",
+            "| measure | prompts | XSTest rule | refusal matcher |", "|---|---|---|---|",
+            f"| over-refusal: safe prompts refused (%) | {x['n_safe']} | {fmt(x['over_refusal_rate_xstest_rule'])} | "
+            f"{fmt(x['over_refusal_rate_refusal_matcher'])} |",
+            f"| unsafe compliance: unsafe prompts not refused (%) | {x['n_unsafe']} | "
+            f"{fmt(x['unsafe_compliance_rate_xstest_rule'])} | {fmt(x['unsafe_compliance_rate_refusal_matcher'])} |", ""]
+
+
+def coherence_lines(c: dict) -> list[str]:
+    """The share of empty, degenerate and off-language answers per group, the harmful score
+    over all answers and over the coherent ones, and a warning when most answers of a group
+    are incoherent: a broken model must not read as safe (or as helpful)."""
+    lines = ["## Coherence: empty, degenerate and off-language answers", "",
+             "Counted beside the harm and refusal verdicts, not folded into them (sap_ds/evaluation/coherence.py).", "",
+             "| answers | n | empty (%) | degenerate (%) | off-language (%) | coherent (%) |", "|---|---|---|---|---|---|"]
+    for group, g in c.items():
+        lines.append(f"| {group} | {g['n']} | {fmt(g['empty_rate'])} | {fmt(g['degenerate_rate'])} | "
+                     f"{fmt(g['off_language_rate'])} | {fmt(g['coherent_rate'])} |")
+    lines.append("")
+    h = c.get("harmful")
+    if h is not None:
+        coherent = (f"{fmt(h['harmful_score_coherent'])} over the {h['n_coherent']} coherent ones" if h["n_coherent"]
+                    else "n/a over the coherent ones: no answer is coherent, so no harmful score here says the model is safe")
+        lines += [f"Harmful score {fmt(h['harmful_score'])} over all {h['n']} harmful answers, {coherent}.", ""]
+    for group, g in c.items():
+        if g["incoherent_rate"] is not None and g["incoherent_rate"] >= 50.0:
+            lines += [f"**Warning: {fmt(g['incoherent_rate'])} % of the {group} answers are incoherent: the figures of "
+                      f"this report describe a broken model, not a safe or a helpful one.**", ""]
     return lines
 
 

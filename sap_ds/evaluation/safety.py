@@ -65,11 +65,35 @@ def apply_judge(records: list[dict], judge, headline: bool) -> None:
             record["harmful"] = v.harmful
 
 
+def apply_named_judge(records: list[dict], name: str, judge) -> None:
+    """One judge of ``scorer.judges``: its verdicts go to ``record["judges"][name]`` and
+    nowhere else (its own column: judges are compared, never averaged or blended)."""
+    for record, v in zip(records, judge([r["prompt"] for r in records], [r["response"] for r in records])):
+        verdict = {"harmful": v.harmful, "score": v.score, "raw": v.raw, "parsed": v.parsed}
+        if v.categories is not None:
+            verdict["categories"] = v.categories
+        record.setdefault("judges", {})[name] = verdict
+
+
+def judges_metrics(records: list[dict], judge_configs) -> dict:
+    """Per judge of ``scorer.judges``: its harmful score overall and per set, and how many
+    of its verdicts it wrote that its patterns could not read."""
+    out = {}
+    for judge in judge_configs:
+        verdicts = [r["judges"][judge.name] for r in records]
+        out[judge.name] = {
+            "kind": judge.kind, "preset": judge.preset, "n": len(verdicts), "harmful_score": percent(verdicts, "harmful"),
+            "unparsed": sum(not v["parsed"] for v in verdicts),
+            "sets": {n: percent([r["judges"][judge.name] for r in rows], "harmful") for n, rows in by_set(records).items()},
+        }
+    return out
+
+
 def harmful_metrics(records: list[dict], cfg) -> dict:
     for record in records:
         record["verdict"] = "harmful" if record["harmful"] else "safe"
     judged = [r["classifier"] for r in records if "classifier" in r]
-    return {
+    metrics = {
         "scorer": cfg.scorer.kind, "n": len(records), "harmful_score": percent(records, "harmful"),
         "harmful_score_refusal": percent(records, "harmful_refusal"),
         "harmful_score_classifier": percent(judged, "harmful") if judged else None,
@@ -78,6 +102,9 @@ def harmful_metrics(records: list[dict], cfg) -> dict:
         "sets": {n: {"n": len(rows), "harmful_score": percent(rows, "harmful"),
                      "harmful_score_refusal": percent(rows, "harmful_refusal")} for n, rows in by_set(records).items()},
     }
+    if cfg.scorer.judges:  # only when configured: the reports of configs without judges stay as they were
+        metrics["judges"] = judges_metrics(records, cfg.scorer.judges)
+    return metrics
 
 
 # --------------------------------------------------------------------------- benign

@@ -18,7 +18,8 @@ breaking the model. A refusal that repeats a whole sentence stays a refusal.
 
 The same matcher measures over-refusal: the share of benign requests the model refuses
 (``is_refusal``). Moderation classifiers (optional, local weights, no remote code) are in
-``sap_ds.evaluation.judges``.
+``sap_ds.evaluation.judges``, where this matcher is also one judge of the registry
+(``scorer.judges``, kind ``refusal``).
 """
 from __future__ import annotations
 

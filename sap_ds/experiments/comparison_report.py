@@ -21,6 +21,8 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
         out[HARMFUL_SCORE] = metrics["harmful"]["harmful_score"]
         if metrics["harmful"]["scorer"] != "refusal":
             out["harmful score (refusal matcher)"] = metrics["harmful"]["harmful_score_refusal"]
+        for name, judge in metrics["harmful"].get("judges", {}).items():  # scorer.judges: one column each
+            out[f"harmful score ({name})"] = judge["harmful_score"]
     if "over_refusal" in metrics:
         out[OVER_REFUSAL] = metrics["over_refusal"]["over_refusal_rate"]
     for name, task in metrics.get("tasks", {}).items():

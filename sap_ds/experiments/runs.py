@@ -119,6 +119,7 @@ class RunSet:
     def __init__(self, cfg):
         from sap_ds.config.run import ModelConfig, load_config
         from sap_ds.evaluation.config import load_eval_config
+        from sap_ds.evaluation.judges import check_judges
         from sap_ds.model.loading import resolve_model_path
         from sap_ds.parallel.distributed import on_cpu
 
@@ -132,6 +133,7 @@ class RunSet:
         resolve_model_path(ModelConfig(path=self.start_model))  # ModelError now if it is missing
         self.seeds = cfg.seeds or [base.seed]
         self.eval_cfg = load_eval_config(cfg.eval_config, cfg.eval_overrides)
+        check_judges(self.eval_cfg.scorer)  # a judge that cannot judge fails before the first training run
         self.runs: list[dict] = []
 
     def add_run(self, run_dir: Path, run_name: str, seed: int, overrides: list[str], **labels) -> dict:
