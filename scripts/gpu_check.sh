@@ -64,6 +64,12 @@ if [ -n "$missing" ]; then
 else
     echo "nothing to install (wheel folder: $WHEELS)" >"$OUT/install.log"
 fi
+# --no-deps checks nothing: say here, not at an import in step 4, when the image's own packages miss
+# what the wheels need (datasets 5.2.0 wants pyarrow >= 24 and fsspec <= 2026.9.0). A warning only:
+# the image may carry conflicts of its own that do not touch the check.
+if ! "$PY" -m pip check >>"$OUT/install.log" 2>&1; then
+    echo "gpu_check.sh: pip check found unmet requirements (see $OUT/install.log)" >&2
+fi
 
 export PYTHONPATH="$ROOT:$ROOT/kernels${PYTHONPATH:+:$PYTHONPATH}"  # sap_ds and sap_ds_kernels from this checkout
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1

@@ -176,6 +176,7 @@ def test_gpu_check_sh_installs_the_folder_and_pip_check_passes(image):
     check, after = image["check"], image["after"]
     assert "gpu_check.sh: installing from" in check.stdout, check.stdout
     assert "pip install failed" not in check.stderr, image["install_log"]
+    assert "pip check found unmet requirements" not in check.stderr, image["install_log"]  # gpu_check.sh's own check
     for wheel in image["wheels"].glob("*.whl"):
         name, version, _, _ = parse_wheel_filename(wheel.name)
         assert after.get(name) in (str(version), image["before"].get(name)), f"{wheel.name}: {after.get(name)} installed"
