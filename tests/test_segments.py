@@ -6,20 +6,13 @@ from __future__ import annotations
 import torch
 
 from sap_ds.parallel.segments import Segments
+from tests.support.shard_layout import param_slices
 
 
 def _layout():
     """Two groups; (group, param, offset, valid) with padding after some tensors and a
     tensor that has no elements on this rank."""
-    sizes = [[(7, 2), (0, 3), (12, 0), (5, 1)], [(30, 0), (1, 4)]]  # (valid, padding) per tensor
-    slices, group_sizes = [], []
-    for gi, group in enumerate(sizes):
-        offset = 0
-        for valid, pad in group:
-            slices.append((gi, None, offset, valid))
-            offset += valid + pad
-        group_sizes.append(offset)
-    return slices, group_sizes
+    return param_slices([[(7, 2), (0, 3), (12, 0), (5, 1)], [(30, 0), (1, 4)]])  # (valid, padding) per tensor
 
 
 def _buffers(group_sizes, seed):

@@ -15,21 +15,9 @@ import math
 import torch
 
 from sap_ds.parallel.segments import BLOCK, CHUNK, Segments
+from tests.support.shard_layout import param_slices
 
 EPS64 = 2.0**-53
-
-
-def _layout(spec):
-    """``spec``: per group, a list of (valid, padding_after). Returns (slices, group_sizes)
-    in ``Zero3Shards.param_slices()`` form."""
-    slices, group_sizes = [], []
-    for gi, group in enumerate(spec):
-        offset = 0
-        for valid, pad in group:
-            slices.append((gi, None, offset, valid))
-            offset += valid + pad
-        group_sizes.append(offset)
-    return slices, group_sizes
 
 
 def _awkward_spec(block):
@@ -77,7 +65,7 @@ def test_no_reduction_spans_more_than_one_block(monkeypatch):
     serialised on CUDA): every reduction output in ``sumsq`` sums at most BLOCK inputs, no
     repeated entry in ``scale_`` fills more than BLOCK elements, and the results are still
     the per-tensor sum and product."""
-    slices, group_sizes = _layout([[(7, 1), (CHUNK - 100, 3), (95, 0)]])
+    slices, group_sizes = param_slices([[(7, 1), (CHUNK - 100, 3), (95, 0)]])
     g = torch.Generator().manual_seed(3)
     a = [torch.randn(group_sizes[0], generator=g)]
     b = [torch.randn(group_sizes[0], generator=g)]
@@ -100,7 +88,7 @@ def test_block_plan_covers_each_chunk_with_whole_blocks_and_split_rows():
     """The plan itself: whole rows are one tensor each, every other row is split into
     pieces of at most a block, and rows + pieces account for every element once."""
     block, chunk = 16, 256
-    slices, group_sizes = _layout(_awkward_spec(block))
+    slices, group_sizes = param_slices(_awkward_spec(block))
     seg = Segments(slices, group_sizes, "cpu", chunk=chunk, block=block)
     for chunks, size in zip(seg.chunks, group_sizes):
         assert sum(c.length for c in chunks) == size
@@ -118,7 +106,7 @@ def _fsum_squares(x: torch.Tensor) -> float:
 
 def test_sums_and_scaling_match_an_exact_reference_on_awkward_layouts():
     for block, chunk in ((16, 256), (16, 48), (BLOCK, CHUNK)):
-        slices, group_sizes = _layout(_awkward_spec(block))
+        slices, group_sizes = param_slices(_awkward_spec(block))
         g = torch.Generator().manual_seed(block + chunk)
         a = [torch.randn(n, generator=g) * 10.0 ** torch.randint(-3, 4, (n,), generator=g) for n in group_sizes]
         b = [torch.randn(n, generator=g) for n in group_sizes]

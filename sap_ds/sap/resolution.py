@@ -173,11 +173,17 @@ def check(shards, state, cfg, dtype_name: str) -> Fidelity:
         f"that, or train in fp32 (model.dtype=fp32), or set sap.resolution_check=warn to run anyway "
         f"(the probe would measure rounding noise)"
     )
+    refuse_or_warn(message, cfg)
+    return measured
+
+
+def refuse_or_warn(message: str, cfg) -> None:
+    """What ``sap.resolution_check`` does with a failed check (``off`` never gets here): a
+    ConfigError on every rank alike (``error``), or one warning, from rank 0 (``warn``)."""
     if cfg.resolution_check == "error":
         raise ConfigError(message)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         log.warning("%s", message)
-    return measured
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -214,7 +220,4 @@ def check_probe_signal(ratio: float, cfg, dtype_name: str) -> None:
         f"the weights hold the perturbation. {advice}. Set a larger sap.rho, or train in fp32 (model.dtype=fp32), or "
         f"set sap.resolution_check=warn to run anyway"
     )
-    if cfg.resolution_check == "error":
-        raise ConfigError(message)
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        log.warning("%s", message)
+    refuse_or_warn(message, cfg)
