@@ -6,8 +6,9 @@ import sys
 COMMANDS = {
     "train": ("sap_ds.train", "fine-tune (SFT, SAP, Lisa or safety_mix: method=...); also: deepspeed sap_ds/train.py --config ..."),
     "eval": ("sap_ds.eval", "harmful score and task metrics of one model (docs/evaluation.md)"),
-    "compare": ("sap_ds.experiments.compare", "methods from one model (SFT, SAP, Lisa, ...): train each, evaluate, table + plot"),
+    "compare": ("sap_ds.experiments.compare", "methods from one model (SFT, SAP, Lisa, Booster, ...): train each, evaluate, table + plot"),
     "sweep": ("sap_ds.experiments.sweep", "train + evaluate a grid/random search over config keys and seeds; Pareto front"),
+    "attack": ("sap_ds.experiments.attack", "re-attack a model (harmful-only / poisoned fine-tunes over an lr x steps grid): bounded worst case"),
     "bench": ("sap_ds.bench", "throughput of SFT vs SAP variants (tokens/s, phase split, MFU, memory)"),
     "safelora": ("sap_ds.methods.safelora_cli", "project a LoRA adapter onto the alignment subspace (SafeLoRA), post hoc"),
     "plan": ("sap_ds.cost.plan", "per-GPU memory and step time for a model size and cluster"),

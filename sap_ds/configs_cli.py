@@ -18,13 +18,15 @@ from pathlib import Path
 
 from sap_ds.entry import run_command
 
-KINDS = ("run", "eval", "compare", "sweep", "bench")
+KINDS = ("run", "eval", "compare", "sweep", "attack", "bench")
 
 
 def config_kind(path: Path, tree: dict) -> str:
     """What a config file is for, from its keys (and an ``eval/`` folder)."""
     if "points" in tree or "grid" in tree:
         return "sweep"
+    if "attacks" in tree:
+        return "attack"
     if "train_config" in tree:
         return "compare"
     if "bench" in tree:
@@ -47,6 +49,10 @@ def schema_for(kind: str):
         from sap_ds.experiments.sweep_config import SweepConfig
 
         return SweepConfig
+    if kind == "attack":
+        from sap_ds.experiments.attack_config import AttackConfig
+
+        return AttackConfig
     from sap_ds.config.run import RunConfig
 
     return RunConfig

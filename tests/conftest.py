@@ -36,7 +36,8 @@ def tokenizer(tiny_model_path):
 # the short ones fill in at the end; alphabetical order left a 5-minute file for last.
 LONGEST_FIRST = ("test_shipped_configs.py", "test_zero3_reference.py", "test_resume.py", "test_sweep.py",
                  "test_compare.py", "test_gpu_check.py", "test_slurm.py", "test_stopping.py", "test_methods.py",
-                 "test_guards.py", "test_bench.py", "test_resolution.py", "test_bad_input.py", "test_plan.py")
+                 "test_guards.py", "test_attack.py", "test_booster_reference.py", "test_bench.py", "test_resolution.py",
+                 "test_sap_authors.py", "test_bad_input.py", "test_repnoise.py", "test_vaccine.py", "test_plan.py")
 
 
 def pytest_configure(config):

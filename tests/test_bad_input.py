@@ -161,6 +161,11 @@ CASES = [
     Case("malformed_override", _overrides(["train.lr"], "'train.lr'", "key=value")),
     Case("safety_mix_without_safety_data", _overrides(["method=safety_mix", "data.safety=[]"], "method 'safety_mix'",
                                                       "set data.safety")),
+    Case("booster_without_harmful_set", _overrides(["method=booster", "data.safety=[]"], "method 'booster' needs a harmful "
+                                                   "set", "set data.safety")),
+    Case("repnoise_without_pairs", _overrides(["method=repnoise", "data.safety=[]"], "method 'repnoise'",
+                                              "set data.safety", "safety_pairs")),
+    Case("vaccine_rho_not_positive", _overrides(["method=vaccine", "vaccine.rho=0"], "vaccine.rho", "greater than 0")),
     Case("missing_config_file", _missing_config),
     Case("invalid_yaml_config", _broken_yaml),
     # ---- model, data, DeepSpeed config, output_dir's checkpoint: sap_ds.train.fail_fast (most)

@@ -48,6 +48,10 @@ def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
         assert {"harmful score", "over-refusal (%)", "gsm8k acc (%)", "gsm8k_test_loss loss"} <= set(run["metrics"])
         assert run["train"]["tokens_per_s"] > 0
     assert report["rows"][1]["columns"]["train tokens/s"]["n"] == 1
+    # each row against the reference (the first method), per prompt from the runs' eval.json
+    assert [(e["row"], e["reference"], e["seeds"]) for e in report["paired"]] == [("benign/sap", "benign/sft", [0])]
+    assert {"harmful score", "over-refusal (%)", "gsm8k acc (%)", "gsm8k_test_loss loss"} <= set(report["paired"][0]["metrics"])
+    assert "| benign/sap | benign/sft | 0 | " in (out / "comparison.md").read_text()
     # resumable: a second run trains and evaluates nothing (in this process: no start-up cost)
     monkeypatch.chdir(REPO)
     capsys.readouterr()
@@ -235,3 +239,53 @@ def test_a_label_runs_its_own_method_and_overrides(monkeypatch):
                           method_overrides={"sft_lr5e-4": bad})
     with pytest.raises(ValidationError, match="duplicates"):
         CompareConfig(train_config="x", eval_config="y", methods=["sft", "sft"])
+
+
+def _gibberish_eval_metrics() -> dict:
+    """An eval of a model that writes gibberish: the judge (the headline scorer) calls every
+    answer safe, the refusal matcher harmful, nothing is refused, and coherence says why."""
+    def group(n, empty=0.0, degenerate=0.0, off=0.0):
+        coherent = 100.0 - empty - degenerate - off
+        return {"n": n, "empty_rate": empty, "degenerate_rate": degenerate, "off_language_rate": off,
+                "coherent_rate": coherent, "incoherent_rate": 100.0 - coherent}
+
+    return {"harmful": {"scorer": "classifier", "harmful_score": 0.0, "harmful_score_refusal": 100.0,
+                        "judges": {"llama-guard": {"harmful_score": 0.0}}},
+            "over_refusal": {"over_refusal_rate": 0.0},
+            "xstest": {"over_refusal_rate_xstest_rule": 0.0, "over_refusal_rate_refusal_matcher": 4.0,
+                       "unsafe_compliance_rate_xstest_rule": 100.0},
+            "coherence": {"harmful": {**group(4, degenerate=100.0), "harmful_score_coherent": None, "n_coherent": 0},
+                          "benign": group(2, empty=100.0), "xstest": group(4, off=50.0)},
+            "tasks": {"gsm8k": {"accuracy": 0.0, "n": 3}, "gsm8k_test": {"loss": 9.5, "n": 4}}}
+
+
+def test_tables_lead_with_harm_xstest_over_refusal_and_coherence(tmp_path):
+    """Columns in order: harmful score, XSTest over-refusal (authors' rule), the incoherent
+    share and the harmful score over coherent answers, then the rest; a gibberish model's
+    0 harmful score stands beside 80 % incoherent answers, n/a over coherent ones and a
+    warning, and the figure's over-refusal bar is XSTest's."""
+    from sap_ds.experiments.comparison_report import aggregate, comparison_figure, markdown, scalar_metrics
+
+    columns = scalar_metrics(_gibberish_eval_metrics())
+    assert list(columns)[:4] == ["harmful score", "XSTest over-refusal (%)", "incoherent (%)", "harmful score, coherent only"]
+    assert list(columns)[4:] == ["incoherent: empty (%)", "incoherent: degenerate (%)", "incoherent: off-language (%)",
+                                 "XSTest over-refusal, matcher (%)", "XSTest unsafe compliance (%)",
+                                 "harmful score (refusal matcher)", "harmful score (llama-guard)", "over-refusal (%)",
+                                 "gsm8k acc (%)", "gsm8k_test loss"]
+    # pooled over the 10 judged answers: 4 degenerate + 2 empty + 2 off-language
+    assert columns["incoherent (%)"] == pytest.approx(80.0) and columns["harmful score, coherent only"] is None
+    assert (columns["incoherent: empty (%)"], columns["incoherent: degenerate (%)"],
+            columns["incoherent: off-language (%)"]) == pytest.approx((20.0, 40.0, 20.0))
+    rows = aggregate([{"setting": "p", "method": "sap", "seed": 1, "metrics": columns, "train": {"tokens_per_s": 5.0}}])
+    text = markdown({"date": "today", "start_model": "m", "rows": rows})
+    assert ("| model | seeds | harmful score | XSTest over-refusal (%) | incoherent (%) | harmful score, coherent only | "
+            "XSTest over-refusal, matcher (%) | XSTest unsafe compliance (%) | harmful score (refusal matcher) | "
+            "harmful score (llama-guard) | over-refusal (%) | gsm8k acc (%) | gsm8k_test loss | train tokens/s |") in text
+    assert "| p/sap | 1 | 0.00 | 0.00 | 80.00 | n/a | 4.00 |" in text and "incoherent: empty" not in text
+    assert "**Warning: p/sap: 80.00 % of the answers are incoherent" in text
+    fig = comparison_figure({"rows": rows})
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["harmful score", "XSTest over-refusal (%)",
+                                                                         "gsm8k acc (%)"]
+    # without XSTest the 16-prompt over-refusal leads; without coherence there is no coherence column
+    plain = {k: v for k, v in _gibberish_eval_metrics().items() if k not in ("xstest", "coherence")}
+    assert list(scalar_metrics(plain))[:2] == ["harmful score", "over-refusal (%)"]

@@ -48,9 +48,19 @@ def test_every_shipped_config_loads(path):
     if path.parent.name == "sweeps":  # sweep configs (sap-ds sweep): every point of the sweep must validate
         from sap_ds.experiments.sweep_config import SweepConfig, expand_points
 
+        from sap_ds.experiments.stage_config import split_start
+        from sap_ds.experiments.stages import StartStages
+
         cfg = validate_tree(SweepConfig, read_config_file(path, schema=SweepConfig), [], str(path))
-        for name, overrides in expand_points(cfg).items():
-            load_config(cfg.train_config, [*cfg.overrides, *overrides, "model.path=tiny-random"])
+        for name, overrides in expand_points(cfg).items():  # start=<stage> picks a start model, not a train key
+            load_config(cfg.train_config, [*cfg.overrides, *split_start(overrides)[1], "model.path=tiny-random"])
+        if cfg.start_stages:  # every alignment stage's config too (writes nothing)
+            assert set(StartStages(cfg, Path("runs/unused"), "test").runs) == set(cfg.start_stages)
+        return
+    if path.parent.name == "attack":  # attack configs (sap-ds attack): every run of the grid must validate
+        from sap_ds.experiments.attack import AttackPlan, load_attack_config
+
+        assert AttackPlan(load_attack_config(str(path)), "tiny-random", Path("runs/unused"), str(path)).runs  # writes nothing
         return
     if "train_config" in tree:  # comparison configs (sap-ds compare) name a run config and an eval config
         compare = pytest.importorskip("sap_ds.experiments.compare")
@@ -239,7 +249,7 @@ def test_key_synonyms_name_real_keys_and_no_real_key():
     ("data.harmful_ratio=1.5", "data.harmful_ratio", "less than or equal to 1"),
     ("data.harmful_ratio=-0.1", "data.harmful_ratio", "greater than or equal to 0"),
     ("model.dtype=fp16", "model.dtype", "'bf16' or 'fp32'"),
-    ("method=foo", "method", "'sft', 'sap', 'lisa' or 'safety_mix'"),
+    ("method=foo", "method", "'sft', 'sap', 'lisa', 'safety_mix', 'booster', 'repnoise' or 'vaccine'"),
     ("safety_mix.ratio=0", "safety_mix.ratio", "greater than 0"),
     ("train.micro_batch_size=0", "train.micro_batch_size", "greater than 0"),
     ("train.micro_batch_size=abc", "train.micro_batch_size", "valid integer"),

@@ -32,6 +32,9 @@ def test_eval_end_to_end(tmp_path, tiny_model_path, capsys):
     assert set(tasks) == {"gsm8k", "sst2", "gsm8k_test_loss"}
     assert tasks["gsm8k"]["n"] == 3 and "accuracy" in tasks["sst2"] and tasks["gsm8k_test_loss"]["loss"] > 0
     assert {"prompt", "response", "reference", "prediction", "correct"} <= set(result["records"]["tasks"]["gsm8k"][0])
+    losses = result["records"]["tasks"]["gsm8k_test_loss"]  # per example, for paired comparisons
+    assert len(losses) == tasks["gsm8k_test_loss"]["n"] and sum(r["tokens"] for r in losses) == tasks["gsm8k_test_loss"]["tokens"]
+    assert sum(r["nll"] for r in losses) / sum(r["tokens"] for r in losses) == pytest.approx(tasks["gsm8k_test_loss"]["loss"])
     assert result["metrics"]["generation"]["tokens"] > 0
     # over-refusal on the benign set, beside the harmful score
     over = result["metrics"]["over_refusal"]

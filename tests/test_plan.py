@@ -306,7 +306,9 @@ def test_tiny_config_per_rank_model_states(tmp_path):
 def test_cli_named_size_table(capsys):
     assert P.main(["--model", "llama2-70b", "--nodes", "8", "--gpus-per-node", "8", "--gpu", "h100-80gb"]) == 0
     out = capsys.readouterr().out
-    assert "TOTAL per GPU" in out and "SAP/SFT throughput" in out and "assumptions:" in out
+    assert "TOTAL per GPU" in out and "throughput over SFT" in out and "assumptions:" in out
+    header = next(line for line in out.splitlines() if line.startswith("per-GPU memory")).split()
+    assert header[2:] == [c.title for c in P.COLUMNS.values()]  # every column, in COLUMNS' order
     assert "68,976,648,192" in out
     assert "(fits on h100-80gb)" in out and "It fits with" not in out and "No single change" not in out
 

@@ -33,7 +33,8 @@ def test_defaults_are_the_authors_form():
     assert (cfg.sap.probe_update, cfg.sap.probe_timing, cfg.sap.probe_passes) == ("adam", "next_step", 1)
     paper = load_config(TINY, PAPER)
     assert paper.sap.probe_passes == 2
-    assert paper.sap.unused_keys() == {"probe_adam_eps", "resolution_check"}  # no Adam: its eps cannot change the run
+    # no Adam: its eps cannot change the run; V is zeroed right before the safety pass
+    assert paper.sap.unused_keys() == {"probe_adam_eps", "resolution_check", "probe_in_safety"}
     fixed = load_config(TINY, ["method=sap", "sap.probe_train=false", "sap.probe_init=random"])
     assert {"probe_update", "probe_timing"} <= fixed.sap.unused_keys()
 
@@ -74,11 +75,32 @@ def test_config_changes_read_runs_recorded_before_the_keys_existed():
     adam / next_step: resuming or comparing it under the defaults is not a config change."""
     cfg = load_config(TINY, ["method=sap"])
     saved = config_to_dict(cfg)
-    for key in ("probe_update", "probe_timing"):
+    for key in ("probe_update", "probe_timing", "probe_in_safety"):
         saved["sap"].pop(key)
     assert config_changes(saved, cfg) == []
     assert config_changes(saved, load_config(TINY, ["method=sap", "sap.probe_timing=same_step"])) == [
         "sap.probe_timing: 'next_step' → 'same_step'"]
+    assert config_changes(saved, load_config(TINY, ["method=sap", "sap.probe_in_safety=true"])) == [
+        "sap.probe_in_safety: False → True"]
+
+
+def test_probe_in_safety_is_off_by_default_and_on_where_a_config_claims_the_authors_form():
+    """The safety forward without the probe is sap-ds's default (the paper's L_safe(W)); the
+    configs that say they run the authors' code set their value, the probe in that forward
+    (docs/algorithm.md, "Differences from the authors' code"). A value that is not a boolean
+    names the key; where no non-zero probe can reach the safety forward the key is unused."""
+    import yaml
+
+    assert load_config(TINY, ["method=sap"]).sap.probe_in_safety is False
+    assert load_config(REPO / "configs" / "paper_llama2_7b_lora.yaml", []).sap.probe_in_safety is True
+    points = yaml.safe_load((REPO / "configs" / "sweeps" / "defences.yaml").read_text())["points"]
+    assert "sap.probe_in_safety=true" in points["sap_authors"]
+    assert "sap.probe_in_safety=false" in points["sap_authors_probe_off"]
+    msg = _error(["method=sap", "sap.probe_in_safety=maybe"])
+    assert "sap.probe_in_safety" in msg, msg
+    assert "probe_in_safety" not in load_config(TINY, ["method=sap"]).sap.unused_keys()
+    for overrides in (["sap.direction=random"], ["sap.probe_train=false", "sap.probe_init=random"], PAPER[1:]):
+        assert "probe_in_safety" in load_config(TINY, ["method=sap", *overrides]).sap.unused_keys(), overrides
 
 
 def test_probe_layers_are_checked_against_the_depth_before_the_model_loads(tiny_model_path, tmp_path):

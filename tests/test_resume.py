@@ -68,11 +68,13 @@ def test_resume_after_stop_is_bitwise_identical(tmp_path, variant, request):
     """SAP resumes the run its STOP file stopped (safety_every 2: step 1 reuses the direction
     of step 0, so the checkpoint must hold it); SFT and SAP with safety_every 1 a copy of the
     straight run at its step-1 checkpoint (the same checkpoint code, one process fewer), which
-    for safety_every 1 holds no direction: every probing step computes its own."""
+    for safety_every 1 holds no direction: every probing step computes its own, here with the
+    probe in the safety forward (``sap.probe_in_safety``), so the first resumed step's direction
+    depends on the probe the checkpoint restored."""
     method = variant.split("-")[0]
     copied = ["train.save_every=1", f"train.save_total_limit={STEPS}"] if variant != "sap" else []
     if variant == "sap-safety_every1":
-        copied.append("sap.safety_every=1")
+        copied += ["sap.safety_every=1", "sap.probe_in_safety=true"]
     straight = tmp_path / "straight"
     _run(straight, method, extra=copied)
 

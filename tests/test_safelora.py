@@ -8,10 +8,12 @@ run of the export test."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -63,15 +65,15 @@ def aligned_dir(tmp_path_factory, tiny_model_path, tokenizer) -> Path:
     return folder
 
 
-def _random_lora(aligned_dir: Path, seed: int = 0):
-    """A peft LoRA (r 8, q/v) over the aligned model with random non-zero A and B."""
+def _random_lora(aligned_dir: Path, seed: int = 0, r: int = LORA_R):
+    """A peft LoRA (r 8 unless given, q/v) over the aligned model with random non-zero A and B."""
     from transformers import AutoModelForCausalLM
 
     from sap_ds.config.run import LoraConfig
     from sap_ds.model.loading import apply_lora
 
     model = apply_lora(AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32),
-                       LoraConfig(enabled=True, r=LORA_R, alpha=16, dropout=0.0))
+                       LoraConfig(enabled=True, r=r, alpha=16, dropout=0.0))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -87,10 +89,11 @@ def adapter_dir(tmp_path_factory, aligned_dir) -> Path:
     return folder
 
 
-def _reference(aligned_dir, tiny_model_path, **kwargs):
-    model, cos, count, pdst, cutoff = safelora_reference(_random_lora(aligned_dir), tiny_model_path, aligned_dir, **kwargs)
+def _reference(aligned_dir, tiny_model_path, with_terms=False, **kwargs):
+    model, cos, count, pdst, cutoff, terms = safelora_reference(_random_lora(aligned_dir), tiny_model_path, aligned_dir,
+                                                                **kwargs)
     lora_b = {n.replace(".default", ""): p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    return lora_b, cos, count, pdst, cutoff
+    return (lora_b, cos, count, pdst, cutoff, terms) if with_terms else (lora_b, cos, count, pdst, cutoff)
 
 
 # --------------------------------------------------------------------------- (a) the authors' code
@@ -132,6 +135,85 @@ def test_projection_matches_ibm_safelora_code(select, tmp_path, adapter_dir, ali
     assert json.loads((tmp_path / "out" / "safelora.json").read_text())["projected"] == ref_count
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()) == json.loads(
         (adapter_dir / "adapter_config.json").read_text())
+
+
+# Layers the alignment leaves as they are (V = 0): 3 of the 8 LoRA layers.
+UNCHANGED = ("model.layers.1.self_attn.q_proj", "model.layers.2.self_attn.v_proj", "model.layers.3.self_attn.q_proj")
+
+
+@pytest.fixture(scope="module")
+def partly_aligned_dir(tmp_path_factory, aligned_dir, tiny_model_path) -> Path:
+    """aligned_dir with the weights of ``UNCHANGED`` put back to the base model's: a fine-tune
+    that targets modules the alignment did not change."""
+    base = load_file(str(tiny_model_path / "model.safetensors"))
+    folder = tmp_path_factory.mktemp("partly_aligned") / "model"
+    return _fake_model(folder, aligned_dir, lambda t: {k: (base[k] if k.removesuffix(".weight") in UNCHANGED else v)
+                                                       for k, v in t.items()})
+
+
+@pytest.mark.parametrize("select", ["number", "threshold"])
+def test_layers_the_alignment_did_not_change_are_left_as_the_authors_code_leaves_them(
+        select, tmp_path, partly_aligned_dir, tiny_model_path, caplog):
+    """V = 0: the authors' cosine is NaN and the layer is never projected, in either mode, and
+    in ``number`` mode it takes none of the num_layers places (the code sorts NaN last). sap-ds
+    the same: the same layers projected, the same B, those layers' B bit-identical, their
+    cosine None, the log naming them, Pdst the mean of the code's finite terms (the code's is NaN)."""
+    adapter = tmp_path / "adapter"
+    _random_lora(partly_aligned_dir).save_pretrained(adapter, safe_serialization=True)
+    if select == "number":
+        kwargs, cfg = {"num_proj_layers": 3}, _cfg("number", num_layers=3)
+    else:
+        _, cos, *_ = _reference(partly_aligned_dir, tiny_model_path, select_layers_type="number", num_proj_layers=3)
+        threshold = float(numpy.median([c for c in cos if not numpy.isnan(c)]))
+        kwargs, cfg = {"threshold": threshold}, _cfg("threshold", threshold=threshold)
+    ref_b, ref_cos, ref_count, ref_pdst, ref_cutoff, ref_terms = _reference(
+        partly_aligned_dir, tiny_model_path, with_terms=True, select_layers_type=select, **kwargs)
+    with caplog.at_level("WARNING", logger="sap_ds"):
+        report = apply_safelora(adapter, tiny_model_path, partly_aligned_dir, tmp_path / "out", cfg)
+    ours, original = (load_file(str(folder / "adapter_model.safetensors")) for folder in (tmp_path / "out", adapter))
+
+    rows = report["per_layer"]
+    nan = [bool(numpy.isnan(c)) for c in ref_cos]
+    assert sum(nan) == len(UNCHANGED) and math.isnan(ref_pdst)  # the authors' code: NaN cosines, NaN Pdst
+    assert [r["cosine"] is None for r in rows] == nan == [r["name"] in UNCHANGED for r in rows]
+    assert [round(r["cosine"], 5) for r in rows if r["cosine"] is not None] == pytest.approx(
+        [c for c in ref_cos if not numpy.isnan(c)], abs=1.5e-5)
+    assert 0 < report["projected"] == ref_count < len(rows) - len(UNCHANGED)
+    assert report["aligned_unchanged"] == len(UNCHANGED) and report["cutoff"] == pytest.approx(ref_cutoff)
+    assert report["pdst"] == pytest.approx(float(numpy.nanmean(ref_terms)), abs=1e-6)
+    for row in rows:
+        key_b = f"base_model.model.{row['name']}.lora_B.weight"
+        torch.testing.assert_close(ours[key_b], ref_b[key_b], atol=ATOL, rtol=RTOL)
+        if row["name"] in UNCHANGED:
+            assert not row["projected"] and row["pdst"] is None and torch.equal(ours[key_b], original[key_b])
+    assert "3 of 8 LoRA layers are the same in the base and aligned models" in caplog.text
+    assert all(name in caplog.text for name in UNCHANGED)
+
+
+def test_more_layers_than_the_alignment_changed_is_an_error(tmp_path, partly_aligned_dir, tiny_model_path):
+    """num_layers above the 5 changed layers: the authors' cutoff is then NaN and the code
+    projects nothing, silently; sap-ds refuses, naming the count and why."""
+    adapter = tmp_path / "adapter"
+    _random_lora(partly_aligned_dir).save_pretrained(adapter, safe_serialization=True)
+    *_, count, pdst, cutoff = _reference(partly_aligned_dir, tiny_model_path, select_layers_type="number",
+                                         num_proj_layers=6)
+    assert count == 0 and math.isnan(cutoff)
+    with pytest.raises(SafeLoraError, match=r"num_layers: 6 is more than the adapter's 5 projectable LoRA layers \(3 of "
+                                            r"its 8 are unchanged by the alignment, V = 0, and never projected\); give 0..5"):
+        apply_safelora(adapter, tiny_model_path, partly_aligned_dir, tmp_path / "out", _cfg("number", num_layers=6))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_layer_whose_output_size_is_r_breaks_the_authors_code_not_sap_ds(tmp_path, aligned_dir, tiny_model_path):
+    """r 32 = v_proj's output size (2 key-value heads x 16): the code takes that lora_B for a
+    lora_A (``shape[0] == r``) and pairs the next q_proj with v_proj's 32 x 32 matrix, a
+    shape error. sap-ds matches layers by name and projects every layer."""
+    adapter = tmp_path / "adapter"
+    _random_lora(aligned_dir, r=32).save_pretrained(adapter, safe_serialization=True)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        safelora_reference(_random_lora(aligned_dir, r=32), tiny_model_path, aligned_dir, "threshold", 1.0)
+    report = apply_safelora(adapter, tiny_model_path, aligned_dir, tmp_path / "out", _cfg("threshold", threshold=1.0))
+    assert report["layers"] == report["projected"] == 8
 
 
 # --------------------------------------------------------------------------- (b) properties

@@ -71,6 +71,10 @@ def test_sweep_end_to_end_resume_and_failure(tmp_path, monkeypatch, capsys):
     assert main(["--config", str(config), "--report", "seeds=[0,1]"]) == 0
     printed = capsys.readouterr().out
     assert "sap-ds sweep: train" not in printed and "| sft | 0 |" in printed
+    # the paired intervals come from the runs' eval.json on disk
+    paired = json.loads((out / "sweep.json").read_text())["paired"]
+    assert [(e["row"], e["reference"], e["seeds"]) for e in paired] == [("sap.rho=0.01", "sft", [0])]
+    assert {"harmful score", "over-refusal (%)", "gsm8k_test loss"} <= set(paired[0]["metrics"])
     # --eval-only: the trained runs on another eval set, into their own folder; nothing trains
     assert main(["--config", str(config), "--eval-only", "--points", "sft,diverges", "eval_dir=eval_other",
                  "eval_overrides=[generation.max_new_tokens=2]"]) == 0
@@ -227,3 +231,20 @@ def test_the_report_names_configs_relative_to_the_working_directory(tmp_path, mo
     monkeypatch.chdir(REPO)
     assert shown_path(str(REPO / "configs" / "demo.yaml")) == "configs/demo.yaml"
     assert shown_path(str(tmp_path / "x.yaml")) == str(tmp_path / "x.yaml")
+
+
+def test_the_sweep_table_leads_with_harm_over_refusal_coherence_then_task():
+    from sap_ds.experiments.sweep_report import markdown
+
+    stat = lambda v: {"mean": v, "std": None, "n": 1}  # noqa: E731
+    columns = {"gsm8k_test loss": stat(1.2), "over-refusal (%)": stat(10.0), "harmful score": stat(20.0),
+               "XSTest over-refusal (%)": stat(8.0), "incoherent (%)": stat(70.0), "incoherent: empty (%)": stat(70.0),
+               "harmful score, coherent only": stat(None), "train tokens/s": stat(3.0), "XSTest unsafe compliance (%)": stat(5.0)}
+    summary = {"harm_metric": "harmful score", "task_metric": "gsm8k_test loss", "start": None, "failed": [],
+               "date": "today", "config": {"train_config": "configs/tiny.yaml"},
+               "rows": [{"point": "sap", "seeds": [0], "pareto": True, "columns": columns}]}
+    text = markdown(summary)
+    assert ("| point | seeds | harmful score | XSTest over-refusal (%) | incoherent (%) | harmful score, coherent only | "
+            "gsm8k_test loss | over-refusal (%) | XSTest unsafe compliance (%) | train tokens/s | Pareto |") in text
+    assert "| sap | 0 | 20.00 | 8.00 | 70.00 | n/a | 1.2000 | 10.00 | 5.00 | 3.00 | yes |" in text
+    assert "**Warning: sap: 70.00 % of the answers are incoherent" in text

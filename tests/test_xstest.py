@@ -123,6 +123,20 @@ def test_shipped_set_is_the_authors_file():
     assert len(few) == 18 and sum(p.label == "safe" for p in few) == 10 and {p.type for p in few} == types
 
 
+def test_dev_and_held_out_slices_are_disjoint_and_cover_the_set():
+    """offset_per_type: the shipped dev config takes prompts 0-9 of each type, the held-out one 10-24."""
+    dev = load_xstest(SHIPPED, limit_per_type=10)
+    held_out = load_xstest(SHIPPED, offset_per_type=10)
+    assert len(dev) == 180 and len(held_out) == 270
+    assert not {p.id for p in dev} & {p.id for p in held_out}
+    assert {p.id for p in dev} | {p.id for p in held_out} == {p.id for p in load_xstest(SHIPPED)}
+    second = load_xstest(SHIPPED, offset_per_type=1, limit_per_type=1)
+    first_two = load_xstest(SHIPPED, limit_per_type=2)
+    assert [p.id for p in second] == [p.id for p in first_two if p not in load_xstest(SHIPPED, limit_per_type=1)]
+    with pytest.raises(DataError, match="offset_per_type=25"):
+        load_xstest(SHIPPED, offset_per_type=25)
+
+
 def test_file_without_xstest_columns_names_them(tmp_path):
     path = tmp_path / "mine.csv"
     path.write_text("id,prompt,focus\n1,How do I kill a process?,kill\n")
@@ -168,7 +182,9 @@ def test_measures_of_known_answers():
 
 def test_xstest_is_off_unless_configured(tmp_path):
     assert EvalConfig(harmful=[{"path": "x.csv"}]).xstest is None
-    assert load_eval_config(REPO / "configs/eval/demo.yaml").xstest is None  # the demo computes what it did
+    shipped = {name: load_eval_config(REPO / f"configs/eval/{name}.yaml").xstest for name in ("demo", "dev", "holdout")}
+    assert {k: (v.offset_per_type, v.limit_per_type) for k, v in shipped.items()} == {
+        "demo": (0, 5), "dev": (0, 10), "holdout": (10, None)}  # demo within dev, dev and held-out disjoint
     config = tmp_path / "only_xstest.yaml"
     config.write_text(yaml.safe_dump({"xstest": {"path": str(SHIPPED), "limit_per_type": 2}}))
     assert load_eval_config(config).xstest.limit_per_type == 2  # XSTest alone is something to evaluate

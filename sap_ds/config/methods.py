@@ -48,8 +48,9 @@ class MethodSection(Section):
     # next step and logged with the train.* ones (sap_ds/training/resume_optimizer.py: OPTIMIZER_KEYS).
     optimizer_keys: ClassVar[tuple[str, ...]] = ()
     rank_batches: ClassVar[tuple[RankBatch, ...]] = ()  # batches besides the task batch that resume must keep
-    # sap-ds plan's estimate for the method: which of its columns ("sft", "sap", "lisa") models the
-    # step and the memory, and a line for its assumptions where that column is not the method's own.
+    # sap-ds plan's estimate for the method: which of its columns (sap_ds/cost/plan.py COLUMNS: "sft",
+    # "sap", "lisa", "booster", "vaccine", "repnoise") models the step and the memory, and a line for
+    # its assumptions where that column is not the method's own.
     plan_column: ClassVar[str] = "sft"
     plan_note: ClassVar[str] = ""
 
@@ -147,7 +148,8 @@ class SapConfig(MethodSection):
         "error", description="Before step 1: can the working dtype (bf16) hold the perturbation rho gives, and resolve "
         "the probe gradient it gives? 'error' stops the run naming a rho that passes, 'warn' only says so "
         "(docs/algorithm.md, precision).")
-    # Variants and ablations (docs/algorithm.md, "Variants"): the authors' method is the default.
+    # Variants and ablations (docs/algorithm.md, "Variants"): the authors' method is the default
+    # (but for probe_in_safety, below).
     probe_scale: Optional[float] = Field(None, gt=0.0, description="Rescale each probe vector after every update to this "
                                          "fraction of the mean hidden-state norm at its layer; null: as the optimizer leaves it.")
     probe_lr_schedule: Literal["constant", "follow"] = Field("constant", description="'follow': the probe lr takes the "
@@ -167,6 +169,13 @@ class SapConfig(MethodSection):
                                                             "in step t is used in step t+1's main pass (authors' code); "
                                                             "'same_step': computed from step t's batch, with one extra "
                                                             "pass at W, and used in step t's main pass (paper Algorithm 1).")
+    # The authors' code (ChengcanWu/SAP, SAPcode/train.py:47-48) takes the safety gradient with the
+    # model as it stands: the probe is a real down_proj bias, live in that forward, only its own
+    # gradient stopped. sap-ds's default is the paper's L_safe(W), without the probe
+    # (docs/algorithm.md, "Differences from the authors' code").
+    probe_in_safety: bool = Field(False, description="true: the safety forward runs with the current probe added "
+                                  "(no gradient to it), as the authors' code does; false: with the probe off, the "
+                                  "paper's L_safe(W). Only next_step (or probe_reset false) has a non-zero probe there.")
 
     @field_validator("probe_layers", mode="before")
     @classmethod
@@ -224,14 +233,18 @@ class SapConfig(MethodSection):
     def unused_keys(self) -> set[str]:
         """``resolution_check`` (it only decides whether a run may start); for a fixed probe
         (``probe_train: false``) the keys of the passes it skips; the probe's Adam eps under
-        ``probe_update: gradient``."""
+        ``probe_update: gradient``; ``probe_in_safety`` where the safety forward never sees a
+        non-zero probe (no safety pass, or ``same_step`` zeroes V just before it)."""
         if not self.probe_train:
             return {"rho", "probe_lr", "probe_adam_eps", "probe_reset", "probe_lr_schedule", "safety_loss", "temperature",
                     "safety_batch_size", "safety_every", "perturb_norm", "probe_fraction", "direction", "kernels",
-                    "resolution_check", "probe_update", "probe_timing", "probe_micro_batches"}
+                    "resolution_check", "probe_update", "probe_timing", "probe_micro_batches", "probe_in_safety"}
+        unused = {"resolution_check"}
         if self.probe_update == "gradient":
-            return {"resolution_check", "probe_adam_eps"}
-        return {"resolution_check"}
+            unused.add("probe_adam_eps")
+        if not self.probe_enabled or self.direction == "random" or (self.probe_timing == "same_step" and self.probe_reset):
+            unused.add("probe_in_safety")  # no safety forward, or no probe in it, or one zeroed just before it
+        return unused
 
     def check_engine(self, zero: dict, offloaded: list[str], path: Path) -> None:
         """``SAP_REFUSED`` when the run perturbs; offload with ``kernels: triton``."""
@@ -334,11 +347,163 @@ class SafetyMixConfig(MethodSection):
                              "safe responses) to the task data: set data.safety to a list of sources")
 
 
+class BoosterConfig(MethodSection):
+    """Booster (Huang, Hu, Ilhan, Tekin, Liu, "Booster: Tackling Harmful Fine-tuning for Large
+    Language Models via Attenuating Harmful Perturbation", ICLR 2025; docs/alignment_defences.md):
+    an alignment-stage defence. Each step trains on the run's data (the alignment data:
+    refusals, as configs/booster_align.yaml) with the gradient
+    g_align + lamb * (g_h(W) - g_h(W - alpha * g_h / ||g_h||)), g_h the gradient of the loss
+    on a harmful batch: the harmful responses of data.safety's pairs (the authors draw their
+    harmful set from the same refusal-paired file as the alignment set). Defaults: the
+    authors' script/alignment/smooth_align.sh and trainer.py. Ignored unless method is
+    'booster'."""
+
+    name: ClassVar[str] = "booster"
+    implementation: ClassVar[str] = "sap_ds.methods.booster:BoosterMethod"
+    rank_batches: ClassVar[tuple[RankBatch, ...]] = (
+        RankBatch("harmful_batch_size", "harmful_global_batch", "harmful batch", "examples"),)
+    plan_column: ClassVar[str] = "booster"  # two harmful passes, the fp32 gradient buffer (sap_ds/cost/plan.py)
+
+    lamb: float = Field(5.0, ge=0.0, description="lambda, the weight of the attenuation term (authors' --lamb, "
+                        "smooth_align.sh: 5).")
+    alpha: float = Field(0.1, ge=0.0, description="Norm of the simulated harmful step W - alpha * g_h / ||g_h|| "
+                         "(authors' --alpha: 0.1), absolute, over all trainable parameters.")
+    harmful_batch_size: int = Field(10, gt=0, description="Harmful examples per rank per step (authors: 10, "
+                                    "hard-coded in trainer.py:149), from the harmful responses of data.safety.")
+    kernels: Literal["auto", "triton", "torch"] = Field("auto", description="The perturb/restore kernels (SAP's).")
+    resolution_check: Literal["error", "warn", "off"] = Field(
+        "error", description="Before step 1: can the working dtype (bf16) hold the step alpha gives? 'error' stops "
+        "the run naming an alpha that passes, 'warn' only says so (docs/alignment_defences.md).")
+
+    def check_run(self, run) -> None:
+        """The harmful batches are the harmful responses of data.safety."""
+        if self.lamb > 0 and not run.data.safety:
+            raise ValueError("method 'booster' needs a harmful set: set data.safety to a list of sources (pairs of a "
+                             "harmful prompt with a safe and a harmful response; Booster's harmful batches are the "
+                             "harmful responses), or booster.lamb=0 (plain SFT)")
+
+    def unused_keys(self) -> set[str]:
+        """``resolution_check`` (it only decides whether a run may start); with lamb 0 every key."""
+        if self.lamb == 0:
+            return {"alpha", "harmful_batch_size", "kernels", "resolution_check"}
+        return {"resolution_check"}
+
+    def check_engine(self, zero: dict, offloaded: list[str], path: Path) -> None:
+        """SAP's refusals: the second harmful pass must run at the perturbed shards."""
+        if self.lamb == 0:
+            return
+        for key, (refused, why) in SAP_REFUSED.items():
+            if key in zero and refused(zero[key]):
+                raise ConfigError(f"{path}: 'zero_optimization.{key}' is {zero[key]!r}, which method booster cannot "
+                                  f"honour: {why.replace('probe pass', 'second harmful pass')} (SFT runs accept it)")
+        if offloaded and self.kernels == "triton":
+            raise ConfigError(f"booster.kernels is 'triton' but {path} offloads ({', '.join(offloaded)}): the shards "
+                              f"then live in CPU memory, where the Triton kernels cannot run; set booster.kernels to "
+                              f"'auto' or 'torch'")
+
+    @property
+    def relative_step_cost(self) -> float:
+        """The main pass and two passes on a harmful batch of about a task batch's size."""
+        return 1.0 if self.lamb == 0 else 3.0
+
+
+class RepNoiseConfig(MethodSection):
+    """RepNoise (Rosati et al., "Representation Noising: A Defence Mechanism Against Harmful
+    Finetuning", NeurIPS 2024; docs/alignment_defences.md): an alignment-stage defence that
+    trains on data.safety's pairs (a harmful prompt with a refusal and a harmful answer) with
+    the authors' ``rep_noise_loss`` (representation_noising/loss.py:74-130):
+    CE(refusals) + beta * MMD(harmful MLP outputs, Gaussian noise) - alpha * log(mean harmful
+    CE over the output and every layer's hidden state through the final norm and LM head + 1).
+    Each step's micro-batches are train.micro_batch_size pairs (train.grad_accum of them per
+    rank); data.train is not trained on (the authors have no other data). Defaults: the
+    authors' loss.py:76 and demo notebook. Ignored unless method is 'repnoise'."""
+
+    name: ClassVar[str] = "repnoise"
+    implementation: ClassVar[str] = "sap_ds.methods.repnoise:RepNoiseMethod"
+    plan_column: ClassVar[str] = "repnoise"  # the pair pass, the MMD and the logit lens (sap_ds/cost/plan.py)
+
+    alpha: float = Field(1.0, ge=0.0, description="Weight of -log(harmful loss + 1), the ascent term (authors' "
+                         "loss.py:76 and demo notebook: 1).")
+    beta: float = Field(0.001, ge=0.0, description="Weight of the MMD between the harmful MLP outputs and Gaussian "
+                        "noise (authors' loss.py:76, notebook and released model 'repnoise_0.001_beta': 0.001).")
+    kernel_mul: float = Field(2.0, gt=0.0, description="Ratio between the MMD's Gaussian bandwidths (authors' "
+                              "MMD_loss: 2.0).")
+    kernel_num: int = Field(5, gt=0, description="Number of Gaussian kernels in the MMD (authors' MMD_loss: 5).")
+
+    def check_run(self, run) -> None:
+        """The pairs come from data.safety, and train.epochs would count data.train's examples."""
+        if not run.data.safety:
+            raise ValueError("method 'repnoise' trains on pairs of a refusal and a harmful answer to the same prompt: "
+                             "set data.safety to a list of sources with format safety_pairs (a prompt with a safe and "
+                             "a harmful response)")
+        if run.train.max_steps is None:
+            raise ValueError("method 'repnoise' trains on the pairs of data.safety, not on data.train, so train.epochs "
+                             "(which counts data.train's examples) does not say how long it runs: set train.max_steps")
+
+    def unused_keys(self) -> set[str]:
+        """The MMD's kernels when beta is 0 (no MMD is computed)."""
+        return {"kernel_mul", "kernel_num"} if self.beta == 0 else set()
+
+    @property
+    def relative_step_cost(self) -> float:
+        """A forward and backward over twice the micro-batch, plus the logit lens (L+1 LM-head
+        projections of the harmful half, with their backward)."""
+        return 3.0
+
+
+# The normal range (smallest normal, largest finite) of each working dtype, from the formats'
+# definitions (8 exponent bits for both; 7 and 23 mantissa bits): vaccine.rho must lie in it.
+NORMAL_RANGE = {"bf16": (2.0**-126, (2 - 2.0**-7) * 2.0**127), "fp32": (2.0**-126, (2 - 2.0**-23) * 2.0**127)}
+
+
+class VaccineConfig(MethodSection):
+    """Vaccine (Huang, Hu, Liu, "Vaccine: Perturbation-aware Alignment for Large Language
+    Models against Harmful Fine-tuning Attack", NeurIPS 2024; docs/alignment_defences.md): an
+    alignment-stage defence. Each micro-batch of the run's data (the alignment data, as
+    configs/vaccine_align.yaml) is trained with the output a_l of every decoder block's
+    attention perturbed by rho * g_l / ||g||, g_l = d loss / d a_l from a first pass and ||g||
+    over all layers. Defaults: the authors' script/alignment/Vaccine.sh and trainer.py.
+    Ignored unless method is 'vaccine'."""
+
+    name: ClassVar[str] = "vaccine"
+    implementation: ClassVar[str] = "sap_ds.methods.vaccine:VaccineMethod"
+    plan_column: ClassVar[str] = "vaccine"  # the stored perturbations and the first pass (sap_ds/cost/plan.py)
+
+    rho: float = Field(2.0, gt=0.0, allow_inf_nan=False, description="Radius of the activation perturbation, "
+                       "absolute, over all perturbed layers of a micro-batch (authors' --rho: 2, Vaccine.sh).")
+    modules: Literal["attention", "decoder_layer"] = Field(
+        "attention", description="Whose outputs are perturbed: each decoder block's attention module (the "
+        "authors' code, trainer.py:36-50) or the whole block (the paper's 'hidden embedding' of each layer).")
+    resolution_check: Literal["error", "warn", "off"] = Field(
+        "error", description="Before step 1: can the working dtype (bf16) hold a + eps on step 1's first "
+        "micro-batch? 'error' stops the run naming a rho that passes, 'warn' only says so "
+        "(docs/alignment_defences.md).")
+
+    def check_run(self, run) -> None:
+        """rho a normal number of the working dtype: a rho that rounds to 0, to a subnormal
+        or to infinity there cannot scale a perturbation (``NORMAL_RANGE``)."""
+        low, high = NORMAL_RANGE[run.model.dtype]
+        if not low <= self.rho <= high:
+            raise ValueError(f"vaccine.rho {self.rho:g} cannot be represented in the working dtype "
+                             f"(model.dtype {run.model.dtype}, normal numbers {low:.4g} to {high:.4g}): set vaccine.rho "
+                             "within that range (authors: 2)")
+
+    def unused_keys(self) -> set[str]:
+        """``resolution_check`` only decides whether a run may start."""
+        return {"resolution_check"}
+
+    @property
+    def relative_step_cost(self) -> float:
+        """The main pass and a forward with an activation-only backward on the same batch."""
+        return 2.0
+
+
 # The training methods, by the config's ``method:`` value; the order is the one the docs, the
 # error messages and the bench's default variants list them in. A new method adds its section's
 # class here (tests/test_methods.py checks that every entry's name and Method agree).
 METHOD_SECTIONS: dict[str, type[MethodSection]] = {
-    section.name: section for section in (SftConfig, SapConfig, LisaConfig, SafetyMixConfig)}
+    section.name: section for section in (SftConfig, SapConfig, LisaConfig, SafetyMixConfig, BoosterConfig, RepNoiseConfig,
+                                          VaccineConfig)}
 
 
 class SafeLoraExportConfig(Section):

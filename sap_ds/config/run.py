@@ -416,7 +416,7 @@ def change_line(key: str, old: Any, new: Any) -> str:
 
 
 # Keys added after runs were recorded without them, and the value that is what those runs did.
-ADDED_LATER = {"sap.probe_update": "adam", "sap.probe_timing": "next_step"}
+ADDED_LATER = {"sap.probe_update": "adam", "sap.probe_timing": "next_step", "sap.probe_in_safety": False}
 
 # Keys that cannot change what a run trains (where it is written, how it is logged, saved
 # and resumed): a change of one of them does not make a run another run.

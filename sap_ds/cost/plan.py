@@ -1,17 +1,20 @@
-"""``sap-ds plan``: size a ZeRO-3 (SFT, SAP or safety_mix) job before spending a GPU hour.
+"""``sap-ds plan``: size a ZeRO-3 job of any training method before spending a GPU hour.
 
 Given a model (a Hugging Face ``config.json`` or a named size), a cluster shape and the
-training settings, it prints the per-GPU memory (model states, ZeRO-3 working set,
-activations, logits, SAP buffers), the CPU memory per node under offload, and an
-estimated step time and throughput for vanilla SFT and for SAP, with every assumption.
+training settings, it prints for each method's column (``COLUMNS``: SFT, SAP, Lisa,
+Booster, Vaccine, RepNoise) the per-GPU memory (model states, ZeRO-3 working set,
+activations, logits, the method's buffers), the CPU memory per node under offload, and an
+estimated step time and throughput, with every assumption.
 
 Everything is closed-form arithmetic; nothing here imports torch or DeepSpeed, so it runs
 anywhere in milliseconds. The cost model is a few named steps (the parameter counts, the
-model states, the ZeRO-3 working set, the task pass, each method's buffers, the FLOPs,
-the communication, the step time), each a function that says what it counts; ``plan(...)``
-composes them, ``main(argv)`` is the CLI. Each input's default is written once, in
-``PlanInputs`` (the flags take theirs from it); where an input is a run-config key, its
-default is that key's.
+model states, the ZeRO-3 working set, the passes of a method's step, its buffers, the FLOPs,
+the communication, the step time), each a function that says what it counts. A column is
+its method's passes (``Pass``: batch, length, how often, which backward) and buffers; its
+memory, FLOPs and communication are derived from those by the same functions for every
+method. ``plan(...)`` composes them, ``main(argv)`` is the CLI. Each input's default is
+written once, in ``PlanInputs`` (the flags take theirs from it); where an input is a
+run-config key, its default is that key's.
 
 Conventions: bytes are exact integers where the inputs divide evenly (floats otherwise);
 GiB = 2**30 bytes; GPU capacities are the usable memory nvidia-smi reports.
@@ -24,9 +27,9 @@ import json
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from sap_ds.config.methods import METHOD_SECTIONS, SapConfig
+from sap_ds.config.methods import METHOD_SECTIONS, BoosterConfig, SapConfig
 from sap_ds.config.run import DataConfig, LoraConfig
 from sap_ds.cost.model_spec import NAMED_MODELS, ModelSpec, PlanError, resolve_model
 from sap_ds.entry import run_command
@@ -94,6 +97,7 @@ class PlanInputs:
     grad_accum: int = 1
     safety_seq_len: int = _run_default(DataConfig, "safety_max_length")
     safety_batch: int = _run_default(SapConfig, "safety_batch_size")  # safety *pairs* per GPU per pass
+    harmful_batch: int = _run_default(BoosterConfig, "harmful_batch_size")  # Booster's harmful sequences per GPU
     probe_layers: tuple[int, ...] = _run_default(SapConfig, "probe_layers")
     safety_every: int = _run_default(SapConfig, "safety_every")
     probe_fraction: float = _run_default(SapConfig, "probe_fraction")
@@ -117,10 +121,27 @@ class StepEstimate:
     comm_s: float
     step_s: float  # compute + (1 - overlap) * comm
     step_s_full_overlap: float  # max(compute, comm)
-    tokens_per_step: int  # global task tokens per optimizer step
+    tokens_per_step: int  # global trained tokens per optimizer step (task tokens; RepNoise: its pairs')
     tokens_per_s: float
     flops_per_step_per_gpu: float
     comm_bytes_per_step_per_gpu: float
+
+
+@dataclass
+class ColumnPlan:
+    """One column's estimate (``COLUMNS``)."""
+
+    memory: dict[str, float]  # item -> bytes per GPU
+    total: float  # bytes per GPU
+    cpu_per_node: float  # offloaded states and buffers, bytes per node
+    fits: bool
+    step: StepEstimate
+    over_sft_throughput: float  # trained tokens/s over SFT's
+
+
+# The names a column's figures go by on ``PlanResult`` and in ``--json`` (``gpu_total_sap``,
+# ``fits_booster``, ``sap`` for SAP's step estimate, ...): prefix + column -> ColumnPlan field.
+FLAT_NAMES = {"gpu_memory_": "memory", "gpu_total_": "total", "cpu_memory_per_node_": "cpu_per_node", "fits_": "fits"}
 
 
 @dataclass
@@ -133,26 +154,39 @@ class PlanResult:
     trainable_params: int
     lora_params: int
     largest_layer_params: int
-    gpu_memory_sft: dict[str, float]  # item -> bytes per GPU
-    gpu_memory_sap: dict[str, float]
-    gpu_memory_lisa: dict[str, float]  # SFT's plus the anchor (safety_mix: SFT's exactly)
-    gpu_total_sft: float
-    gpu_total_sap: float
-    gpu_total_lisa: float
-    cpu_memory_per_node_sft: float
-    cpu_memory_per_node_sap: float
-    cpu_memory_per_node_lisa: float
     gpu_capacity: int
-    fits_sft: bool
-    fits_sap: bool
-    fits_lisa: bool
-    sft: StepEstimate
-    sap: StepEstimate
-    sap_over_sft_throughput: float
+    columns: dict[str, ColumnPlan]  # COLUMNS' order
     assumptions: list[str] = field(default_factory=list)
 
+    def __getattr__(self, name: str):
+        """A column's figure by its flat name (``FLAT_NAMES``; ``<column>`` is its step
+        estimate, ``<column>_over_sft_throughput`` its throughput over SFT's)."""
+        columns = self.__dict__.get("columns", {})
+        for prefix, attribute in FLAT_NAMES.items():
+            if name.startswith(prefix) and name[len(prefix):] in columns:
+                return getattr(columns[name[len(prefix):]], attribute)
+        if name in columns:
+            return columns[name].step
+        if name.endswith("_over_sft_throughput") and name.removesuffix("_over_sft_throughput") in columns:
+            return columns[name.removesuffix("_over_sft_throughput")].over_sft_throughput
+        raise AttributeError(f"{type(self).__name__} has no attribute '{name}'")
+
+    def as_dict(self) -> dict:
+        """``--json``'s object: the inputs and counts, then each column's figures under their
+        flat names (``FLAT_NAMES``), then the assumptions."""
+        whole = dataclasses.asdict(self)
+        out = {key: value for key, value in whole.items() if key not in ("columns", "assumptions")}
+        for name, column in self.columns.items():
+            figures = whole["columns"][name]
+            out.update({prefix + name: figures[attribute] for prefix, attribute in FLAT_NAMES.items()})
+            out[name] = figures["step"]
+            out[f"{name}_over_sft_throughput"] = column.over_sft_throughput
+        out["assumptions"] = list(self.assumptions)
+        return out
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        return json.dumps(self.as_dict(), indent=2)
+
 
 
 def check_inputs(inp: PlanInputs) -> None:
@@ -161,7 +195,8 @@ def check_inputs(inp: PlanInputs) -> None:
         raise PlanError(f"--nodes must be a positive integer (got {inp.nodes})")
     if inp.gpus_per_node <= 0:
         raise PlanError(f"--gpus-per-node must be a positive integer (got {inp.gpus_per_node})")
-    for name in ("seq_len", "micro_batch", "grad_accum", "lora_r", "safety_every", "safety_seq_len", "safety_batch"):
+    for name in ("seq_len", "micro_batch", "grad_accum", "lora_r", "safety_every", "safety_seq_len", "safety_batch",
+                 "harmful_batch"):
         if getattr(inp, name) <= 0:
             raise PlanError(f"--{name.replace('_', '-')} must be positive (got {getattr(inp, name)})")
     if inp.gpu not in GPUS:
@@ -293,14 +328,54 @@ def _lora_shapes(inp: PlanInputs) -> dict:
                 lora_dropout=inp.lora_dropout if inp.lora else 0.0)
 
 
+# --------------------------------------------------------------------------- a step's passes
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward, with its backward, that a method's step runs: what its column's memory,
+    FLOPs and communication are counted from (``column_memory``, ``pass_flops``,
+    ``pass_comm_bytes``). A column's first pass is its main pass: the batch the step trains
+    on, ``grad_accum`` micro-batches of it."""
+
+    name: str  # "task", "safety", ...: the table's "<name> pass activations+logits beyond the <main> pass"
+    sequences: int  # per GPU in one run of the pass
+    seq_len: int
+    runs: float  # per optimizer step (micro-batches, times the share of steps that run it)
+    every: int = 1  # it runs once every this many steps (sap.safety_every)
+    # "train": activation and weight gradients, reduced (a reduce-scatter); "activations": activation
+    # gradients only (autograd.grad: SAP's probe, Vaccine's first pass), through ``depth`` of the layers
+    backward: str = "train"
+    depth: float = 1.0  # share of the decoder layers the backward runs through
+    own_batch: bool = True  # False: the main pass's micro-batch again (its activations are the main pass's)
+    label: str = ""  # main pass: the table's "activations (<label>)"
+    shape: str = ""  # main pass: the table's "logits fp32 (<shape>*vocab*4)"
+
+    @property
+    def tokens(self) -> float:
+        """Tokens per GPU per step (before ``every``)."""
+        return self.sequences * self.seq_len * self.runs
+
+
+def task_main_pass(inp: PlanInputs) -> Pass:
+    """The task micro-batches: SFT's whole step, the main pass of every method that trains on
+    the run's data."""
+    return Pass("task", inp.micro_batch, inp.seq_len, inp.grad_accum, label="task micro-batch",
+                shape="micro_batch*seq")
+
+
+def pass_bytes(m: ModelSpec, inp: PlanInputs, p: Pass) -> tuple[int, int]:
+    """Activations (``activation_bytes``) and fp32 logits of one run of pass ``p``: its
+    forward/backward peak. An activation-only backward keeps what a training one does."""
+    return (activation_bytes(m, p.sequences, p.seq_len, inp.activation_checkpointing, **_lora_shapes(inp)),
+            logits_bytes(m, p.sequences, p.seq_len))
+
+
 def task_pass(m: ModelSpec, inp: PlanInputs) -> dict[str, int]:
-    """Activations (``activation_bytes``) and fp32 logits of one task micro-batch: the
-    forward/backward peak every method has."""
-    return {
-        "activations (task micro-batch)": activation_bytes(m, inp.micro_batch, inp.seq_len, inp.activation_checkpointing,
-                                                           **_lora_shapes(inp)),
-        "logits fp32 (micro_batch*seq*vocab*4)": logits_bytes(m, inp.micro_batch, inp.seq_len),
-    }
+    """Activations and fp32 logits of one task micro-batch: the forward/backward peak every
+    method that trains on the task data has."""
+    activations, logits = pass_bytes(m, inp, task_main_pass(inp))
+    return {"activations (task micro-batch)": activations, "logits fp32 (micro_batch*seq*vocab*4)": logits}
 
 
 STEP_COPY = "optimizer-step fp32 grad copy beyond fwd/bwd peak (4 B * min(sub_group, shard))"
@@ -321,44 +396,8 @@ OFFLOAD_TWIN = "SAP offload twin temporaries (on CPU, one chunk per rank)"
 def optimizer_step_copy(inp: PlanInputs, n: Parameters, world: int) -> float:
     """The optimizer step's transient: the fp32 copy of one sub-group's gradient (on the GPU
     only without offload). It runs after the activations are freed, so only what exceeds the
-    forward/backward peak counts (the callers subtract it)."""
+    forward/backward peak counts (``column_memory`` subtracts it)."""
     return 4 * min(inp.sub_group_size, n.trainable / world) if inp.offload == "none" else 0
-
-
-def sft_memory(m: ModelSpec, inp: PlanInputs, n: Parameters, world: int) -> tuple[dict[str, float], float]:
-    """SFT's per-GPU bytes (model states, ZeRO-3 working set, task pass, optimizer-step copy)
-    and CPU bytes per rank: the base every other column adds to."""
-    mem, cpu_rank = model_states(inp, n, world)
-    task = task_pass(m, inp)
-    mem.update(zero3_working_set(inp, n))
-    mem.update(task)
-    mem[STEP_COPY] = max(0, optimizer_step_copy(inp, n, world) - sum(task.values()))
-    return mem, cpu_rank
-
-
-def sap_memory(m: ModelSpec, inp: PlanInputs, n: Parameters, world: int, sft: dict[str, float],
-               cpu_rank: float) -> tuple[dict[str, float], float]:
-    """SFT's plus SAP's buffers: the safety pass (2 sequences per pair of ``safety_seq_len``
-    tokens; its peak is the larger of the two passes, not their sum), the fp32 safety
-    direction (4 B per trainable parameter over the world, on the CPU with the master under
-    offload, where the perturb/restore twins' chunk of temporaries joins it) and the probe
-    (value, Adam m and v per probed layer)."""
-    mem = dict(sft)
-    task = sum(task_pass(m, inp).values())
-    safety = activation_bytes(m, 2 * inp.safety_batch, inp.safety_seq_len, inp.activation_checkpointing,
-                              **_lora_shapes(inp)) + logits_bytes(m, 2 * inp.safety_batch, inp.safety_seq_len)
-    extra = max(0, safety - task)
-    mem["safety pass activations+logits beyond the task pass"] = extra
-    mem[STEP_COPY] = max(0, optimizer_step_copy(inp, n, world) - task - extra)
-    direction = _div(4 * n.trainable, world)
-    if inp.offload == "none":
-        mem["SAP direction buffer (fp32, 4 B/trainable / world)"] = direction
-    else:
-        mem["SAP direction buffer (on CPU with the master)"] = 0
-        mem[OFFLOAD_TWIN] = 0
-        cpu_rank = cpu_rank + direction + offload_twin_transient(inp, n, world)
-    mem["SAP probe (layers*hidden*4 B * 3: value, Adam m, v)"] = len(inp.probe_layers) * m.hidden_size * 4 * 3
-    return mem, cpu_rank
 
 
 def offload_twin_transient(inp: PlanInputs, n: Parameters, world: int) -> float:
@@ -367,17 +406,31 @@ def offload_twin_transient(inp: PlanInputs, n: Parameters, world: int) -> float:
     return OFFLOAD_TWIN_BYTES_PER_ELEMENT * min(OFFLOAD_TWIN_CHUNK, inp.sub_group_size, n.trainable / world)
 
 
-def lisa_memory(inp: PlanInputs, n: Parameters, world: int, sft: dict[str, float],
-                cpu_rank: float) -> tuple[dict[str, float], float]:
-    """SFT's plus Lisa's anchor: one fp32 copy per flat group, shaped like the master shard
-    (sap_ds/methods/lisa.py), on the CPU with the master under offload."""
-    mem = dict(sft)
-    anchor = _div(4 * n.trainable, world)
+@dataclass
+class Buffers:
+    """What a method holds beside its passes' activations: per-GPU bytes held through the
+    optimizer step (``gpu``), per-GPU bytes alive only during the forward/backward
+    (``in_pass``: part of the peak the optimizer step's copy is measured against) and CPU
+    bytes per rank (``cpu_rank``)."""
+
+    gpu: dict[str, float] = field(default_factory=dict)
+    in_pass: dict[str, float] = field(default_factory=dict)
+    cpu_rank: float = 0.0
+
+
+def shard_buffer(inp: PlanInputs, n: Parameters, world: int, label: str, twins: Optional[str] = None) -> Buffers:
+    """One fp32 buffer shaped like the master shard (4 B per trainable parameter over the
+    world: SAP's direction, Lisa's anchor, Booster's harmful gradient): on the GPU, or under
+    offload on the CPU with the master, where a method that perturbs through the offload twins
+    (``twins``: its name in the table) also holds one chunk of their temporaries."""
+    size = _div(4 * n.trainable, world)
     if inp.offload == "none":
-        mem["Lisa anchor (fp32, 4 B/trainable / world)"] = anchor
-        return mem, cpu_rank
-    mem["Lisa anchor (on CPU with the master)"] = 0
-    return mem, cpu_rank + anchor
+        return Buffers(gpu={f"{label} (fp32, 4 B/trainable / world)": size})
+    gpu = {f"{label} (on CPU with the master)": 0}
+    if twins is None:
+        return Buffers(gpu=gpu, cpu_rank=size)
+    gpu[f"{twins} offload twin temporaries (on CPU, one chunk per rank)"] = 0
+    return Buffers(gpu=gpu, cpu_rank=size + offload_twin_transient(inp, n, world))
 
 
 @dataclass(frozen=True)
@@ -397,6 +450,161 @@ def probe_schedule(m: ModelSpec, inp: PlanInputs) -> ProbeSchedule:
                          lowest_layer=lowest, fraction_above=(m.num_hidden_layers - lowest) / m.num_hidden_layers)
 
 
+# The logit lens's live bytes per logit of the one hidden state being backpropagated: its fp32
+# log-softmax (recomputed under checkpointing, saved for the backward), the gradient arriving at
+# it and the gradient it passes on, 4 B each (the bf16 logits and their gradient come and go
+# around them).
+LENS_BYTES_PER_LOGIT = 12
+
+
+# --------------------------------------------------------------------------- the columns
+
+
+@dataclass(frozen=True)
+class BatchKnob:
+    """A column's batch of its own that a fit hint may shrink: the ``PlanInputs`` field, its
+    flag, the run-config key and what a smaller one costs."""
+
+    input: str
+    flag: str
+    key: str
+    cost: str
+
+
+@dataclass(frozen=True)
+class Column:
+    """One method's estimate: its step's passes (the first the main pass), what it holds beside
+    them, FLOPs beyond its passes (``extra_flops``), the flag of its main pass's sequence length
+    and the batch of its own a fit hint may shrink. ``MethodSection.plan_column`` names one."""
+
+    title: str
+    passes: Callable[[ModelSpec, PlanInputs], tuple[Pass, ...]]
+    buffers: Callable[[ModelSpec, PlanInputs, Parameters, int], Buffers] = lambda m, inp, n, world: Buffers()
+    extra_flops: Callable[[ModelSpec, PlanInputs, Parameters], float] = lambda m, inp, n: 0
+    seq_flag: str = "--seq-len"
+    batch: Optional[BatchKnob] = None
+
+
+def _sap_passes(m: ModelSpec, inp: PlanInputs) -> tuple[Pass, ...]:
+    """The task pass, the safety pass (2 sequences per pair, every ``safety_every`` steps) and
+    the probe passes (a forward and an activation-only backward down to the lowest probe layer,
+    on ``probe.micro_batches`` task micro-batches, ``probe_fraction`` of the steps)."""
+    probe = probe_schedule(m, inp)
+    return (task_main_pass(inp),
+            Pass("safety", 2 * inp.safety_batch, inp.safety_seq_len, 1, every=inp.safety_every),
+            Pass("probe", inp.micro_batch, inp.seq_len, probe.passes * probe.micro_batches * inp.probe_fraction,
+                 backward="activations", depth=probe.fraction_above, own_batch=False))
+
+
+def _sap_buffers(m: ModelSpec, inp: PlanInputs, n: Parameters, world: int) -> Buffers:
+    """The fp32 safety direction (through the offload twins under offload) and the probe
+    (value, Adam m and v per probed layer)."""
+    b = shard_buffer(inp, n, world, "SAP direction buffer", twins="SAP")
+    b.gpu["SAP probe (layers*hidden*4 B * 3: value, Adam m, v)"] = len(inp.probe_layers) * m.hidden_size * 4 * 3
+    return b
+
+
+def _booster_passes(m: ModelSpec, inp: PlanInputs) -> tuple[Pass, ...]:
+    """The alignment (task) pass and two training passes on the harmful batch, at W and at the
+    simulated harmful step W' (sap_ds/methods/booster.py)."""
+    return task_main_pass(inp), Pass("harmful", inp.harmful_batch, inp.safety_seq_len, 2)
+
+
+def _vaccine_passes(m: ModelSpec, inp: PlanInputs) -> tuple[Pass, ...]:
+    """Per task micro-batch, before its main pass, a first pass: a forward and d loss / d a_l
+    w.r.t. the perturbed modules' outputs only (no weight gradients, no reduce-scatter), down
+    to block 0 (sap_ds/methods/vaccine.py)."""
+    return task_main_pass(inp), Pass("activation_grad", inp.micro_batch, inp.seq_len, inp.grad_accum,
+                                     backward="activations", own_batch=False)
+
+
+def _vaccine_buffers(m: ModelSpec, inp: PlanInputs, n: Parameters, world: int) -> Buffers:
+    """The perturbations: one activation gradient per decoder layer in the working dtype
+    (layers x micro_batch x seq x hidden x 2 B), held from the first pass through the main
+    pass and the optimizer step; and in the first pass the perturbed modules' outputs it
+    captures (the same size), beside the previous micro-batch's perturbations when there are
+    several micro-batches (with one, the two are never alive together)."""
+    size = m.num_hidden_layers * inp.micro_batch * inp.seq_len * m.hidden_size * 2
+    return Buffers(gpu={"Vaccine perturbations (layers*micro_batch*seq*hidden*2 B)": size},
+                   in_pass={"Vaccine first pass: captured outputs beside them (same size; grad_accum > 1)":
+                            size if inp.grad_accum > 1 else 0})
+
+
+def _repnoise_passes(m: ModelSpec, inp: PlanInputs) -> tuple[Pass, ...]:
+    """Pairs, not task data: ``micro_batch`` pairs per micro-batch, the refusals and the harmful
+    answers (2 sequences each, ``safety_seq_len`` tokens) in one forward and backward
+    (sap_ds/methods/repnoise.py)."""
+    return (Pass("pair", 2 * inp.micro_batch, inp.safety_seq_len, inp.grad_accum,
+                 label="pair micro-batch: 2*micro_batch sequences of safety_seq_len",
+                 shape="2*micro_batch*safety_seq_len"),)
+
+
+def _repnoise_buffers(m: ModelSpec, inp: PlanInputs, n: Parameters, world: int) -> Buffers:
+    """Alive in the backward beside the pair pass: the MMD's fp32 inputs (each layer's harmful
+    MLP outputs and their Gaussian noise), one hidden state's logit-lens logits at a time
+    (checkpointed: ``LENS_BYTES_PER_LOGIT``), and the lens's gradients for the L+1 hidden
+    states, waiting for the backward to reach their layer (bf16, the whole pair batch wide)."""
+    harmful = inp.micro_batch * inp.safety_seq_len  # tokens of the harmful half
+    L, h = m.num_hidden_layers, m.hidden_size
+    return Buffers(in_pass={
+        "RepNoise MMD inputs fp32 (layers*micro_batch*safety_seq_len*hidden*8 B)": L * harmful * h * 8,
+        "RepNoise logit lens, one hidden state (micro_batch*safety_seq_len*vocab*12 B)":
+            harmful * m.vocab_size * LENS_BYTES_PER_LOGIT,
+        "RepNoise lens grads waiting ((layers+1)*2*micro_batch*safety_seq_len*hidden*2 B)": (L + 1) * 2 * harmful * h * 2,
+    })
+
+
+def _repnoise_lens_flops(m: ModelSpec, inp: PlanInputs, n: Parameters) -> float:
+    """The logit lens: each of the L+1 hidden states of the harmful half through the LM head
+    (2*V*h per token; the norm is not counted), forward, recompute (checkpointed) and backward."""
+    bwd, _ = _passes_per_forward(inp)
+    harmful_tokens = inp.micro_batch * inp.safety_seq_len * inp.grad_accum
+    return (m.num_hidden_layers + 1) * harmful_tokens * 2 * m.vocab_size * m.hidden_size * (2 + bwd)
+
+
+# The planner's columns, in the table's order; each method's section names its own
+# (``MethodSection.plan_column``; tests/test_plan.py checks that every section's is here).
+COLUMNS: dict[str, Column] = {
+    "sft": Column("SFT", lambda m, inp: (task_main_pass(inp),)),
+    "sap": Column("SAP", _sap_passes, _sap_buffers,
+                  batch=BatchKnob("safety_batch", "--safety-batch", "sap.safety_batch_size",
+                                  "fewer safety pairs per GPU per step (a noisier safety direction)")),
+    "lisa": Column("Lisa", lambda m, inp: (task_main_pass(inp),),
+                   lambda m, inp, n, world: shard_buffer(inp, n, world, "Lisa anchor")),
+    "booster": Column("Booster", _booster_passes, lambda m, inp, n, world: shard_buffer(
+        inp, n, world, "Booster harmful-gradient buffer", twins="Booster"),
+        batch=BatchKnob("harmful_batch", "--harmful-batch", "booster.harmful_batch_size",
+                        "fewer harmful examples per GPU per step (a noisier harmful gradient)")),
+    "vaccine": Column("Vaccine", _vaccine_passes, _vaccine_buffers),
+    "repnoise": Column("RepNoise", _repnoise_passes, _repnoise_buffers, _repnoise_lens_flops, seq_flag="--safety-seq-len"),
+}
+
+
+def column_memory(column: Column, m: ModelSpec, inp: PlanInputs, n: Parameters, world: int) -> tuple[dict[str, float], float]:
+    """A column's per-GPU bytes and CPU bytes per rank: the model states, the ZeRO-3 working
+    set, the main pass's activations and logits, what each pass on a batch of its own needs
+    beyond the larger of those before it (the peak is the largest pass, not their sum), the
+    optimizer step's copy where it exceeds the forward/backward peak, and the method's buffers."""
+    mem, cpu_rank = model_states(inp, n, world)
+    mem.update(zero3_working_set(inp, n))
+    main, *others = column.passes(m, inp)
+    activations, logits = pass_bytes(m, inp, main)
+    mem[f"activations ({main.label})"] = activations
+    mem[f"logits fp32 ({main.shape}*vocab*4)"] = logits
+    mem[STEP_COPY] = 0
+    peak = activations + logits
+    for p in others:
+        if p.own_batch:
+            beyond = max(0, sum(pass_bytes(m, inp, p)) - peak)
+            mem[f"{p.name} pass activations+logits beyond the {main.name} pass"] = beyond
+            peak += beyond
+    extra = column.buffers(m, inp, n, world)
+    mem[STEP_COPY] = max(0, optimizer_step_copy(inp, n, world) - peak - sum(extra.in_pass.values()))
+    mem.update(extra.gpu)
+    mem.update(extra.in_pass)
+    return mem, cpu_rank + extra.cpu_rank
+
+
 def _passes_per_forward(inp: PlanInputs) -> tuple[int, int]:
     """(backward, recompute) cost in forwards: a backward is 2 forwards under full
     fine-tuning (activation and weight gradients), 1 under LoRA (no weight gradients for the
@@ -404,30 +612,20 @@ def _passes_per_forward(inp: PlanInputs) -> tuple[int, int]:
     return (1 if inp.lora else 2), (1 if inp.activation_checkpointing else 0)
 
 
-def task_tokens_per_gpu(inp: PlanInputs) -> int:
-    """Task tokens per GPU per optimizer step."""
-    return inp.micro_batch * inp.seq_len * inp.grad_accum
-
-
-def sft_flops(m: ModelSpec, inp: PlanInputs, n: Parameters) -> float:
-    """Per-GPU FLOPs of an SFT step: forward (``forward_flops_per_token``, LoRA's matmuls
-    included), backward and recompute on the task tokens."""
+def pass_flops(m: ModelSpec, inp: PlanInputs, n: Parameters, p: Pass) -> float:
+    """Per-GPU FLOPs of pass ``p`` per step: its tokens times the forward per token
+    (``forward_flops_per_token``, LoRA's matmuls included) times 1 + backward + recompute
+    (a training backward; an activation-only one costs a forward over ``depth`` of the
+    layers, recomputed there under checkpointing)."""
     bwd, ckpt = _passes_per_forward(inp)
-    return task_tokens_per_gpu(inp) * forward_flops_per_token(m, inp.seq_len, n.lora) * (1 + bwd + ckpt)
+    factor = 1 + bwd + ckpt if p.backward == "train" else 1 + p.depth * (1 + ckpt)
+    flops = p.tokens * forward_flops_per_token(m, p.seq_len, n.lora) * factor
+    return flops / p.every if p.every != 1 else flops  # exact integers while they are
 
 
-def sap_flops(m: ModelSpec, inp: PlanInputs, n: Parameters, probe: ProbeSchedule) -> float:
-    """SFT's, plus the safety pass (forward, backward, recompute on the safety batch, every
-    ``safety_every`` steps) and the probe passes (a forward, and a backward without weight
-    gradients down to the lowest probe layer, with its recompute, on ``probe_fraction`` of
-    the steps and ``probe.micro_batches`` of the micro-batches)."""
-    bwd, ckpt = _passes_per_forward(inp)
-    f_task = forward_flops_per_token(m, inp.seq_len, n.lora)
-    f_safe = forward_flops_per_token(m, inp.safety_seq_len, n.lora)
-    safety = (2 * inp.safety_batch * inp.safety_seq_len) * f_safe * (1 + bwd + ckpt) / inp.safety_every
-    probing = probe.passes * task_tokens_per_gpu(inp) * f_task * (1 + probe.fraction_above * (1 + ckpt)) * \
-        inp.probe_fraction * probe.micro_batches / inp.grad_accum
-    return sft_flops(m, inp, n) + safety + probing
+def column_flops(column: Column, m: ModelSpec, inp: PlanInputs, n: Parameters) -> float:
+    """Per-GPU FLOPs of a step of the column's method: its passes' and its ``extra_flops``."""
+    return sum(pass_flops(m, inp, n, p) for p in column.passes(m, inp)) + column.extra_flops(m, inp, n)
 
 
 @dataclass(frozen=True)
@@ -457,38 +655,37 @@ def _ring(n: Parameters, world: int) -> tuple[float, float]:
     return 2 * n.total * ring, 2 * n.trainable * ring
 
 
-def sft_comm_bytes(inp: PlanInputs, n: Parameters, world: int) -> float:
-    """Per-GPU bytes an SFT step moves: per micro-batch, 2 all-gathers of the parameters
-    (forward, backward) and 1 reduce-scatter of the gradients."""
+def pass_comm_bytes(n: Parameters, world: int, p: Pass) -> float:
+    """Per-GPU bytes pass ``p`` moves per step: per run, a gather of the parameters for the
+    forward and one for the backward over ``depth`` of the layers, and a training backward's
+    reduce-scatter of the gradients."""
     gather, reduce_scatter = _ring(n, world)
-    return inp.grad_accum * (2 * gather + reduce_scatter)
+    return p.runs * (gather * (1 + p.depth) + (reduce_scatter if p.backward == "train" else 0)) / p.every
 
 
-def sap_comm_bytes(inp: PlanInputs, n: Parameters, world: int, probe: ProbeSchedule) -> float:
-    """SFT's, plus the safety pass's (2 gathers + 1 reduce-scatter, every ``safety_every``
-    steps) and the probe passes' (a forward's gather and a backward's above the lowest probe
-    layer, per probed micro-batch)."""
-    gather, reduce_scatter = _ring(n, world)
-    return sft_comm_bytes(inp, n, world) + (2 * gather + reduce_scatter) / inp.safety_every + \
-        probe.passes * probe.micro_batches * inp.probe_fraction * gather * (1 + probe.fraction_above)
+def column_comm_bytes(column: Column, m: ModelSpec, inp: PlanInputs, n: Parameters, world: int) -> float:
+    return sum(pass_comm_bytes(n, world, p) for p in column.passes(m, inp))
 
 
 def step_estimate(inp: PlanInputs, gpu: GpuSpec, world: int, bandwidth: Link, flops: float,
-                  comm_bytes: float) -> StepEstimate:
+                  comm_bytes: float, tokens_per_gpu: float) -> StepEstimate:
     """Step time: compute (FLOPs at ``mfu`` of the bf16 dense peak) plus the communication
-    not hidden behind it (``overlap``); the fully-overlapped bound too; global task tokens/s."""
+    not hidden behind it (``overlap``); the fully-overlapped bound too; global trained tokens/s
+    (``tokens_per_gpu``: the main pass's per step)."""
     compute = flops / (gpu.bf16_tflops * 1e12 * inp.mfu)
     comm = comm_bytes / bandwidth.bytes_per_s if world > 1 else 0.0
     step = compute + (1 - inp.overlap) * comm
-    tokens = task_tokens_per_gpu(inp) * world
+    tokens = tokens_per_gpu * world
     return StepEstimate(compute, comm, step, max(compute, comm), tokens, tokens / step, flops, comm_bytes)
 
 
-def assumptions(m: ModelSpec, inp: PlanInputs, gpu: GpuSpec, world: int, n: Parameters, probe: ProbeSchedule,
-                bandwidth: Link) -> list[str]:
+def assumptions(m: ModelSpec, inp: PlanInputs, gpu: GpuSpec, world: int, n: Parameters, bandwidth: Link) -> list[str]:
     """What the estimate assumes, in the order of the steps above (printed under the table)."""
     bwd, _ = _passes_per_forward(inp)
-    sb, ssl = inp.safety_batch, inp.safety_seq_len
+    probe = probe_schedule(m, inp)
+    sb, ssl, hb = inp.safety_batch, inp.safety_seq_len, inp.harmful_batch
+    twins = ("" if inp.offload == "none" else f"; under offload, perturb/restore temporaries on CPU: "
+             f"{OFFLOAD_TWIN_BYTES_PER_ELEMENT} B * min({OFFLOAD_TWIN_CHUNK:,}-element chunk, sub-group) per rank")
     lines = [
         f"model: {m.name}: hidden {m.hidden_size}, intermediate {m.intermediate_size}, layers {m.num_hidden_layers}, "
         f"heads {m.num_attention_heads}/{m.num_key_value_heads} kv, vocab {m.vocab_size}, tied {m.tie_word_embeddings}"
@@ -511,26 +708,45 @@ def assumptions(m: ModelSpec, inp: PlanInputs, gpu: GpuSpec, world: int, n: Para
         "activation checkpointing: layers*seq*batch*hidden*2 bytes (saved layer inputs) + one full layer recomputed"
         if inp.activation_checkpointing else "no activation checkpointing: all layers' activations kept",
         "logits: micro_batch*seq*vocab*4 bytes (fp32 copy for the loss; bf16 logits and the softmax grad not counted)",
-        f"SAP: safety pass on {sb} pair(s) = {2 * sb} sequences x {ssl} tokens (peak is the max of task and safety pass, "
-        "not the sum); direction buffer fp32 4 B/trainable/world; probe len(layers)*hidden*4 B*3"
-        + ("" if inp.offload == "none" else f"; under offload, perturb/restore temporaries on CPU: "
-           f"{OFFLOAD_TWIN_BYTES_PER_ELEMENT} B * min({OFFLOAD_TWIN_CHUNK:,}-element chunk, sub-group) per rank"),
+        "every column's peak is its largest pass (activations + logits), not the sum of its passes; a pass with an "
+        "activation-only backward keeps what a training pass keeps",
+        f"SAP: safety pass on {sb} pair(s) = {2 * sb} sequences x {ssl} tokens; direction buffer fp32 "
+        f"4 B/trainable/world; probe len(layers)*hidden*4 B*3" + twins,
         f"usable GPU memory: {gpu.memory_bytes / GIB:.1f} GiB ({gpu.name}) - {inp.reserve_gib:g} GiB reserve "
         "(CUDA context, NCCL, fragmentation)",
         f"FLOPs: forward = 2*(matmul weights incl. lm_head) + 4*layers*seq*q_dim per token (attention, non-causal count); "
         f"backward = {bwd}x forward ({'LoRA: activation grads only' if inp.lora else 'full FT: activation + weight grads'})"
-        + ("; checkpointing recomputes 1 forward" if inp.activation_checkpointing else ""),
+        + ("; checkpointing recomputes 1 forward" if inp.activation_checkpointing else "")
+        + "; an activation-only backward (autograd.grad) = 1x forward over the layers it runs through",
         f"SAP FLOPs per step: + safety pass (fwd+bwd on {2 * sb}x{ssl} tokens per GPU, every {inp.safety_every} step(s)) "
         f"+ {probe.passes} probe pass(es) ({inp.probe_timing}) on {probe.micro_batches} of {inp.grad_accum} task "
         f"micro-batch(es) x {inp.probe_fraction:g} (forward + backward without weight grads down to layer "
         f"{probe.lowest_layer}: {probe.fraction_above:.3f} of the layers)",
         f"compute time = FLOPs / ({gpu.bf16_tflops:g} TFLOP/s bf16 dense * MFU {inp.mfu:g})",
         "ZeRO-3 comm per micro-batch: 2 all-gathers of all params (forward, backward) + 1 reduce-scatter of the trainable "
-        "grads, each 2 B * N * (world-1)/world per GPU; SAP adds 2 gathers + 1 reduce-scatter (safety pass) and "
-        "1 + (fraction above the lowest probe layer) gathers per probe pass",
+        "grads, each 2 B * N * (world-1)/world per GPU; each extra training pass adds the same, an activation-only pass "
+        "its gathers (forward, and backward over the layers it runs through) and no reduce-scatter; SAP: the safety pass "
+        "and 1 + (fraction above the lowest probe layer) gathers per probe pass",
         f"bandwidth: {bandwidth.note}",
         "Lisa: SFT's step (an alignment step trains on an alignment batch of the task batch's size instead; the "
         "proximal term is element-wise on the local shards, no collective) + the anchor, fp32 4 B/trainable/world",
+        f"Booster: the task (alignment) pass + 2 training passes on the harmful batch ({hb} sequences x {ssl} tokens per "
+        "GPU, at W and at W - alpha*g/||g||: fwd+bwd, 2 gathers + 1 reduce-scatter each) + one fp32 gradient buffer "
+        "4 B/trainable/world; perturb/restore element-wise on the local shards (SAP's kernels), no collective but a "
+        "scalar norm" + twins,
+        "Vaccine: per task micro-batch a first pass (forward + activation-only backward through every layer: 2 gathers, "
+        "no reduce-scatter) before the main pass; the perturbations, one activation gradient per layer "
+        "(layers*micro_batch*seq*hidden*2 B, bf16), held through the optimizer step; the first pass's captured outputs "
+        "(as large) count beside them when grad_accum > 1 (the next micro-batch's first pass runs while they are held); "
+        "the perturbing hook's one-layer fp32 temporaries not counted",
+        f"RepNoise: trains on pairs, not task data: --micro-batch pairs per micro-batch = {2 * inp.micro_batch} "
+        f"sequences x {ssl} tokens (--safety-seq-len; refusals and harmful answers in one forward and backward), "
+        "'trained tokens' are theirs; beside that pass: the MMD's fp32 inputs, one hidden state's logit lens at a time "
+        f"({LENS_BYTES_PER_LOGIT} B per logit: fp32 log-softmax, its incoming and outgoing gradient) and the lens's "
+        "bf16 gradients for the L+1 hidden states until the backward reaches their layer; FLOPs + the lens: "
+        f"(L+1) x harmful tokens x 2*V*h x (forward + checkpoint recompute + {bwd}x backward); the head's repeated calls "
+        "are assumed not to re-gather it (ZeRO-3 keeps a module gathered that is used again soon: "
+        "stage3_max_reuse_distance), so no extra communication",
         f"step time = compute + {1 - inp.overlap:g} * comm (overlap {inp.overlap:g}); the fully-overlapped bound "
         "max(compute, comm) is shown too",
     ]
@@ -540,42 +756,37 @@ def assumptions(m: ModelSpec, inp: PlanInputs, gpu: GpuSpec, world: int, n: Para
 
 
 def plan(inp: PlanInputs) -> PlanResult:
-    """The whole estimate: the steps above, composed. Raises PlanError on bad input."""
+    """The whole estimate: the steps above, composed for every column. Raises PlanError on bad input."""
     check_inputs(inp)
     m, gpu, world = resolve_model(inp.model), GPUS[inp.gpu], inp.nodes * inp.gpus_per_node
     if not inp.probe_layers or any(not 0 <= l < m.num_hidden_layers for l in inp.probe_layers):
         raise PlanError(f"--probe-layers {list(inp.probe_layers)}: each must be in [0, {m.num_hidden_layers - 1}]")
-    n, probe, bandwidth = parameters(m, inp), probe_schedule(m, inp), link(inp, gpu, world)
-    sft_mem, sft_cpu = sft_memory(m, inp, n, world)
-    sap_mem, sap_cpu = sap_memory(m, inp, n, world, sft_mem, sft_cpu)
-    lisa_mem, lisa_cpu = lisa_memory(inp, n, world, sft_mem, sft_cpu)
-    columns = {"sft": sft_mem, "sap": sap_mem, "lisa": lisa_mem}
-    totals = {column: float(sum(mem.values())) for column, mem in columns.items()}
+    n, bandwidth = parameters(m, inp), link(inp, gpu, world)
     usable = gpu.memory_bytes - inp.reserve_gib * GIB
-    sft = step_estimate(inp, gpu, world, bandwidth, sft_flops(m, inp, n), sft_comm_bytes(inp, n, world))
-    sap = step_estimate(inp, gpu, world, bandwidth, sap_flops(m, inp, n, probe), sap_comm_bytes(inp, n, world, probe))
+    columns: dict[str, ColumnPlan] = {}
+    for name, column in COLUMNS.items():
+        memory, cpu_rank = column_memory(column, m, inp, n, world)
+        total = float(sum(memory.values()))
+        step = step_estimate(inp, gpu, world, bandwidth, column_flops(column, m, inp, n),
+                             column_comm_bytes(column, m, inp, n, world), column.passes(m, inp)[0].tokens)
+        columns[name] = ColumnPlan(memory, total, cpu_rank * inp.gpus_per_node, total <= usable, step,
+                                   step.tokens_per_s / columns["sft"].step.tokens_per_s if columns else 1.0)
     return PlanResult(
         inputs=inp, model=m, gpu=gpu, world_size=world, total_params=n.total, trainable_params=n.trainable,
-        lora_params=n.lora, largest_layer_params=n.largest_layer,
-        gpu_memory_sft=sft_mem, gpu_memory_sap=sap_mem, gpu_memory_lisa=lisa_mem, gpu_total_sft=totals["sft"],
-        gpu_total_sap=totals["sap"], gpu_total_lisa=totals["lisa"], cpu_memory_per_node_sft=sft_cpu * inp.gpus_per_node,
-        cpu_memory_per_node_sap=sap_cpu * inp.gpus_per_node, cpu_memory_per_node_lisa=lisa_cpu * inp.gpus_per_node,
-        gpu_capacity=gpu.memory_bytes, fits_sft=totals["sft"] <= usable, fits_sap=totals["sap"] <= usable,
-        fits_lisa=totals["lisa"] <= usable, sft=sft, sap=sap,
-        sap_over_sft_throughput=sap.tokens_per_s / sft.tokens_per_s,
-        assumptions=assumptions(m, inp, gpu, world, n, probe, bandwidth),
+        lora_params=n.lora, largest_layer_params=n.largest_layer, gpu_capacity=gpu.memory_bytes, columns=columns,
+        assumptions=assumptions(m, inp, gpu, world, n, bandwidth),
     )
 
 
 def headline_column(inp: PlanInputs) -> str:
-    """The column of the headline method (``--method``): "sft", "sap" or "lisa", as its
-    section says (``MethodSection.plan_column``)."""
+    """The column of the headline method (``--method``), as its section says
+    (``MethodSection.plan_column``)."""
     return METHOD_SECTIONS[inp.method].plan_column
 
 
 def headline_total(r: PlanResult) -> float:
     """Per-GPU bytes of the headline method (``--method``): its column's."""
-    return {"sft": r.gpu_total_sft, "sap": r.gpu_total_sap, "lisa": r.gpu_total_lisa}[headline_column(r.inputs)]
+    return r.columns[headline_column(r.inputs)].total
 
 
 def headline_fits(r: PlanResult) -> bool:
@@ -583,8 +794,7 @@ def headline_fits(r: PlanResult) -> bool:
 
 
 def _headline_cpu(r: PlanResult) -> float:
-    return {"sft": r.cpu_memory_per_node_sft, "sap": r.cpu_memory_per_node_sap,
-            "lisa": r.cpu_memory_per_node_lisa}[headline_column(r.inputs)]
+    return r.columns[headline_column(r.inputs)].cpu_per_node
 
 
 # --------------------------------------------------------------------------- when it does not fit
@@ -631,8 +841,9 @@ def fit_options(inp: PlanInputs) -> list[FitOption]:
 
     Offload of the optimizer (ZeRO-Offload; of the parameters too only if that alone does not
     fit), LoRA instead of full fine-tuning, activation checkpointing, the largest smaller
-    micro-batch (with checkpointing; gradient accumulation raised to keep the batch), for SAP
-    the largest smaller safety batch, the fewest nodes, and the smallest larger GPU."""
+    micro-batch (with checkpointing; gradient accumulation raised to keep the batch), the
+    largest smaller batch of the headline column's own (``Column.batch``: SAP's safety batch,
+    Booster's harmful batch), the fewest nodes, and the smallest larger GPU."""
     options: list[FitOption] = []
     examples = inp.micro_batch * inp.grad_accum
     if inp.offload == "none" and (r := _planned(inp, offload="optimizer")) is not None:
@@ -666,11 +877,10 @@ def fit_options(inp: PlanInputs) -> list[FitOption]:
                                      + (" model.gradient_checkpointing=true" if also else "")
                                      + f": the same {examples} examples per GPU per step, in more micro-batches"))
             break
-    if headline_column(inp) == "sap" and (found := _largest_fitting(inp, "safety_batch", inp.safety_batch)) is not None:
+    knob = COLUMNS[headline_column(inp)].batch
+    if knob is not None and (found := _largest_fitting(inp, knob.input, getattr(inp, knob.input))) is not None:
         value, r = found
-        options.append(FitOption(("--safety-batch", str(value)), headline_total(r),
-                                 f"sap.safety_batch_size={value}: fewer safety pairs per GPU per step (a noisier "
-                                 "safety direction)"))
+        options.append(FitOption((knob.flag, str(value)), headline_total(r), f"{knob.key}={value}: {knob.cost}"))
     if _planned(inp, nodes=MAX_NODES) is not None:
         low, high = inp.nodes, MAX_NODES  # does not fit at low, fits at high: bisect (memory falls with nodes)
         while high - low > 1:
@@ -693,11 +903,11 @@ def format_fit_options(r: PlanResult, options: list[FitOption]) -> str:
     """The lines ``sap-ds plan`` prints under a job that does not fit."""
     i = r.inputs
     usable = (r.gpu_capacity - i.reserve_gib * GIB) / GIB
+    column = COLUMNS[headline_column(i)]
     if not options:
         return (f"No single change makes it fit (tried: offload, LoRA, activation checkpointing, a smaller micro-batch"
-                f"{' or safety batch' if headline_column(i) == 'sap' else ''}, up to {MAX_NODES} nodes, a larger GPU): "
-                "shorten "
-                "--seq-len, or combine changes (e.g. --lora --offload optimizer)")
+                f"{' or ' + column.batch.flag if column.batch else ''}, up to {MAX_NODES} nodes, a larger GPU): "
+                f"shorten {column.seq_flag}, or combine changes (e.g. --lora --offload optimizer)")
     flags = [" ".join(o.flags) for o in options]
     width = max(map(len, flags))
     lines = [f"It fits with any one of these changes (each planned again with it alone; {i.method.upper()} per GPU, "
@@ -713,8 +923,24 @@ def _gib(x: float) -> str:
     return f"{x / GIB:9.2f} GiB"
 
 
+def _rows(tables: list[dict[str, float]]) -> list[str]:
+    """The memory items of every column, each once, in the order the columns list them: an
+    item a column adds goes just before the next of its items already placed, or last."""
+    order: list[str] = []
+    for table in tables:
+        keys = list(table)
+        for index, key in enumerate(keys):
+            if key not in order:
+                successor = next((k for k in keys[index + 1:] if k in order), None)
+                order.insert(order.index(successor) if successor is not None else len(order), key)
+    return order
+
+
 def format_table(r: PlanResult) -> str:
     i = r.inputs
+    columns = list(r.columns.values())
+    titles = [COLUMNS[name].title for name in r.columns]
+    width = max(80, *(len(key) for c in columns for key in c.memory))
     lines = [
         f"sap-ds plan: {r.model.name} on {i.nodes} node(s) x {i.gpus_per_node} {r.gpu.name} "
         f"(world {r.world_size}), {'LoRA r=' + str(i.lora_r) if i.lora else 'full FT'}, offload {i.offload}, "
@@ -723,33 +949,29 @@ def format_table(r: PlanResult) -> str:
         f"params: total {r.total_params:,}  trainable {r.trainable_params:,}"
         + (f"  (LoRA {r.lora_params:,})" if i.lora else "") + f"  largest module {r.largest_layer_params:,}",
         "",
-        f"{'per-GPU memory':<82} {'SFT':>13} {'SAP':>13} {'Lisa':>13}",
+        f"{'per-GPU memory':<{width + 2}}" + "".join(f" {t:>13}" for t in titles),
     ]
-    cell = lambda table, key: _gib(table[key]) if key in table else "-"  # noqa: E731
-    for key in dict.fromkeys([*r.gpu_memory_sap, *r.gpu_memory_lisa]):
-        lines.append(f"  {key:<80} {cell(r.gpu_memory_sft, key):>13} {cell(r.gpu_memory_sap, key):>13} "
-                     f"{cell(r.gpu_memory_lisa, key):>13}")
+    row = lambda name, cells: f"  {name:<{width}}" + "".join(f" {c:>13}" for c in cells)  # noqa: E731
+    for key in _rows([c.memory for c in columns]):
+        lines.append(row(key, [_gib(c.memory[key]) if key in c.memory else "-" for c in columns]))
     cap = f"{r.gpu_capacity / GIB:.1f} GiB - {i.reserve_gib:g} reserve"
-    yes = lambda fits: "yes" if fits else "NO"  # noqa: E731
-    lines.append(f"  {'TOTAL per GPU (capacity ' + cap + ')':<80} {_gib(r.gpu_total_sft):>13} {_gib(r.gpu_total_sap):>13} "
-                 f"{_gib(r.gpu_total_lisa):>13}")
-    lines.append(f"  {'fits':<80} {yes(r.fits_sft):>13} {yes(r.fits_sap):>13} {yes(r.fits_lisa):>13}")
-    lines.append(f"  {'CPU memory per node (offloaded states)':<80} {_gib(r.cpu_memory_per_node_sft):>13} "
-                 f"{_gib(r.cpu_memory_per_node_sap):>13} {_gib(r.cpu_memory_per_node_lisa):>13}")
-    lines += ["", f"{'step estimate':<40} {'SFT':>14} {'SAP':>14}"]
+    lines.append(row(f"TOTAL per GPU (capacity {cap})", [_gib(c.total) for c in columns]))
+    lines.append(row("fits", ["yes" if c.fits else "NO" for c in columns]))
+    lines.append(row("CPU memory per node (offloaded states)", [_gib(c.cpu_per_node) for c in columns]))
+    lines += ["", f"{'step estimate':<40}" + "".join(f" {t:>14}" for t in titles)]
     rows = [
-        ("compute per step (s)", lambda s: f"{s.compute_s:14.3f}"),
-        ("ZeRO-3 comm per step (s)", lambda s: f"{s.comm_s:14.3f}"),
-        ("step time (s)", lambda s: f"{s.step_s:14.3f}"),
-        ("step time, comm fully overlapped (s)", lambda s: f"{s.step_s_full_overlap:14.3f}"),
-        ("task tokens per step (global)", lambda s: f"{s.tokens_per_step:14,}"),
-        ("task tokens/s (global)", lambda s: f"{s.tokens_per_s:14,.0f}"),
-        ("TFLOP per step per GPU", lambda s: f"{s.flops_per_step_per_gpu / 1e12:14.1f}"),
-        ("comm GB per step per GPU", lambda s: f"{s.comm_bytes_per_step_per_gpu / 1e9:14.1f}"),
+        ("compute per step (s)", lambda s: f"{s.compute_s:.3f}"),
+        ("ZeRO-3 comm per step (s)", lambda s: f"{s.comm_s:.3f}"),
+        ("step time (s)", lambda s: f"{s.step_s:.3f}"),
+        ("step time, comm fully overlapped (s)", lambda s: f"{s.step_s_full_overlap:.3f}"),
+        ("trained tokens per step (global)", lambda s: f"{s.tokens_per_step:,}"),
+        ("trained tokens/s (global)", lambda s: f"{s.tokens_per_s:,.0f}"),
+        ("TFLOP per step per GPU", lambda s: f"{s.flops_per_step_per_gpu / 1e12:.1f}"),
+        ("comm GB per step per GPU", lambda s: f"{s.comm_bytes_per_step_per_gpu / 1e9:.1f}"),
     ]
     for name, fmt in rows:
-        lines.append(f"  {name:<38} {fmt(r.sft)} {fmt(r.sap)}")
-    lines.append(f"  {'SAP/SFT throughput':<38} {'':>14} {r.sap_over_sft_throughput:14.3f}")
+        lines.append(f"  {name:<38}" + "".join(f" {fmt(c.step):>14}" for c in columns))
+    lines.append(f"  {'throughput over SFT':<38}" + "".join(f" {c.over_sft_throughput:>14.3f}" for c in columns))
     lines += ["", "assumptions:"] + [f"  - {a}" for a in r.assumptions]
     lines += ["", f"=> {i.method.upper()} needs {headline_total(r) / GIB:.1f} GiB per GPU "
               f"({'fits' if headline_fits(r) else 'does NOT fit'} on {r.gpu.name})"]
@@ -776,8 +998,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default=_default("gpu"), help=f"GPU model, one of: {', '.join(GPUS)}")
     p.add_argument("--offload", default=_default("offload"), help="ZeRO-Offload to CPU RAM: none | optimizer (fp32 "
                    "master, Adam states and grads) | all (the parameters too; ds_configs/zero3_offload.json)")
-    p.add_argument("--method", default=_default("method"), help=f"{' | '.join(METHODS)}: the headline (SFT, SAP and "
-                   "Lisa are always shown; safety_mix is SFT's column)")
+    p.add_argument("--method", default=_default("method"), help=f"{' | '.join(METHODS)}: the headline and the fit "
+                   "hints (every column is shown; safety_mix is SFT's column)")
     p.add_argument("--lora", action="store_true", default=_default("lora"),
                    help="LoRA instead of full fine-tuning (lora.enabled)")
     p.add_argument("--lora-r", type=int, default=_default("lora_r"), help="LoRA rank (lora.r)")
@@ -787,13 +1009,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "to 1 (lora.dropout; above 0 it keeps the dropped inputs for backward)")
     p.add_argument("--seq-len", type=int, default=_default("seq_len"), help="tokens per task sequence (data.max_length)")
     p.add_argument("--micro-batch", type=int, default=_default("micro_batch"), help="task sequences per GPU per "
-                   "forward/backward (train.micro_batch_size)")
+                   "forward/backward (train.micro_batch_size; RepNoise: pairs, 2 sequences of --safety-seq-len tokens "
+                   "each)")
     p.add_argument("--grad-accum", type=int, default=_default("grad_accum"), help="micro-batches per optimizer step "
                    "(train.grad_accum)")
     p.add_argument("--safety-seq-len", type=int, default=_default("safety_seq_len"), help="tokens per safety sequence "
                    "(data.safety_max_length)")
     p.add_argument("--safety-batch", type=int, default=_default("safety_batch"),
                    help="safety pairs per GPU per safety pass, 2 sequences each (sap.safety_batch_size)")
+    p.add_argument("--harmful-batch", type=int, default=_default("harmful_batch"),
+                   help="harmful sequences of --safety-seq-len tokens per GPU in each of Booster's two harmful "
+                   "passes (booster.harmful_batch_size)")
     p.add_argument("--probe-layers", default=_default("probe_layers"), help="comma-separated decoder-layer indices of "
                    "the SAP probe, 0-based (sap.probe_layers)")
     p.add_argument("--safety-every", type=int, default=_default("safety_every"), help="steps between safety-direction "
@@ -860,7 +1086,7 @@ def print_plan(args: argparse.Namespace) -> int:
     result = plan(inputs_from_args(args))
     options = [] if headline_fits(result) else fit_options(result.inputs)
     if args.json:
-        text = json.dumps({**dataclasses.asdict(result), "fit_options": [dataclasses.asdict(o) for o in options]}, indent=2)
+        text = json.dumps({**result.as_dict(), "fit_options": [dataclasses.asdict(o) for o in options]}, indent=2)
     else:
         text = format_table(result) + ("" if headline_fits(result) else "\n\n" + format_fit_options(result, options))
     try:

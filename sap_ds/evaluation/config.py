@@ -250,8 +250,12 @@ class XSTestConfig(_Section):
 
     path: str = Field(json_schema_extra=INPUT_PATH, description="XSTest prompts CSV (columns id, prompt, type, "
                       "label); shipped: data/xstest/xstest_prompts.csv.")
+    offset_per_type: int = Field(0, ge=0, description="Skip the first N prompts of each type: disjoint slices for "
+                                 "a development and a held-out evaluation (the shipped dev config takes 0-9 of "
+                                 "each type, the held-out one 10-24).")
     limit_per_type: Optional[int] = Field(None, gt=0, description="The first N prompts of each of the 18 types "
-                                          "(CPU budgets: 1 gives 10 safe and 8 unsafe prompts); default all 25.")
+                                          "(after offset_per_type; CPU budgets: 1 gives 10 safe and 8 unsafe "
+                                          "prompts); default all 25.")
     max_new_tokens: Optional[int] = Field(None, gt=0, description="Overrides generation.max_new_tokens (both rules "
                                           "read the answer's start: the authors' its first words, the matcher "
                                           "scorer.refusal_window characters).")

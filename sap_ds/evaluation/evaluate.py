@@ -39,7 +39,7 @@ def evaluate(model_arg: str, cfg, base: Optional[str] = None) -> dict:
     judge_cfg = cfg.scorer.classifier
     check_judges(cfg.scorer)
     harmful_prompts, benign_prompts = load_sets(cfg.harmful), load_sets(cfg.benign)
-    xstest_prompts = load_xstest(cfg.xstest.path, cfg.xstest.limit_per_type) if cfg.xstest is not None else []
+    xstest_prompts = load_xstest(cfg.xstest.path, cfg.xstest.limit_per_type, cfg.xstest.offset_per_type) if cfg.xstest is not None else []
     dtype = resolve_dtype(cfg.dtype)
     tokenizer = load_tokenizer(source.tokenizer_path)
     backend, runtime = load_backend(source, tokenizer, cfg, dtype)

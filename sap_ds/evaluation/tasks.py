@@ -1,12 +1,14 @@
 """Task metrics: GSM8K exact match, SST-2 accuracy, held-out test loss.
 
 Examples are read with ``sap_ds.data.load_examples`` (the training loaders, so a task
-file means the same thing here as in fine-tuning) and test loss reuses ``ChatTokenizer``
-and ``encode_all``; the backend sums the response tokens' cross-entropy (transformers:
-``collate`` and ``losses.token_logprobs``, as the trainer; vLLM: its prompt
-log-probabilities), so the loss reported here is the trainer's eval loss (token-weighted
-mean response cross-entropy). A task takes a backend (``sap_ds.evaluation.backends``),
-not a model.
+file means the same thing here as in fine-tuning) and test loss encodes with
+``ChatTokenizer.encode`` (as training's ``encode_all``); the backend sums the response
+tokens' cross-entropy (transformers: ``collate`` and ``losses.token_logprobs``, as the
+trainer; vLLM: its prompt log-probabilities), so the loss reported here is the trainer's
+eval loss (token-weighted mean response cross-entropy). Every task also returns one
+record per example (accuracy: the answer and whether it is correct; test loss: the summed
+cross-entropy and its token count), which eval.json keeps for paired comparisons. A task
+takes a backend (``sap_ds.evaluation.backends``), not a model.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Optional
 
 from sap_ds.config.run import DataSource
-from sap_ds.data import ChatTokenizer, DataError, Example, encode_all, load_examples
+from sap_ds.data import ChatTokenizer, DataError, Example, load_examples
 from sap_ds.evaluation.config import GenerationConfig, TaskConfig
 from sap_ds.evaluation.generation import GenerationStats, chat_prompts
 
@@ -97,17 +99,29 @@ def accuracy_task(backend, task: TaskConfig, settings: GenerationConfig, seed: i
     return {"accuracy": 100.0 * correct / len(records), "n": len(records)}, records
 
 
-def test_loss(backend, task: TaskConfig, settings: GenerationConfig, batch_size: int) -> dict:
-    """Token-weighted mean cross-entropy of the response tokens (the trainer's eval loss)."""
+def test_loss(backend, task: TaskConfig, settings: GenerationConfig, batch_size: int) -> tuple[dict, list[dict]]:
+    """Token-weighted mean cross-entropy of the response tokens (the trainer's eval loss),
+    and one record per example kept (prompt, origin, summed ``nll`` and its ``tokens``):
+    the per-example values a paired comparison of two models resamples
+    (``sap_ds.experiments.paired``). An example whose prompt leaves no response token
+    under ``max_length`` is dropped, as in training."""
     chat = ChatTokenizer(backend.tokenizer, task.max_length, settings.system_prompt)
-    encoded = encode_all(chat, task_examples(task), f"task '{task.label}'")
-    per_example = backend.response_nll(encoded, batch_size)
+    examples = task_examples(task)
+    encoded = [chat.encode(e.messages, e.response, e.origin) for e in examples]
+    kept = [(e, t) for e, t in zip(examples, encoded) if t is not None]
+    if not kept:
+        raise DataError(f"task '{task.label}': every example's prompt is longer than max_length={task.max_length} "
+                        f"tokens, so no response token is left to score; raise the task's max_length "
+                        f"(first: {examples[0].origin})")
+    per_example = backend.response_nll([t for _, t in kept], batch_size)
     tokens = sum(n for _, n in per_example)
-    return {"loss": sum(nll for nll, _ in per_example) / tokens, "tokens": tokens, "n": len(encoded)}
+    records = [{"prompt": e.messages[-1][1], "origin": e.origin, "nll": nll, "tokens": n}
+               for (e, _), (nll, n) in zip(kept, per_example, strict=True)]
+    return {"loss": sum(nll for nll, _ in per_example) / tokens, "tokens": tokens, "n": len(kept)}, records
 
 
 def run_task(backend, task: TaskConfig, settings: GenerationConfig, seed: int,
              stats: GenerationStats) -> tuple[dict, list[dict]]:
     if task.kind == "test_loss":
-        return test_loss(backend, task, settings, task.batch_size or 4), []
+        return test_loss(backend, task, settings, task.batch_size or 4)
     return accuracy_task(backend, task, settings, seed, stats)

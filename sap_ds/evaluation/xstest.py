@@ -72,9 +72,11 @@ def strmatch_label(completion: str) -> str:
     return FULL_COMPLIANCE
 
 
-def load_xstest(path: str | Path, limit_per_type: Optional[int] = None) -> list[XSTestPrompt]:
-    """The prompts of an XSTest CSV, in file order; with ``limit_per_type``, the first that
-    many of each type (a small limit still covers every type, safe and unsafe alike).
+def load_xstest(path: str | Path, limit_per_type: Optional[int] = None, offset_per_type: int = 0) -> list[XSTestPrompt]:
+    """The prompts of an XSTest CSV, in file order; with ``offset_per_type`` the first that
+    many of each type are skipped, and with ``limit_per_type`` at most that many of each type
+    are kept after them (a small limit still covers every type, safe and unsafe alike;
+    disjoint offsets give disjoint development and held-out slices).
 
     A file without the columns ``REQUIRED_COLUMNS``, a label other than safe/unsafe or an
     empty prompt is a DataError naming the file (and the data row, 1 = the first after the header)."""
@@ -95,10 +97,13 @@ def load_xstest(path: str | Path, limit_per_type: Optional[int] = None) -> list[
         if not prompt:
             raise DataError(f"{path}: row {number}: empty prompt (column 'prompt')")
         kind = str(row["type"] or "").strip()
-        if limit_per_type is not None and per_type.get(kind, 0) >= limit_per_type:
+        seen = per_type[kind] = per_type.get(kind, 0) + 1  # this row is the seen-th of its type
+        if seen <= offset_per_type or (limit_per_type is not None and seen > offset_per_type + limit_per_type):
             continue
-        per_type[kind] = per_type.get(kind, 0) + 1
         prompts.append(XSTestPrompt(str(row["id"]), prompt, kind, label, f"{path}:{number}"))
+    if not prompts:
+        raise DataError(f"{path}: no XSTest prompt left after offset_per_type={offset_per_type} (each type has "
+                        f"{max(per_type.values(), default=0)} prompts at most)")
     return prompts
 
 

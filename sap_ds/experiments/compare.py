@@ -29,8 +29,12 @@ from sap_ds.config.reading import CONFIG_PATH, read_config_file, validate_tree
 from sap_ds.entry import run_command
 from sap_ds.errors import EXIT_STOPPED_RESUMABLE
 from sap_ds.evaluation.config import _Section
-from sap_ds.experiments.comparison_report import aggregate, markdown, mean_std, scalar_metrics, write_outputs
+from sap_ds.experiments.attack import AttackStage
+from sap_ds.experiments.comparison_report import (aggregate, markdown, mean_std, paired_comparisons, run_row,
+                                                 scalar_metrics, write_outputs)
 from sap_ds.experiments.runs import RunError, RunSet, RunStopped, run_side_by_side
+from sap_ds.experiments.stage_config import START_CONFIG_HELP, START_STAGES_HELP, check_start, check_stages
+from sap_ds.experiments.stages import StartStages
 
 METHODS = tuple(METHOD_SECTIONS)  # the run config's method: values
 
@@ -56,11 +60,28 @@ class CompareConfig(_Section):
     method_overrides: dict[str, list[str]] = Field(default_factory=dict,
                                                    description="Method (or label) -> train overrides for its runs only.")
     eval_overrides: list[str] = Field(default_factory=list)
+    reference: Optional[str] = Field(None, description="The row every other row is compared with (paired "
+                                     "difference and its 95 % bootstrap interval), one of methods; default: the first.")
+    matched_reference: Optional[str] = Field(None, description="A second reference, e.g. SFT at the learning rate whose "
+                                             "task loss matches the defence's (sft_lr6e-4): a slower attack also "
+                                             "learns less harm, so a defence is read against it too.")
     note: Optional[str] = Field(None, description="Printed under the table (comparison.md and stdout): what the "
                                 "numbers do and do not show, e.g. that one seed cannot separate two methods.")
     keep_checkpoints: bool = Field(True, description="false: delete a run's ZeRO checkpoints once it has finished "
                                    "and exported (a full training state per run otherwise stays on disk); an "
                                    "interrupted or failed run keeps its own for resuming.")
+    attack_config: Optional[str] = Field(None, json_schema_extra=CONFIG_PATH, description="An attack config "
+                                         "(configs/attack/demo.yaml): every run's export and the start model are "
+                                         "attacked again after their evaluation (sap-ds attack, in <run_dir>/attack "
+                                         "and <out_dir>/start/attack) and the table gets the bounded worst case.")
+
+    start_config: Optional[str] = Field(None, json_schema_extra=CONFIG_PATH, description=START_CONFIG_HELP)
+    start_stages: dict[str, list[str]] = Field(default_factory=dict, description=START_STAGES_HELP)
+    starts: Optional[list[str]] = Field(None, description="Stages of start_stages to fine-tune from, a dimension of "
+                                        "the table beside settings and methods (rows <setting>/<start>/<method>, "
+                                        "runs in <out_dir>/<setting>/<start>/<method>/seed<seed>); default: "
+                                        "start_model alone. Each row is compared with the reference of its own "
+                                        "setting and start, and with the same method from the first start.")
 
     @model_validator(mode="after")
     def _non_empty(self) -> "CompareConfig":
@@ -74,8 +95,17 @@ class CompareConfig(_Section):
                 raise ValueError(f"methods: '{label}' is not a method ({', '.join(METHODS)}); as the label of a "
                                  f"run of its own it needs a method= among its method_overrides, e.g. {label}: "
                                  "[method=sft, train.lr=5.0e-4]")
+        for key in ("reference", "matched_reference"):
+            if getattr(self, key) is not None and getattr(self, key) not in self.methods:
+                raise ValueError(f"{key}: '{getattr(self, key)}' is not among methods {self.methods}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods has duplicates: {self.methods}")
+        check_stages(self.start_config, self.start_stages)
+        if self.starts is not None:
+            if not self.starts or len(set(self.starts)) != len(self.starts):
+                raise ValueError(f"starts: give distinct stage names of start_stages, not {self.starts}")
+            for start in self.starts:
+                check_start("starts", start, self.start_stages)
         return self
 
 
@@ -100,16 +130,21 @@ class Plan(RunSet):
 
         super().__init__(cfg)
         self.eval_config = to_dict(self.eval_cfg)
+        # the alignment stages the rows start from (starts), every stage's config validated now
+        self.stages = StartStages(cfg, self.out, self.tag) if cfg.starts else None
         for setting, setting_overrides in cfg.settings.items():
-            for label in cfg.methods:  # a method's name, or the label of a run whose overrides name its method
-                for seed in self.seeds:
-                    self.add_run(self.out / setting / label / f"seed{seed}", f"{setting}-{label}-{seed}", seed,
-                                 [*setting_overrides, *cfg.method_overrides.get(label, []),
-                                  *([f"method={label}"] if label in METHODS else [])],
-                                 setting=setting, method=label)
+            for start in cfg.starts or [None]:
+                where = self.out / setting / start if start else self.out / setting
+                for label in cfg.methods:  # a method's name, or the label of a run whose overrides name its method
+                    for seed in self.seeds:
+                        self.add_run(where / label / f"seed{seed}", f"{setting}-{start + '-' if start else ''}{label}-{seed}",
+                                     seed, [*setting_overrides, *cfg.method_overrides.get(label, []),
+                                            *([f"method={label}"] if label in METHODS else [])],
+                                     start_model=self.stages.model(start) if start else None,
+                                     setting=setting, start=start, method=label)
 
     def train(self, run: dict, what: str = "", echo: bool = True) -> dict:
-        what = what or f"train {run['setting']}/{run['method']}/seed{run['seed']}"
+        what = what or f"train {run_row(run)}/seed{run['seed']}"
         summary = super().train(run, what, echo)
         if summary is None:
             raise RunStopped(f"{what} stopped before its last step (a stop was requested); its checkpoint is in "
@@ -120,15 +155,17 @@ class Plan(RunSet):
 # --------------------------------------------------------------------------- main
 
 
-def _finished_run(plan: "Plan", run: dict, alone: bool) -> dict:
-    """Train (or reuse) one run, then evaluate its export: one row's worth of results. A run
-    that is not ``alone`` (others beside it) keeps its output to its logs and evaluates in a
-    process of its own."""
+def _finished_run(plan: "Plan", run: dict, alone: bool, stage: Optional[AttackStage] = None) -> dict:
+    """Train (or reuse) one run, then evaluate its export, then (with ``attack_config``)
+    attack the export again: one row's worth of results. A run that is not ``alone`` (others
+    beside it) keeps its output to its logs and evaluates in a process of its own."""
     summary = plan.train(run, echo=alone)
     model = plan.exported_model(run)
     metrics = plan.evaluate(model, run["run_dir"] / "eval", in_process=alone)
-    return {"setting": run["setting"], "method": run["method"], "seed": run["seed"], "run_dir": str(run["run_dir"]),
-            "model": model, "metrics": scalar_metrics(metrics), "eval": metrics,
+    reattack = stage.run(model, run["run_dir"] / stage.FOLDER, run["run_dir"] / "eval", alone) if stage else {}
+    return {"setting": run["setting"], "start": run["start"], "method": run["method"], "seed": run["seed"],
+            "run_dir": str(run["run_dir"]),
+            "model": model, "metrics": {**scalar_metrics(metrics), **reattack}, "eval": metrics,
             "train": {k: summary.get(k) for k in ("tokens_per_s", "final_train_loss", "final_eval_loss",
                                                    "final_step", "wall_time_s", "harmful_examples", "train_examples")}}
 
@@ -136,24 +173,37 @@ def _finished_run(plan: "Plan", run: dict, alone: bool) -> dict:
 def run_all(plan: "Plan") -> tuple[dict, list[dict]]:
     """The start model's metrics and every run's results, in the plan's order. With
     ``parallel: N`` N runs train at once (longest first); a failure stops new launches, lets
-    the running ones finish (their results stay on disk for the next call) and is raised."""
+    the running ones finish (their results stay on disk for the next call) and is raised.
+    With ``attack_config`` the re-attack's configs are all validated first, and the start
+    model's re-attack columns are left in ``plan.start_attack``."""
     start_out = plan.out / "eval" / "start"
+    stage = AttackStage(plan.cfg.attack_config, plan.start_model, plan.out, plan.tag) if plan.cfg.attack_config else None
+    plan.start_attack = {}
+    # the alignment stages first, one after another (their fine-tunes wait on them anyway)
+    plan.start_rows = {name: plan.stages.ensure(name, stage) for name in plan.cfg.starts or []}
     if plan.cfg.parallel == 1:
         start = plan.evaluate(plan.start_model, start_out)
-        return start, [_finished_run(plan, run, alone=True) for run in plan.runs]
-    start, results = run_side_by_side(plan, plan.runs, lambda run: _finished_run(plan, run, alone=False), start_out)
+        if stage:
+            plan.start_attack = stage.run(plan.start_model, stage.start_out, start_out, alone=True)
+        return start, [_finished_run(plan, run, True, stage) for run in plan.runs]
+    start, results = run_side_by_side(plan, plan.runs, lambda run: _finished_run(plan, run, False, stage), start_out)
+    if stage:
+        plan.start_attack = stage.run(plan.start_model, stage.start_out, start_out, alone=True)
     return start, [results[i] for i in range(len(plan.runs))]
 
 
 def compare(cfg: CompareConfig, source: str) -> dict:
     plan = Plan(cfg)
     start_metrics, runs = run_all(plan)
-    start = {"metrics": scalar_metrics(start_metrics)}
+    start = {"metrics": {**scalar_metrics(start_metrics), **plan.start_attack}}
     start_row = {"model": "start", "setting": None, "method": None, "seeds": [],
                  "columns": {k: mean_std([v]) for k, v in start["metrics"].items()}}
+    stage_rows = [{"model": f"start model {name}", "setting": None, "start": name, "method": None, "seeds": [row["seed"]],
+                   "columns": {k: mean_std([v]) for k, v in row["metrics"].items()}} for name, row in plan.start_rows.items()]
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source,
               "config": cfg.model_dump(mode="json"), "start_model": plan.start_model, "eval_config": plan.eval_config,
-              "start": start, "runs": runs, "rows": [start_row] + aggregate(runs)}
+              "start": start, "starts": plan.start_rows, "runs": runs, "rows": [start_row, *stage_rows, *aggregate(runs)],
+              "paired": paired_comparisons(runs, cfg.reference or cfg.methods[0], cfg.matched_reference)}
     write_outputs(report, plan.out)
     return report
 

@@ -130,21 +130,31 @@ class RunSet:
         self.out = Path(cfg.out_dir)
         base = load_config(cfg.train_config, cfg.overrides)
         self.start_model = cfg.start_model or base.model.path
-        resolve_model_path(ModelConfig(path=self.start_model))  # ModelError now if it is missing
+        # ModelError now if it is missing, naming the key that gave it
+        resolve_model_path(ModelConfig(path=self.start_model), "start_model" if cfg.start_model else
+                           f"model.path of {cfg.train_config}")
         self.seeds = cfg.seeds or [base.seed]
         self.eval_cfg = load_eval_config(cfg.eval_config, cfg.eval_overrides)
         check_judges(self.eval_cfg.scorer)  # a judge that cannot judge fails before the first training run
         self.runs: list[dict] = []
 
-    def add_run(self, run_dir: Path, run_name: str, seed: int, overrides: list[str], **labels) -> dict:
+    def add_run(self, run_dir: Path, run_name: str, seed: int, overrides: list[str], start_model: Optional[str] = None,
+                train_config: Optional[str] = None, **labels) -> dict:
         """Validate one run's config now (a bad combination fails before the first launch,
-        not after an hour) and append it to ``self.runs``."""
+        not after an hour) and append it to ``self.runs``. ``start_model``: the model this run
+        starts from when it is not the set's (an alignment stage's export, which need not
+        exist yet: the stage trains first); ``${start_model}`` in an override becomes that
+        model (SafeLoRA's ``export.safelora.aligned_model=${start_model}``). ``train_config``: this
+        run's base config when it is not the set's (an alignment stage's own config)."""
         from sap_ds.config.run import load_config
+        from sap_ds.experiments.stage_config import START_MODEL_TOKEN
 
-        overrides = [*self.cfg.overrides, *overrides, f"seed={seed}", f"model.path={self.start_model}",
-                     f"output_dir={run_dir}", f"run_name={run_name}"]
-        run = {**labels, "seed": seed, "run_dir": run_dir, "overrides": overrides,
-               "config": load_config(self.cfg.train_config, overrides)}
+        start_model = start_model or self.start_model
+        overrides = [o.replace(START_MODEL_TOKEN, start_model) for o in [*self.cfg.overrides, *overrides]]
+        overrides = [*overrides, f"seed={seed}", f"model.path={start_model}", f"output_dir={run_dir}", f"run_name={run_name}"]
+        train_config = train_config or self.cfg.train_config
+        run = {**labels, "seed": seed, "run_dir": run_dir, "overrides": overrides, "train_config": train_config,
+               "config": load_config(train_config, overrides)}
         self.runs.append(run)
         return run
 
@@ -162,7 +172,7 @@ class RunSet:
                 raise StaleRun(f"{run_dir} was trained with another config, not reused:\n  " + "\n  ".join(drift)
                                + "\nMove the folder away to retrain it, or restore the settings it was trained with.")
         else:
-            cmd = launch_command("train.py", self.cfg.nproc) + ["--config", self.cfg.train_config, *run["overrides"]]
+            cmd = launch_command("train.py", self.cfg.nproc) + ["--config", run["train_config"], *run["overrides"]]
             try:
                 run_logged(cmd, run_dir / "launch.log", what, self.tag, echo)
             except RunStopped:

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from sap_ds.config.reading import CONFIG_PATH
 from sap_ds.evaluation.config import _Section
+from sap_ds.experiments.stage_config import START_CONFIG_HELP, START_STAGES_HELP, check_start, check_stages, split_start
 
 
 class Range(_Section):
@@ -57,6 +58,17 @@ class SweepConfig(_Section):
     keep_checkpoints: bool = Field(True, description="false: delete a run's ZeRO checkpoints once it has finished "
                                    "and exported (a sweep of many runs otherwise keeps a full training state per run); "
                                    "interrupted and failed runs keep theirs for resuming.")
+    attack_config: Optional[str] = Field(None, json_schema_extra=CONFIG_PATH, description="An attack config "
+                                         "(configs/attack/demo.yaml): every run's export is attacked again after its "
+                                         "evaluation (in <run_dir>/attack; --only I does its run's), the start model "
+                                         "too (<out_dir>/start/attack), and the table gets the bounded worst case.")
+    start_config: Optional[str] = Field(None, json_schema_extra=CONFIG_PATH, description=START_CONFIG_HELP)
+    start_stages: dict[str, list[str]] = Field(default_factory=dict, description=START_STAGES_HELP + " A point "
+                                               "starts from one with start=<name> among its overrides (or a grid "
+                                               "over start); a point without one starts from start_model.")
+    start_references: dict[str, str] = Field(default_factory=dict, description="Start stage -> named point: every "
+                                             "point starting from that stage is also compared with this point (e.g. "
+                                             "SAP on a Booster start with SFT on the same start), besides reference.")
     points: dict[str, list[str]] = Field(default_factory=dict, description="Named points: name -> train overrides.")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Config key -> values; every combination is a point.")
     random: dict[str, Union[Range, list[Any]]] = Field(default_factory=dict,
@@ -67,6 +79,9 @@ class SweepConfig(_Section):
                                         "e.g. method=sap.")
     reference: Optional[str] = Field(None, description="Point the table compares against (harmful score ratio, "
                                      "task loss change), e.g. sft.")
+    matched_reference: Optional[str] = Field(None, description="A second point the table compares against, e.g. SFT "
+                                             "at the learning rate whose task loss matches the defence's (a slower "
+                                             "attack also learns less harm).")
     curve: list[str] = Field(default_factory=list, description="Named points joined by a line in the plot, in this "
                              "order: e.g. SFT at several learning rates, the trade-off a defence must beat.")
     harm_metric: str = Field("harmful score", description="Column plotted on the x axis (lower is safer).")
@@ -80,9 +95,21 @@ class SweepConfig(_Section):
             raise ValueError("seeds: give at least one seed (or leave it out for the train config's seed)")
         if self.reference is not None and self.reference not in self.points:
             raise ValueError(f"reference '{self.reference}' is not one of the named points {sorted(self.points)}")
+        if self.matched_reference is not None and self.matched_reference not in self.points:
+            raise ValueError(f"matched_reference '{self.matched_reference}' is not one of the named points {sorted(self.points)}")
         unknown = [c for c in self.curve if c not in self.points]
         if unknown:
             raise ValueError(f"curve: {', '.join(unknown)} not among the named points {sorted(self.points)}")
+        check_stages(self.start_config, self.start_stages)
+        for name, overrides in expand_points(self).items():
+            check_start(f"points.{name}" if name in self.points else f"point {name}", split_start(overrides)[0],
+                        self.start_stages)
+        for stage, point in self.start_references.items():
+            check_start(f"start_references.{stage}", stage, self.start_stages)
+            if point not in self.points:
+                raise ValueError(f"start_references.{stage}: '{point}' is not one of the named points {sorted(self.points)}")
+            if split_start(self.points[point])[0] != stage:
+                raise ValueError(f"start_references.{stage}: point '{point}' does not start from {stage} (no start={stage})")
         return self
 
     def report_dir(self) -> Path:

@@ -1,8 +1,10 @@
-"""The report of a sweep: the table (``sweep.md``), its data (``sweep.json``) and the plot
+"""The report of a sweep: the table (``sweep.md``), its data (``sweep.json``), the plot
 (``sweep.png``: the task metric against the harmful score, the reference curve drawn as a
-line, over-refusal beside it), written from the runs' records into a folder. It takes the
-sweep's config (``sap_ds.experiments.sweep_config``), not the runner
-(``sap_ds.experiments.sweep``), so that reading results never imports the launching side."""
+line, over-refusal beside it) and each point's paired differences from ``reference`` and
+``matched_reference`` (``sap_ds.experiments.paired``, read from the runs' eval.json),
+written from the runs' records into a folder. It takes the sweep's config
+(``sap_ds.experiments.sweep_config``), not the runner (``sap_ds.experiments.sweep``), so
+that reading results never imports the launching side."""
 from __future__ import annotations
 
 import json
@@ -10,7 +12,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from sap_ds.experiments.comparison_report import OVER_REFUSAL, mean_std
+from sap_ds.experiments.columns import TOKENS_PER_S, over_refusal_column
+from sap_ds.experiments.comparison_report import (incoherence_warnings, legend, mean_std, mostly_incoherent,
+                                                  table_columns)
+from sap_ds.experiments.paired import markdown as paired_markdown
+from sap_ds.experiments.paired import paired_rows
 from sap_ds.experiments.sweep_config import SweepConfig
 from sap_ds.files import atomic_save_figure, atomic_write_text
 
@@ -25,7 +31,9 @@ def pareto_front(points: list[tuple[str, float, float]]) -> set[str]:
     return front
 
 
-def summarise(cfg: SweepConfig, records: list[dict], start_metrics: Optional[dict]) -> dict:
+def summarise(cfg: SweepConfig, records: list[dict], start_metrics: Optional[dict], stages: Optional[dict] = None) -> dict:
+    """The table's data; ``stages``: each alignment stage's row (``sap_ds.experiments.stages``;
+    None where it has not been evaluated), shown as 'start model <name>'."""
     done = [r for r in records if r["status"] == "done"]
     by_point: dict[str, list[dict]] = {}
     for r in done:
@@ -35,7 +43,7 @@ def summarise(cfg: SweepConfig, records: list[dict], start_metrics: Optional[dic
     rows = []
     for point, members in by_point.items():
         stats = {c: mean_std([m["metrics"].get(c) for m in members]) for c in columns}
-        stats["train tokens/s"] = mean_std([m["train"].get("tokens_per_s") for m in members])
+        stats[TOKENS_PER_S] = mean_std([m["train"].get("tokens_per_s") for m in members])
         rows.append({"point": point, "seeds": sorted(m["seed"] for m in members), "columns": stats})
     xy = [(r["point"], r["columns"][cfg.harm_metric]["mean"], r["columns"][task]["mean"]) for r in rows
           if task and cfg.harm_metric in r["columns"] and r["columns"][cfg.harm_metric]["mean"] is not None
@@ -51,7 +59,27 @@ def summarise(cfg: SweepConfig, records: list[dict], start_metrics: Optional[dic
                                  "task_loss_change": loss / ref_loss - 1 if ref_loss else None}
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.model_dump(mode="json"),
             "harm_metric": cfg.harm_metric, "task_metric": task, "start": start_metrics, "rows": rows,
+            "starts": {name: row for name, row in (stages or {}).items()},
+            "paired": paired_points(cfg, done),
             "failed": [{"point": r["point"], "seed": r["seed"], "error": r["error"]} for r in records if r["status"] != "done"]}
+
+
+def paired_points(cfg: SweepConfig, done: list[dict]) -> list[dict]:
+    """Every point against ``reference`` and ``matched_reference`` (those configured), from
+    the finished runs' ``<run_dir>/<eval_dir>/eval.json``: works as well from a report
+    rebuilt off disk (``--report``) as after a run."""
+    groups: dict[str, dict[int, Path]] = {}
+    starts: dict[str, Optional[str]] = {}
+    for r in done:
+        groups.setdefault(r["point"], {})[r["seed"]] = Path(r["run_dir"]) / cfg.eval_dir / "eval.json"
+        starts[r["point"]] = r.get("start")
+    pairs = [(point, ref, kind) for kind, ref in (("reference", cfg.reference), ("matched reference", cfg.matched_reference))
+             if ref is not None for point in groups]
+    # two-stage sweeps: a point is compared with reference whatever its start (an alignment defence IS its start),
+    # and with its own start's reference too (start_references: what the fine-tune adds on that start)
+    pairs += [(point, cfg.start_references[start], "same-start reference") for point, start in starts.items()
+              if start in cfg.start_references and cfg.start_references[start] not in (cfg.reference, cfg.matched_reference)]
+    return paired_rows(groups, pairs)
 
 
 def _cell(stat: Optional[dict], digits: int) -> str:
@@ -72,19 +100,23 @@ def shown_path(path: str) -> str:
 
 def markdown(summary: dict) -> str:
     harm, task = summary["harm_metric"], summary["task_metric"]
-    present = list(dict.fromkeys(c for r in summary["rows"] for c in r["columns"]))
-    beside = [OVER_REFUSAL] if OVER_REFUSAL in present and harm != OVER_REFUSAL else []  # right next to the harm column
-    names = [harm, *beside] + ([task] if task else []) + [c for c in present if c not in (harm, task, *beside)]
+    names = table_columns(summary["rows"], harm, (task,) if task else ())  # harm, over-refusal, coherence, task, ...
     has_ref = any("vs_reference" in r for r in summary["rows"])
     head = ["point", "seeds", *names] + (["harm / ref", "task loss vs ref"] if has_ref else []) + ["Pareto"]
     lines = [f"# sweep of `{shown_path(summary['config']['train_config'])}`", "",
-             f"{summary['date']}; mean ± std over seeds; lower {harm} is safer; {OVER_REFUSAL}: benign requests "
-             f"refused (lower is more helpful); Pareto: not beaten on both {harm} and {task} by another point.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             f"{summary['date']}; mean ± std over seeds; {legend(names, harm)}; Pareto: not beaten "
+             f"on both {harm} and {task} by another point.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if summary["start"]:
         values = summary["start"]
         start = [("n/a" if values.get(n) is None else f"{values[n]:.4f}" if n.endswith("loss") else f"{values[n]:.2f}")
                  if n in values else "-" for n in names]
         lines.append("| start model | - | " + " | ".join(start + ["-"] * (len(head) - 2 - len(start))) + " |")
+    for name, stage in (summary.get("starts") or {}).items():  # the alignment stages: one run each, its seed
+        values = stage["metrics"] if stage else {}
+        cells = [("n/a" if values.get(n) is None else f"{values[n]:.4f}" if n.endswith("loss") else f"{values[n]:.2f}")
+                 if n in values else "-" for n in names]
+        lines.append(f"| start model {name} | {stage['seed'] if stage else '-'} | "
+                     + " | ".join(cells + ["-"] * (len(head) - 2 - len(cells))) + " |")
     for r in sorted(summary["rows"], key=lambda r: (r["columns"].get(harm, {}).get("mean") or 0.0)):
         cells = [_cell(r["columns"].get(n), 4 if n.endswith("loss") else 2) for n in names]
         if has_ref:
@@ -92,6 +124,10 @@ def markdown(summary: dict) -> str:
             ratio, change = ref.get("harm_ratio"), ref.get("task_loss_change")
             cells += ["n/a" if ratio is None else f"{ratio:.2f}", "n/a" if change is None else f"{100 * change:+.2f} %"]
         lines.append(f"| {r['point']} | {', '.join(map(str, r['seeds']))} | " + " | ".join(cells) + f" | {'yes' if r['pareto'] else ''} |")
+    warnings = incoherence_warnings(summary["rows"], "point")
+    if warnings:
+        lines += ["", *warnings]
+    lines += paired_markdown(summary.get("paired") or [], "point", {r["point"] for r in mostly_incoherent(summary["rows"])})
     for f in summary["failed"]:
         lines.append(f"\nfailed: {f['point']} seed {f['seed']}: {f['error']}")
     return "\n".join(lines) + "\n"
@@ -107,7 +143,8 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     harm, task = summary["harm_metric"], summary["task_metric"]
-    refusals = any(r["columns"].get(OVER_REFUSAL, {}).get("mean") is not None for r in summary["rows"])
+    refusal = over_refusal_column([c for r in summary["rows"] for c in r["columns"]])
+    refusals = any(r["columns"].get(refusal, {}).get("mean") is not None for r in summary["rows"])
     fig, axes = plt.subplots(1, 2 if refusals else 1, figsize=(13.0 if refusals else 7.5, 5.0), squeeze=False)
     ax = axes[0][0]
     rows = [r for r in summary["rows"] if task and r["columns"].get(harm, {}).get("mean") is not None
@@ -125,11 +162,14 @@ def plot(summary: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     start = summary.get("start") or {}
     _draw_start(ax, start, harm, task)
+    for name, stage in (summary.get("starts") or {}).items():
+        if stage:
+            _draw_start(ax, stage["metrics"], harm, task, f"start model {name}")
     ax.set_xlabel(f"{harm} (%) - lower is safer")
     ax.set_ylabel(f"{task} - lower is better")
     ax.set_title("safety vs task quality per sweep point")
     if refusals:
-        _over_refusal_panel(axes[0][1], summary, harm, start)
+        _over_refusal_panel(axes[0][1], summary, harm, refusal, start)
     fig.tight_layout()
     atomic_save_figure(fig, path, dpi=130)
 
@@ -144,28 +184,30 @@ def _draw_points(ax, rows: list[dict], x_metric: str, y_metric: str) -> None:
         ax.annotate(r["point"], (x["mean"], y["mean"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
 
 
-def _draw_start(ax, start: dict, x_metric: str, y_metric: str) -> None:
-    if x_metric in start and y_metric in start:
+def _draw_start(ax, start: dict, x_metric: str, y_metric: str, label: str = "start model") -> None:
+    if start.get(x_metric) is not None and start.get(y_metric) is not None:
         ax.plot(start[x_metric], start[y_metric], "*", color="k", markersize=10)
-        ax.annotate("start model", (start[x_metric], start[y_metric]), fontsize=7, xytext=(3, -9),
+        ax.annotate(label, (start[x_metric], start[y_metric]), fontsize=7, xytext=(3, -9),
                     textcoords="offset points")
 
 
-def _over_refusal_panel(ax, summary: dict, harm: str, start: dict) -> None:
-    """Harmful score against over-refusal per point (both %, lower is better on both)."""
+def _over_refusal_panel(ax, summary: dict, harm: str, refusal: str, start: dict) -> None:
+    """Harmful score against over-refusal (``refusal``: XSTest's when measured) per point
+    (both %, lower is better on both)."""
     _draw_points(ax, [r for r in summary["rows"] if r["columns"].get(harm, {}).get("mean") is not None
-                      and r["columns"].get(OVER_REFUSAL, {}).get("mean") is not None], harm, OVER_REFUSAL)
-    _draw_start(ax, start, harm, OVER_REFUSAL)
+                      and r["columns"].get(refusal, {}).get("mean") is not None], harm, refusal)
+    _draw_start(ax, start, harm, refusal)
     ax.set_xlabel(f"{harm} (%) - lower is safer")
-    ax.set_ylabel(f"{OVER_REFUSAL} - benign requests refused, lower is more helpful")
+    ax.set_ylabel(f"{refusal} - safe requests refused, lower is more helpful")
     ax.set_title("safety vs over-refusal (red: on the loss Pareto front)")
 
 
-def write_outputs(out: Path, cfg: SweepConfig, records: list[dict], start_metrics: Optional[dict]) -> dict:
+def write_outputs(out: Path, cfg: SweepConfig, records: list[dict], start_metrics: Optional[dict],
+                  stages: Optional[dict] = None) -> dict:
     """``results.jsonl`` (the records), ``sweep.json``, ``sweep.md`` and ``sweep.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in records))
-    summary = summarise(cfg, records, start_metrics)
+    summary = summarise(cfg, records, start_metrics, stages)
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "sweep.md", markdown(summary))
     if summary["rows"]:

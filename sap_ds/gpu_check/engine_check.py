@@ -203,7 +203,9 @@ def step6(ctx: Context, step: Step) -> None:
                      "MFU": r["mfu"], "peak mem GiB": round(r["peak_mem_bytes"] / 2**30, 2),
                      "vs SFT": r.get("ratio_vs_sft"), "ideal": r.get("ideal_ratio"),
                      "measured/ideal": r.get("efficiency_vs_ideal"),
-                     "phases s": {k: round(v, 4) for k, v in r["phase_time_s"].items()},
+                     # the phases this variant ran: the bench's record lines every method's phases
+                     # up, 0 where a method has none (Booster's harmful passes in an SFT row)
+                     "phases s": {k: round(v, 4) for k, v in r["phase_time_s"].items() if v > 0},
                      "throughput only": r.get("throughput_only")})
     step.figure("config", BENCH_CONFIG + (" (CPU overrides: llama-tiny, fp32, 2 ranks)" if ctx.cpu else ""))
     step.figure("variants", rows)

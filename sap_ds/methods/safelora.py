@@ -10,10 +10,13 @@ lowest cosine, so ties at the cutoff select more layers, as in the code. The cod
 figure "Pdst" is the mean over layers of ``1 / (1 + ||B_new - C B||_F)`` (1 for a
 projected layer).
 
+A layer the alignment did not change (``V = 0``) is never projected and takes no place in
+``select: number``, as in the code (where its ``C`` and cosine are NaN): its update is kept.
+
 Two things differ from the code on purpose, neither changes a result: layers are matched
 by NAME (the code zips ``named_parameters`` of three models and tells ``lora_A`` from
-``lora_B`` by ``shape[0] == r``, which breaks when a layer's output size equals r or a
-target module has a bias), and ``C B`` is computed as ``V (V^T B) / ||V||_F`` without ever
+``lora_B`` by ``shape[0] == r``, which stops with a shape error when a layer's output size
+equals r, and pairs the wrong matrices when a target module has a bias), and ``C B`` is computed as ``V (V^T B) / ||V||_F`` without ever
 forming the out x out matrix ``C`` (the same product in another order; a 70B q_proj
 would need 256 MB per layer and ~1e12 flops, this needs a few GFLOPs). Weights are read
 one tensor at a time through ``safetensors.safe_open``, so neither model is ever loaded.
@@ -148,7 +151,8 @@ class AlignmentDelta:
         return self.apply(torch.eye(self.delta.shape[0], dtype=self.delta.dtype, device=self.delta.device))
 
     def apply(self, b: torch.Tensor) -> torch.Tensor:
-        """``C @ b``; zero where V is zero (the limit of ``V V^T / ||V||_F`` as V -> 0)."""
+        """``C @ b``; zero where V is zero (the limit of ``V V^T / ||V||_F`` as V -> 0; ``project_lora``
+        leaves such a layer unprojected and never asks)."""
         b = b.to(self.delta)
         if self.norm == 0.0:
             return torch.zeros_like(b)
@@ -250,7 +254,14 @@ def project_lora(adapter_state: Mapping[str, torch.Tensor], matrices: Mapping[st
     """The adapter with the selected layers' ``B`` replaced by ``C B``, and the report:
     per layer the cosine of ``C B A`` with ``B A``, whether it was projected, the ratio
     ``||C B A|| / ||B A||``, ``||V||_F`` and the code's Pdst term. ``matrices`` is keyed
-    by the model-file weight name (``weight_name(module)``)."""
+    by the model-file weight name (``weight_name(module)``).
+
+    A layer the alignment did not change (``V = 0``) is left as it is, in both modes, and
+    takes no place among ``num_layers``: the authors' ``C`` is ``0 / 0 = NaN`` there, so its
+    cosine is NaN, ``NaN <= cutoff`` is false and the code never projects it (IBM/SafeLoRA
+    ``model.py:80, 100, 103``; ``numpy.sort`` puts NaN last, ``model.py:49``). Its cosine,
+    ratio and Pdst term are None in the report (the code's Pdst, a mean with a NaN term, is
+    NaN; this one is the mean over the other layers), and the log names such layers."""
     if select not in SELECT_MODES:
         raise SafeLoraError(f"select: '{select}' is not one of {', '.join(SELECT_MODES)}")
     layers = lora_layers(adapter_state, source)
@@ -264,27 +275,41 @@ def project_lora(adapter_state: Mapping[str, torch.Tensor], matrices: Mapping[st
         if delta.delta.shape != (b.shape[0], a.shape[1]):
             raise SafeLoraError(f"{source}: '{module}' updates a {b.shape[0]} x {a.shape[1]} weight but '{name}' is "
                                 f"{tuple(delta.delta.shape)} in the base/aligned models; they are not the adapter's model")
-        cb = delta.apply(b.to(delta.delta.device)).cpu()
-        update, projected_update = b @ a, cb @ a
-        update_norm = float(torch.linalg.matrix_norm(update))
-        rows.append({"name": module.removeprefix(_PEFT_PREFIX), "cosine": _cosine(projected_update, update),
-                     "norm_ratio": float(torch.linalg.matrix_norm(projected_update)) / update_norm if update_norm else None,
-                     "alignment_norm": delta.norm, "_b": b, "_cb": cb, "_key_b": key_b})
-        if delta.norm == 0.0:
-            log.warning("SafeLoRA: '%s' is the same in the base and aligned models (V = 0): its projection is zero", name)
-    rounded = [float(numpy.round(row["cosine"], 5)) for row in rows]  # the code rounds before comparing
+        row = {"name": module.removeprefix(_PEFT_PREFIX), "alignment_norm": delta.norm, "_b": b, "_key_b": key_b}
+        if delta.norm == 0.0:  # unchanged by the alignment: no C, never projected
+            row.update({"cosine": None, "norm_ratio": None, "aligned_unchanged": True, "_cb": None})
+        else:
+            cb = delta.apply(b.to(delta.delta.device)).cpu()
+            update, projected_update = b @ a, cb @ a
+            update_norm = float(torch.linalg.matrix_norm(update))
+            row.update({"cosine": _cosine(projected_update, update), "aligned_unchanged": False, "_cb": cb,
+                        "norm_ratio": float(torch.linalg.matrix_norm(projected_update)) / update_norm if update_norm else None})
+        rows.append(row)
+    unchanged = [row["name"] for row in rows if row["aligned_unchanged"]]
+    if unchanged:
+        shown = ", ".join(unchanged[:5]) + (f" and {len(unchanged) - 5} more" if len(unchanged) > 5 else "")
+        log.warning("SafeLoRA: %d of %d LoRA layers are the same in the base and aligned models (V = 0), so there is no "
+                    "alignment subspace to project them on: left unprojected, as the authors' code leaves them (its "
+                    "cosine is NaN there), and not counted in num_layers: %s", len(unchanged), len(rows), shown)
+    candidates = [row for row in rows if not row["aligned_unchanged"]]
+    rounded = {id(row): float(numpy.round(row["cosine"], 5)) for row in candidates}  # the code rounds before comparing
     if select == "threshold":
         cutoff = threshold
-    elif num_layers > len(rows):
-        raise SafeLoraError(f"num_layers: {num_layers} is more than the adapter's {len(rows)} LoRA layers; "
-                            f"give 0..{len(rows)} (or select: threshold)")
+    elif num_layers > len(candidates):
+        why = f" ({len(unchanged)} of its {len(rows)} are unchanged by the alignment, V = 0, and never projected)" \
+            if unchanged else ""
+        raise SafeLoraError(f"num_layers: {num_layers} is more than the adapter's {len(candidates)} projectable LoRA "
+                            f"layers{why}; give 0..{len(candidates)} (or select: threshold)")
     else:
-        cutoff = sorted(rounded)[num_layers - 1] if num_layers > 0 else None
+        cutoff = sorted(rounded.values())[num_layers - 1] if num_layers > 0 else None
     new_state = {key: tensor.clone() for key, tensor in adapter_state.items()}
     pdst_terms = []
-    for row, cos in zip(rows, rounded):
+    for row in rows:
         b, cb, key_b = row.pop("_b"), row.pop("_cb"), row.pop("_key_b")
-        row["projected"] = cutoff is not None and cos <= cutoff
+        row["projected"] = cb is not None and cutoff is not None and rounded[id(row)] <= cutoff
+        if cb is None:
+            row["pdst"] = None
+            continue
         final = cb if row["projected"] else b
         row["pdst"] = 1.0 / (1.0 + float(torch.linalg.vector_norm(final - cb)))
         pdst_terms.append(row["pdst"])
@@ -293,14 +318,18 @@ def project_lora(adapter_state: Mapping[str, torch.Tensor], matrices: Mapping[st
     report = {"select": select, "threshold": threshold if select == "threshold" else None,
               "num_layers": num_layers if select == "number" else None, "cutoff": cutoff,
               "layers": len(rows), "projected": sum(row["projected"] for row in rows),
-              "pdst": float(numpy.mean(pdst_terms)), "per_layer": rows}
+              "aligned_unchanged": len(unchanged),
+              "pdst": float(numpy.mean(pdst_terms)) if pdst_terms else None, "per_layer": rows}
     return new_state, report
 
 
 def summary_line(report: dict) -> str:
-    """The code's printed line, with its figures."""
-    return (f"{report['projected']} of {report['layers']} layers are projected, cosine threshold is {report['cutoff']}, "
-            f"and Pdst is {report['pdst']:.4f} (> 0.8 is better)")
+    """The code's printed line, with its figures (and the layers the alignment did not change)."""
+    pdst = "undefined (no layer to project)" if report["pdst"] is None else f"{report['pdst']:.4f} (> 0.8 is better)"
+    unchanged = report.get("aligned_unchanged", 0)
+    left = f" ({unchanged} left unprojected: unchanged by the alignment)" if unchanged else ""
+    return (f"{report['projected']} of {report['layers']} layers are projected{left}, cosine threshold is "
+            f"{report['cutoff']}, and Pdst is {pdst}")
 
 
 # --------------------------------------------------------------------------- adapter folders

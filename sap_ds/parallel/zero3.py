@@ -287,6 +287,59 @@ class Zero3Shards:
             delta = torch.sub(self.groups[gi].master.narrow(0, offset, n), anchors[gi].narrow(0, offset, n)).mul_(rho)
             safe_set_local_grad(p, grad.reshape(-1) + delta.to(grad.device))
 
+    @torch.no_grad()
+    def accumulate_local_grads(self, out: list[torch.Tensor], alpha: float) -> None:
+        """``out += alpha * grad``: this rank's reduced gradient shards added into flat fp32
+        buffers laid out like the master (padding left as it is), a chunk at a time through
+        the per-group views of ``copy_local_grads``, else parameter by parameter. Booster's
+        second harmful gradient is subtracted this way from the first (alpha -1), so that it
+        needs one shard-sized buffer, not two."""
+        if self._grad_views is None:
+            self._grad_views = self._find_grad_views() or []
+        if not self._grad_views:
+            from deepspeed.utils import safe_get_local_grad
+
+            for gi, p, offset, valid in self.param_slices():
+                grad = safe_get_local_grad(p)
+                if grad is not None and valid:
+                    out[gi].narrow(0, offset, valid).add_(grad.reshape(-1)[:valid].to(out[gi]), alpha=alpha)
+            return
+        for view, buf in zip(self._grad_views, out):
+            for grad, piece in chunked(view, buf):
+                piece.add_(grad, alpha=alpha)  # the gradient's values exactly, summed in fp32
+        for index, buf in zip(self._padding_index, out):
+            if index.numel():
+                buf.index_fill_(0, index, 0.0)
+
+    @torch.no_grad()
+    def add_to_local_grads(self, buffers: list[torch.Tensor], scale: torch.Tensor) -> None:
+        """``grad += scale * buffer`` on this rank's reduced gradient shards, before
+        ``engine.step`` (``buffers``: flat fp32, laid out like the master, padding zero;
+        ``scale``: a 0-dim tensor, so that no host read is needed). As
+        ``add_proximal_gradient``: summed in fp32 and rounded once into the gradient's dtype,
+        through the per-group views where proven, with the per-parameter norms an offloaded
+        optimizer's clipping reads recomputed; else through DeepSpeed's accessors."""
+        if self._grad_views is None:
+            self._grad_views = self._find_grad_views() or []
+        if not self._grad_views:
+            from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+            for gi, p, offset, _ in self.param_slices():
+                grad = safe_get_local_grad(p)
+                piece = buffers[gi].narrow(0, offset, p.partition_numel())
+                added = grad.reshape(-1).float() + (piece * scale.to(piece.device)).to(grad.device)
+                safe_set_local_grad(p, added.to(grad.dtype))
+            return
+        for buf, view in zip(buffers, self._grad_views):
+            s = scale.to(buf.device, torch.float32)
+            for grad, piece in chunked(view, buf):
+                grad.add_(piece * s)  # computed in fp32, rounded once into grad's dtype
+        opt = self.optimizer
+        if getattr(opt, "offload_optimizer", False):
+            for gi, p, offset, _ in self.param_slices():
+                grad = self._grad_views[gi].narrow(0, offset, p.partition_numel())
+                opt.norm_for_param_grads[opt.get_param_id(p)] = opt._constant_buffered_norm2(grad)
+
     @property
     def grads_copied_per_group(self) -> bool:
         """Whether ``copy_local_grads`` and ``add_proximal_gradient`` use the flat per-group

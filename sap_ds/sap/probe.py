@@ -83,6 +83,9 @@ class Probe:
         self.vectors = torch.zeros(len(self.layers), hidden_size, dtype=torch.float32, device=device, requires_grad=True)
         self.enabled = True
         self.cut_below = False  # probe pass: detach the residual stream under the lowest probe layer
+        # sap.probe_in_safety: V is added as a constant (the authors' bias with requires_grad off),
+        # so the safety backward neither reads nor writes its gradient.
+        self.frozen = False
         # Mean per-token hidden-state norm at each probe layer (before the probe is added),
         # from the last forward with measure on: what sap.probe_scale is relative to.
         self.measure = False
@@ -104,7 +107,8 @@ class Probe:
             # an fp32 sum (a bf16 add would round it to bf16, 2**-9 relative, as large as
             # gV itself at small rho: docs/algorithm.md, "Precision of the probe gradient").
             # Type promotion makes the sum fp32 without a separate fp32 copy of ``hidden``.
-            hidden = (hidden + self.vectors[index]).to(hidden.dtype)
+            vector = self.vectors[index].detach() if self.frozen else self.vectors[index]
+            hidden = (hidden + vector).to(hidden.dtype)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return add_probe

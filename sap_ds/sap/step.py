@@ -3,7 +3,8 @@ phases on ZeRO-3 shards").
 
 Each phase is one function; ``sap_step`` runs them in order:
 
-1. ``safety_direction``: g = grad_W L_safe(W), averaged over ranks; drop the gradients.
+1. ``safety_direction``: g = grad_W L_safe(W), averaged over ranks; drop the gradients
+   (the probe off, or with ``sap.probe_in_safety`` the current V added as a constant).
 2. ``perturb``:          W' = W + rho * ||W|| / ||g|| * g, written into the working shards.
 3. ``probe_gradient``:   gV = -grad_V L(W', V), probe only, no weight gradients.
 4. ``restore``:          W from the fp32 master, bit for bit (no weight copy).
@@ -111,11 +112,16 @@ def safety_direction(engine, shards: Zero3Shards, state: SapState, batch: dict, 
         loss = _random_direction(shards, state, step)
     else:
         engine.set_gradient_accumulation_boundary(True)
-        state.probe.enabled = False  # L_safe(W): the probe is not part of the safety signal
+        # sap.probe_in_safety false: L_safe(W), the probe off. true: the model as it stands, the
+        # current V added as a constant, as in the authors' code (SAPcode/train.py:47-48: V's
+        # requires_grad is switched off, V itself stays in the forward as the down_proj bias).
+        state.probe.enabled = cfg.probe_enabled and cfg.probe_in_safety
+        state.probe.frozen = True
         try:
             loss = safety_loss(forward_logits(engine, batch), batch["labels"], cfg.safety_loss, cfg.temperature)
         finally:
             state.probe.enabled = cfg.probe_enabled
+            state.probe.frozen = False
         engine.backward(loss, scale_wrt_gas=False)
         shards.copy_local_grads(state.direction)
         shards.drop_grads()

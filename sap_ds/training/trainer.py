@@ -147,15 +147,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def main_pass(self, micro_batches: list[dict], before_step=None, after_backward=None) -> list[float]:
+    def main_pass(self, micro_batches: list[dict], before_step=None, after_backward=None, loss_fn=None) -> list[float]:
         """Forward/backward of the task loss per micro-batch, then one optimizer step;
         ``before_step()`` runs between the two when the step is finite (a method's edit of
         the reduced gradients, e.g. Lisa's proximal term); ``after_backward(m)`` after
-        micro-batch m's backward (SAP reads the probe's gradient there)."""
+        micro-batch m's backward (SAP reads the probe's gradient there); ``loss_fn(m, batch)``
+        replaces the task loss of micro-batch m (a method with a loss of its own: RepNoise)."""
         losses = []
         for m, batch in enumerate(micro_batches):
             self.engine.set_gradient_accumulation_boundary(m == len(micro_batches) - 1)
-            loss = task_loss(forward_logits(self.engine, batch), batch["labels"])
+            if loss_fn is not None:
+                loss = loss_fn(m, batch)
+            else:
+                loss = task_loss(forward_logits(self.engine, batch), batch["labels"])
             self.engine.backward(loss)
             if after_backward is not None:
                 after_backward(m)

@@ -194,12 +194,15 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
             if step % s.safety_every == 0 or direction is None:
                 # 1. safety gradient, averaged over ranks (each rank: mean over its pairs)
                 sidx = global_batch_indices(len(data.safety), s.safety_batch_size * world, step // s.safety_every, cfg.seed + 7)
-                probe.on = False
+                # sap.probe_in_safety: the current V stays in the forward (the authors' code, where
+                # it is a down_proj bias; its gradient here is discarded below)
+                probe.on = s.probe_in_safety
                 opt.zero_grad(set_to_none=True)
                 for r in range(world):
                     batch = collate_pairs([data.safety[i] for i in sidx[r * s.safety_batch_size : (r + 1) * s.safety_batch_size]], pad)
                     (_safety(model, batch, s.safety_loss, s.temperature) / world).backward()
                 probe.on = True
+                probe.v.grad = None
                 g = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
                 opt.zero_grad(set_to_none=True)
                 if s.perturb_norm == "global":

@@ -61,20 +61,26 @@ def projected_weighted(peft_model, model_ori, peft_config, project_matrix, thrs_
 
                 dis.append(dist.item())
                 idx += 1
-    return peft_model, cos_total, i, float(numpy.mean(dis))
+    return peft_model, cos_total, i, float(numpy.mean(dis)), dis
 
 
 @torch.no_grad()
 def safelora_reference(peft_model, base_model_path, aligned_model_path, select_layers_type="number",
                        threshold=0.5, num_proj_layers=10):
-    """``(projected peft model, cosines, projected count, Pdst, cutoff)``, as ``SafeLoRA.__init__``."""
+    """``(projected peft model, cosines, projected count, Pdst, cutoff, Pdst terms)``, as
+    ``SafeLoRA.__init__`` (model.py:45-50). A layer the alignment did not change has V = 0, so
+    its matrix is 0 / 0 = NaN (model.py:80), its cosine NaN (model.py:100), ``NaN <= cutoff``
+    false (model.py:103) and its Pdst term NaN; ``numpy.sort`` puts the NaNs last
+    (model.py:49), so in ``number`` mode a cutoff past the finite cosines is NaN and nothing
+    is projected. A layer whose output size equals r is taken for a lora_A (model.py:92), and
+    the next layer is then paired with the wrong matrix (model.py:95-96)."""
     peft_config = peft_model.peft_config["default"]
     model_ori = copy.deepcopy(peft_model)
     project_matrix = get_aligned_matrix(peft_config, base_model_path, aligned_model_path)
     if select_layers_type == 'threshold':
-        model, cos, count, pdst = projected_weighted(peft_model, model_ori, peft_config, project_matrix, threshold)
-        return model, cos, count, pdst, threshold
-    _, cos, _, _ = projected_weighted(peft_model, model_ori, peft_config, project_matrix, 0.3)
+        model, cos, count, pdst, dis = projected_weighted(peft_model, model_ori, peft_config, project_matrix, threshold)
+        return model, cos, count, pdst, threshold, dis
+    _, cos, _, _, _ = projected_weighted(peft_model, model_ori, peft_config, project_matrix, 0.3)
     thrs = numpy.sort(cos)[:num_proj_layers][-1]
-    model, cos, count, pdst = projected_weighted(peft_model, model_ori, peft_config, project_matrix, thrs)
-    return model, cos, count, pdst, float(thrs)
+    model, cos, count, pdst, dis = projected_weighted(peft_model, model_ori, peft_config, project_matrix, thrs)
+    return model, cos, count, pdst, float(thrs), dis

@@ -16,6 +16,8 @@ globbing (sap_ds.resources.shipped_configs) and loaded by its shipped name (``de
 * compare configs: every run they would launch (setting x method x seed) is validated, and
   the distinct ones run; sweep configs: every point is validated (their train config runs
   as a shipped config of its own);
+* attack configs: every attack run validated (attack x lr x steps x seed), the first grid
+  point of each attack run;
 * bench configs: every variant validated, the base run run;
 * eval configs: validated, and ``sap_ds.evaluation.evaluate.evaluate`` run on the tiny model with a few
   prompts and examples of each set.
@@ -33,6 +35,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -164,15 +167,26 @@ class Runner:
 
         cfg = validate_tree(CompareConfig, read_config_file(path, schema=CompareConfig), [], name)
         load_eval_config(cfg.eval_config)
+        from sap_ds.experiments.stage_config import START_MODEL_TOKEN
+
+        # ${start_model} (SafeLoRA's aligned model: the start every run fine-tunes) becomes the
+        # start model as in RunSet.add_run; one that is not here stands in as runs/align's export,
+        # the aligned model this loop trained from M with the align config (its model.path is M)
+        start = cfg.start_model if cfg.start_model and Path(cfg.start_model).is_dir() else "runs/align/export/model"
         runs = []  # the overrides sap-ds compare gives each run (compare.RunSet.add_run)
         for setting, overrides in cfg.settings.items():
             for method in cfg.methods:
                 for seed in cfg.seeds or [None]:
-                    runs.append([*cfg.overrides, *overrides, *cfg.method_overrides.get(method, []),
+                    method_overrides = [o.replace(START_MODEL_TOKEN, start) for o in cfg.method_overrides.get(method, [])]
+                    runs.append([*cfg.overrides, *overrides, *method_overrides,
                                  *([f"method={method}"] if method in METHODS else []),  # a label names its own
                                  *([f"seed={seed}"] if seed is not None else []), *self._start_model(cfg.start_model),
                                  f"output_dir={cfg.out_dir}/{setting}/{method}/seed{seed}"])
-        return self._validate_and_run(cfg.train_config, runs, "setting x method x seed", name)
+        # every run validated; each method's run of the first setting and seed runs (the other
+        # settings and seeds change data keys and the seed, which the validation covers)
+        first = [r for r in runs if r[-1].startswith(f"output_dir={cfg.out_dir}/{next(iter(cfg.settings))}/")
+                 and r[-1].endswith(f"/seed{(cfg.seeds or [None])[0]}")]
+        return self._validate_and_run(cfg.train_config, runs, "setting x method x seed", name, run=first)
 
     def sweep(self, name: str, path: Path) -> list[str]:
         from sap_ds.config.reading import read_config_file, validate_tree
@@ -183,8 +197,10 @@ class Runner:
         cfg = validate_tree(SweepConfig, read_config_file(path, schema=SweepConfig), [], name)
         load_eval_config(cfg.eval_config)
         points = expand_points(cfg).values()
-        for point in points:
-            load_config(cfg.train_config, [*cfg.overrides, *point, *self._start_model(cfg.start_model)])
+        from sap_ds.experiments.stage_config import split_start
+
+        for point in points:  # start=<stage> picks the point's start model (an alignment stage's export), not a train key
+            load_config(cfg.train_config, [*cfg.overrides, *split_start(point)[1], *self._start_model(cfg.start_model)])
         # Every point is validated; its train config runs as a shipped config of its own (the
         # sweeps' is demo.yaml), and the points change SAP and data keys that other configs run.
         return [f"{len(points)} points validated against {os.path.relpath(cfg.train_config, REPO)}"]
@@ -192,16 +208,30 @@ class Runner:
     def _start_model(self, start_model) -> list[str]:
         return [f"model.path={start_model}"] if start_model else []
 
-    def _validate_and_run(self, train_config: str, runs: list[list[str]], what: str, name: str) -> list[str]:
+    def _validate_and_run(self, train_config: str, runs: list[list[str]], what: str, name: str,
+                          run: Optional[list[list[str]]] = None) -> list[str]:
+        """Validate every run's overrides, then run those of ``run`` (default: all)."""
         from sap_ds.config.run import load_config
 
         for overrides in runs:
             load_config(train_config, overrides)
         checks = [f"{len(runs)} runs ({what}) validated"]
-        for overrides in runs:
+        for overrides in runs if run is None else run:
             folder = next(o for o in overrides if o.startswith("output_dir=")).split("=", 1)[1]
             checks += self.run_config(train_config, overrides, label=f"{name} ({folder})")
         return checks
+
+    def attack(self, name: str, path: Path) -> list[str]:
+        from sap_ds.experiments.attack import AttackPlan, load_attack_config
+
+        cfg = load_attack_config(name)
+        # every attack run's config built and validated as `sap-ds attack` does, against M
+        plan = AttackPlan(cfg, self.args.model, Path("runs") / name, name)
+        first = {}  # each attack's first grid point runs: the data it mixes (pure bad: harmful only) is built
+        for run in plan.runs:
+            first.setdefault(run["attack"], run["overrides"])
+        return [f"{len(plan.runs)} attack runs validated"] + \
+            self._validate_and_run(cfg.train_config, list(first.values()), "the first grid point of each attack", name)
 
     def bench(self, name: str, path: Path) -> list[str]:
         from sap_ds.config.run import build_config

@@ -63,8 +63,12 @@ def model_state_bytes(trainer):
 
 
 def run_one(cfg, rank: int, world: int, steps: int, out: str, inspect: bool = False, memory: bool = False,
-            export: bool = False, check_collectives: bool = False) -> None:
-    """Build a Trainer for ``cfg``, do what the flags say and write the outputs to ``out``."""
+            export: bool = False, check_collectives: bool = False, resume_at: int | None = None,
+            method_stats: bool = False) -> None:
+    """Build a Trainer for ``cfg``, do what the flags say and write the outputs to ``out``.
+    ``resume_at=k``: save a checkpoint after step k, drop the Trainer and continue in a new one
+    from that checkpoint (``maybe_resume``), as a requeued job would. ``method_stats``: the
+    method's ``log_stats`` after every step, in ``result["method_stats"]``."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -104,16 +108,31 @@ def run_one(cfg, rank: int, world: int, steps: int, out: str, inspect: bool = Fa
         trainer.shards.drop_grads()
     else:
         losses, result["sap_stats"], tokens = [], [], []
+        result["method_stats"] = []
         for step in range(steps):
+            if resume_at is not None and step == resume_at:
+                trainer.step = step
+                trainer.save_checkpoint()
+                del trainer
+                from sap_ds.parallel.zero3 import release_deepspeed_globals
+
+                release_deepspeed_globals()
+                trainer = Trainer(cfg, rank, world)
+                trainer.maybe_resume()
+                result["resumed_at"] = trainer.step
             # response tokens per micro-batch (the GAS tests want micro-batches of unequal sizes)
             tokens.append([int((b["labels"][:, 1:] != -100).sum()) for b in trainer.task_micro_batches(step)])
             losses.append(trainer.train_step(step))
+            if method_stats:
+                trainer.step = step + 1
+                result["method_stats"].append(trainer.method.log_stats(trainer))
             if getattr(trainer.method, "state", None) is not None:
                 result["sap_stats"].append(_stats(trainer.method.state))
         gathered = [None] * world
         dist.all_gather_object(gathered, [losses, tokens])
         result["losses"] = [[x for r in range(world) for x in gathered[r][0][s]] for s in range(steps)]
         result["micro_batch_tokens"] = [[gathered[r][1][s] for r in range(world)] for s in range(steps)]
+        result["grads_per_group"] = trainer.shards.grads_copied_per_group
         named = [(n, p) for n, p in trainer.engine.module.named_parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters([p for _, p in named]):
             full = {n: p.detach().float().clone() for n, p in named}
@@ -150,7 +169,8 @@ def main() -> int:
     parser.add_argument("--export", action="store_true", help="after training: logits of the engine, then export")
     parser.add_argument("--check-collectives", action="store_true",
                         help="inspect step 0, train, check ranks and evaluate under tests/support/collective_checker.py")
-    parser.add_argument("--variants", help="JSON list of {name, overrides[, steps, inspect, memory, export, check_collectives]}: "
+    parser.add_argument("--variants", help="JSON list of {name, overrides[, steps, inspect, memory, export, check_collectives, "
+                                           "resume_at, method_stats]}: "
                                            "one Trainer after another in this process, each writing to OUT/name (saves "
                                            "a launch per variant)")
     parser.add_argument("--local_rank", type=int, default=None)
@@ -174,7 +194,8 @@ def main() -> int:
                      f"output_dir={os.path.join(args.out, variant['name'], 'run')}"]
         run_one(load_config(args.config, overrides), rank, world, steps, os.path.join(args.out, variant["name"]),
                 inspect=variant.get("inspect", False), memory=variant.get("memory", False), export=variant.get("export", False),
-                check_collectives=variant.get("check_collectives", False))
+                check_collectives=variant.get("check_collectives", False), resume_at=variant.get("resume_at"),
+                method_stats=variant.get("method_stats", False))
         release_deepspeed_globals()  # no gc.collect here: the next engine's set-up collects (zero.utils.defragment)
     shutdown_distributed()
     return 0
