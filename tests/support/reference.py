@@ -138,12 +138,14 @@ def _rescale(probe, s, rank_norms):
             probe.v.mul_(torch.where(n > 0, target / n.clamp_min(1e-30), torch.zeros_like(n)).unsqueeze(-1))
 
 
-def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
+def reference_setup(cfg: RunConfig, steps: int, need_safety: bool, safety_mix: float = 0.0):
+    """What every reference starts with, in the trainer's order (the seed, the data, the
+    model, LoRA re-seeded as sap_ds.model.loading does, AdamW and the schedule):
+    (tokenizer, data, model, trainable params, optimizer, scheduler)."""
     torch.manual_seed(cfg.seed)
     path = resolve_model_path(cfg.model)
     tok = load_tokenizer(path)
-    mix = cfg.safety_mix.ratio if cfg.method == "safety_mix" else 0.0
-    data = build_run_data(cfg.data, tok, cfg.seed, need_safety=cfg.method in ("sap", "lisa"), safety_mix=mix)
+    data = build_run_data(cfg.data, tok, cfg.seed, need_safety=need_safety, safety_mix=safety_mix)
     model = load_model(cfg.model, path)
     if cfg.lora.enabled:
         torch.manual_seed(cfg.seed)
@@ -153,6 +155,13 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
     t = cfg.train
     opt = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
+    return tok, data, model, params, opt, sched
+
+
+def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
+    mix = cfg.safety_mix.ratio if cfg.method == "safety_mix" else 0.0
+    tok, data, model, params, opt, sched = reference_setup(cfg, steps, cfg.method in ("sap", "lisa"), mix)
+    t = cfg.train
     s = cfg.sap
     sap = cfg.method == "sap"
     probe = _RefProbe(model, s.probe_layers, model.config.hidden_size) if sap else None

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from sap_ds.data import build_run_data, collate, global_batch_indices
-from sap_ds.model.loading import apply_lora, load_model, load_tokenizer, resolve_model_path
-from sap_ds.training.trainer import lr_lambda
-from tests.support.reference import _ce, _micro_batch
+from sap_ds.data import collate, global_batch_indices
+from tests.support.reference import _ce, _micro_batch, reference_setup
 
 HARMFUL_SEED_OFFSET = 17  # the harmful batches' order (sap_ds/methods/booster.py), not part of the algorithm
 
@@ -47,19 +45,8 @@ def _grad_norm(grads):
 
 
 def run_booster_reference(cfg, world: int, steps: int) -> dict:
-    torch.manual_seed(cfg.seed)
-    path = resolve_model_path(cfg.model)
-    tok = load_tokenizer(path)
-    data = build_run_data(cfg.data, tok, cfg.seed, need_safety=True)
-    model = load_model(cfg.model, path)
-    if cfg.lora.enabled:
-        torch.manual_seed(cfg.seed)
-        model = apply_lora(model, cfg.lora)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    tok, data, model, params, opt, sched = reference_setup(cfg, steps, need_safety=True)
     t, b = cfg.train, cfg.booster
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
     mb, gas = t.micro_batch_size, t.grad_accum
     gb, hb = mb * gas * world, b.harmful_batch_size
     pad = tok.pad_token_id

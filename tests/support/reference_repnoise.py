@@ -28,10 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sap_ds.data import build_run_data, collate_pairs, global_batch_indices
+from sap_ds.data import collate_pairs, global_batch_indices
 from sap_ds.methods.repnoise import PAIR_SEED_OFFSET, noise_seed
-from sap_ds.model.loading import apply_lora, load_model, load_tokenizer, resolve_model_path
-from sap_ds.training.trainer import lr_lambda
+from tests.support.reference import reference_setup
 
 
 def register_activation_hook(model, wanted):
@@ -130,21 +129,10 @@ def rep_noise_loss(model, harmful_batch, harmless_batch, beta, alpha, kernel_mul
 
 
 def run_repnoise_reference(cfg, world: int, steps: int) -> dict:
-    torch.manual_seed(cfg.seed)
-    path = resolve_model_path(cfg.model)
-    tok = load_tokenizer(path)
-    data = build_run_data(cfg.data, tok, cfg.seed, need_safety=True)
-    model = load_model(cfg.model, path)
-    if cfg.lora.enabled:
-        torch.manual_seed(cfg.seed)
-        model = apply_lora(model, cfg.lora)
-    model.train()
+    tok, data, model, params, opt, sched = reference_setup(cfg, steps, need_safety=True)
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # the CausalLM the authors call
     n_layers = hf.config.num_hidden_layers
-    params = [p for p in model.parameters() if p.requires_grad]
     t, c = cfg.train, cfg.repnoise
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
     mb, gas = t.micro_batch_size, t.grad_accum
     gb = mb * gas * world
     pad = tok.pad_token_id

@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from sap_ds.data import build_run_data
-from sap_ds.model.loading import apply_lora, load_model, load_tokenizer, resolve_model_path
-from sap_ds.training.trainer import lr_lambda
-from tests.support.reference import _ce, _micro_batch
+from tests.support.reference import _ce, _micro_batch, reference_setup
 
 
 def _loss(model, batch):
@@ -54,19 +51,8 @@ def _first(output):
 
 
 def run_vaccine_reference(cfg, world: int, steps: int) -> dict:
-    torch.manual_seed(cfg.seed)
-    path = resolve_model_path(cfg.model)
-    tok = load_tokenizer(path)
-    data = build_run_data(cfg.data, tok, cfg.seed, need_safety=False)
-    model = load_model(cfg.model, path)
-    if cfg.lora.enabled:
-        torch.manual_seed(cfg.seed)
-        model = apply_lora(model, cfg.lora)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    tok, data, model, params, opt, sched = reference_setup(cfg, steps, need_safety=False)
     t, rho = cfg.train, cfg.vaccine.rho
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
     mb, gas = t.micro_batch_size, t.grad_accum
     gb = mb * gas * world
     pad = tok.pad_token_id
