@@ -248,3 +248,25 @@ def test_the_sweep_table_leads_with_harm_over_refusal_coherence_then_task():
             "gsm8k_test loss | over-refusal (%) | XSTest unsafe compliance (%) | train tokens/s | Pareto |") in text
     assert "| sap | 0 | 20.00 | 8.00 | 70.00 | n/a | 1.2000 | 10.00 | 5.00 | 3.00 | yes |" in text
     assert "**Warning: sap: 70.00 % of the answers are incoherent" in text
+
+
+def test_a_stop_outside_the_runs_exits_75_to_resume(tmp_path, monkeypatch, capsys):
+    """A stop request that lands during the start model's re-attack (outside any run's record)
+    is a resumable stop, 75 as `sap-ds train` and every run's own stop, not a failure (1)."""
+    from sap_ds.experiments import sweep as sweep_module
+    from sap_ds.experiments.runs import RunError, RunStopped
+
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump(tiny_sweep(tmp_path)))
+
+    def stopped(*args, **kwargs):
+        raise RunStopped("attack pure_bad on the start model stopped on request before its last step")
+    monkeypatch.setattr(sweep_module, "run_sweep", stopped)
+    assert main(["--config", str(config)]) == 75
+    assert "stopped: attack pure_bad on the start model" in capsys.readouterr().err
+
+    def failed(*args, **kwargs):
+        raise RunError("evaluation of the start model failed")
+    monkeypatch.setattr(sweep_module, "run_sweep", failed)
+    assert main(["--config", str(config)]) == 1

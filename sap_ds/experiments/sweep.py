@@ -240,6 +240,9 @@ def sweep_and_report(args) -> int:
         summary, records = run_sweep(cfg, only=args.only, report_only=args.report, eval_only=args.eval_only, points=points)
     except USER_ERRORS:
         raise  # for run_command (a ConfigError is a ValueError too)
+    except RunStopped as exc:  # the start model's re-attack stopped on request: the next call resumes it
+        print(f"{TAG}: stopped: {exc}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED_RESUMABLE
     except (ValueError, RunError) as exc:  # a bad --only/--points, or an evaluation that failed
         print(f"{TAG}: error: {exc}", file=sys.stderr, flush=True)
         return 2 if isinstance(exc, ValueError) else 1
