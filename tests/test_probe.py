@@ -309,8 +309,8 @@ def test_keep_probe_needs_an_mlp_bias_option():
 def test_probe_pass_gradient_bypasses_an_output_hook_that_rescales():
     """DeepSpeed hooks the engine's outputs with ``_backward_prologue_per_tensor``, which
     divides a torch-style backward's gradient by the accumulation steps; the probe pass
-    hands on the gradient as it arrived (sap._bypass_engine_grad_scaling)."""
-    from sap_ds.sap.step import _bypass_engine_grad_scaling
+    hands on the gradient as it arrived (sap.bypass_engine_grad_scaling)."""
+    from sap_ds.sap.step import bypass_engine_grad_scaling
 
     model = tiny_model("llama", layers=2)
     probe = Probe(model, [0], HIDDEN, CPU)
@@ -320,7 +320,7 @@ def test_probe_pass_gradient_bypasses_an_output_hook_that_rescales():
         logits = model(input_ids=ids).logits
         logits.register_hook(lambda g: g / 3)  # what the engine's hook does at grad_accum 3
         if bypass:
-            logits = _bypass_engine_grad_scaling(logits)
+            logits = bypass_engine_grad_scaling(logits)
         return torch.autograd.grad(logits.square().mean(), [probe.vectors])[0]
 
     plain = torch.autograd.grad(model(input_ids=ids).logits.square().mean(), [probe.vectors])[0]

@@ -78,7 +78,7 @@ def inspect_engine_path(trainer, step: int = 0, rho: float | None = None) -> dic
     sap_step.safety_direction(engine, shards, state, trainer.method.safety_batch(trainer, step), cfg, step)
     sap_step.perturb(shards, state, cfg.kernels)
     out["loss_perturbed"] = _loss(engine, batches)
-    rng = sap_step._rng_state()
+    rng = sap_step.rng_state()
     probe_grad = sap_step.probe_gradient(engine, state, batches)
     out["no_weight_grads"], out["weight_grad_abs_sum"] = _no_weight_grads(engine, shards)
     sap_step.restore(shards, state, cfg.kernels)
@@ -86,7 +86,7 @@ def inspect_engine_path(trainer, step: int = 0, rho: float | None = None) -> dic
                                                g.lp.view(torch.int16) if g.lp.dtype == torch.bfloat16 else g.lp)
                                    for b, g in zip(before, shards.groups))
     out["loss_restored"] = _loss(engine, batches)
-    sap_step._set_rng_state(rng)
+    sap_step.restore_rng_state(rng)
     main = torch.zeros_like(state.probe.vectors)
     for batch in batches:  # grad_V L(W): the main pass's probe term, by autograd like the probe pass
         loss = task_loss(forward_logits(engine, batch), batch["labels"]) / len(batches)

@@ -144,14 +144,14 @@ class BoosterMethod(Method):
                 return trainer.main_pass(micro_batches)
         c, shards, b, timer = self.cfg.booster, trainer.shards, self.buffers, trainer.timer
         batch = self.harmful_batch(trainer, step)
-        rng = sap_step._rng_state()
+        rng = sap_step.rng_state()
         with timer("harmful"):
             g2 = self._harmful_gradient(trainer, batch)
         with timer("perturb"):
             ok = self._set_scale(g2, c.alpha)
             sap_step.perturb(shards, b, c.kernels)  # W' = W - alpha g_h / ||g_h||, in the working shards
         with timer("harmful_perturbed"):
-            sap_step._set_rng_state(rng)  # the same dropout masks as the pass at W: h(W) - h(W') sees the step, not the masks
+            sap_step.restore_rng_state(rng)  # the same dropout masks as the pass at W: h(W) - h(W') sees the step, not the masks
             b.stats["harmful_loss_perturbed"] = self._harmful_pass(trainer, batch)  # trainer.py:303-313
             shards.accumulate_local_grads(b.direction, -1.0)  # d = g_h(W) - g_h(W')
             shards.drop_grads()
@@ -180,10 +180,10 @@ class BoosterMethod(Method):
         c = self.cfg.booster
         if not self.active or c.resolution_check == "off" or c.alpha == 0:
             return
-        rng = sap_step._rng_state()
+        rng = sap_step.rng_state()
         with trainer.timer("harmful"):  # logged with step 1
             g2 = self._harmful_gradient(trainer, self.harmful_batch(trainer, 0))
-        sap_step._set_rng_state(rng)
+        sap_step.restore_rng_state(rng)
         self._set_scale(g2, c.alpha)
         check_alpha(trainer.shards, self.buffers, c, self.cfg.model.dtype)
 

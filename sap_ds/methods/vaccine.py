@@ -40,7 +40,7 @@ from sap_ds.parallel.collectives import all_reduce_sum
 from sap_ds.parallel.distributed import is_main
 from sap_ds.sap import resolution
 from sap_ds.sap.probe import find_decoder_layers
-from sap_ds.sap.step import _bypass_engine_grad_scaling
+from sap_ds.sap.step import bypass_engine_grad_scaling, restore_rng_state, rng_state
 
 log = logging.getLogger("sap_ds")
 
@@ -132,12 +132,12 @@ class VaccineMethod(Method):
     def _first_pass(self, trainer, batch: dict, grad_accum: int):
         """(loss, captured outputs detached, their gradients of loss / grad_accum). The gradient
         entering the logits bypasses DeepSpeed's division by the accumulation steps
-        (``_bypass_engine_grad_scaling``, as SAP's probe pass), so the 1/grad_accum is the
+        (``bypass_engine_grad_scaling``, as SAP's probe pass), so the 1/grad_accum is the
         authors' and nothing else."""
         h = self.hooks
         h.mode, h.captured = "capture", [None] * len(h.captured)
         try:
-            logits = _bypass_engine_grad_scaling(forward_logits(trainer.engine, batch))
+            logits = bypass_engine_grad_scaling(forward_logits(trainer.engine, batch))
             loss = task_loss(logits, batch["labels"])
             acts = list(h.captured)
             grads = torch.autograd.grad(loss / grad_accum, acts, allow_unused=True)
@@ -198,13 +198,11 @@ class VaccineMethod(Method):
         c = self.cfg.vaccine
         if c.resolution_check == "off":
             return
-        rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+        rng = rng_state()
         try:
             _, acts, grads = self._first_pass(trainer, trainer.task_micro_batches(0)[0], 1)
         finally:
-            torch.set_rng_state(rng[0])
-            if rng[1] is not None:
-                torch.cuda.set_rng_state(rng[1])
+            restore_rng_state(rng)
         self.set_perturbation(grads)
         scale = self.hooks.scale
         self.hooks.grads, self.hooks.scale = [], None

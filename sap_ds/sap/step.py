@@ -230,13 +230,13 @@ def probe_gradient(engine, state: SapState, micro_batches: list[dict], negate: b
     gradient of any backward not started by ``engine.backward`` by
     ``gradient_accumulation_steps()``: the probe pass's would be weighted 1/n^2 against
     the main pass's 1/n, and at rho = 0 they would no longer cancel. The gradient entering
-    the logits is therefore handed on exactly as it arrives (``_bypass_engine_grad_scaling``)."""
+    the logits is therefore handed on exactly as it arrives (``bypass_engine_grad_scaling``)."""
     probe = state.probe
     total = torch.zeros_like(probe.vectors)
     probe.cut_below = True
     try:
         for batch in micro_batches:
-            logits = _bypass_engine_grad_scaling(forward_logits(engine, batch))
+            logits = bypass_engine_grad_scaling(forward_logits(engine, batch))
             loss = task_loss(logits, batch["labels"]) / len(micro_batches)
             (grad,) = torch.autograd.grad(-loss if negate else loss, [probe.vectors])
             total += grad
@@ -245,7 +245,7 @@ def probe_gradient(engine, state: SapState, micro_batches: list[dict], negate: b
     return total
 
 
-def _bypass_engine_grad_scaling(logits: torch.Tensor) -> torch.Tensor:
+def bypass_engine_grad_scaling(logits: torch.Tensor) -> torch.Tensor:
     """``logits`` behind an identity node whose incoming gradient is recorded; a hook on
     ``logits`` registered after the engine's (tensor hooks run in registration order)
     replaces whatever the engine's hook made of it with that recorded gradient. Explicit
@@ -278,11 +278,15 @@ class _WSideOfProbed:
             self.grad = None if g is None else g.detach() * (self.n / self.k)
 
 
-def _rng_state():
+def rng_state():
+    """The CPU and CUDA generators' states: a pass that must see the same dropout masks as
+    another (SAP's task passes, Booster's pass at W', a check that must leave the run's
+    randomness as it found it) saves them before and restores them with ``restore_rng_state``."""
     return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
 
 
-def _set_rng_state(state) -> None:
+def restore_rng_state(state) -> None:
+    """Put back what ``rng_state`` saved."""
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:
@@ -350,14 +354,14 @@ def probe_signal(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, m
     ``micro_batches``: perturb, the probe pass at W', restore, the probe pass at W, each term
     averaged over ranks (so every rank reaches the same verdict). Leaves the weights, the
     gradients, V and the RNG as it found them (step 0 runs as if it had not run)."""
-    rng = _rng_state()
+    rng = rng_state()
     perturb(shards, state, cfg.kernels)
     at_perturbed = probe_gradient(engine, state, micro_batches)
     restore(shards, state, cfg.kernels)
-    _set_rng_state(rng)
+    restore_rng_state(rng)
     at_weights = probe_gradient(engine, state, micro_batches, negate=False)
     shards.drop_grads()
-    _set_rng_state(rng)
+    restore_rng_state(rng)
     terms = all_reduce_mean(torch.stack([at_perturbed, at_weights]).detach())
     return resolution.probe_signal_ratio(terms[0], terms[1], dtype)
 
@@ -394,13 +398,13 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
                 safety_direction(engine, shards, state, safety_batch, cfg, step)
         with timer("perturb"):
             perturb(shards, state, cfg.kernels)
-        rng = _rng_state()  # every task pass of the step replays the probe pass's dropout masks
+        rng = rng_state()  # every task pass of the step replays the probe pass's dropout masks
         with timer("probe"):
             probe_grad = probe_gradient(engine, state, probed)
         with timer("restore"):
             restore(shards, state, cfg.kernels)
         if same_step:
-            _set_rng_state(rng)
+            restore_rng_state(rng)
             state.probe.measure = True  # the hidden-state norms probe_scale is relative to, at W
             try:
                 with timer("probe"):
@@ -412,7 +416,7 @@ def sap_step(engine, shards: Zero3Shards, state: SapState, cfg: SapConfig, step:
         shards.drop_grads()  # the probe passes' backward epilogues must not make the main pass accumulate
         if same_step:
             update_probe(state, probe_grad, cfg, lr_factor)  # this step's V, for this step's main pass
-        _set_rng_state(rng)
+        restore_rng_state(rng)
     w_side = _WSideOfProbed(state, k, n) if probing and not same_step and k < n else None
     state.probe.measure = True  # the hidden-state norms probe_scale is relative to
     try:
