@@ -9,6 +9,7 @@ import pytest
 from sap_ds.config.run import load_config
 from sap_ds.cost import flops
 from sap_ds.cost.model_spec import ModelSpec
+from sap_ds.methods.base import ExtraPasses
 from tests.support.repo import REPO
 
 TINY = REPO / "configs/tiny.yaml"
@@ -46,12 +47,41 @@ def test_vaccine_bench_flops_add_a_forward_and_an_activation_backward_to_layer_0
 
 
 def test_repnoise_bench_counts_its_pairs_as_an_sft_step():
-    """RepNoise's step is one forward and backward over its pairs (no extra passes for the FLOPs
-    model: nominal_passes None); the bench counts its pairs' tokens as what it trained on
-    (trains_on 'alignment', so its task_tokens_per_s is 0: read tokens_per_s)."""
+    """RepNoise's step is one forward and backward over its pairs plus the logit lens
+    (extra_passes, below; nominal_passes None: the lens depends on the lengths); the bench
+    counts its pairs' tokens as what it trained on (trains_on 'alignment', so its
+    task_tokens_per_s is 0: read tokens_per_s)."""
     from sap_ds.methods import build_method
 
     cfg = load_config(TINY, ["method=repnoise", "train.max_steps=4"])
     method = build_method(cfg)
     assert method.nominal_passes() is None and method.trains_on(0) == "alignment"
     assert cfg.repnoise.relative_step_cost == pytest.approx(3.0)
+
+
+def test_repnoise_flops_add_its_logit_lens_on_the_harmful_sides():
+    """The lens: each of the L + 1 hidden states of every harmful side through the LM head, a
+    forward (H per token) and a backward (H with LoRA, 2H in full fine-tuning), counted from
+    the step's own pairs; none with alpha 0. Checked against the count written out by hand."""
+    from types import SimpleNamespace
+
+    from sap_ds.methods import build_method
+
+    cfg = load_config(TINY, ["method=repnoise", "train.max_steps=4"])
+    method = build_method(cfg)
+    method.mlps = [object()] * SPEC.num_hidden_layers
+    pair = lambda safe, harmful: SimpleNamespace(safe=SimpleNamespace(input_ids=[0] * safe),  # noqa: E731
+                                                 harmful=SimpleNamespace(input_ids=[0] * harmful))
+    trainer = SimpleNamespace(data=SimpleNamespace(safety=[pair(10 + i, 20 + 3 * i) for i in range(8)]), global_batch=4)
+    extra = method.extra_passes(trainer, 1)
+    harmful = [len(trainer.data.safety[i].harmful.input_ids) for i in method.pair_indices(trainer, 1)]
+    assert extra.lens_states == SPEC.num_hidden_layers + 1 and sorted(extra.lens_lengths) == sorted(harmful)
+    lengths = method.trained_lengths(trainer, 1)
+    head = 2 * SPEC.vocab_size * SPEC.hidden_size
+    for fm, backward in ((flops.FlopsModel(SPEC), 2), (flops.FlopsModel(SPEC, 4, ("q_proj",)), 1)):
+        step = fm.step(lengths, lens_lengths=extra.lens_lengths, lens_states=extra.lens_states)
+        lens = (SPEC.num_hidden_layers + 1) * sum(harmful) * head
+        assert step.parts["lens_forward"] == lens and step.parts["lens_backward"] == backward * lens
+        assert step.total == fm.step(lengths).total + (1 + backward) * lens
+    off = build_method(load_config(TINY, ["method=repnoise", "train.max_steps=4", "repnoise.alpha=0"]))
+    assert off.extra_passes(trainer, 1) == ExtraPasses()

@@ -35,6 +35,12 @@ sequences) of the step, all ranks together:
     SFT step = F(T) + B(T)                                     B = B_f or B_l
     SAP step = SFT step + s * (F(S) + B(S)) + p * q * (F(T) + B_p(T))
 
+RepNoise adds its logit lens: each of the K = L + 1 hidden states of the harmful half of its
+pairs (lengths {n_h}) through the LM head, forward and backward (activation grads; the head's
+weight grads too in full fine-tuning):
+
+    lens   = K * sum n_h * H * (1 + b)                 b = 2 full FT, 1 LoRA
+
 where s and p are how often the safety pass and the probe step run: 1 and 1 for the
 authors' settings; observed per step in training and in the benchmark (0 or 1 each step:
 the passes the step ran, ``SapMethod.extra_passes``); ``sap_ds.sap.step.nominal_shares``
@@ -74,12 +80,14 @@ FORMULA = (
     "backward: full FT 2F; LoRA sum_n[n*(L*(M+2*M_a)+H) + 2*L*A(n)] (~1F, activation grads for frozen weights); "
     "probe backward sum_n[n*(Lp*(M+M_a)+H) + 2*Lp*A(n)], Lp = L-1-lowest probe layer (activation grads only); "
     "SFT step = F(task)+B(task); SAP step = SFT + s*(F(safety)+B(safety)) + p*q*(F(task)+B_probe(task)), "
+    "RepNoise's logit lens K*sum(n_harmful)*H*(1+b), K = L+1 hidden states, b = 2 full FT / 1 LoRA, "
     "s, p = 1 on steps where the safety / probe pass ran (observed), else 0; "
     "q = probe passes per probe step: 1 (probe_timing next_step: at W'), 2 (same_step: at W' and at W); "
     "ideal_ratio = SFT FLOPs / SAP FLOPs on the same task batches"
 )
 
-PASSES = ("task_forward", "task_backward", "safety_forward", "safety_backward", "probe_forward", "probe_backward")
+PASSES = ("task_forward", "task_backward", "safety_forward", "safety_backward", "probe_forward", "probe_backward",
+          "lens_forward", "lens_backward")
 
 
 @dataclass(frozen=True)
@@ -152,12 +160,23 @@ class FlopsModel:
 
     # ---- one step
 
+    def lens(self, lengths: Sequence[int], states: int) -> tuple[int, int]:
+        """RepNoise's logit lens: ``states`` hidden states of each sequence through the LM head
+        (forward, backward): H per token forward; backward H (activation grads, LoRA: the head
+        is frozen) or 2H (full fine-tuning: the head's weight grads too)."""
+        tokens = sum(int(n) for n in lengths) * states
+        return tokens * self.head(), tokens * self.head() * (1 if self.lora else 2)
+
     def step(self, task_lengths: Sequence[int], safety_lengths: Sequence[int] = (), *, safety: float = 0.0,
-             probe: float = 0.0, lowest_probe_layer: int = 0, probe_passes: float = 1) -> "StepFlops":
+             probe: float = 0.0, lowest_probe_layer: int = 0, probe_passes: float = 1,
+             lens_lengths: Sequence[int] = (), lens_states: int = 0) -> "StepFlops":
         """FLOPs of one optimizer step: SFT when ``safety`` = ``probe`` = 0; SAP adds the
         safety pass (weight ``safety``) and ``probe_passes`` probe passes on the task batch
-        (weight ``probe``: 1 under ``probe_timing: next_step``, 2 under ``same_step``)."""
+        (weight ``probe``: 1 under ``probe_timing: next_step``, 2 under ``same_step``);
+        RepNoise its logit lens (``lens_states`` hidden states of the ``lens_lengths``
+        sequences through the LM head)."""
         probe = probe * probe_passes
+        lens_forward, lens_backward = self.lens(lens_lengths, lens_states)
         f_task = self.forward(task_lengths)
         parts = {
             "task_forward": f_task,
@@ -166,6 +185,8 @@ class FlopsModel:
             "safety_backward": safety * self.backward(safety_lengths) if safety else 0,
             "probe_forward": probe * f_task if probe else 0,
             "probe_backward": probe * self.probe_backward(task_lengths, lowest_probe_layer) if probe else 0,
+            "lens_forward": lens_forward,
+            "lens_backward": lens_backward,
         }
         return StepFlops({k: float(v) for k, v in parts.items()}, sum(int(n) for n in task_lengths),
                          sum(int(n) for n in safety_lengths) if safety else 0)

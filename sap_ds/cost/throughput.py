@@ -48,7 +48,8 @@ class Throughput:
             return {"model_tflops_per_s": None, "mfu": None, "mfu_note": self.note}
         flops = self.flops_model.step(task_lengths, extra.safety_lengths, safety=extra.safety, probe=extra.probe,
                                       lowest_probe_layer=extra.lowest_probe_layer,
-                                      probe_passes=extra.probe_passes).total
+                                      probe_passes=extra.probe_passes, lens_lengths=extra.lens_lengths,
+                                      lens_states=extra.lens_states).total
         self.flops += flops
         self.seconds += seconds
         return self._entries(flops, seconds)

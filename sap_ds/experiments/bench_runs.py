@@ -340,7 +340,8 @@ def pool_steps(raws: list[dict]) -> Pooled:
             pooled.flops = pooled.flops + fm.step(task_len, extra.safety_lengths if extra.safety else (),
                                                   safety=extra.safety, probe=extra.probe,
                                                   lowest_probe_layer=extra.lowest_probe_layer,
-                                                  probe_passes=extra.probe_passes)
+                                                  probe_passes=extra.probe_passes, lens_lengths=extra.lens_lengths,
+                                                  lens_states=extra.lens_states)
             pooled.sft_flops = pooled.sft_flops + fm.step(task_len)
             pooled.task_lengths += task_len
             pooled.safety_lengths += extra.safety_lengths

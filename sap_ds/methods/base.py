@@ -55,6 +55,8 @@ class ExtraPasses:
     probe: float = 0.0  # forward + activation-only backward over the task batch (SAP's probe pass): 1 where it ran
     probe_passes: float = 1.0  # such passes per probing step, in whole-batch equivalents
     lowest_probe_layer: int = 0  # the probe backward stops at this decoder block's output
+    lens_lengths: tuple[int, ...] = ()  # sequences whose hidden states go through the LM head (RepNoise), all ranks
+    lens_states: int = 0  # how many hidden states of each (RepNoise: L + 1)
 
 
 NO_EXTRA_PASSES = ExtraPasses()

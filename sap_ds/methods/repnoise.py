@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sap_ds.data import collate_pairs, global_batch_indices
 from sap_ds.errors import ConfigError
-from sap_ds.methods.base import Method
+from sap_ds.methods.base import ExtraPasses, Method
 from sap_ds.model.loading import unwrap_model
 from sap_ds.sap.probe import find_decoder_layers
 
@@ -190,9 +190,18 @@ class RepNoiseMethod(Method):
 
     def trained_lengths(self, trainer, step: int) -> list[int]:
         """Both sides of every pair of the global batch: one forward and backward each (the
-        logit lens's L+1 LM-head projections are not in the FLOPs model)."""
+        logit lens on top: ``extra_passes``)."""
         pairs = [trainer.data.safety[i] for i in self.pair_indices(trainer, step)]
         return [len(t.input_ids) for p in pairs for t in (p.safe, p.harmful)]
+
+    def extra_passes(self, trainer, step: int) -> ExtraPasses:
+        """The logit lens (with ``alpha`` > 0): every hidden state of the harmful sides, the
+        embeddings' included, through norm and LM head, forward and backward."""
+        if self.cfg.repnoise.alpha <= 0:
+            return ExtraPasses()
+        pairs = [trainer.data.safety[i] for i in self.pair_indices(trainer, step)]
+        return ExtraPasses(lens_lengths=tuple(len(p.harmful.input_ids) for p in pairs),
+                           lens_states=len(self.mlps) + 1)  # hidden_states: embeddings + every layer
 
     def log_stats(self, trainer) -> dict:
         """The last step's terms, each the mean over this rank's micro-batches: the refusal CE,
