@@ -43,7 +43,7 @@ from sap_ds.experiments.attack_config import (
     task_limit,
 )
 from sap_ds.experiments.comparison_report import scalar_metrics
-from sap_ds.experiments.runs import RunError, RunSet, RunStopped, StaleRun, run_side_by_side
+from sap_ds.experiments.runs import RunError, RunSet, RunStopped, StaleRun, ended_early, run_side_by_side
 from sap_ds.experiments.sweep_report import shown_path
 from sap_ds.files import atomic_write_text
 
@@ -284,12 +284,8 @@ def attack_and_report(args) -> int:
     out = Path(args.out)
     try:
         report = attack(cfg, args.model, out, args.config, Path(args.before_eval) if args.before_eval else None)
-    except RunStopped as exc:
-        print(f"{TAG}: stopped: {exc}", file=sys.stderr, flush=True)
-        return EXIT_STOPPED_RESUMABLE
     except RunError as exc:
-        print(f"{TAG}: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return ended_early(TAG, exc)
     print(markdown(report), flush=True)
     print(f"{TAG}: wrote {out / REPORT_JSON}, {REPORT_MD}", flush=True)
     unfinished = [r for r in report["runs"] if r["status"] != "done"]

@@ -27,12 +27,11 @@ from pydantic import Field, model_validator
 from sap_ds.config.methods import METHOD_SECTIONS
 from sap_ds.config.reading import CONFIG_PATH, read_config_file, validate_tree
 from sap_ds.entry import run_command
-from sap_ds.errors import EXIT_STOPPED_RESUMABLE
 from sap_ds.evaluation.config import _Section
 from sap_ds.experiments.attack import AttackStage
 from sap_ds.experiments.comparison_report import (aggregate, markdown, mean_std, paired_comparisons, run_row,
                                                  scalar_metrics, write_outputs)
-from sap_ds.experiments.runs import RunError, RunSet, RunStopped, run_side_by_side
+from sap_ds.experiments.runs import RunError, RunSet, RunStopped, ended_early, run_side_by_side
 from sap_ds.experiments.stage_config import START_CONFIG_HELP, START_STAGES_HELP, check_start, check_stages
 from sap_ds.experiments.stages import StartStages
 
@@ -220,12 +219,8 @@ def compare_and_report(args) -> int:
     cfg = validate_tree(CompareConfig, read_config_file(args.config, schema=CompareConfig), args.overrides, args.config)
     try:
         report = compare(cfg, args.config)
-    except RunStopped as exc:
-        print(f"sap-ds compare: stopped: {exc}", file=sys.stderr, flush=True)
-        return EXIT_STOPPED_RESUMABLE
     except RunError as exc:
-        print(f"sap-ds compare: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return ended_early("sap-ds compare", exc)
     print(markdown(report), flush=True)
     print(f"sap-ds compare: wrote {Path(cfg.out_dir) / 'comparison.json'}, comparison.md, comparison.png", flush=True)
     return 0

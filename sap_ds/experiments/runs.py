@@ -35,6 +35,17 @@ class RunStopped(RunError):
     a result."""
 
 
+def ended_early(tag: str, exc: RunError) -> int:
+    """The exit code of a command (compare, sweep, attack) whose runs ended early, with its
+    line on stderr: a RunStopped (a stop request; the next call resumes) is "<tag>: stopped:"
+    and 75, as `sap-ds train` exits; any other RunError is "<tag>: error:" and 1."""
+    from sap_ds.errors import EXIT_STOPPED_RESUMABLE
+
+    stopped = isinstance(exc, RunStopped)
+    print(f"{tag}: {'stopped' if stopped else 'error'}: {exc}", file=sys.stderr, flush=True)
+    return EXIT_STOPPED_RESUMABLE if stopped else 1
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

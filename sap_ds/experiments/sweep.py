@@ -37,7 +37,7 @@ from sap_ds.entry import run_command
 from sap_ds.errors import EXIT_STOPPED_RESUMABLE, USER_ERRORS
 from sap_ds.experiments.attack import AttackStage
 from sap_ds.experiments.comparison_report import scalar_metrics
-from sap_ds.experiments.runs import RunError, RunSet, RunStopped, StaleRun, run_side_by_side, say
+from sap_ds.experiments.runs import RunError, RunSet, RunStopped, StaleRun, ended_early, run_side_by_side, say
 from sap_ds.experiments.stage_config import split_start
 from sap_ds.experiments.stages import StartStages
 from sap_ds.experiments.sweep_config import SweepConfig, expand_points
@@ -240,12 +240,11 @@ def sweep_and_report(args) -> int:
         summary, records = run_sweep(cfg, only=args.only, report_only=args.report, eval_only=args.eval_only, points=points)
     except USER_ERRORS:
         raise  # for run_command (a ConfigError is a ValueError too)
-    except RunStopped as exc:  # the start model's re-attack stopped on request: the next call resumes it
-        print(f"{TAG}: stopped: {exc}", file=sys.stderr, flush=True)
-        return EXIT_STOPPED_RESUMABLE
-    except (ValueError, RunError) as exc:  # a bad --only/--points, or an evaluation that failed
+    except RunError as exc:  # an evaluation that failed, or the start model's re-attack stopped on request
+        return ended_early(TAG, exc)
+    except ValueError as exc:  # a bad --only/--points
         print(f"{TAG}: error: {exc}", file=sys.stderr, flush=True)
-        return 2 if isinstance(exc, ValueError) else 1
+        return 2
     failed = [r for r in records if r["status"] != "done"]
     if summary:
         print(markdown(summary), flush=True)
