@@ -219,6 +219,8 @@ def test_attack_end_to_end_as_a_sweep_stage_and_alone(tmp_path, monkeypatch, cap
         saved = json.loads((attack_dir / "config.json").read_text())
         assert saved["method"] == "sft" and saved["model"]["path"] == model and saved["train"]["lr"] == 1.0e-3
         assert not (attack_dir / "checkpoints").exists()  # keep_checkpoints: false
+        # keep_exports: false: the attacked copy's full model is deleted once evaluated, its evaluation stays
+        assert not (attack_dir / "export" / "model").exists() and (attack_dir / "eval" / "eval.json").is_file()
     # the columns the config was checked against before anything ran are the ones the evaluation reports
     plan = AttackPlan(load_attack_config(str(attack)), "tiny-random", out, "x")
     assert set(task_columns(plan.eval_cfg)) <= set(report["before"]["metrics"])
@@ -243,6 +245,16 @@ def test_attack_end_to_end_as_a_sweep_stage_and_alone(tmp_path, monkeypatch, cap
     record = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[0])
     assert record["metrics"].items() >= stage_columns(report).items()
     assert "re-attack harmful score (bounded worst)" in (tmp_path / "out" / "sweep.md").read_text()
+
+    # an eval config changed since cannot re-evaluate an attacked copy whose model was deleted: every point
+    # says why (exit 1), none is retrained, and the model under attack is evaluated afresh beside its old eval
+    trained = {p: (p / "summary.json").stat().st_mtime for p in out.glob("pure_bad/*/seed0")}
+    assert main(["--config", str(attack), "--model", model, "--out", str(out),
+                 "eval_overrides=[generation.max_new_tokens=3]"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("stale: pure_bad") == 2 and "deleted after its evaluation (keep_exports: false)" in err
+    assert {p: (p / "summary.json").stat().st_mtime for p in out.glob("pure_bad/*/seed0")} == trained
+    assert (out / "before" / "eval.json").is_file()
 
 
 @pytest.mark.parametrize("parallel", [1, 2])

@@ -11,7 +11,8 @@ Every attack run is a training run as ``sap-ds compare`` launches one
 overrides, in ``<out>/<attack>/lr<lr>_steps<steps>/seed<seed>``; all of their configs are
 built and validated before the first launch. It is resumable as compare is: a finished run
 is reused when its config is the same (stale otherwise), an ``eval.json`` of the same model
-and eval config is not recomputed. Outputs, rewritten atomically after every run:
+and eval config is not recomputed; an attacked copy's full model is deleted once it is
+evaluated (``keep_exports: false``, the default: a copy per grid point). Outputs, rewritten atomically after every run:
 ``attack.json`` (every grid point's metrics, which points fell outside the bound and why,
 the bounded worst case per attack and overall) and ``attack.md``.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +45,15 @@ from sap_ds.experiments.attack_config import (
     task_limit,
 )
 from sap_ds.experiments.comparison_report import scalar_metrics
-from sap_ds.experiments.runs import RunError, RunSet, RunStopped, StaleRun, ended_early, run_side_by_side
+from sap_ds.experiments.runs import (
+    RunError,
+    RunSet,
+    RunStopped,
+    StaleRun,
+    ended_early,
+    reusable_evaluation,
+    run_side_by_side,
+)
 from sap_ds.experiments.sweep_report import shown_path
 from sap_ds.files import atomic_write_text
 
@@ -89,16 +99,27 @@ class AttackPlan(RunSet):
         folder) when it was made from this model with this eval config, so it is reused,
         else ``<out>/before``. The test is the one ``evaluate_model`` reuses by, so a given
         evaluation is never overwritten."""
-        from sap_ds.evaluation.config import to_dict
-
         if given is not None:
             folder = given.parent if given.name == "eval.json" else given
-            done = folder / "eval.json"
-            if done.is_file():
-                previous = json.loads(done.read_text(encoding="utf-8"))
-                if previous.get("model") == self.start_model and previous.get("config") == to_dict(self.eval_cfg):
-                    return folder
+            if reusable_evaluation(folder, self.start_model, self.eval_cfg) is not None:
+                return folder
         return self.out / "before"
+
+    def evaluate_attacked_copy(self, model: str, run: dict, alone: bool) -> dict:
+        """Evaluate one attack run's export; then, unless ``keep_exports``, delete its full
+        model (``export/model``: a copy of the attacked model's size per grid point, 140 GB
+        each at 70B), keeping the evaluation, the LoRA adapter when there is one, and the
+        summary, which is all the report and a rerun with the same eval config read. A later
+        eval config that needs the deleted model is a StaleRun that says so."""
+        eval_dir = run["run_dir"] / "eval"
+        if not Path(model).is_dir() and reusable_evaluation(eval_dir, model, self.eval_cfg) is None:
+            raise StaleRun(f"{run['run_dir']}: its export/model was deleted after its evaluation (keep_exports: false) "
+                           "and the eval config has changed since, so it cannot be evaluated again; move the folder "
+                           "away to rerun this attack (or set keep_exports: true before the first run)")
+        metrics = self.evaluate(model, eval_dir, in_process=alone)
+        if not self.attack_cfg.keep_exports and Path(model).is_dir():
+            shutil.rmtree(model)
+        return metrics
 
     def execute(self, run: dict, alone: bool = True) -> dict:
         """Train (unless finished) and evaluate one attack run; a failure becomes a record, so
@@ -112,7 +133,7 @@ class AttackPlan(RunSet):
                 return {**record, "status": "stopped", "error": f"{what} stopped before its last step; its checkpoint "
                         f"is in {run['run_dir'] / 'checkpoints'} and the next call resumes it"}
             model = self.exported_model(run)
-            metrics = self.evaluate(model, run["run_dir"] / "eval", in_process=alone)
+            metrics = self.evaluate_attacked_copy(model, run, alone)
         except StaleRun as exc:
             return {**record, "status": "stale", "error": str(exc)}
         except RunError as exc:

@@ -71,6 +71,9 @@ class AttackConfig(_Section):
     eval_overrides: list[str] = Field(default_factory=list)
     keep_checkpoints: bool = Field(False, description="Keep each attack run's ZeRO checkpoints once it has exported "
                                    "(default false: a grid of attacks per model would keep a training state each).")
+    keep_exports: bool = Field(False, description="Keep each attack run's exported full model once it is evaluated "
+                               "(default false: only its evaluation, summary and LoRA adapter stay; a grid point "
+                               "would otherwise keep a copy of the attacked model, 140 GB at 70B).")
 
     @field_validator("attacks")
     @classmethod

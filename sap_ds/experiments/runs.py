@@ -206,6 +206,19 @@ class RunSet:
                               self.cfg.eval_nproc or self.cfg.nproc, self.tag, in_process)
 
 
+def reusable_evaluation(out: Path, model: str, eval_cfg) -> Optional[dict]:
+    """``out/eval.json`` when it was made from ``model`` with ``eval_cfg`` (it is reused, not
+    recomputed), else None. The one test every reuse of an evaluation goes by."""
+    from sap_ds.evaluation.config import to_dict
+
+    done = Path(out) / "eval.json"
+    if done.is_file():
+        previous = json.loads(done.read_text(encoding="utf-8"))
+        if previous.get("model") == model and previous.get("config") == to_dict(eval_cfg):
+            return previous
+    return None
+
+
 def evaluate_model(model: str, out: Path, config_path: str, eval_cfg, eval_overrides: list[str], nproc: int,
                    tag: str = "sap-ds", in_process: bool = True) -> dict:
     """Evaluate ``model`` into ``out/eval.json`` and return its metrics; an ``eval.json``
@@ -213,13 +226,9 @@ def evaluate_model(model: str, out: Path, config_path: str, eval_cfg, eval_overr
     second start-up of torch and transformers per model) unless ``in_process`` is False
     (evaluations beside other runs: each its own process, its output in its log), more
     through the launcher."""
-    from sap_ds.evaluation.config import to_dict
-
-    done = out / "eval.json"
-    if done.is_file():
-        previous = json.loads(done.read_text(encoding="utf-8"))
-        if previous.get("model") == model and previous.get("config") == to_dict(eval_cfg):
-            return previous["metrics"]
+    previous = reusable_evaluation(out, model, eval_cfg)
+    if previous is not None:
+        return previous["metrics"]
     if nproc == 1 and in_process:
         from sap_ds.evaluation.evaluate import evaluate
         from sap_ds.evaluation.output import write_report
@@ -230,7 +239,7 @@ def evaluate_model(model: str, out: Path, config_path: str, eval_cfg, eval_overr
         return result["metrics"]
     cmd = launch_command("eval.py", nproc) + ["--model", model, "--config", config_path, "--out", str(out), *eval_overrides]
     run_logged(cmd, out / "eval.log", f"eval {model}", tag, echo=in_process)
-    return json.loads(done.read_text(encoding="utf-8"))["metrics"]
+    return json.loads((out / "eval.json").read_text(encoding="utf-8"))["metrics"]
 
 
 def launch_order(runs: list[dict]) -> list[int]:
