@@ -259,6 +259,47 @@ def _gibberish_eval_metrics() -> dict:
             "tasks": {"gsm8k": {"accuracy": 0.0, "n": 3}, "gsm8k_test": {"loss": 9.5, "n": 4}}}
 
 
+def test_a_comparison_over_settings_also_plots_each_method_across_them(tmp_path):
+    """With several settings (the attack matrix's ratios) write_outputs adds
+    comparison_settings.png: per measure a panel, the settings in order along x, a line per
+    method through its means (a method missing in a setting has no point there), the start
+    model dashed; the legend inside the picture and over no panel. One setting: no such file."""
+    import matplotlib.pyplot as plt
+
+    from sap_ds.experiments.comparison_report import aggregate, settings_figure, write_outputs
+
+    def run(setting, method, seed, harmful, xstest, loss):
+        return {"setting": setting, "method": method, "seed": seed, "train": {"tokens_per_s": 1.0},
+                "metrics": {"harmful score": harmful, "XSTest over-refusal (%)": xstest, "gsm8k_test loss": loss,
+                            "gsm8k acc (%)": 3.0}}
+
+    runs = [run("p0", "sft", 1, 10.0, 40.0, 1.2), run("p0", "sft", 2, 20.0, 50.0, 1.4),
+            run("p0.1", "sft", 1, 60.0, 15.0, 1.1), run("p0.1", "sap", 1, 15.0, 49.0, 1.15),
+            run("p0.2", "sft", 1, 80.0, 10.0, 1.0), run("p0.2", "sap", 1, 30.0, 45.0, 1.05)]
+    start = {"model": "start", "setting": None, "method": None, "seeds": [],
+             "columns": {"harmful score": {"mean": 1.0, "std": None}, "XSTest over-refusal (%)": {"mean": 71.0, "std": None},
+                         "gsm8k_test loss": {"mean": 1.32, "std": None}}}
+    report = {"date": "today", "start_model": "m", "rows": [start, *aggregate(runs)]}
+    fig = settings_figure(report)
+    assert [ax.get_title() for ax in fig.axes] == ["harmful score", "XSTest over-refusal (%)", "gsm8k_test loss"]
+    harm = fig.axes[0]
+    assert [t.get_text() for t in harm.get_xticklabels()] == ["p0", "p0.1", "p0.2"]
+    by_label = {c.get_label(): c.lines[0] for c in harm.containers}  # each method's errorbar: its data line
+    assert list(by_label["sft"].get_xdata()) == [0, 1, 2] and list(by_label["sft"].get_ydata()) == [15.0, 60.0, 80.0]
+    assert list(by_label["sap"].get_xdata()) == [1, 2] and list(by_label["sap"].get_ydata()) == [15.0, 30.0]
+    assert [list(line.get_ydata()) for line in harm.get_lines() if line.get_label() == "start model"] == [[1.0, 1.0]]
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["sap", "sft", "start model"]
+    assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1
+    assert not any(legend.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    plt.close(fig)
+    write_outputs(report, tmp_path / "many")
+    assert (tmp_path / "many" / "comparison_settings.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    write_outputs({**report, "rows": [start, *aggregate([r for r in runs if r["setting"] == "p0.1"])]}, tmp_path / "one")
+    assert (tmp_path / "one" / "comparison.png").is_file() and not (tmp_path / "one" / "comparison_settings.png").exists()
+
+
 def test_tables_lead_with_harm_xstest_over_refusal_and_coherence(tmp_path):
     """Columns in order: harmful score, XSTest over-refusal (authors' rule), the incoherent
     share and the harmful score over coherent answers, then the rest; a gibberish model's

@@ -227,12 +227,59 @@ def comparison_figure(report: dict):
     return fig
 
 
+def settings_figure(report: dict):
+    """With several settings (an attack matrix's poisoning ratios): one panel per measure,
+    harmful score, the leading over-refusal and the first task column (a test loss when
+    there is one: the sensitive task measure on a small model), the settings in the
+    config's order along x, one line per method (per start and method with alignment
+    stages), ± std over seeds, and the start model as a dashed line. How each defence's
+    harm and cost move with the attack's strength, which 30 bars side by side hide."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if r.get("setting") is not None]
+    start = next((r for r in report["rows"] if r.get("model") == "start"), None)
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    present = list(dict.fromkeys(n for r in rows for n in r["columns"]))
+    task = [n for n in present if n.endswith(" loss")][:1] or [n for n in present if n.endswith("acc (%)")][:1]
+    names = [n for n in (HARMFUL_SCORE, over_refusal_column(present), *task) if n in present]
+    lines: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        label = f"{r['start']}/{r['method']}" if r.get("start") else r["method"]
+        lines.setdefault(label, {})[r["setting"]] = r["columns"]
+    width = 4.2 * len(names) + 2.2  # inches; the last 2.2 hold the legend, beside the panels
+    fig, axes = plt.subplots(1, len(names), figsize=(width, 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for label, by_setting in lines.items():
+            xs = [i for i, s in enumerate(settings) if (by_setting.get(s, {}).get(name) or {}).get("mean") is not None]
+            stats = [by_setting[settings[i]][name] for i in xs]
+            ax.errorbar(xs, [st["mean"] for st in stats], yerr=[st["std"] or 0.0 for st in stats], marker="o",
+                        capsize=3, label=label)
+        if start and (start["columns"].get(name) or {}).get("mean") is not None:
+            ax.axhline(start["columns"][name]["mean"], color="grey", linestyle="--", linewidth=1, label="start model")
+        ax.set_xticks(range(len(settings)), settings)
+        ax.set_title(name, fontsize=9)
+        if not name.endswith(" loss"):
+            ax.set_ylim(0, 100)
+    right = 1.0 - 2.2 / width
+    fig.tight_layout(rect=(0.0, 0.0, right, 1.0))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(right, 0.5), fontsize=8)
+    return fig
+
+
 def plot(report: dict, path: Path) -> None:
     atomic_save_figure(comparison_figure(report), path, dpi=120)
 
 
 def write_outputs(report: dict, out: Path) -> None:
+    """comparison.json, .md and .png; with more than one setting also
+    comparison_settings.png (``settings_figure``)."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "comparison.json", json.dumps(report, indent=1))
     atomic_write_text(out / "comparison.md", markdown(report))
     plot(report, out / "comparison.png")
+    if len({r["setting"] for r in report["rows"] if r.get("setting") is not None}) > 1:
+        atomic_save_figure(settings_figure(report), out / "comparison_settings.png", dpi=120)
