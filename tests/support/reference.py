@@ -280,10 +280,7 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
         if lisa is not None and step > cfg.lisa.proximal_after * steps and cfg.lisa.rho > 0:
             anchor = lisa.finetune_weights if lisa.status == "alignment" else lisa.alignment_weights
             (cfg.lisa.rho / 2 * sum(torch.norm(p - a) ** 2 for p, a in zip(params, anchor))).backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        opt.step()
-        sched.step()
+        finish_step(params, opt, sched, t.grad_clip)
         if probing and not same_step:
             total = gv + probe.v.grad if k == gas else gv  # k < gas: gv holds both sides already
             if s.probe_reset:
@@ -295,14 +292,30 @@ def run_reference(cfg: RunConfig, world: int, steps: int) -> dict:
             probe.v.grad = None
             if not (same_step and probing):
                 _rescale(probe, s, rank_norms)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     return {
-        "params": {n: p.detach().clone() for n, p in zip(names, params)},
+        "params": trained_params(model, params),
         "probe": probe.v.detach().clone() if probe is not None else None,
         "losses": losses,
         "examples_trained": examples_trained,
         "safety_mix_rows": data.safety_mix_rows,
     }
+
+
+def finish_step(params, opt, sched, grad_clip: float) -> None:
+    """The end of every reference's step, after its backward passes, in HF Trainer's order
+    (the authors' trainers and sap-ds's engine alike): clip to ``grad_clip``, the
+    optimizer's step, the schedule's step."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+
+
+def trained_params(model, params) -> dict:
+    """The trained parameters by name (``params``: the model's trainable ones, in order), as
+    every reference returns them for the comparison with the engine's."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {n: p.detach().clone() for n, p in zip(names, params)}
 
 
 RTOL = 1e-5  # the tolerance of a 2-rank ZeRO-3 run against the reference (fp32)

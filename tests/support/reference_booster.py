@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from sap_ds.data import collate, global_batch_indices
-from tests.support.reference import _ce, _micro_batch, reference_setup
+from tests.support.reference import _ce, _micro_batch, finish_step, reference_setup, trained_params
 
 HARMFUL_SEED_OFFSET = 17  # the harmful batches' order (sap_ds/methods/booster.py), not part of the algorithm
 
@@ -100,12 +100,8 @@ def run_booster_reference(cfg, world: int, steps: int) -> dict:
             for p, s, q in zip(params, stored_grads, perturb_grads):  # L373-375
                 p.grad.data = p.grad.data + b.lamb * s - b.lamb * q
         # HF Trainer after training_step: clip to max_grad_norm, optimizer.step(), lr_scheduler.step()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        opt.step()
-        sched.step()
+        finish_step(params, opt, sched, t.grad_clip)
         losses.append(step_losses)
         harmful_losses.append(step_harmful)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return {"params": {n: p.detach().clone() for n, p in zip(names, params)}, "losses": losses,
+    return {"params": trained_params(model, params), "losses": losses,
             "harmful_losses": harmful_losses}

@@ -30,7 +30,7 @@ from torch import nn
 
 from sap_ds.data import collate_pairs, global_batch_indices
 from sap_ds.methods.repnoise import PAIR_SEED_OFFSET, noise_seed
-from tests.support.reference import reference_setup
+from tests.support.reference import finish_step, reference_setup, trained_params
 
 
 def register_activation_hook(model, wanted):
@@ -151,10 +151,6 @@ def run_repnoise_reference(cfg, world: int, steps: int) -> dict:
                 loss = rep_noise_loss(hf, harmful, harmless, c.beta, c.alpha, c.kernel_mul, c.kernel_num, gen, n_layers)
                 (loss / (world * gas)).backward()
                 step_losses.append(loss.item())
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        opt.step()
-        sched.step()
+        finish_step(params, opt, sched, t.grad_clip)
         losses.append(step_losses)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return {"params": {n: p.detach().clone() for n, p in zip(names, params)}, "losses": losses}
+    return {"params": trained_params(model, params), "losses": losses}

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.support.reference import _ce, _micro_batch, reference_setup
+from tests.support.reference import _ce, _micro_batch, finish_step, reference_setup, trained_params
 
 
 def _loss(model, batch):
@@ -105,13 +105,9 @@ def run_vaccine_reference(cfg, world: int, steps: int) -> dict:
                     h.remove()
                 step_losses.append(loss2.item())
         # HF Trainer after training_step: clip to max_grad_norm, optimizer.step(), lr_scheduler.step()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        opt.step()
-        sched.step()
+        finish_step(params, opt, sched, t.grad_clip)
         losses.append(step_losses)
         unperturbed.append(step_unperturbed)
         norms.append(step_norms)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return {"params": {n: p.detach().clone() for n, p in zip(names, params)}, "losses": losses,
+    return {"params": trained_params(model, params), "losses": losses,
             "unperturbed_losses": unperturbed, "grad_norms": norms}
