@@ -35,10 +35,12 @@ def read_attack(folder: Path) -> dict:
 
 
 def before_eval(folder: Path, report: dict) -> Path:
-    """The attacked model's own evaluation: where attack.json says (a run's eval/, reused),
-    else the attack's before/ folder."""
-    given = Path(report["before"]["eval"])
-    return given if given.is_file() else folder / "before" / "eval.json"
+    """The attacked model's own evaluation: where attack.json says; else, for a folder run
+    or read from elsewhere, the attack's own before/ or, for the re-attack stage of compare
+    and sweep, the run's eval/ beside the attack folder (the stage reuses it only when it
+    was made with the attack's eval config, and evaluates into before/ otherwise)."""
+    candidates = [Path(report["before"]["eval"]), folder / "before" / "eval.json", folder.parent / "eval" / "eval.json"]
+    return next((c for c in candidates if c.is_file()), candidates[1])
 
 
 def groups_of(label: str, folder: Path) -> tuple[dict[str, dict[int, Path]], list[str], list[str]]:

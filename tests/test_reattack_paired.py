@@ -21,10 +21,11 @@ def _eval(path, harmful_hits, nll=2.0):
     (path / "eval.json").write_text(json.dumps({"records": records}))
 
 
-def _attack(folder, before_hits, points, unfinished=()):
+def _attack(folder, before_hits, points, unfinished=(), stage=False):
     """An attack folder as sap-ds attack writes it; ``points``: (attack, lr, steps) -> harmful hits.
-    attack.json names the paths where the attack ran (here: a folder that no longer exists)."""
-    _eval(folder / "before", before_hits)
+    attack.json names the paths where the attack ran (here: a folder that no longer exists).
+    ``stage``: as compare's re-attack stage leaves it, the run's own eval/ beside it as 'before'."""
+    _eval(folder.parent / "eval" if stage else folder / "before", before_hits)
     runs = []
     for (attack, lr, steps), hits in points.items():
         _eval(folder / attack / f"lr{lr:g}_steps{steps}" / "seed42" / "eval", hits, nll=1.5)
@@ -38,7 +39,7 @@ def test_each_attacked_copy_is_paired_with_the_reference_at_the_same_point(tmp_p
     ref, row = tmp_path / "sft" / "seed1" / "attack", tmp_path / "sap" / "seed1" / "attack"
     _attack(ref, 10, {("pure_bad", 1e-3, 8): 20, ("poison_0.5", 5e-4, 8): 16})
     _attack(row, 2, {("pure_bad", 1e-3, 8): 20, ("poison_0.5", 5e-4, 8): 6, ("poison_0.5", 1e-3, 16): 20},
-            unfinished=[("pure_bad", 5e-4, 16)])
+            unfinished=[("pure_bad", 5e-4, 16)], stage=True)
     proc = subprocess.run([sys.executable, str(SCRIPT), "--reference", str(ref), str(row)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     lines = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.splitlines() if line.startswith("| sap")}
