@@ -60,17 +60,22 @@ def groups_of(label: str, folder: Path) -> tuple[dict[str, dict[int, Path]], lis
     return groups, list(dict.fromkeys(points)), missing
 
 
+def model_label(folder: Path) -> str:
+    """A run's name for its attack folder (``<run>/<seed>/attack`` -> ``<run>``), else the folder's own."""
+    return folder.parent.parent.name if folder.name == "attack" else folder.name
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path, help="attack folders to read against the reference")
     parser.add_argument("--reference", required=True, type=Path, help="the reference model's attack folder")
     parser.add_argument("--metrics", help="comma-separated columns to print (default: every one both have)")
     args = parser.parse_args(argv)
-    ref_label = args.reference.parent.parent.name if args.reference.name == "attack" else args.reference.name
+    ref_label = model_label(args.reference)
     ref_groups, ref_points, notes = groups_of(ref_label, args.reference)
     groups, pairs = dict(ref_groups), []
     for folder in args.folders:
-        label = folder.parent.parent.name if folder.name == "attack" else folder.name
+        label = model_label(folder)
         if label == ref_label:
             label = str(folder)
         row_groups, points, missing = groups_of(label, folder)

@@ -112,10 +112,13 @@ class AttackPlan(RunSet):
         summary, which is all the report and a rerun with the same eval config read. A later
         eval config that needs the deleted model is a StaleRun that says so."""
         eval_dir = run["run_dir"] / "eval"
-        if not Path(model).is_dir() and reusable_evaluation(eval_dir, model, self.eval_cfg) is None:
-            raise StaleRun(f"{run['run_dir']}: its export/model was deleted after its evaluation (keep_exports: false) "
-                           "and the eval config has changed since, so it cannot be evaluated again; move the folder "
-                           "away to rerun this attack (or set keep_exports: true before the first run)")
+        if not Path(model).is_dir():
+            previous = reusable_evaluation(eval_dir, model, self.eval_cfg)
+            if previous is None:
+                raise StaleRun(f"{run['run_dir']}: its export/model was deleted after its evaluation (keep_exports: "
+                               "false) and the eval config has changed since, so it cannot be evaluated again; move "
+                               "the folder away to rerun this attack (or set keep_exports: true before the first run)")
+            return previous["metrics"]
         metrics = self.evaluate(model, eval_dir, in_process=alone)
         if not self.attack_cfg.keep_exports and Path(model).is_dir():
             shutil.rmtree(model)
