@@ -43,11 +43,12 @@ def before_eval(folder: Path, report: dict) -> Path:
     return next((c for c in candidates if c.is_file()), candidates[1])
 
 
-def groups_of(label: str, folder: Path) -> tuple[dict[str, dict[int, Path]], list[str], list[str]]:
+def groups_of(label: str, folder: Path) -> tuple[dict[str, dict[int | str, Path]], list[str], list[str]]:
     """Row name -> seed -> eval.json for the model before the attack and each finished grid
     point; the point names in grid order; why any point is left out."""
     report = read_attack(folder)
-    groups = {f"{label} before attack": {0: before_eval(folder, report)}}
+    # the model before the attack has no attack seed: "-" pairs the two models and prints as "-"
+    groups = {f"{label} before attack": {"-": before_eval(folder, report)}}
     points, missing = [], []
     for run in report["runs"]:
         point = f"{run['attack']} lr {run['lr']:g} x{run['steps']}"

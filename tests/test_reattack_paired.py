@@ -44,7 +44,7 @@ def test_each_attacked_copy_is_paired_with_the_reference_at_the_same_point(tmp_p
     assert proc.returncode == 0, proc.stderr
     lines = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.splitlines() if line.startswith("| sap")}
     # 20 prompts: 2 vs 10 harmful is -40 points; the same 20 of 20 is exactly 0; 6 vs 16 is -50
-    assert "| sft before attack | 0 | -40.00 [" in lines["sap before attack"]
+    assert "| sft before attack | - | -40.00 [" in lines["sap before attack"]
     assert "| sft pure_bad lr 0.001 x8 | 42 | +0.00 [+0.00, +0.00] interval includes 0 |" in lines["sap pure_bad lr 0.001 x8"]
     assert "| -50.00 [" in lines["sap poison_0.5 lr 0.0005 x8"] and "distinguishable" in lines["sap poison_0.5 lr 0.0005 x8"]
     assert "sap poison_0.5 lr 0.001 x16" not in lines  # the reference has no such point
