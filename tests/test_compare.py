@@ -198,6 +198,32 @@ def test_method_overrides_apply_to_that_method_only(monkeypatch):
         CompareConfig(train_config="x", eval_config="y", methods=["sft"], method_overrides={"sap": []})
 
 
+def test_methods_on_the_command_line_run_part_of_a_config(monkeypatch, tmp_path, capsys):
+    """`methods=[...]` on the command line runs part of a config's rows: the rows it keeps
+    keep their method_overrides, the others' are dropped with a line that says so; in the
+    file an override for a label not among methods stays an error."""
+    from sap_ds.config.reading import ConfigError, read_config_file, validate_tree
+    from sap_ds.experiments.compare import CompareConfig, Plan, methods_chosen_on_command_line
+
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "matrix.yaml"
+    config.write_text(yaml.safe_dump({
+        "train_config": str(REPO / "configs/tiny.yaml"), "eval_config": str(REPO / "configs/eval/tiny.yaml"),
+        "start_model": "tiny-random", "methods": ["sft", "sft_lr5e-4", "sap", "safety_mix"], "out_dir": "runs/unused",
+        "method_overrides": {"sft_lr5e-4": ["method=sft", "train.lr=5e-4"], "sap": ["sap.probe_fraction=0.125"],
+                             "safety_mix": ["safety_mix.ratio=0.1"]}}))
+    overrides = ["methods=[sft, sft_lr5e-4]"]
+    tree = methods_chosen_on_command_line(read_config_file(config, schema=CompareConfig), overrides)
+    assert "method_overrides of safety_mix, sap not used" in capsys.readouterr().err
+    runs = {r["method"]: r["overrides"] for r in Plan(validate_tree(CompareConfig, tree, overrides, str(config))).runs}
+    assert list(runs) == ["sft", "sft_lr5e-4"] and "train.lr=5e-4" in runs["sft_lr5e-4"]
+    with pytest.raises(ConfigError, match="method_overrides: .*'sap'.* not among methods"):
+        validate_tree(CompareConfig, read_config_file(config, schema=CompareConfig), overrides, str(config))
+    # no methods override: the file is read as written
+    whole = read_config_file(config, schema=CompareConfig)
+    assert methods_chosen_on_command_line(whole, ["seeds=[1]"]) == whole and not capsys.readouterr().err
+
+
 def test_any_method_is_a_compared_method(monkeypatch):
     """methods takes the run config's method names (the safety_mix baseline among them) and
     nothing else; each run trains its method."""

@@ -25,7 +25,7 @@ from typing import Optional
 from pydantic import Field, model_validator
 
 from sap_ds.config.methods import METHOD_SECTIONS
-from sap_ds.config.reading import CONFIG_PATH, read_config_file, validate_tree
+from sap_ds.config.reading import CONFIG_PATH, parse_overrides, read_config_file, validate_tree
 from sap_ds.entry import run_command
 from sap_ds.evaluation.config import _Section
 from sap_ds.experiments.attack import AttackStage
@@ -215,8 +215,25 @@ def main(argv=None) -> int:
     return run_command(lambda: compare_and_report(args))
 
 
+def methods_chosen_on_command_line(tree: dict, overrides: list[str]) -> dict:
+    """``tree`` with the method_overrides of the labels a ``methods=[...]`` override leaves
+    out dropped, and a line that says which: running part of a config's rows (``sap-ds
+    compare --config the_matrix.yaml 'methods=[sft, sap]'``) needs no copy of the file. In the
+    file itself an override for an unlisted label stays an error (most often a typo)."""
+    chosen = dict(parse_overrides(list(overrides))).get("methods")
+    table = tree.get("method_overrides")
+    if not isinstance(chosen, list) or not isinstance(table, dict):
+        return tree
+    unused = [label for label in table if label not in chosen]
+    if unused:
+        print(f"sap-ds compare: methods={chosen} from the command line; method_overrides of {', '.join(unused)} "
+              "not used", file=sys.stderr, flush=True)
+    return {**tree, "method_overrides": {label: value for label, value in table.items() if label in chosen}}
+
+
 def compare_and_report(args) -> int:
-    cfg = validate_tree(CompareConfig, read_config_file(args.config, schema=CompareConfig), args.overrides, args.config)
+    tree = methods_chosen_on_command_line(read_config_file(args.config, schema=CompareConfig), args.overrides)
+    cfg = validate_tree(CompareConfig, tree, args.overrides, args.config)
     try:
         report = compare(cfg, args.config)
     except RunError as exc:
