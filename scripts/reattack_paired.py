@@ -1,7 +1,7 @@
 """Is a defence's model still different from a reference model after both are attacked again?
 
     python scripts/reattack_paired.py --reference runs/x/p0.1/sft_lr6e-4/seed1/attack \
-        runs/x/p0.1/sap/seed1/attack [more attack folders] [--metrics "harmful score,gsm8k_test loss"]
+        runs/x/p0.1/sap/seed1/attack [more attack folders] [--metrics "harmful score,gsm8k_test loss"] [--pool]
 
 ``sap-ds attack`` (alone or as the re-attack stage of compare and sweep) reports each model's
 bounded worst case, a single number per model with no interval, and the worst points of two
@@ -13,6 +13,12 @@ they were before the attack. Read-only: it reads ``attack.json`` for the grid an
 ``<attack>/lr<lr>_steps<steps>/seed<seed>/eval/eval.json``, found under the attack folder
 itself, so a moved folder still reads. A point the reference lacks, or that did not finish,
 is listed below the table instead of a number.
+
+``--pool`` adds, per attack (pure_bad, poison_0.5, ...), one row for the mean over that
+attack's grid points of the same difference: the points both models finished enter as the
+"seeds" of ``paired_difference`` do, so every bootstrap replicate draws one set of prompts
+for all of them and the interval is that of the grid's mean (a summary across models and
+poisoning ratios; which single point is worst is what the bounded worst case says).
 """
 from __future__ import annotations
 
@@ -43,9 +49,14 @@ def before_eval(folder: Path, report: dict) -> Path:
     return next((c for c in candidates if c.is_file()), candidates[1])
 
 
+def pooled_name(label: str, attack: str) -> str:
+    return f"{label} {attack}, mean of its grid"
+
+
 def groups_of(label: str, folder: Path) -> tuple[dict[str, dict[int | str, Path]], list[str], list[str]]:
     """Row name -> seed -> eval.json for the model before the attack and each finished grid
-    point; the point names in grid order; why any point is left out."""
+    point, and per attack the pooled row (``pooled_name``: "lr <lr> x<steps> seed <seed>" ->
+    eval.json over its points); the point names in grid order; why any point is left out."""
     report = read_attack(folder)
     # the model before the attack has no attack seed: "-" pairs the two models and prints as "-"
     groups = {f"{label} before attack": {"-": before_eval(folder, report)}}
@@ -57,6 +68,7 @@ def groups_of(label: str, folder: Path) -> tuple[dict[str, dict[int | str, Path]
             continue
         eval_json = folder / point_dir(run["attack"], run["lr"], run["steps"]) / f"seed{run['seed']}" / "eval" / "eval.json"
         groups.setdefault(f"{label} {point}", {})[run["seed"]] = eval_json
+        groups.setdefault(pooled_name(label, run["attack"]), {})[f"lr {run['lr']:g} x{run['steps']} seed {run['seed']}"] = eval_json
         points.append(point)
     return groups, list(dict.fromkeys(points)), missing
 
@@ -71,6 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="attack folders to read against the reference")
     parser.add_argument("--reference", required=True, type=Path, help="the reference model's attack folder")
     parser.add_argument("--metrics", help="comma-separated columns to print (default: every one both have)")
+    parser.add_argument("--pool", action="store_true",
+                        help="add per attack the mean over its grid points of the difference, with its interval")
     args = parser.parse_args(argv)
     ref_label = model_label(args.reference)
     ref_groups, ref_points, notes = groups_of(ref_label, args.reference)
@@ -88,7 +102,14 @@ def main(argv=None) -> int:
                 pairs.append((f"{label} {point}", f"{ref_label} {point}", "reference"))
             else:
                 notes.append(f"{label} {point}: the reference has no finished run at this point")
+        if args.pool:
+            attacks = dict.fromkeys(point.split(" lr ")[0] for point in points)
+            pairs += [(pooled_name(label, a), pooled_name(ref_label, a), "reference") for a in attacks]
     entries = paired_rows(groups, pairs)
+    for entry in entries:
+        if entry["row"].endswith(", mean of its grid"):
+            # the pooled row's "seeds" are the grid points both models finished
+            entry["seeds"] = [f"{len(entry['seeds'])} point{'s' if len(entry['seeds']) != 1 else ''}"]
     if args.metrics:
         wanted = [m.strip() for m in args.metrics.split(",")]
         unknown = [m for m in wanted if not any(m in e["metrics"] for e in entries)]

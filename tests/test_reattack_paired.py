@@ -63,3 +63,26 @@ def test_a_folder_without_an_attack_report_is_named(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--reference", str(tmp_path), str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and f"{tmp_path / 'attack.json'}: not an attack report" in proc.stderr
+
+
+def test_pool_gives_the_mean_over_each_attacks_grid_with_one_interval(tmp_path):
+    """--pool: per attack, the mean over the points both models finished of the per-point
+    difference (here -50 and -10 -> -30 over 2 points, pure_bad's 0 over 1), its interval
+    inside the per-point ones' span, and no pooled row from a point only one model has."""
+    ref, row = tmp_path / "sft" / "seed1" / "attack", tmp_path / "sap" / "seed1" / "attack"
+    _attack(ref, 10, {("pure_bad", 1e-3, 8): 20, ("poison_0.5", 5e-4, 8): 16, ("poison_0.5", 1e-3, 8): 12})
+    _attack(row, 2, {("pure_bad", 1e-3, 8): 20, ("poison_0.5", 5e-4, 8): 6, ("poison_0.5", 1e-3, 8): 10,
+                     ("poison_0.5", 1e-3, 16): 20})
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--reference", str(ref), str(row), "--pool", "--metrics",
+                           "harmful score"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| sap")}
+    pooled = cells["sap poison_0.5, mean of its grid"]
+    assert pooled[1:3] == ["sft poison_0.5, mean of its grid", "2 points"]
+    assert pooled[3].startswith("-30.00 [") and pooled[3].endswith("distinguishable |")
+    low, high = (float(v) for v in pooled[3].split("[")[1].split("]")[0].split(", "))
+    assert -50 < low < -30 < high < -10
+    assert cells["sap pure_bad, mean of its grid"][2:4] == ["1 point", "+0.00 [+0.00, +0.00] interval includes 0 |"]
+    # without --pool the table is the per-point one alone
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--reference", str(ref), str(row)], capture_output=True, text=True)
+    assert "mean of its grid" not in proc.stdout
