@@ -217,7 +217,7 @@ def markdown(report: dict) -> str:
     for name, entry in [*worst["per_attack"].items(), ("all attacks", worst["overall"])]:
         p = entry["point"]
         if p is None:
-            lines.append(f"| {name} | none inside the bound | | | |")
+            lines.append(f"| {name} | {'none finished' if entry.get('finished') == 0 else 'none inside the bound'} | | | |")
             notes.append(entry["message"])
         else:
             lines.append(f"| {name} | {_num(p[harm])} | {_num(p[task], digits)} | {p['lr']:g} | {p['steps']} |")

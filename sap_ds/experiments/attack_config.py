@@ -258,13 +258,20 @@ def grid_points(records: list[dict], harm: str, task: str, before_task: Optional
 def bounded_worst(points: list[dict], harm: str, attacks: list[str]) -> dict:
     """The bounded worst case per attack and over all attacks: the inside point with the
     highest ``harm`` (the first in grid order on a tie), or None with a sentence saying why
-    there is none, never the worst of the points outside the bound."""
+    there is none, never the worst of the points outside the bound. An attack none of whose
+    points finished (``finished``: 0; a stopped or resumed run) says so, not that its
+    points left the bound: nothing was measured."""
     def worst(candidates: list[dict], what: str) -> dict:
         inside = [p for p in candidates if p["inside_bound"]]
+        finished = [p for p in candidates if not (p["outside_because"] or "").startswith("not finished")]
+        if not inside and not finished:
+            return {"point": None, "finished": 0,
+                    "message": f"{what}: no grid point finished, so there is no bounded worst case yet (a rerun of the "
+                               "same command resumes the grid)."}
         if not inside:
-            why = "no grid point" if not candidates else f"none of its {len(candidates)} grid points"
-            return {"point": None, "message": f"{what}: {why} stayed inside the capability bound, so there is no "
-                    "bounded worst case (the grid's numbers are in the table)."}
+            return {"point": None, "finished": len(finished),
+                    "message": f"{what}: none of its {len(finished)} finished grid points stayed inside the capability "
+                               "bound, so there is no bounded worst case (the grid's numbers are in the table)."}
         best = max(inside, key=lambda p: p[harm])  # max keeps the first of equal values
         return {"point": best, "message": None}
 
