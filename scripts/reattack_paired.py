@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     ref_label = model_label(args.reference)
     ref_groups, ref_points, notes = groups_of(ref_label, args.reference)
-    groups, pairs = dict(ref_groups), []
+    groups, pairs, pooled_rows = dict(ref_groups), [], set()
     for folder in args.folders:
         label = model_label(folder)
         if label == ref_label:
@@ -105,9 +105,10 @@ def main(argv=None) -> int:
         if args.pool:
             attacks = dict.fromkeys(point.split(" lr ")[0] for point in points)
             pairs += [(pooled_name(label, a), pooled_name(ref_label, a), "reference") for a in attacks]
+            pooled_rows.update(pooled_name(label, a) for a in attacks)
     entries = paired_rows(groups, pairs)
     for entry in entries:
-        if entry["row"].endswith(", mean of its grid"):
+        if entry["row"] in pooled_rows:
             # the pooled row's "seeds" are the grid points both models finished
             entry["seeds"] = [f"{len(entry['seeds'])} point{'s' if len(entry['seeds']) != 1 else ''}"]
     if args.metrics:

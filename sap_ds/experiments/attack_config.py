@@ -232,6 +232,7 @@ def grid_points(records: list[dict], harm: str, task: str, before_task: Optional
         runs = point.pop("runs")
         done = [r for r in runs if r["status"] == "done"]
         point["seeds"] = [r["seed"] for r in runs]
+        point["finished"] = len(done) == len(runs)
         point[harm] = _mean([r["metrics"].get(harm) for r in done])
         point[task] = _mean([r["metrics"].get(task) for r in done])
         point["task_worsening"] = worsening(before_task, point[task], task)
@@ -263,7 +264,7 @@ def bounded_worst(points: list[dict], harm: str, attacks: list[str]) -> dict:
     points left the bound: nothing was measured."""
     def worst(candidates: list[dict], what: str) -> dict:
         inside = [p for p in candidates if p["inside_bound"]]
-        finished = [p for p in candidates if not (p["outside_because"] or "").startswith("not finished")]
+        finished = [p for p in candidates if p["finished"]]
         if not inside and not finished:
             return {"point": None, "finished": 0,
                     "message": f"{what}: no grid point finished, so there is no bounded worst case yet (a rerun of the "
