@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-RUN_ENV := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# GLIBC_TUNABLES: sap_ds.parallel.distributed.CPU_MALLOC_TUNABLES (why there; tests/test_distributed.py keeps the two equal)
+CPU_MALLOC_TUNABLES := glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=536870912
+RUN_ENV := DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 GLIBC_TUNABLES=$(CPU_MALLOC_TUNABLES)
 NPROC ?= 2
 
 .PHONY: venv demo test test-install align clean help

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from sap_ds.parallel.distributed import CPU_MALLOC_TUNABLES
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -15,6 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # imports it: set here, before any test file is collected, so that the kernel tests run the
 # interpreter whichever file of a worker imports triton first (tests/test_kernels.py).
 os.environ["TRITON_INTERPRET"] = "1"
+# The allocator settings sap-ds gives the processes it starts on a CPU (and `make test` this
+# one): every process a test starts inherits them, as a `make test` run's do.
+os.environ.setdefault("GLIBC_TUNABLES", CPU_MALLOC_TUNABLES)
 
 
 @pytest.fixture(scope="session")

@@ -98,3 +98,54 @@ def test_shutdown_destroys_every_group_of_a_rank():
     results = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(_shutdown_worker, args=(free_port(), results), nprocs=2)
     assert dict(results) == {0: (True, False, True), 1: (True, False, True)}
+
+
+# --------------------------------------------------------------------------- the CPU allocator
+
+_HELD_IN_MAPPINGS = """
+import ctypes, json
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+import torch
+block = torch.empty(64 * 2**20 // 4)  # a 64 MB float32 block: a step's logits at a larger batch
+print(json.dumps(libc.mallinfo2().hblkhd))
+"""
+
+
+def test_cpu_processes_keep_large_blocks_in_the_heap(tmp_path, monkeypatch):
+    """glibc silently ignores a tunable it does not know, so the settings are checked by their
+    effect: in a process started with sap-ds's CPU environment a 64 MB tensor comes from the
+    heap (no block is held in its own mapping), where a default process maps it. The runs
+    sap-ds compare, sweep and attack start get that environment, and the Makefile's value is
+    the same string."""
+    import ctypes
+    import subprocess
+    import sys
+
+    from sap_ds.experiments.runs import run_logged
+    from tests.support.repo import REPO
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("not glibc 2.33 or newer: GLIBC_TUNABLES has no effect here")
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+    def mapped(env):
+        proc = subprocess.run([sys.executable, "-c", _HELD_IN_MAPPINGS], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return int(proc.stdout.strip().splitlines()[-1])
+
+    assert mapped(base) >= 64 * 2**20, "a default process keeps the block in a mapping: the check would see nothing"
+    assert mapped(distributed.cpu_process_env(base)) < 2**20
+    assert distributed.cpu_process_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == \
+        "glibc.malloc.arena_max=2", "a user's own tunables are kept"
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    run_logged([sys.executable, "-c", "import os; print('child:', os.environ.get('GLIBC_TUNABLES'))"],
+               tmp_path / "child.log", "print the environment", echo=False)
+    assert f"child: {distributed.CPU_MALLOC_TUNABLES}" in (tmp_path / "child.log").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    assert f"CPU_MALLOC_TUNABLES := {distributed.CPU_MALLOC_TUNABLES}\n" in makefile

@@ -72,11 +72,11 @@ def say(line: str) -> None:
 def run_logged(cmd: list[str], log_path: Path, what: str, tag: str = "sap-ds", echo: bool = True) -> None:
     """Run ``cmd``, its output both on the console and in ``log_path`` (only in the log with
     ``echo=False``: runs side by side would interleave their progress bars); raise on failure."""
-    from sap_ds.parallel.distributed import on_cpu
+    from sap_ds.parallel.distributed import cpu_process_env, on_cpu
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if on_cpu():
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        env = cpu_process_env(env)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     say(f"{tag}: {what}: {' '.join(cmd)}" + ("" if echo else f" (output in {log_path})"))
     start = time.perf_counter()

@@ -31,10 +31,30 @@ log = logging.getLogger("sap_ds")
 _wait_group = None  # the gloo group barrier() uses; None: one process, or not initialised by us
 
 
+# glibc's allocator maps every block above its mmap threshold (128 KB at first, raised on its
+# own to at most 32 MB) straight from the kernel and unmaps it on free. On a CPU every step's
+# logits and their gradients are such blocks (micro-batch x length x vocabulary floats: 38 MB
+# for tiny.yaml at SmolLM2's 49,152 words, 200 MB for the demo's), so each step mapped them,
+# zero-filled them page by page and unmapped them again: a tiny SAP step spent a quarter of its
+# CPU time in the kernel. Blocks up to 256 MB stay in the heap, and freed memory goes back to
+# the system only past 512 MB (measured in docs/benchmarks.md, "The CPU allocator").
+CPU_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=536870912"
+
+
 def on_cpu() -> bool:
     import torch
 
     return not torch.cuda.is_available()
+
+
+def cpu_process_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a training or evaluation process sap-ds starts on a CPU machine: the CPU
+    accelerator, one thread per process (the ranks or runs side by side share the cores), and
+    the allocator settings above unless the user set GLIBC_TUNABLES (read by glibc when a
+    process starts, so it is set for the child; ignored where the C library is not glibc)."""
+    env = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.setdefault("GLIBC_TUNABLES", CPU_MALLOC_TUNABLES)
+    return env
 
 
 def prepare_environment() -> None:

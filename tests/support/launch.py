@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sap_ds.parallel.distributed import cpu_process_env
 from tests.support.repo import REPO
 
 STOP_RUNNER = "tests/support/stop_runner.py"  # sap-ds train, stopped at step $SAP_DS_TEST_STOP_AFTER by its stop file
@@ -23,7 +24,7 @@ def launch(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None
     """Run ``deepspeed --num_gpus nproc <args>`` from the repo root (the real launcher)."""
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**cpu_process_env({**os.environ, "PYTHONUNBUFFERED": "1"}), **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         print(proc.stdout[-6000:], proc.stderr[-6000:], sep="\n")
@@ -34,7 +35,7 @@ def run_single(args: list[str], timeout: int = 300, env: dict | None = None,
                stop_after: int | None = None) -> subprocess.CompletedProcess:
     """``python sap_ds/train.py <args>`` as one process; with ``stop_after=N``, stopped by its
     stop file right after step N (tests/support/stop_runner.py, what a person's ``touch STOP`` does)."""
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **(env or {})}
+    full_env = {**cpu_process_env({**os.environ, "MASTER_PORT": str(free_port())}), **(env or {})}
     script = "sap_ds/train.py"
     if stop_after is not None:
         script, full_env["SAP_DS_TEST_STOP_AFTER"] = STOP_RUNNER, str(stop_after)
