@@ -34,7 +34,7 @@ _wait_group = None  # the gloo group barrier() uses; None: one process, or not i
 # glibc's allocator maps every block above its mmap threshold (128 KB at first, raised on its
 # own to at most 32 MB) straight from the kernel and unmaps it on free. On a CPU every step's
 # logits and their gradients are such blocks (micro-batch x length x vocabulary floats: 38 MB
-# for tiny.yaml at SmolLM2's 49,152 words, 200 MB for the demo's), so each step mapped them,
+# for tiny.yaml at SmolLM2's 49,152 words, up to 126 MB for the demo's 4 x 160 tokens), so each step mapped them,
 # zero-filled them page by page and unmapped them again: a tiny SAP step spent a quarter of its
 # CPU time in the kernel. Blocks up to 256 MB stay in the heap, and freed memory goes back to
 # the system only past 512 MB (measured in docs/benchmarks.md, "The CPU allocator").
