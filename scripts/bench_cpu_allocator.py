@@ -33,8 +33,9 @@ def children_cpu() -> tuple[float, float]:
 
 
 def one_launch(args, tunables: bool, folder: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    env = cpu_process_env(env) if tunables else {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = cpu_process_env({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
+    if not tunables:  # sap-ds's CPU environment but for the allocator settings
+        del env["GLIBC_TUNABLES"]
     out = folder / ("tunables" if tunables else "default")
     cmd = [*launch_command("train.py", args.nproc), "--config", args.config, f"output_dir={out}",
            f"train.max_steps={args.steps}", "train.eval_every=0", "export.enabled=false", "train.resume=never",
